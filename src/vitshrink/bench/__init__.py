@@ -1,0 +1,226 @@
+"""`vitshrink bench`: latency percentiles, throughput, peak memory, size, params and MACs.
+
+Latency and memory are measured in fresh subprocesses (`vitshrink.bench.worker`): one per model for
+peak RSS (VmHWM, so no other model or training state pollutes it) and, when several models are
+compared, one more that interleaves rounds across them and keeps each model's best median. Compare
+models only within one call: absolute numbers on shared machines drift by tens of percent.
+"""
+
+from __future__ import annotations
+
+import io
+import json
+import os
+import subprocess
+import sys
+from pathlib import Path
+from typing import Any
+
+from ..artifacts import write_json
+from ..errors import ModelError, VitshrinkError
+
+
+def model_stats(path: str | os.PathLike) -> dict[str, Any]:
+    """Size on disk, params and MACs of a model directory or ONNX file."""
+    path = Path(path)
+    if not path.exists():
+        raise ModelError(f"model not found: {path}")
+    if path.is_dir():
+        import torch
+
+        from ..export import count_macs
+        from ..models import adapter_for, count_params, load_model
+
+        model, meta = load_model(path)
+        pre = meta["preprocess"]
+        example = torch.zeros(1, pre["channels"], *pre["size"])
+        size = sum(f.stat().st_size for f in path.iterdir() if f.suffix in (".safetensors", ".bin"))
+        return {
+            "size_mb": size / 2**20,
+            "params": count_params(model),
+            "macs": count_macs(adapter_for(model).export_wrapper(model), example),
+            "format": "hf-dir",
+        }
+    meta = onnx_meta(path)
+    stats = meta.get("stats", {}) if meta else {}
+    params = stats.get("params")
+    if params is None:
+        import onnx
+
+        params = sum(
+            int(_numel(t.dims)) for t in onnx.load(str(path), load_external_data=False).graph.initializer
+        )
+    return {
+        "size_mb": path.stat().st_size / 2**20,
+        "params": params,
+        "macs": stats.get("macs"),
+        "format": "onnx",
+    }
+
+
+def _numel(dims: Any) -> int:
+    n = 1
+    for d in dims:
+        n *= d
+    return n
+
+
+def onnx_meta(path: str | os.PathLike) -> dict[str, Any] | None:
+    import onnx
+
+    try:
+        proto = onnx.load(str(path), load_external_data=False)
+    except Exception as e:  # noqa: BLE001 - any parse failure means a corrupt file
+        raise ModelError(f"not a valid ONNX file: {path} ({type(e).__name__})") from None
+    for p in proto.metadata_props:
+        if p.key == "vitshrink":
+            return json.loads(p.value)
+    return None
+
+
+def _worker(spec: dict[str, Any], timeout: float) -> dict[str, Any]:
+    env = dict(os.environ)
+    src = str(Path(__file__).resolve().parents[2])
+    env["PYTHONPATH"] = src + (os.pathsep + env["PYTHONPATH"] if env.get("PYTHONPATH") else "")
+    if spec.get("threads"):
+        env["OMP_NUM_THREADS"] = str(spec["threads"])
+    try:
+        proc = subprocess.run(
+            [sys.executable, "-m", "vitshrink.bench.worker", json.dumps(spec)],
+            capture_output=True,
+            text=True,
+            timeout=timeout,
+            env=env,
+        )
+    except subprocess.TimeoutExpired:
+        raise VitshrinkError(f"benchmark timed out after {timeout:.0f}s") from None
+    lines = [ln for ln in proc.stdout.splitlines() if ln.startswith("{")]
+    if not lines:
+        raise VitshrinkError(
+            f"benchmark worker failed: {(proc.stderr.strip().splitlines() or ['no output'])[-1]}"
+        )
+    out = json.loads(lines[-1])
+    if "error" in out:
+        raise VitshrinkError(f"benchmark failed: {out['error']}")
+    return out
+
+
+def bench_many(
+    models: list[str | os.PathLike],
+    *,
+    threads: int | None = None,
+    batch: int = 8,
+    runs: int = 20,
+    rounds: int = 3,
+    warmup: int = 5,
+    device: str = "cpu",
+    memory: bool = True,
+    timeout: float = 900,
+    quiet: bool = True,
+) -> list[dict[str, Any]]:
+    """Benchmark several models comparably: one interleaved latency process + one memory process each."""
+    paths = [str(Path(m)) for m in models]
+    for p in paths:
+        if not Path(p).exists():
+            raise ModelError(f"model not found: {p}")
+        if not Path(p).is_dir() and not p.endswith(".onnx"):
+            raise ModelError(f"expected a model directory or an .onnx file: {p}")
+    spec = {
+        "models": paths,
+        "threads": threads,
+        "batch": batch,
+        "runs": runs,
+        "rounds": rounds,
+        "warmup": warmup,
+        "device": device,
+    }
+    lat = _worker(spec, timeout)
+    out = []
+    from ..progress import progress
+
+    for p, r in progress(list(zip(paths, lat["results"])), desc="bench memory", disable=quiet):
+        res = {**r, **model_stats(p), "threads": threads, "device": device}
+        if len(paths) == 1:
+            res["peak_rss_mb"] = lat["peak_rss_mb"]
+        elif memory:
+            mem = _worker({**spec, "models": [p], "runs": 3, "rounds": 1, "warmup": 1, "batch": 1}, timeout)
+            res["peak_rss_mb"] = mem["peak_rss_mb"]
+        out.append(res)
+    return out
+
+
+def bench(
+    model: str | os.PathLike | list[str | os.PathLike],
+    *,
+    threads: int | None = None,
+    batch: int = 8,
+    runs: int = 30,
+    rounds: int = 3,
+    warmup: int = 5,
+    device: str = "cpu",
+    json_out: str | os.PathLike | None = None,
+    quiet: bool = False,
+) -> dict[str, Any]:
+    """Benchmark one model (or several, compared in one run); optionally write JSON."""
+    models = model if isinstance(model, list) else [model]
+    results = bench_many(
+        models,
+        threads=threads,
+        batch=batch,
+        runs=runs,
+        rounds=rounds,
+        warmup=warmup,
+        device=device,
+        quiet=quiet,
+    )
+    if len(results) > 1:
+        base = results[0]["latency_ms"]["p50"]
+        for r in results:
+            r["speedup_vs_first"] = base / r["latency_ms"]["p50"]
+    report = {"results": results}
+    if json_out:
+        write_json(json_out, report)
+    return report
+
+
+def format_table(results: list[dict[str, Any]]) -> str:
+    """A plain-text table (rich renders it on screen in the CLI)."""
+    from rich.console import Console
+    from rich.table import Table
+
+    t = Table(title="vitshrink bench")
+    for col in (
+        "model",
+        "runtime",
+        "p50 ms",
+        "p90 ms",
+        "p99 ms",
+        "img/s",
+        "peak RSS MB",
+        "size MB",
+        "params",
+        "MACs",
+    ):
+        t.add_column(col, justify="left" if col in ("model", "runtime") else "right")
+    for r in results:
+        lat = r["latency_ms"]
+        t.add_row(
+            Path(r["model"]).name,
+            r["runtime"],
+            f"{lat['p50']:.2f}",
+            f"{lat['p90']:.2f}",
+            f"{lat['p99']:.2f}",
+            f"{r.get('throughput', 0):.1f}",
+            f"{r['peak_rss_mb']:.0f}" if r.get("peak_rss_mb") else "-",
+            f"{r['size_mb']:.2f}",
+            f"{r['params']:,}" if r.get("params") is not None else "-",
+            f"{r['macs'] / 1e6:.1f}M" if r.get("macs") else "-",
+        )
+    console = Console(record=True, width=140, file=io.StringIO())
+    console.print(t)
+    return console.export_text()
+
+
+from .._callable import install as _install  # noqa: E402
+
+_install(__name__, "bench")

@@ -1,0 +1,140 @@
+"""Benchmark worker, run as a fresh process: `python -m vitshrink.bench.worker SPEC_JSON`.
+
+A fresh process keeps training memory and other models out of the peak-RSS reading. ONNX models are
+run with onnxruntime only (torch is never imported for them, as on the device); model directories
+run eagerly in PyTorch. Prints one JSON line on stdout.
+"""
+
+from __future__ import annotations
+
+import json
+import sys
+import time
+from typing import Any
+
+import numpy as np
+
+
+def vm_hwm_mb() -> float | None:
+    # VmHWM is this process's own peak; ru_maxrss survives exec and would report a big parent's peak.
+    try:
+        with open("/proc/self/status") as f:
+            for line in f:
+                if line.startswith("VmHWM:"):
+                    return int(line.split()[1]) / 1024
+    except OSError:
+        pass
+    return None
+
+
+class _Runner:
+    def __init__(self, path: str, threads: int | None, device: str) -> None:
+        self.path = path
+        if path.endswith(".onnx"):
+            import onnxruntime as ort
+
+            so = ort.SessionOptions()
+            if threads:
+                so.intra_op_num_threads = threads
+                so.inter_op_num_threads = 1
+            so.graph_optimization_level = ort.GraphOptimizationLevel.ORT_ENABLE_ALL
+            providers = (
+                ["CUDAExecutionProvider", "CPUExecutionProvider"]
+                if device == "cuda"
+                else ["CPUExecutionProvider"]
+            )
+            providers = [p for p in providers if p in ort.get_available_providers()]
+            self.sess = ort.InferenceSession(path, so, providers=providers)
+            inp = self.sess.get_inputs()[0]
+            self.input_name = inp.name
+            self.shape = [d if isinstance(d, int) else None for d in inp.shape]
+            self.dtype = np.float16 if "float16" in inp.type else np.float32
+            self.dynamic_batch = self.shape[0] is None
+            self.kind = "onnx"
+        else:
+            import torch
+
+            from vitshrink.models import adapter_for, load_model
+
+            if threads:
+                torch.set_num_threads(threads)
+            self.torch = torch
+            self.dev = torch.device("cuda" if device == "cuda" and torch.cuda.is_available() else "cpu")
+            model, meta = load_model(path, device=self.dev)
+            self.fn = adapter_for(model).export_wrapper(model).eval()
+            pre = meta["preprocess"]
+            self.shape = [None, pre["channels"], *pre["size"]]
+            self.dtype = np.float32
+            self.dynamic_batch = True
+            self.kind = "torch"
+
+    def input(self, batch: int) -> np.ndarray:
+        shape = [batch] + [d or 1 for d in self.shape[1:]]
+        return np.random.default_rng(0).standard_normal(shape).astype(self.dtype)
+
+    def __call__(self, x: np.ndarray) -> None:
+        if self.kind == "onnx":
+            self.sess.run(None, {self.input_name: x})
+        else:
+            with self.torch.inference_mode():
+                self.fn(self.torch.from_numpy(x).to(self.dev))
+            if self.dev.type == "cuda":
+                self.torch.cuda.synchronize()
+
+
+def _time(fn: _Runner, x: np.ndarray, n: int) -> list[float]:
+    out = []
+    for _ in range(n):
+        t = time.perf_counter()
+        fn(x)
+        out.append((time.perf_counter() - t) * 1000)
+    return out
+
+
+def run(spec: dict[str, Any]) -> dict[str, Any]:
+    runners = [_Runner(p, spec.get("threads"), spec.get("device", "cpu")) for p in spec["models"]]
+    x1 = [r.input(1) for r in runners]
+    for r, x in zip(runners, x1):
+        _time(r, x, spec.get("warmup", 5))
+    best: list[list[float] | None] = [None] * len(runners)
+    # Interleave rounds across models and keep each one's best-median round: single back-to-back
+    # runs on shared machines vary by 30-50 %.
+    for _ in range(spec.get("rounds", 3)):
+        for i, (r, x) in enumerate(zip(runners, x1)):
+            t = _time(r, x, spec.get("runs", 20))
+            if best[i] is None or np.median(t) < np.median(best[i]):
+                best[i] = t
+    results = []
+    for i, r in enumerate(runners):
+        t = np.asarray(best[i])
+        res: dict[str, Any] = {
+            "model": r.path,
+            "runtime": "onnxruntime" if r.kind == "onnx" else "pytorch",
+            "latency_ms": {
+                "p50": float(np.percentile(t, 50)),
+                "p90": float(np.percentile(t, 90)),
+                "p99": float(np.percentile(t, 99)),
+                "mean": float(t.mean()),
+            },
+        }
+        b = spec.get("batch", 8)
+        if b > 1 and r.dynamic_batch:
+            xb = r.input(b)
+            _time(r, xb, 1)
+            tb = _time(r, xb, max(3, spec.get("runs", 20) // 4))
+            res["throughput"] = float(b * 1000 / np.median(tb))
+            res["throughput_batch"] = b
+        else:
+            res["throughput"] = float(1000 / np.median(t))
+            res["throughput_batch"] = 1
+        results.append(res)
+    return {"results": results, "peak_rss_mb": vm_hwm_mb()}
+
+
+if __name__ == "__main__":
+    try:
+        out = run(json.loads(sys.argv[1]))
+    except Exception as e:  # noqa: BLE001 - the parent turns this into a one-line error
+        print(json.dumps({"error": f"{type(e).__name__}: {str(e).splitlines()[0] if str(e) else ''}"}))
+        sys.exit(1)
+    print(json.dumps(out))

@@ -1,0 +1,436 @@
+"""`vitshrink` command line: a thin layer over the Python API (same functions, same options).
+
+Errors a user can cause print one line (`error: ...`) and exit 2; anything unexpected prints one line
+and exits 1 (`--debug` shows the traceback).
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import sys
+from typing import Any
+
+EXIT_USER, EXIT_BUG = 2, 1
+
+
+def _kv(text: str) -> dict[str, Any]:
+    """Parse `k=v,k=v` (numbers become numbers)."""
+    out: dict[str, Any] = {}
+    if not text:
+        return out
+    for part in text.split(","):
+        if "=" not in part:
+            raise argparse.ArgumentTypeError(f"expected key=value, got '{part}'")
+        k, v = part.split("=", 1)
+        try:
+            out[k.strip()] = json.loads(v)
+        except json.JSONDecodeError:
+            out[k.strip()] = v.strip()
+    return out
+
+
+def _print_json(obj: Any) -> None:
+    print(json.dumps(obj, indent=2, default=str))
+
+
+def _metrics_line(m: dict[str, Any]) -> str:
+    keys = ("accuracy", "miou", "dice", "pixel_accuracy", "samples")
+    return "  ".join(f"{k} {m[k]:.4f}" if isinstance(m[k], float) else f"{k} {m[k]}" for k in keys if k in m)
+
+
+# ----------------------------------------------------------------------------------- subcommands
+
+
+def cmd_train(a: argparse.Namespace) -> None:
+    from .train import train
+
+    out, m = train(
+        a.model,
+        a.data,
+        out=a.out,
+        epochs=a.epochs,
+        batch_size=a.batch_size,
+        lr=a.lr,
+        image_size=a.image_size,
+        channels=a.channels,
+        limit=a.limit,
+        resume=a.resume,
+        seed=a.seed,
+        quiet=a.quiet,
+        data_options=a.data_opt,
+    )
+    print(f"saved {out}  {_metrics_line(m)}")
+
+
+def cmd_eval(a: argparse.Namespace) -> None:
+    from .evaluate import evaluate
+
+    m = evaluate(
+        a.model,
+        a.data,
+        split=a.split,
+        batch_size=a.batch_size,
+        limit=a.limit,
+        threads=a.threads,
+        quiet=a.quiet,
+        data_options=a.data_opt,
+    )
+    if a.json:
+        _print_json(m)
+        return
+    print(_metrics_line(m))
+    for name, v in (m.get("per_class_iou") or {}).items():
+        print(f"  IoU {name:24s} {'-' if v is None else f'{v:.4f}'}")
+
+
+def cmd_bench(a: argparse.Namespace) -> None:
+    from .bench import bench, format_table
+
+    rep = bench(
+        a.models if len(a.models) > 1 else a.models[0],
+        threads=a.threads,
+        batch=a.batch,
+        runs=a.runs,
+        rounds=a.rounds,
+        device=a.device,
+        json_out=a.json,
+        quiet=a.quiet,
+    )
+    print(format_table(rep["results"]))
+    if a.json:
+        print(f"wrote {a.json}")
+
+
+def cmd_export(a: argparse.Namespace) -> None:
+    from .export import export
+
+    out, r = export(a.model, a.out, opset=a.opset, dynamic_batch=a.dynamic_batch, quiet=a.quiet)
+    print(f"wrote {out} ({r['size_mb']:.2f} MB, {r['params']:,} params, {r['macs'] / 1e6:.1f}M MACs)")
+    print(
+        f"parity vs PyTorch: max abs diff {r['max_abs_diff']:.2e}, argmax agreement {r['argmax_agreement']:.4f}"
+    )
+
+
+def cmd_demo(a: argparse.Namespace) -> None:
+    from .demo import demo
+
+    res = demo(task=a.task, out=a.out, quick=a.quick, quiet=a.quiet, threads=a.threads)
+    for task, path in res.items():
+        print(f"{task}: {path}")
+
+
+def cmd_distill(a: argparse.Namespace) -> None:
+    from .distill import distill
+
+    losses: Any = a.loss
+    if a.loss_weights:
+        losses = dict(zip(a.loss, a.loss_weights))
+    out, m = distill(
+        a.teacher,
+        a.student,
+        a.data,
+        out=a.out,
+        epochs=a.epochs,
+        losses=losses,
+        alpha=a.alpha,
+        temperature=a.temperature,
+        batch_size=a.batch_size,
+        lr=a.lr,
+        limit=a.limit,
+        seed=a.seed,
+        resume=a.resume,
+        cache_teacher=a.cache_teacher,
+        quiet=a.quiet,
+        data_options=a.data_opt,
+    )
+    print(f"saved {out}  {_metrics_line(m)}")
+
+
+def cmd_prune(a: argparse.Namespace) -> None:
+    from .prune import prune
+
+    out, m = prune(
+        a.model,
+        a.out,
+        ratio=a.ratio,
+        target_params=a.target_params,
+        target_latency_ms=a.target_latency_ms,
+        target_macs=a.target_macs,
+        importance=a.importance,
+        granularity=tuple(a.granularity.split(",")),
+        round_to=a.round_to,
+        steps=a.steps,
+        recover_epochs=a.recover_epochs,
+        teacher=a.teacher,
+        data=a.data,
+        unstructured=a.unstructured,
+        latency_table=a.latency_table,
+        quiet=a.quiet,
+    )
+    print(f"saved {out}")
+    _print_json({k: v for k, v in m.items() if not isinstance(v, dict | list)})
+
+
+def cmd_quantize(a: argparse.Namespace) -> None:
+    from .quantize import quantize
+
+    out, r = quantize(
+        a.model,
+        a.out,
+        mode=a.mode,
+        calib_data=a.calib_data,
+        calib_method=a.calib_method,
+        max_drop=a.max_drop,
+        quiet=a.quiet,
+    )
+    print(f"wrote {out}")
+    _print_json(r)
+
+
+def cmd_predict(a: argparse.Namespace) -> None:
+    from .deploy import predict
+
+    rep = predict(a.model, a.images, out=a.out, threads=a.threads, quiet=a.quiet)
+    for r in rep["results"]:
+        print(json.dumps(r, default=str))
+    for e in rep["errors"]:
+        print(f"skipped {e['path']}: {e['error']}", file=sys.stderr)
+    if rep["errors"] and not rep["results"]:
+        raise SystemExit(EXIT_USER)
+
+
+def cmd_trt(a: argparse.Namespace) -> None:
+    from .deploy.trt import trt_recipe
+
+    out = trt_recipe(a.model, a.out, fp16=not a.no_fp16, workspace_mb=a.workspace_mb)
+    print(f"wrote {out}")
+
+
+def cmd_compress(a: argparse.Namespace) -> None:
+    from .compress import compress
+
+    res = compress(
+        a.model,
+        a.data,
+        out=a.out,
+        recipe=a.recipe,
+        budget=a.budget,
+        device=a.device,
+        trials=a.trials,
+        quiet=a.quiet,
+        data_options=a.data_opt,
+    )
+    print(f"final artifact: {res.get('final')}")
+
+
+def cmd_report(a: argparse.Namespace) -> None:
+    from .report import report
+
+    res = report(a.dir, quiet=a.quiet)
+    for k, v in res.items():
+        print(f"{k}: {v}")
+
+
+def cmd_presets(a: argparse.Namespace) -> None:
+    from .models.presets import PRESETS
+
+    for name, p in PRESETS.items():
+        print(f"{name:26s} {p.family:10s} {','.join(p.tasks):28s} {p.note}")
+
+
+# ---------------------------------------------------------------------------------------- parser
+
+
+def build_parser() -> argparse.ArgumentParser:
+    p = argparse.ArgumentParser(
+        prog="vitshrink", description="Compress Vision Transformers for edge devices."
+    )
+    p.add_argument("--debug", action="store_true", help="show tracebacks for unexpected errors")
+    sub = p.add_subparsers(dest="cmd", required=True, metavar="COMMAND")
+
+    def add(name: str, fn: Any, help: str) -> argparse.ArgumentParser:
+        sp = sub.add_parser(name, help=help, description=help)
+        sp.set_defaults(fn=fn)
+        sp.add_argument("--quiet", "-q", action="store_true", help="no progress bars")
+        return sp
+
+    def data_args(sp: argparse.ArgumentParser, required: bool = True) -> None:
+        sp.add_argument("--data", required=required, help="fashion-mnist | aerial | FOLDER")
+        sp.add_argument(
+            "--data-opt",
+            type=_kv,
+            default={},
+            metavar="K=V,..",
+            help="dataset options, e.g. size=256,n_train=400 for aerial",
+        )
+        sp.add_argument("--limit", type=int, help="use a deterministic subset of N samples")
+
+    sp = add("train", cmd_train, "Train a model (preset or directory) on a dataset.")
+    sp.add_argument("--model", required=True, help="preset name (see `vitshrink presets`) or model directory")
+    data_args(sp)
+    sp.add_argument("--epochs", type=int, default=1)
+    sp.add_argument("--out", required=True)
+    sp.add_argument("--batch-size", type=int, default=128)
+    sp.add_argument("--lr", type=float, default=1e-3)
+    sp.add_argument("--image-size", type=int)
+    sp.add_argument("--channels", type=int)
+    sp.add_argument("--seed", type=int, default=0)
+    sp.add_argument("--resume", action="store_true", help="continue from OUT.ckpt")
+
+    sp = add("eval", cmd_eval, "Evaluate a model directory or ONNX file.")
+    sp.add_argument("model")
+    data_args(sp)
+    sp.add_argument("--split", default="test", choices=["train", "val", "test"])
+    sp.add_argument("--batch-size", type=int, default=64)
+    sp.add_argument("--threads", type=int)
+    sp.add_argument("--json", action="store_true", help="print metrics as JSON")
+
+    sp = add("bench", cmd_bench, "Latency p50/p90/p99, throughput, peak RSS, size, params, MACs.")
+    sp.add_argument(
+        "models", nargs="+", help="model directories and/or ONNX files (several are compared in one run)"
+    )
+    sp.add_argument("--threads", type=int, help="intra-op threads")
+    sp.add_argument("--batch", type=int, default=8, help="batch size for throughput")
+    sp.add_argument("--runs", type=int, default=30)
+    sp.add_argument("--rounds", type=int, default=3)
+    sp.add_argument("--device", default="cpu", choices=["cpu", "cuda"])
+    sp.add_argument("--json", help="write results to this JSON file")
+
+    sp = add("export", cmd_export, "Export a model directory to ONNX (simplified, parity-checked).")
+    sp.add_argument("model")
+    sp.add_argument("--out", required=True)
+    sp.add_argument("--opset", type=int, default=17)
+    sp.add_argument("--dynamic-batch", action="store_true")
+
+    sp = add("demo", cmd_demo, "Run the whole pipeline on embedded data.")
+    sp.add_argument("--task", default="all", choices=["classification", "segmentation", "all"])
+    sp.add_argument("--out", default="demo-out")
+    sp.add_argument("--quick", action="store_true", help="small budget: under 5 minutes on 2 cores")
+    sp.add_argument("--threads", type=int)
+
+    sp = add("distill", cmd_distill, "Distil a teacher into a student.")
+    sp.add_argument("--teacher", required=True)
+    sp.add_argument("--student", required=True, help="preset name or model directory")
+    data_args(sp)
+    sp.add_argument("--out", required=True)
+    sp.add_argument("--epochs", type=int, default=1)
+    sp.add_argument(
+        "--loss",
+        nargs="+",
+        default=["kd"],
+        help="kd | mse | dist-token | feature | attention | cwd (several combine)",
+    )
+    sp.add_argument("--loss-weights", nargs="+", type=float, help="one weight per --loss")
+    sp.add_argument("--alpha", type=float, default=0.5, help="weight of distillation vs label loss")
+    sp.add_argument("--temperature", type=float, default=4.0)
+    sp.add_argument("--batch-size", type=int, default=128)
+    sp.add_argument("--lr", type=float, default=1e-3)
+    sp.add_argument("--seed", type=int, default=0)
+    sp.add_argument("--resume", action="store_true")
+    sp.add_argument(
+        "--cache-teacher", action="store_true", help="cache teacher outputs on disk (with augmentation off)"
+    )
+
+    sp = add("prune", cmd_prune, "Structured pruning that physically removes heads/neurons/dims/channels.")
+    sp.add_argument("model")
+    sp.add_argument("--out", required=True)
+    g = sp.add_mutually_exclusive_group()
+    g.add_argument("--ratio", type=float)
+    g.add_argument("--target-params", type=int)
+    g.add_argument("--target-latency-ms", type=float)
+    g.add_argument("--target-macs", type=int)
+    sp.add_argument("--importance", default="magnitude")
+    sp.add_argument("--granularity", default="heads,mlp,embed,channels")
+    sp.add_argument("--round-to", type=int, default=8)
+    sp.add_argument("--steps", type=int, default=1)
+    sp.add_argument("--recover-epochs", type=float, default=0)
+    sp.add_argument("--teacher")
+    sp.add_argument("--data")
+    sp.add_argument(
+        "--unstructured",
+        type=float,
+        help="global magnitude sparsity S in [0,1) (shrinks compressed files, not dense latency)",
+    )
+    sp.add_argument("--latency-table", help="JSON {ratio: ms} measured on another device")
+
+    sp = add("quantize", cmd_quantize, "fp16 / int8 quantization (ONNX) with ViT-aware fallbacks.")
+    sp.add_argument("model", help="model directory or ONNX file")
+    sp.add_argument("--out", required=True)
+    sp.add_argument("--mode", required=True, choices=["fp16", "int8", "int8-dynamic", "int8-static"])
+    sp.add_argument("--calib-data")
+    sp.add_argument(
+        "--calib-method", default="percentile", choices=["minmax", "percentile", "entropy", "distribution"]
+    )
+    sp.add_argument("--max-drop", type=float)
+
+    sp = add("predict", cmd_predict, "Run an ONNX model on images (numpy + Pillow + onnxruntime only).")
+    sp.add_argument("model")
+    sp.add_argument("images", nargs="+", help="image files or folders")
+    sp.add_argument("--out")
+    sp.add_argument("--threads", type=int)
+
+    sp = add("trt-recipe", cmd_trt, "Write a TensorRT build command and runner for a Jetson.")
+    sp.add_argument("model")
+    sp.add_argument("--out")
+    sp.add_argument("--no-fp16", action="store_true")
+    sp.add_argument("--workspace-mb", type=int)
+
+    sp = add("compress", cmd_compress, "Run a recipe, or search recipes under a device budget.")
+    sp.add_argument("model")
+    data_args(sp)
+    sp.add_argument("--out", required=True)
+    g = sp.add_mutually_exclusive_group(required=True)
+    g.add_argument("--recipe")
+    g.add_argument("--budget", type=_kv, help="latency_ms=..,size_mb=..,max_drop=..")
+    sp.add_argument("--device", default="cpu", choices=["cpu", "cuda", "jetson-nano"])
+    sp.add_argument("--trials", type=int, default=8)
+
+    sp = add("report", cmd_report, "Write report.md and report.html for a run directory.")
+    sp.add_argument("dir")
+
+    add("presets", cmd_presets, "List model presets.")
+    return p
+
+
+def main(argv: list[str] | None = None) -> int:
+    from .errors import VitshrinkError
+
+    parser = build_parser()
+    args = parser.parse_args(argv)
+    if getattr(args, "quiet", False):
+        os.environ["VITSHRINK_QUIET"] = "1"
+    try:
+        args.fn(args)
+    except VitshrinkError as e:
+        print(f"error: {e}", file=sys.stderr)
+        return EXIT_USER
+    except KeyboardInterrupt:
+        print("error: interrupted", file=sys.stderr)
+        return 130
+    except SystemExit as e:
+        return int(e.code or 0)
+    except MemoryError:
+        print("error: out of memory", file=sys.stderr)
+        return EXIT_USER
+    except OSError as e:
+        if args.debug:
+            raise
+        where = f": {e.filename}" if getattr(e, "filename", None) else ""
+        print(f"error: {e.strerror or e}{where}", file=sys.stderr)
+        return EXIT_USER
+    except Exception as e:  # noqa: BLE001 - one line for users; --debug for developers
+        if args.debug:
+            raise
+        msg = str(e).splitlines()[0] if str(e) else ""
+        print(
+            f"error: unexpected {type(e).__name__}: {msg} (run with --debug for the traceback)",
+            file=sys.stderr,
+        )
+        return EXIT_BUG
+    return 0
+
+
+if __name__ == "__main__":  # pragma: no cover
+    sys.exit(main())

@@ -1,0 +1,395 @@
+"""`vitshrink demo`: the whole pipeline on embedded data, on a CPU, in minutes.
+
+classification: Fashion-MNIST (Debian package) — ViT teacher → distilled ViT student → pruned → fp16/int8.
+segmentation: generated aerial scenes — UperNet-Swin teacher → UperNet-MobileViT student (the paper's
+pair) → pruned → fp16/int8.
+
+Trained teachers are cached (``$VITSHRINK_CACHE`` or ``~/.cache/vitshrink/demo``) keyed by their
+config, so a second run reuses them. Every stage's artifact is exported to ONNX and all are benchmarked
+in ONE interleaved onnxruntime run (same machine, same threads), then scored on the test split.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import json
+import os
+import shutil
+import time
+from dataclasses import asdict, dataclass, field
+from pathlib import Path
+from typing import Any
+
+from .artifacts import write_json
+from .errors import VitshrinkError
+
+
+@dataclass
+class TaskConfig:
+    task: str
+    data: str
+    data_options: dict[str, Any]
+    teacher: str
+    teacher_overrides: dict[str, Any]
+    teacher_epochs: int
+    teacher_limit: int | None
+    teacher_lr: float
+    student: str
+    student_overrides: dict[str, Any]
+    distill_epochs: int
+    distill_limit: int | None
+    distill_losses: dict[str, float]
+    distill_lr: float
+    prune_ratio: float
+    prune_recover_epochs: float
+    test_limit: int | None
+    batch_size: int
+    extra: dict[str, Any] = field(default_factory=dict)
+
+    def key(self) -> str:
+        # Only what determines the teacher: reuse a cached one whenever these match.
+        t = {
+            k: getattr(self, k)
+            for k in (
+                "task",
+                "data",
+                "data_options",
+                "teacher",
+                "teacher_overrides",
+                "teacher_epochs",
+                "teacher_limit",
+                "teacher_lr",
+                "batch_size",
+            )
+        }
+        return hashlib.sha1(json.dumps(t, sort_keys=True).encode()).hexdigest()[:10]
+
+
+def configs(quick: bool) -> dict[str, TaskConfig]:
+    """Budgets sized for 2 CPU cores: quick < 5 min for both tasks, full < 30 min."""
+    teacher_vit = {
+        "hidden_size": 192,
+        "num_hidden_layers": 6,
+        "num_attention_heads": 3,
+        "intermediate_size": 768,
+    }
+    student_vit = {
+        "hidden_size": 96,
+        "num_hidden_layers": 4,
+        "num_attention_heads": 3,
+        "intermediate_size": 384,
+    }
+    cls = TaskConfig(
+        task="classification",
+        data="fashion-mnist",
+        data_options={},
+        teacher="vit-mini",
+        teacher_overrides=teacher_vit,
+        teacher_epochs=1 if quick else 4,
+        teacher_limit=12000 if quick else None,
+        teacher_lr=1e-3,
+        student="vit-micro",
+        student_overrides=student_vit,
+        distill_epochs=1 if quick else 4,
+        distill_limit=12000 if quick else None,
+        distill_losses={"kd": 1.0},
+        distill_lr=2e-3,
+        prune_ratio=0.25,
+        prune_recover_epochs=0.5 if quick else 1,
+        test_limit=2000 if quick else None,
+        batch_size=128,
+    )
+    seg_n = {
+        "size": 128,
+        "n_train": 240 if quick else 800,
+        "n_val": 40 if quick else 100,
+        "n_test": 40 if quick else 100,
+    }
+    seg = TaskConfig(
+        task="segmentation",
+        data="aerial",
+        data_options=seg_n,
+        teacher="upernet-swin-micro",
+        teacher_overrides={"hidden_size": 128},
+        teacher_epochs=3 if quick else 25,
+        teacher_limit=None,
+        teacher_lr=2e-3,
+        student="upernet-mobilevit-micro",
+        student_overrides={},
+        distill_epochs=3 if quick else 25,
+        distill_limit=None,
+        distill_losses={"kd": 1.0},
+        distill_lr=3e-3,
+        prune_ratio=0.25,
+        prune_recover_epochs=1 if quick else 3,
+        test_limit=None,
+        batch_size=16,
+    )
+    return {"classification": cls, "segmentation": seg}
+
+
+def cache_root() -> Path:
+    return Path(os.environ.get("VITSHRINK_CACHE", Path.home() / ".cache" / "vitshrink")) / "demo"
+
+
+def _stage_record(
+    name: str, model_dir: Path | None, onnx: Path, metrics: dict[str, Any], task: str, notes: str = ""
+) -> dict[str, Any]:
+    rec: dict[str, Any] = {
+        "name": name,
+        "artifact": str(onnx),
+        "model_dir": str(model_dir) if model_dir else None,
+    }
+    if task == "classification":
+        rec["accuracy"] = metrics["accuracy"]
+    else:
+        rec["miou"], rec["dice"] = metrics["miou"], metrics["dice"]
+        rec["per_class_iou"] = metrics.get("per_class_iou")
+    if notes:
+        rec["notes"] = notes
+    return rec
+
+
+def run_task(cfg: TaskConfig, out: Path, *, quick: bool, quiet: bool, threads: int | None) -> Path:
+    from .bench import bench_many
+    from .distill import distill
+    from .evaluate import evaluate
+    from .export import export_onnx
+    from .train import train
+
+    t_start = time.time()
+    out.mkdir(parents=True, exist_ok=True)
+    log = (
+        (lambda *a: None)
+        if quiet
+        else (lambda *a: print(f"[{cfg.task} {time.time() - t_start:6.0f}s]", *a, flush=True))
+    )
+    ev = {"limit": cfg.test_limit, "quiet": True, "data_options": cfg.data_options, "threads": threads}
+    stages: list[dict[str, Any]] = []
+
+    # 1. teacher (cached by config)
+    cached = cache_root() / f"{cfg.task}-teacher-{cfg.key()}"
+    if not (cached / "config.json").exists():
+        log(f"training teacher {cfg.teacher} ({cfg.teacher_epochs} epochs)")
+        train(
+            cfg.teacher,
+            cfg.data,
+            out=cached,
+            epochs=cfg.teacher_epochs,
+            limit=cfg.teacher_limit,
+            lr=cfg.teacher_lr,
+            batch_size=cfg.batch_size,
+            quiet=quiet,
+            data_options=cfg.data_options,
+            **cfg.teacher_overrides,
+        )
+    else:
+        log(f"reusing cached teacher {cached}")
+    teacher_dir = out / "teacher"
+    if teacher_dir.exists():
+        shutil.rmtree(teacher_dir)
+    shutil.copytree(cached, teacher_dir)
+    teacher_onnx, _ = export_onnx(teacher_dir, out / "teacher.onnx")
+    m = evaluate(teacher_onnx, cfg.data, **ev)
+    log(f"teacher: {_fmt(m)}")
+    stages.append(_stage_record("teacher", teacher_dir, teacher_onnx, m, cfg.task))
+
+    # 2. distillation into the student
+    student_dir = out / "distill"
+    log(f"distilling into {cfg.student} ({cfg.distill_epochs} epochs, losses {cfg.distill_losses})")
+    distill(
+        teacher_dir,
+        cfg.student,
+        cfg.data,
+        out=student_dir,
+        epochs=cfg.distill_epochs,
+        losses=cfg.distill_losses,
+        limit=cfg.distill_limit,
+        lr=cfg.distill_lr,
+        batch_size=cfg.batch_size,
+        quiet=quiet,
+        data_options=cfg.data_options,
+        **cfg.student_overrides,
+    )
+    student_onnx, _ = export_onnx(student_dir, out / "distill.onnx")
+    m = evaluate(student_onnx, cfg.data, **ev)
+    log(f"distill: {_fmt(m)}")
+    stages.append(_stage_record("distill", student_dir, student_onnx, m, cfg.task))
+
+    final_dir, final_onnx = student_dir, student_onnx
+    for extra in _later_stages():
+        final_dir, final_onnx, recs = extra(
+            cfg, out, final_dir, final_onnx, teacher_dir=teacher_dir, quick=quick, quiet=quiet, log=log, ev=ev
+        )
+        stages.extend(recs)
+
+    # Benchmark every ONNX artifact in one interleaved run.
+    log("benchmarking all stages (onnxruntime, interleaved)")
+    bench = bench_many(
+        [s["artifact"] for s in stages],
+        threads=threads,
+        runs=10 if quick else 30,
+        rounds=2 if quick else 3,
+        batch=8,
+    )
+    for s, b in zip(stages, bench):
+        s.update(
+            {
+                "latency_ms": b["latency_ms"],
+                "throughput": b.get("throughput"),
+                "peak_rss_mb": b.get("peak_rss_mb"),
+                "size_mb": b["size_mb"],
+                "params": b["params"],
+                "macs": b["macs"],
+            }
+        )
+    results = {
+        "task": cfg.task,
+        "metric": "accuracy" if cfg.task == "classification" else "miou",
+        "data": cfg.data,
+        "class_names": _class_names(teacher_dir),
+        "device": _device_info(threads),
+        "config": asdict(cfg),
+        "quick": quick,
+        "stages": stages,
+        "examples": _examples(cfg, out, stages, quiet=quiet),
+        "seconds": round(time.time() - t_start, 1),
+    }
+    write_json(out / "results.json", results)
+    from .report import report
+
+    report(out, quiet=True)
+    _write_summary(out, results)
+    log(f"done: {out / 'results.json'}")
+    return out / "results.json"
+
+
+def _later_stages() -> list[Any]:
+    """Prune and quantize stages (see `demo_stages`), appended in pipeline order."""
+    from .demo_stages import STAGES
+
+    return STAGES
+
+
+def _fmt(m: dict[str, Any]) -> str:
+    return "  ".join(f"{k} {v:.4f}" for k, v in m.items() if isinstance(v, float))
+
+
+def _class_names(model_dir: Path) -> list[str]:
+    return json.loads((model_dir / "vitshrink.json").read_text())["class_names"]
+
+
+def _device_info(threads: int | None) -> dict[str, Any]:
+    import platform
+
+    import onnxruntime as ort
+
+    return {
+        "machine": platform.machine(),
+        "processor": platform.processor() or platform.machine(),
+        "cpus": os.cpu_count(),
+        "threads": threads,
+        "onnxruntime": ort.__version__,
+        "runtime": "onnxruntime CPU, batch 1",
+    }
+
+
+def _examples(
+    cfg: TaskConfig, out: Path, stages: list[dict[str, Any]], *, quiet: bool, n: int = 3
+) -> list[dict[str, Any]]:
+    """A few test images with ground truth, the teacher's and the final model's predictions."""
+    import numpy as np
+    import torch
+
+    from .data import load_dataset
+    from .deploy.runtime import OnnxModel
+    from .evaluate import onnx_model_meta
+    from .train import prepare
+
+    ds = load_dataset(cfg.data, "test", limit=n, seed=1, **cfg.data_options)
+    ex_dir = out / "examples"
+    ex_dir.mkdir(exist_ok=True)
+    first, last = OnnxModel(stages[0]["artifact"]), OnnxModel(stages[-1]["artifact"])
+    names = list(first.class_names)
+    examples = []
+    for i in range(len(ds)):
+        img_u8 = ds.images[i : i + 1]
+        preds = {}
+        for key, m in (("teacher", first), ("compressed", last)):
+            x = prepare(img_u8, onnx_model_meta(m), torch.device("cpu")).numpy()
+            preds[key] = m.run(x.astype(np.float32))[0].argmax(0)
+        img = img_u8[0].permute(1, 2, 0).numpy()
+        if cfg.task == "segmentation":
+            from .data.aerial import PALETTE
+            from .report import save_example_panel
+
+            path = ex_dir / f"{i}.png"
+            masks = {
+                "ground truth": ds.targets[i].numpy(),
+                "teacher": preds["teacher"].astype(np.uint8),
+                f"compressed ({stages[-1]['name']})": preds["compressed"].astype(np.uint8),
+            }
+            save_example_panel(path, img, masks, PALETTE, class_names=names)
+            examples.append(
+                {
+                    "image": f"examples/{path.name}",
+                    "caption": f"test image {i}: image, ground truth, teacher, {stages[-1]['name']}",
+                }
+            )
+        else:
+            from PIL import Image
+
+            path = ex_dir / f"{i}.png"
+            Image.fromarray(img[:, :, 0]).resize((112, 112), Image.NEAREST).save(path)
+            examples.append(
+                {
+                    "image": f"examples/{path.name}",
+                    "labels": {
+                        "ground_truth": names[int(ds.targets[i])],
+                        "teacher": names[int(preds["teacher"])],
+                        "compressed": names[int(preds["compressed"])],
+                    },
+                }
+            )
+    return examples
+
+
+def _write_summary(out: Path, results: dict[str, Any]) -> None:
+    """A short console summary; the full tables are in report.md / report.html."""
+    metric = results["metric"]
+    base = results["stages"][0]
+    lines = [f"{results['task']}: {metric} / p50 latency / size vs teacher"]
+    for s in results["stages"]:
+        lines.append(
+            f"  {s['name']:10s} {metric} {s[metric]:.4f} ({s[metric] - base[metric]:+.4f})  p50 {s['latency_ms']['p50']:.2f} ms "
+            f"({base['latency_ms']['p50'] / s['latency_ms']['p50']:.1f}x faster)  {s['size_mb']:.2f} MB ({base['size_mb'] / s['size_mb']:.1f}x smaller)"
+        )
+    (out / "summary.txt").write_text("\n".join(lines) + "\n")
+
+
+def demo(
+    task: str = "all",
+    out: str | os.PathLike = "demo-out",
+    *,
+    quick: bool = False,
+    quiet: bool = False,
+    threads: int | None = None,
+) -> dict[str, Path]:
+    """Run the pipeline for one or both tasks; returns {task: results.json path}."""
+    cfgs = configs(quick)
+    tasks = list(cfgs) if task == "all" else [task]
+    for t in tasks:
+        if t not in cfgs:
+            raise VitshrinkError(f"unknown demo task '{t}' (classification, segmentation, all)")
+    out = Path(out)
+    res = {}
+    for t in tasks:
+        res[t] = run_task(cfgs[t], out / t, quick=quick, quiet=quiet, threads=threads)
+        if not quiet:
+            print((out / t / "summary.txt").read_text(), end="")
+    return res
+
+
+from ._callable import install as _install  # noqa: E402
+
+_install(__name__, "demo")

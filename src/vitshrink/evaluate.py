@@ -1,0 +1,205 @@
+"""Evaluation: top-1 (classification); mIoU, mean Dice and per-class IoU (segmentation).
+
+Works on a model directory, an in-memory model or an ONNX file (run with onnxruntime), so every
+stage's artifact is scored the same way. Segmentation metrics come from one confusion matrix
+accumulated over the split; pixels labelled 255 are ignored; classes absent from both prediction
+and ground truth are left out of the means.
+"""
+
+from __future__ import annotations
+
+import os
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+import torch
+from torch import nn
+
+from .data import IGNORE_INDEX, VisionDataset, load_dataset
+from .errors import VitshrinkError
+from .progress import progress
+
+
+def confusion(pred: torch.Tensor, target: torch.Tensor, k: int) -> torch.Tensor:
+    valid = target != IGNORE_INDEX
+    idx = target[valid].long() * k + pred[valid].long()
+    return torch.bincount(idx, minlength=k * k).reshape(k, k)
+
+
+def seg_metrics(cm: np.ndarray, class_names: list[str]) -> dict[str, Any]:
+    cm = cm.astype(np.float64)
+    tp = np.diag(cm)
+    fp, fn = cm.sum(0) - tp, cm.sum(1) - tp
+    union = tp + fp + fn
+    present = union > 0
+    iou = np.where(present, tp / np.maximum(union, 1), np.nan)
+    dice = np.where(present, 2 * tp / np.maximum(2 * tp + fp + fn, 1), np.nan)
+    return {
+        "miou": float(np.nanmean(iou)) if present.any() else 0.0,
+        "dice": float(np.nanmean(dice)) if present.any() else 0.0,
+        "pixel_accuracy": float(tp.sum() / max(cm.sum(), 1)),
+        "per_class_iou": {n: (None if np.isnan(v) else round(float(v), 4)) for n, v in zip(class_names, iou)},
+    }
+
+
+class _Scorer:
+    def __init__(self, task: str, class_names: list[str]) -> None:
+        self.task, self.names, self.k = task, class_names, len(class_names)
+        self.correct = torch.zeros(2, dtype=torch.float64)
+        self.cm = torch.zeros(self.k, self.k, dtype=torch.float64)
+
+    def add(self, logits: torch.Tensor, targets: torch.Tensor) -> None:
+        pred = logits.argmax(1).cpu()
+        targets = targets.cpu()
+        if self.task == "classification":
+            self.correct += torch.tensor([(pred == targets).sum().item(), len(targets)], dtype=torch.float64)
+        else:
+            if pred.shape[-2:] != targets.shape[-2:]:
+                raise VitshrinkError(
+                    f"prediction size {tuple(pred.shape[-2:])} does not match mask size {tuple(targets.shape[-2:])}"
+                )
+            self.cm += confusion(pred, targets, self.k).double()
+
+    def result(self, distributed: bool = False) -> dict[str, Any]:
+        if distributed:
+            from .train import all_reduce_sum
+
+            all_reduce_sum(self.correct)
+            all_reduce_sum(self.cm)
+        if self.task == "classification":
+            return {
+                "accuracy": float(self.correct[0] / max(1.0, float(self.correct[1]))),
+                "samples": int(self.correct[1]),
+            }
+        out = seg_metrics(self.cm.numpy(), self.names)
+        out["samples"] = None
+        return out
+
+
+@torch.no_grad()
+def evaluate_model(
+    model: nn.Module,
+    meta: dict[str, Any],
+    ds: VisionDataset,
+    *,
+    batch_size: int = 64,
+    device: torch.device | str | None = None,
+    quiet: bool = False,
+    distributed: bool = False,
+) -> dict[str, Any]:
+    """Score an in-memory model; with `distributed`, each rank scores its shard and counts are summed."""
+    from .models import adapter_for
+    from .train import default_device, dist_info, prepare
+
+    device = torch.device(device) if device is not None else default_device()
+    adapter = adapter_for(model)
+    was_training = model.training
+    model.eval()
+    rank, world = dist_info() if distributed else (0, 1)
+    scorer = _Scorer(meta["task"], meta["class_names"])
+    idx_all = torch.arange(len(ds))[rank::world]
+    for i in progress(range(0, len(idx_all), batch_size), desc="eval", disable=quiet):
+        idx = idx_all[i : i + batch_size]
+        x = prepare(ds.images[idx], meta, device)
+        logits = adapter.logits(model, x).float()
+        tgt = ds.targets[idx]
+        if meta["task"] == "segmentation" and logits.shape[-2:] != tgt.shape[-2:]:
+            logits = torch.nn.functional.interpolate(
+                logits, size=tgt.shape[-2:], mode="bilinear", align_corners=False
+            )
+        scorer.add(logits, tgt)
+    model.train(was_training)
+    res = scorer.result(distributed and world > 1)
+    if res.get("samples") is None:
+        res["samples"] = len(ds)
+    return res
+
+
+def evaluate_onnx(
+    path: str | os.PathLike,
+    ds: VisionDataset,
+    *,
+    batch_size: int = 32,
+    threads: int | None = None,
+    quiet: bool = False,
+) -> dict[str, Any]:
+    """Score an ONNX file with onnxruntime, preprocessing as its embedded metadata says."""
+    from .deploy.runtime import OnnxModel
+    from .train import prepare
+
+    m = OnnxModel(path, threads=threads)
+    meta = onnx_model_meta(m)
+    _check_data(meta, ds, str(path))
+    scorer = _Scorer(meta["task"], meta["class_names"])
+    bs = batch_size if m._batch is None else m._batch  # a static-batch export takes only its own batch
+    for i in progress(range(0, len(ds), bs), desc="eval onnx", disable=quiet):
+        x = prepare(ds.images[i : i + bs], meta, torch.device("cpu")).numpy()
+        logits = torch.from_numpy(m.run(x))
+        tgt = ds.targets[i : i + bs]
+        if meta["task"] == "segmentation" and logits.shape[-2:] != tgt.shape[-2:]:
+            logits = torch.nn.functional.interpolate(
+                logits.float(), size=tgt.shape[-2:], mode="bilinear", align_corners=False
+            )
+        scorer.add(logits.float(), tgt)
+    res = scorer.result()
+    res["samples"] = len(ds)
+    return res
+
+
+def onnx_model_meta(m: Any) -> dict[str, Any]:
+    """The meta dict as the deploy runtime resolved it (works for ONNX files without our metadata)."""
+    return {
+        "task": m.task,
+        "class_names": list(m.class_names),
+        "preprocess": {
+            "mean": m.mean.ravel().tolist(),
+            "std": m.std.ravel().tolist(),
+            "size": list(m.size),
+            "channels": m.channels,
+        },
+    }
+
+
+def _check_data(meta: dict[str, Any], ds: VisionDataset, name: str) -> None:
+    if meta["task"] != ds.task:
+        raise VitshrinkError(f"{name} is a {meta['task']} model but the data is {ds.task}")
+    if len(meta["class_names"]) != ds.num_classes:
+        raise VitshrinkError(
+            f"{name} has {len(meta['class_names'])} classes but the data has {ds.num_classes}"
+        )
+
+
+def evaluate(
+    model: str | os.PathLike,
+    data: str,
+    *,
+    split: str = "test",
+    batch_size: int = 64,
+    limit: int | None = None,
+    threads: int | None = None,
+    quiet: bool = False,
+    data_options: dict[str, Any] | None = None,
+) -> dict[str, Any]:
+    """Evaluate a model directory or ONNX file on one split of a data SPEC."""
+    path = Path(model)
+    data_options = data_options or {}
+    if path.suffix == ".onnx" or path.is_file():
+        from .deploy.runtime import OnnxModel
+
+        size = list(OnnxModel(path, threads=threads).size)
+        ds = load_dataset(data, split, size=size, limit=limit, **data_options)
+        return evaluate_onnx(path, ds, batch_size=batch_size, threads=threads, quiet=quiet)
+    from .models import load_model
+
+    net, meta = load_model(path)
+    ds = load_dataset(data, split, size=meta["preprocess"]["size"], limit=limit, **data_options)
+    _check_data(meta, ds, str(path))
+    if threads:
+        torch.set_num_threads(threads)
+    return evaluate_model(net, meta, ds, batch_size=batch_size, quiet=quiet)
+
+
+from ._callable import install as _install  # noqa: E402
+
+_install(__name__, "evaluate")

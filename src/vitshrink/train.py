@@ -1,0 +1,407 @@
+"""Training: one loop (`fit`) serves `train`, `distill` and pruning recovery.
+
+AdamW, linear warm-up then cosine decay, light batch-level augmentation, mixed precision on CUDA,
+an atomic checkpoint every epoch and `resume` that continues to the same result (per-epoch seeds for
+shuffling, augmentation and dropout). Under `torchrun` it runs DistributedDataParallel (gloo on CPU,
+nccl on GPU); rank 0 alone logs and writes.
+"""
+
+from __future__ import annotations
+
+import math
+import os
+import time
+from collections.abc import Callable
+from pathlib import Path
+from typing import Any
+
+import torch
+import torch.nn.functional as F
+from torch import nn
+
+from .artifacts import atomic_dir, read_json, write_json
+from .data import IGNORE_INDEX, VisionDataset, augment, describe, load_dataset, normalize, resize_images
+from .errors import VitshrinkError
+from .models import build_model, is_model_dir, load_model, save_model
+from .progress import progress
+
+STATE_FILE = "trainer_state.pt"
+
+
+# ----------------------------------------------------------------------------------- distributed
+
+
+def checkpoint_dir(out: str | os.PathLike) -> Path:
+    """Where a stage writing OUT keeps its per-epoch checkpoint: OUT.ckpt beside it."""
+    out = Path(out)
+    return out.with_name(out.name + ".ckpt")
+
+
+def dist_info() -> tuple[int, int]:
+    if torch.distributed.is_available() and torch.distributed.is_initialized():
+        return torch.distributed.get_rank(), torch.distributed.get_world_size()
+    return 0, 1
+
+
+def maybe_init_distributed() -> tuple[int, int]:
+    """Join the process group torchrun describes (env://); a no-op for a single process."""
+    if int(os.environ.get("WORLD_SIZE", "1")) > 1 and not torch.distributed.is_initialized():
+        backend = "nccl" if torch.cuda.is_available() else "gloo"
+        torch.distributed.init_process_group(backend=backend)
+        if torch.cuda.is_available():
+            torch.cuda.set_device(int(os.environ.get("LOCAL_RANK", "0")))
+    return dist_info()
+
+
+def all_reduce_sum(t: torch.Tensor) -> torch.Tensor:
+    if dist_info()[1] > 1:
+        torch.distributed.all_reduce(t, op=torch.distributed.ReduceOp.SUM)
+    return t
+
+
+def default_device() -> torch.device:
+    if torch.cuda.is_available():
+        return torch.device("cuda", int(os.environ.get("LOCAL_RANK", "0")))
+    return torch.device("cpu")
+
+
+# ------------------------------------------------------------------------------------------ input
+
+
+def prepare(images: torch.Tensor, meta: dict[str, Any], device: torch.device) -> torch.Tensor:
+    """uint8 batch → the float input a model with this `meta` expects (size, channels, mean/std)."""
+    pre = meta["preprocess"]
+    x = images.to(device, non_blocking=True)
+    c = pre["channels"]
+    if x.shape[1] != c:
+        if x.shape[1] == 1 and c == 3:
+            x = x.expand(-1, 3, -1, -1)
+        elif x.shape[1] == 3 and c == 1:
+            x = (
+                (x.float() * torch.tensor([0.299, 0.587, 0.114], device=device).view(1, 3, 1, 1))
+                .sum(1, keepdim=True)
+                .round()
+                .to(torch.uint8)
+            )
+        else:
+            raise VitshrinkError(f"model expects {c} input channels, data has {x.shape[1]}")
+    x = resize_images(x, tuple(pre["size"]))
+    return normalize(x, pre["mean"], pre["std"])
+
+
+def task_loss(logits: torch.Tensor, targets: torch.Tensor, task: str) -> torch.Tensor:
+    if task == "segmentation":
+        if logits.shape[-2:] != targets.shape[-2:]:
+            logits = F.interpolate(logits, size=targets.shape[-2:], mode="bilinear", align_corners=False)
+        return F.cross_entropy(logits, targets.long(), ignore_index=IGNORE_INDEX)
+    return F.cross_entropy(logits, targets, label_smoothing=0.1)
+
+
+def channel_stats(ds: VisionDataset, n: int = 2000) -> tuple[list[float], list[float]]:
+    x = ds.images[:n].float().div(255)
+    return x.mean(dim=(0, 2, 3)).tolist(), x.std(dim=(0, 2, 3)).clamp_min(1e-3).tolist()
+
+
+# ------------------------------------------------------------------------------------------- loop
+
+
+def fit(
+    model: nn.Module,
+    meta: dict[str, Any],
+    train_ds: VisionDataset,
+    val_ds: VisionDataset | None,
+    *,
+    epochs: int = 1,
+    batch_size: int = 128,
+    lr: float = 1e-3,
+    weight_decay: float = 0.05,
+    warmup: float = 0.1,
+    do_augment: bool = True,
+    loss_fn: Callable[..., torch.Tensor] | None = None,
+    extra_params: list[nn.Parameter] | None = None,
+    ckpt_dir: str | os.PathLike | None = None,
+    resume: bool = False,
+    seed: int = 0,
+    quiet: bool = False,
+    device: torch.device | None = None,
+    desc: str = "train",
+    on_epoch_end: Callable[[int, dict[str, Any]], None] | None = None,
+) -> dict[str, Any]:
+    """Train `model` in place. `loss_fn(model, x, x_uint8, targets, indices)` overrides the task loss.
+
+    Returns {"history": [...per-epoch metrics...], "val": last validation metrics}.
+    """
+    from .evaluate import evaluate_model
+
+    rank, world = maybe_init_distributed()
+    device = device or default_device()
+    model.to(device)
+    task = meta["task"]
+    params = [p for p in model.parameters() if p.requires_grad] + list(extra_params or [])
+    opt = torch.optim.AdamW(params, lr=lr, weight_decay=weight_decay)
+    steps_per_epoch = max(1, math.ceil(len(train_ds) / (batch_size * world)))
+    total = steps_per_epoch * epochs
+    warm = max(1, int(total * warmup))
+
+    def lr_at(step: int) -> float:
+        if step < warm:
+            return (step + 1) / warm
+        return 0.5 * (1 + math.cos(math.pi * (step - warm) / max(1, total - warm)))
+
+    sched = torch.optim.lr_scheduler.LambdaLR(opt, lr_at)
+    use_amp = device.type == "cuda"
+    amp_dtype = torch.bfloat16 if use_amp and torch.cuda.is_bf16_supported() else torch.float16
+    scaler = torch.amp.GradScaler("cuda", enabled=use_amp and amp_dtype == torch.float16)
+    train_model: nn.Module = model
+    if world > 1:
+        train_model = nn.parallel.DistributedDataParallel(
+            model, device_ids=[device.index] if device.type == "cuda" else None, find_unused_parameters=True
+        )
+
+    start_epoch, history = 0, []
+    ckpt = Path(ckpt_dir) if ckpt_dir else None
+    if resume and ckpt is not None and (ckpt / STATE_FILE).exists():
+        start_epoch, history = _load_checkpoint(ckpt, model, opt, sched, scaler, extra_params, device)
+        if rank == 0 and not quiet:
+            print(f"resuming from {ckpt} at epoch {start_epoch + 1}/{epochs}")
+
+    val_metrics: dict[str, Any] = history[-1].get("val", {}) if history else {}
+    for epoch in range(start_epoch, epochs):
+        torch.manual_seed(seed * 1000 + epoch)  # dropout & friends: same stream on resume
+        gen = torch.Generator().manual_seed(seed * 1000 + epoch)
+        perm = torch.randperm(len(train_ds), generator=gen)
+        perm = perm[rank::world]  # DistributedSampler semantics without a DataLoader
+        train_model.train()
+        t0, seen, loss_sum = time.time(), 0, torch.zeros(2, dtype=torch.float64)
+        bar = progress(
+            range(0, len(perm), batch_size), desc=f"{desc} {epoch + 1}/{epochs}", disable=quiet or rank != 0
+        )
+        for i in bar:
+            idx = perm[i : i + batch_size]
+            xb, yb = train_ds.images[idx], train_ds.targets[idx]
+            if do_augment:
+                xb, yb = augment(xb, yb, task, gen)
+            x = prepare(xb, meta, device)
+            y = yb.to(device)
+            with torch.autocast(device.type, dtype=amp_dtype, enabled=use_amp):
+                if loss_fn is None:
+                    # Through the (possibly DDP-wrapped) module so gradients are synchronised.
+                    loss = task_loss(train_model(pixel_values=x).logits, y, task)
+                else:
+                    loss = loss_fn(train_model, x, xb, y, idx)
+            if not torch.isfinite(loss):
+                raise VitshrinkError(
+                    f"training diverged (loss {loss.item()}) at epoch {epoch + 1}; lower --lr"
+                )
+            opt.zero_grad(set_to_none=True)
+            scaler.scale(loss).backward()
+            scaler.unscale_(opt)
+            torch.nn.utils.clip_grad_norm_(params, 1.0)
+            scaler.step(opt)
+            scaler.update()
+            sched.step()
+            loss_sum += torch.tensor([loss.item() * len(idx), len(idx)], dtype=torch.float64)
+            seen += len(idx)
+            if hasattr(bar, "set_postfix"):
+                bar.set_postfix(loss=f"{loss.item():.3f}")
+        all_reduce_sum(loss_sum)
+        rec: dict[str, Any] = {
+            "epoch": epoch + 1,
+            "train_loss": float(loss_sum[0] / max(1, loss_sum[1])),
+            "seconds": round(time.time() - t0, 1),
+        }
+        if val_ds is not None:
+            val_metrics = evaluate_model(
+                model, meta, val_ds, batch_size=batch_size * 2, device=device, quiet=True, distributed=True
+            )
+            rec["val"] = {k: v for k, v in val_metrics.items() if k != "per_class_iou"}
+        history.append(rec)
+        if rank == 0:
+            if not quiet:
+                print(_fmt_epoch(rec))
+            if ckpt is not None:
+                _save_checkpoint(ckpt, model, meta, opt, sched, scaler, extra_params, epoch + 1, history)
+        if on_epoch_end is not None:
+            on_epoch_end(epoch, rec)
+    return {"history": history, "val": val_metrics}
+
+
+def _fmt_epoch(rec: dict[str, Any]) -> str:
+    s = f"epoch {rec['epoch']}: loss {rec['train_loss']:.4f} ({rec['seconds']}s)"
+    for k, v in rec.get("val", {}).items():
+        if isinstance(v, float):
+            s += f"  val_{k} {v:.4f}"
+    return s
+
+
+def _save_checkpoint(ckpt: Path, model, meta, opt, sched, scaler, extra_params, epoch: int, history) -> None:
+    with atomic_dir(ckpt) as tmp:
+        model.save_pretrained(tmp, safe_serialization=True)
+        state = {
+            "epoch": epoch,
+            "optimizer": opt.state_dict(),
+            "scheduler": sched.state_dict(),
+            "scaler": scaler.state_dict(),
+            "extra_params": [p.detach().cpu() for p in (extra_params or [])],
+        }
+        torch.save(state, tmp / STATE_FILE)
+        write_json(tmp / "history.json", {"meta": meta, "history": history})
+
+
+def _load_checkpoint(ckpt: Path, model, opt, sched, scaler, extra_params, device) -> tuple[int, list]:
+    from safetensors.torch import load_file
+
+    try:
+        sd = load_file(ckpt / "model.safetensors", device=str(device))
+        missing, unexpected = model.load_state_dict(sd, strict=False)
+        if unexpected:
+            raise VitshrinkError(
+                f"checkpoint {ckpt} does not match the model (unexpected keys: {unexpected[:3]})"
+            )
+        # weights_only: never unpickle arbitrary objects from a checkpoint on disk.
+        state = torch.load(ckpt / STATE_FILE, map_location=device, weights_only=True)
+    except (OSError, RuntimeError, ValueError) as e:
+        raise VitshrinkError(
+            f"cannot resume from corrupt checkpoint {ckpt}: {str(e).splitlines()[0]}"
+        ) from None
+    opt.load_state_dict(state["optimizer"])
+    sched.load_state_dict(state["scheduler"])
+    scaler.load_state_dict(state["scaler"])
+    for p, v in zip(extra_params or [], state.get("extra_params", [])):
+        p.data.copy_(v)
+    history = read_json(ckpt / "history.json")["history"]
+    return int(state["epoch"]), history
+
+
+# -------------------------------------------------------------------------------------- stage API
+
+
+def resolve_model(
+    model: str | os.PathLike,
+    data: str,
+    *,
+    image_size: int | None,
+    channels: int | None,
+    data_options: dict[str, Any],
+    train_ds: VisionDataset | None = None,
+) -> tuple[nn.Module, dict[str, Any]]:
+    """A model directory loads as is; a preset name is built for the data's task, classes and channels."""
+    if is_model_dir(model):
+        return load_model(model)
+    if Path(str(model)).exists():
+        raise VitshrinkError(f"not a model directory (no config.json): {model}")
+    info = describe(data, **data_options)
+    size = image_size or info["size"][0]
+    ch = channels or info["channels"]
+    mean = std = None
+    if train_ds is not None:
+        mean, std = channel_stats(train_ds)
+    return build_model(
+        str(model),
+        task=info["task"],
+        image_size=size,
+        num_channels=ch,
+        class_names=info["class_names"],
+        mean=mean,
+        std=std,
+    )
+
+
+def train(
+    model: str | os.PathLike,
+    data: str,
+    *,
+    out: str | os.PathLike,
+    epochs: int = 1,
+    batch_size: int = 128,
+    lr: float = 1e-3,
+    weight_decay: float = 0.05,
+    image_size: int | None = None,
+    channels: int | None = None,
+    limit: int | None = None,
+    val_limit: int | None = 2000,
+    augment: bool = True,
+    resume: bool = False,
+    seed: int = 0,
+    quiet: bool = False,
+    data_options: dict[str, Any] | None = None,
+    **model_overrides: Any,
+) -> tuple[Path, dict[str, Any]]:
+    """Train MODEL (preset or directory) on DATA; writes a model directory to OUT.
+
+    Checkpoints go to OUT/checkpoint every epoch; `resume=True` continues from there.
+    """
+    data_options = dict(data_options or {})
+    out = Path(out)
+    if is_model_dir(model):
+        meta0 = (
+            read_json(Path(model) / "vitshrink.json") if (Path(model) / "vitshrink.json").exists() else None
+        )
+        size = image_size or (meta0["preprocess"]["size"][0] if meta0 else None)
+    else:
+        size = image_size
+    train_ds = load_dataset(
+        data, "train", size=size, channels=channels, limit=limit, seed=seed, **data_options
+    )
+    val_ds = load_dataset(
+        data, "val", size=size, channels=channels, limit=val_limit, seed=seed, **data_options
+    )
+    net, meta = resolve_model(
+        model,
+        data,
+        image_size=size or train_ds.size[0],
+        channels=channels or train_ds.channels,
+        data_options=data_options,
+        train_ds=train_ds,
+    )
+    _check_compatible(meta, train_ds)
+    if model_overrides and is_model_dir(model):
+        raise VitshrinkError(f"model options {sorted(model_overrides)} apply to presets only")
+    res = fit(
+        net,
+        meta,
+        train_ds,
+        val_ds,
+        epochs=epochs,
+        batch_size=batch_size,
+        lr=lr,
+        weight_decay=weight_decay,
+        do_augment=augment,
+        ckpt_dir=checkpoint_dir(out),
+        resume=resume,
+        seed=seed,
+        quiet=quiet,
+    )
+    metrics = {**res["val"], "epochs": epochs}
+    if dist_info()[0] == 0:
+        save_model(
+            net.cpu(),
+            meta,
+            out,
+            stage="train",
+            options={
+                "data": str(data),
+                "epochs": epochs,
+                "batch_size": batch_size,
+                "lr": lr,
+                "limit": limit,
+                "seed": seed,
+            },
+            metrics=metrics,
+            parent=model if is_model_dir(model) else None,
+        )
+    return out, metrics
+
+
+def _check_compatible(meta: dict[str, Any], ds: VisionDataset) -> None:
+    if meta["task"] != ds.task:
+        raise VitshrinkError(f"model task is {meta['task']} but data {ds.source} is {ds.task}")
+    if len(meta["class_names"]) != ds.num_classes:
+        raise VitshrinkError(
+            f"model has {len(meta['class_names'])} classes but data {ds.source} has {ds.num_classes}"
+        )
+
+
+from ._callable import install as _install  # noqa: E402
+
+_install(__name__, "train")

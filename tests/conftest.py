@@ -1,0 +1,43 @@
+"""Shared fixtures: an isolated cache, quiet progress bars, and one small trained teacher per session."""
+
+from __future__ import annotations
+
+import os
+from pathlib import Path
+
+import pytest
+import torch
+
+FMNIST = Path("/usr/share/datasets/fashion-mnist/train-images-idx3-ubyte.gz")
+needs_fmnist = pytest.mark.skipif(
+    not FMNIST.exists(), reason="Debian package dataset-fashion-mnist not installed"
+)
+
+
+@pytest.fixture(scope="session", autouse=True)
+def _isolated(tmp_path_factory: pytest.TempPathFactory) -> None:
+    os.environ["VITSHRINK_CACHE"] = str(tmp_path_factory.mktemp("cache"))
+    os.environ["VITSHRINK_QUIET"] = "1"
+    torch.set_num_threads(min(2, os.cpu_count() or 1))
+
+
+@pytest.fixture(scope="session")
+def fmnist_teacher(tmp_path_factory: pytest.TempPathFactory) -> Path:
+    """vit-micro trained one short epoch on Fashion-MNIST (shared by several tests)."""
+    if not FMNIST.exists():
+        pytest.skip("Debian package dataset-fashion-mnist not installed")
+    from vitshrink.train import train
+
+    out = tmp_path_factory.mktemp("teacher") / "vit"
+    train(
+        "vit-micro",
+        "fashion-mnist",
+        out=out,
+        epochs=1,
+        limit=20000,
+        val_limit=1000,
+        lr=2e-3,
+        batch_size=64,
+        quiet=True,
+    )
+    return out
