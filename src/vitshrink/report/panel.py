@@ -1,0 +1,111 @@
+"""Segmentation example panels: colourised masks next to the input image, one PNG per example."""
+
+from __future__ import annotations
+
+import colorsys
+from collections.abc import Mapping, Sequence
+from pathlib import Path
+
+import matplotlib
+import numpy as np
+from matplotlib.figure import Figure
+from matplotlib.patches import Patch
+
+from vitshrink.errors import DataError
+
+from .plots import save_figure
+
+IGNORE_INDEX = 255
+
+
+def default_palette(n: int) -> list[tuple[int, int, int]]:
+    """`n` distinct RGB colours: matplotlib's tab20 (saturated half first), then golden-ratio hues.
+
+    Avoids pure black, which `colorize` reserves for the ignore index.
+    """
+    tab20 = matplotlib.colormaps["tab20"].colors
+    base = [tab20[i] for i in (*range(0, 20, 2), *range(1, 20, 2))]
+    extra = [colorsys.hsv_to_rgb((i * 0.618034) % 1.0, 0.7, 0.9) for i in range(max(n - len(base), 0))]
+    return [(round(r * 255), round(g * 255), round(b * 255)) for r, g, b in (base + extra)[:n]]
+
+
+def colorize(mask: np.ndarray, palette: Sequence[tuple[int, int, int]]) -> np.ndarray:
+    """Map an (H, W) class-id mask to an (H, W, 3) uint8 RGB image; 255 (ignore) becomes black."""
+    mask = np.asarray(mask)
+    if mask.ndim != 2:
+        raise DataError(f"mask must be 2-D (H, W), got shape {mask.shape}")
+    if not (np.issubdtype(mask.dtype, np.integer) or mask.dtype == bool):
+        raise DataError(f"mask must hold integer class ids, got dtype {mask.dtype}")
+    pal = np.asarray(palette, dtype=np.int64)
+    if pal.ndim != 2 or pal.shape[1] != 3 or pal.size == 0:
+        raise DataError(f"palette must be a non-empty list of (r, g, b) triples, got shape {pal.shape}")
+    ids = mask.astype(np.int64)
+    valid = ids[ids != IGNORE_INDEX]
+    n = min(len(pal), IGNORE_INDEX)  # a 256-colour palette must not recolour the ignore index
+    if valid.size and (valid.min() < 0 or valid.max() >= n):
+        bad = int(valid.min() if valid.min() < 0 else valid.max())
+        raise DataError(f"mask has class id {bad} but the palette has only {n} colours")
+    # Look-up table indexing colours every pixel in one vectorised step.
+    lut = np.zeros((IGNORE_INDEX + 1, 3), np.uint8)
+    lut[:n] = np.clip(pal[:n], 0, 255)
+    return lut[np.clip(ids, 0, IGNORE_INDEX)]
+
+
+def _display_image(image: np.ndarray) -> np.ndarray:
+    img = np.asarray(image)
+    if img.ndim == 3 and img.shape[2] in (1, 4):
+        img = img[..., :3] if img.shape[2] == 4 else img[..., 0]
+    if img.ndim not in (2, 3) or (img.ndim == 3 and img.shape[2] != 3):
+        raise DataError(f"image must be (H, W) or (H, W, 3), got shape {img.shape}")
+    if np.issubdtype(img.dtype, np.floating):
+        # Floats are taken as [0, 1]; anything larger is assumed to be a 0-255 image stored as float.
+        img = img * 255.0 if img.size and np.nanmax(img) <= 1.0 else img
+        img = np.clip(np.nan_to_num(img), 0, 255).astype(np.uint8)
+    return img.astype(np.uint8, copy=False)
+
+
+def save_example_panel(
+    path: str | Path,
+    image: np.ndarray,
+    masks: Mapping[str, np.ndarray],
+    palette: Sequence[tuple[int, int, int]],
+    *,
+    class_names: Sequence[str] | None = None,
+    dpi: int = 100,
+) -> None:
+    """Write one PNG: the image, then each mask colourised, side by side under its title.
+
+    `masks` maps a title (e.g. "ground truth", "teacher", "compressed") to an (H, W) class-id mask;
+    with `class_names`, a legend lists the classes present in any mask.
+    """
+    img = _display_image(image)
+    coloured = {title: colorize(m, palette) for title, m in masks.items()}
+    h, w = img.shape[:2]
+    cols = 1 + len(coloured)
+    panel_w = 2.6
+    present: list[int] = []
+    if class_names is not None:
+        ids = set()
+        for m in masks.values():
+            ids.update(int(v) for v in np.unique(m) if v != IGNORE_INDEX)
+        present = sorted(i for i in ids if i < len(class_names))
+    ncol = min(len(present), 6) if present else 1
+    legend_rows = -(-len(present) // ncol) if present else 0
+    # Constrained layout with an "outside" legend: panels and legend stack without empty bands.
+    fig = Figure(
+        figsize=(panel_w * cols, panel_w * h / max(w, 1) + 0.4 + 0.22 * legend_rows), layout="constrained"
+    )
+    axes = fig.subplots(1, cols, squeeze=False)[0]
+    panels = [("image", img), *coloured.items()]
+    for ax, (title, data) in zip(axes, panels):
+        # Fixed 0-255 range: a grey image must not be contrast-stretched to its own min/max.
+        ax.imshow(data, cmap="gray", vmin=0, vmax=255, interpolation="nearest")
+        ax.set_title(title, fontsize=10)
+        ax.set_axis_off()
+    if present:
+        handles = [
+            Patch(facecolor=np.asarray(palette[i]) / 255.0, edgecolor="black", label=class_names[i])
+            for i in present
+        ]
+        fig.legend(handles=handles, loc="outside lower center", ncol=ncol, fontsize=8, frameon=False)
+    save_figure(fig, path, dpi=dpi)
