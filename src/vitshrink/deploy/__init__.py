@@ -1,0 +1,14 @@
+"""Edge deployment: a torch-free ONNX runtime, `predict`, and the TensorRT recipe.
+
+Importing this package loads only numpy, Pillow and onnxruntime, so it runs on a 4 GB Jetson Nano.
+Note: the function `predict` shadows the submodule of the same name as an attribute of this package;
+import helpers from the submodule with `from vitshrink.deploy.predict import load_image`.
+"""
+
+from __future__ import annotations
+
+from .predict import PALETTE, load_image, predict
+from .runtime import OnnxModel
+from .trt import trt_recipe
+
+__all__ = ["PALETTE", "OnnxModel", "load_image", "predict", "trt_recipe"]
