@@ -1,0 +1,196 @@
+"""`vitshrink compress`: run a recipe of stages, or search recipes under a device budget.
+
+- recipe mode: `compress(MODEL, DATA, out=DIR, recipe="recipe.yaml")` runs the stages in order
+  (distill, prune, quantize, export; see `recipe`), each writing its artifact under DIR/stages and
+  recording it in DIR/state.json, so an interrupted run resumes after the last finished stage.
+- budget mode: `compress(..., budget="latency_ms=20,size_mb=5,max_drop=0.01")` searches students,
+  prune ratios and quant modes with Optuna (`search`), measuring every candidate, and keeps the
+  Pareto-optimal ones that meet the budget; BudgetNotMetError names the closest otherwise.
+
+Both end with DIR/results.json (teacher first; the last stage's artifact is the deployable ONNX),
+DIR/report.md/.html, and for `device="jetson-nano"` an fp16 TensorRT recipe in DIR/trt.
+"""
+
+from __future__ import annotations
+
+import os
+import time
+from pathlib import Path
+from typing import Any
+
+from ..artifacts import read_json
+from ..errors import VitshrinkError
+from .devices import PROFILES, DeviceProfile, get_profile, threads_for
+from .recipe import SCHEMA, Recipe, RecipeError, Stage, load_recipe, parse_recipe, validate_stage
+from .runner import STAGE_RUNNERS, Context, finish, measure, run_stages
+from .search import BudgetNotMetError, describe_miss, parse_budget, search_budget
+
+__all__ = [
+    "PROFILES",
+    "SCHEMA",
+    "STAGE_RUNNERS",
+    "BudgetNotMetError",
+    "DeviceProfile",
+    "Recipe",
+    "RecipeError",
+    "Stage",
+    "compress",
+    "get_profile",
+    "load_recipe",
+    "parse_budget",
+    "parse_recipe",
+    "validate_stage",
+]
+
+
+def _context(model: str | os.PathLike, data: str, data_options: dict[str, Any], quiet: bool) -> Context:
+    """Check the teacher and the data agree before anything long starts."""
+    from ..data import describe
+    from ..models import is_model_dir, load_model
+
+    teacher = Path(model)
+    if not is_model_dir(teacher):
+        if teacher.suffix == ".onnx":
+            raise VitshrinkError(
+                f"compress needs the teacher as a model directory, not an ONNX file: {teacher}"
+            )
+        raise VitshrinkError(f"teacher model directory not found (no config.json): {teacher}")
+    _, meta = load_model(teacher)  # also verifies checksums and honours preprocessor_config.json
+    info = describe(data, data_options=data_options)
+    if info["task"] != meta["task"]:
+        raise VitshrinkError(f"the teacher is a {meta['task']} model but data '{data}' is {info['task']}")
+    if len(info["class_names"]) != len(meta["class_names"]):
+        raise VitshrinkError(
+            f"the teacher has {len(meta['class_names'])} classes but data '{data}' has {len(info['class_names'])}"
+        )
+    return Context(
+        teacher=teacher.resolve(), data=str(data), data_options=data_options, meta=meta, quiet=quiet
+    )
+
+
+def compress(
+    model: str | os.PathLike,
+    data: str,
+    *,
+    out: str | os.PathLike,
+    recipe: str | os.PathLike | list[Any] | dict[str, Any] | Recipe | None = None,
+    budget: str | dict[str, Any] | None = None,
+    device: str = "cpu",
+    trials: int = 8,
+    quiet: bool = False,
+    data_options: dict[str, Any] | None = None,
+    threads: int | None = None,
+    eval_limit: int | None = None,
+    search: dict[str, Any] | None = None,
+    bench_runs: int = 20,
+    bench_rounds: int = 3,
+) -> dict[str, Any]:
+    """Compress MODEL (the teacher, a model directory) on DATA into OUT; exactly one of recipe / budget.
+
+    threads: intra-op threads for evaluation and benchmarks (capped by the device profile).
+    eval_limit: score each artifact on this many samples (default: the whole split).
+    search: budget mode only: {"students": [...], "prune_ratios": [...], "quant_modes": [...],
+    "distill": {...}, "prune": {...}, "quantize": {...}} (stage options as in a recipe).
+    Returns {"final": deployable ONNX, "results": results.json, "report": report.html, "trt": dir or
+    None, "stages": results.json stages, "met": budget met (budget mode)}.
+    """
+    if (recipe is None) == (budget is None):
+        raise VitshrinkError("compress needs exactly one of --recipe or --budget")
+    if recipe is not None and search:
+        raise VitshrinkError("search options apply to budget mode only (a recipe fixes every stage)")
+    t_start = time.time()
+    profile = get_profile(device)
+    threads = threads_for(profile, threads)
+    out = Path(out)
+    if out.exists() and not out.is_dir():
+        raise VitshrinkError(f"--out must be a directory: {out}")
+    if recipe is not None:
+        rec = load_recipe(recipe)
+        data_opts = {**rec.data_options, **(data_options or {})}
+        limit = eval_limit if eval_limit is not None else rec.eval_limit
+        ctx = _context(model, data, data_opts, quiet)
+        out.mkdir(parents=True, exist_ok=True)
+        records = run_stages(
+            rec.stages, ctx, out, evaluate={"split": "test", "limit": limit, "threads": threads}
+        )
+        stages = measure(
+            records,
+            ctx,
+            out,
+            profile=profile,
+            threads=threads,
+            split="test",
+            limit=limit,
+            runs=bench_runs,
+            rounds=bench_rounds,
+        )
+        res = finish(
+            out,
+            ctx,
+            stages,
+            profile=profile,
+            threads=threads,
+            split="test",
+            extra={"recipe": rec.to_json(), "recipe_source": rec.source, "description": rec.description},
+            t_start=t_start,
+        )
+        ctx.log(f"final artifact: {res['final']}")
+        return res
+
+    bud = parse_budget(budget)  # type: ignore[arg-type]
+    ctx = _context(model, data, dict(data_options or {}), quiet)
+    out.mkdir(parents=True, exist_ok=True)
+    found = search_budget(
+        ctx,
+        out,
+        budget=bud,
+        profile=profile,
+        threads=threads,
+        trials=trials,
+        search=search,
+        eval_limit=eval_limit,
+        bench_runs=bench_runs,
+        bench_rounds=bench_rounds,
+    )
+    chosen, summary = found["chosen"], found["summary"]
+    root = Path(chosen["root"])
+    records = read_json(root / "state.json")["stages"]
+    stages = measure(
+        records,
+        ctx,
+        root,
+        profile=profile,
+        threads=threads,
+        split="test",
+        limit=eval_limit,
+        runs=bench_runs,
+        rounds=bench_rounds,
+    )
+    from ..artifacts import write_json
+
+    write_json(out / "search.json", summary)
+    res = finish(
+        out,
+        ctx,
+        stages,
+        profile=profile,
+        threads=threads,
+        split="test",
+        extra={"search": summary, "recipe": [s.to_json() for s in _chosen_stages(records)]},
+        t_start=t_start,
+    )
+    res["met"] = found["met"]
+    if not found["met"]:
+        n = summary["trials_run"]
+        raise BudgetNotMetError(
+            f"{describe_miss(chosen, bud, ctx.metric, n)}; its results are in {out / 'results.json'}", res
+        )
+    ctx.log(f"chosen trial {chosen['number']} {chosen['params']}: final artifact {res['final']}")
+    return res
+
+
+def _chosen_stages(records: list[dict[str, Any]]) -> list[Stage]:
+    return [Stage(r["kind"], r["options"]) for r in records if r["kind"] != "teacher"]
+
+
+from vitshrink._callable import install as _install; _install(__name__, "compress")  # noqa: E402, E702, I001  # fmt: skip
