@@ -115,7 +115,7 @@ def test_missing_data_is_one_line():
 
 
 def test_aerial_spec_with_options():
-    ds = load_dataset("aerial", "val", size=64, n_train=4, n_val=6, n_test=4)
+    ds = load_dataset("aerial", "val", data_options={"size": 64, "n_train": 4, "n_val": 6, "n_test": 4})
     assert len(ds) == 6 and ds.images.shape[1:] == (3, 64, 64) and ds.num_classes == 14
     with pytest.raises(DataError, match="unknown aerial dataset option"):
         load_dataset("aerial", "val", n_vals=3)

@@ -46,11 +46,22 @@ def dist_info() -> tuple[int, int]:
 def maybe_init_distributed() -> tuple[int, int]:
     """Join the process group torchrun describes (env://); a no-op for a single process."""
     if int(os.environ.get("WORLD_SIZE", "1")) > 1 and not torch.distributed.is_initialized():
-        backend = "nccl" if torch.cuda.is_available() else "gloo"
-        torch.distributed.init_process_group(backend=backend)
         if torch.cuda.is_available():
+            # Before init, so NCCL's communicators (and barrier) use this rank's GPU, not GPU 0.
             torch.cuda.set_device(int(os.environ.get("LOCAL_RANK", "0")))
+            # nccl for CUDA tensors, gloo for the CPU ones (loss/metric sums): NCCL cannot reduce CPU tensors.
+            backend = "cpu:gloo,cuda:nccl"
+        else:
+            backend = "gloo"
+        torch.distributed.init_process_group(backend=backend)
     return dist_info()
+
+
+def finish_distributed() -> None:
+    """Wait for every rank (so rank 0's outputs exist when any rank returns), then leave the group."""
+    if torch.distributed.is_available() and torch.distributed.is_initialized():
+        torch.distributed.barrier()
+        torch.distributed.destroy_process_group()
 
 
 def all_reduce_sum(t: torch.Tensor) -> torch.Tensor:
@@ -170,7 +181,10 @@ def fit(
         torch.manual_seed(seed * 1000 + epoch)  # dropout & friends: same stream on resume
         gen = torch.Generator().manual_seed(seed * 1000 + epoch)
         perm = torch.randperm(len(train_ds), generator=gen)
-        perm = perm[rank::world]  # DistributedSampler semantics without a DataLoader
+        if world > 1:
+            # DistributedSampler semantics without a DataLoader: pad by wrapping so every rank takes the
+            # same number of steps (a rank with one batch more would wait forever in DDP's all-reduce).
+            perm = torch.cat([perm, perm[: (-len(perm)) % world]])[rank::world]
         train_model.train()
         t0, seen, loss_sum = time.time(), 0, torch.zeros(2, dtype=torch.float64)
         bar = progress(
@@ -195,6 +209,13 @@ def fit(
                 )
             opt.zero_grad(set_to_none=True)
             scaler.scale(loss).backward()
+            if world > 1:
+                # DDP averages the wrapped model's gradients only; loss modules' own parameters
+                # (distillation projections) would otherwise drift apart between ranks.
+                for p in extra_params or []:
+                    if p.grad is None:
+                        p.grad = torch.zeros_like(p)
+                    all_reduce_sum(p.grad).div_(world)
             scaler.unscale_(opt)
             torch.nn.utils.clip_grad_norm_(params, 1.0)
             scaler.step(opt)
@@ -249,20 +270,28 @@ def _save_checkpoint(ckpt: Path, model, meta, opt, sched, scaler, extra_params, 
 
 
 def _load_checkpoint(ckpt: Path, model, opt, sched, scaler, extra_params, device) -> tuple[int, list]:
-    from safetensors.torch import load_file
+    import pickle
+
+    from safetensors import SafetensorError
 
     try:
-        sd = load_file(ckpt / "model.safetensors", device=str(device))
-        missing, unexpected = model.load_state_dict(sd, strict=False)
+        # Through from_pretrained, which maps the names save_pretrained writes (transformers 5 saves
+        # the legacy ones, e.g. ViT's attention.query) back to the in-memory modules (q_proj).
+        saved = type(model).from_pretrained(ckpt)
+        missing, unexpected = model.load_state_dict(saved.state_dict(), strict=False)
         if unexpected:
             raise VitshrinkError(
                 f"checkpoint {ckpt} does not match the model (unexpected keys: {unexpected[:3]})"
             )
         # weights_only: never unpickle arbitrary objects from a checkpoint on disk.
         state = torch.load(ckpt / STATE_FILE, map_location=device, weights_only=True)
-    except (OSError, RuntimeError, ValueError) as e:
+    except (OSError, RuntimeError, ValueError, EOFError, SafetensorError) as e:
         raise VitshrinkError(
             f"cannot resume from corrupt checkpoint {ckpt}: {str(e).splitlines()[0]}"
+        ) from None
+    except pickle.UnpicklingError:  # weights_only refused it: damaged, or not a tensors-only file
+        raise VitshrinkError(
+            f"cannot resume from {ckpt / STATE_FILE}: corrupt or not a tensors-only checkpoint"
         ) from None
     opt.load_state_dict(state["optimizer"])
     sched.load_state_dict(state["scheduler"])
@@ -284,13 +313,16 @@ def resolve_model(
     channels: int | None,
     data_options: dict[str, Any],
     train_ds: VisionDataset | None = None,
+    overrides: dict[str, Any] | None = None,
 ) -> tuple[nn.Module, dict[str, Any]]:
     """A model directory loads as is; a preset name is built for the data's task, classes and channels."""
     if is_model_dir(model):
+        if overrides:
+            raise VitshrinkError(f"model options {sorted(overrides)} apply to presets only, not to {model}")
         return load_model(model)
     if Path(str(model)).exists():
         raise VitshrinkError(f"not a model directory (no config.json): {model}")
-    info = describe(data, **data_options)
+    info = describe(data, data_options)
     size = image_size or info["size"][0]
     ch = channels or info["channels"]
     mean = std = None
@@ -304,6 +336,7 @@ def resolve_model(
         class_names=info["class_names"],
         mean=mean,
         std=std,
+        **(overrides or {}),
     )
 
 
@@ -341,10 +374,10 @@ def train(
     else:
         size = image_size
     train_ds = load_dataset(
-        data, "train", size=size, channels=channels, limit=limit, seed=seed, **data_options
+        data, "train", size=size, channels=channels, limit=limit, seed=seed, data_options=data_options
     )
     val_ds = load_dataset(
-        data, "val", size=size, channels=channels, limit=val_limit, seed=seed, **data_options
+        data, "val", size=size, channels=channels, limit=val_limit, seed=seed, data_options=data_options
     )
     net, meta = resolve_model(
         model,
@@ -353,10 +386,9 @@ def train(
         channels=channels or train_ds.channels,
         data_options=data_options,
         train_ds=train_ds,
+        overrides=model_overrides,
     )
     _check_compatible(meta, train_ds)
-    if model_overrides and is_model_dir(model):
-        raise VitshrinkError(f"model options {sorted(model_overrides)} apply to presets only")
     res = fit(
         net,
         meta,

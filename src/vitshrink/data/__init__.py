@@ -105,12 +105,16 @@ def load_dataset(
     channels: int | None = None,
     limit: int | None = None,
     seed: int = 0,
+    data_options: dict[str, Any] | None = None,
     **options: Any,
 ) -> VisionDataset:
     """Load one split of a data SPEC, resized to `size` and converted to `channels` when given.
 
-    `limit` keeps a deterministic random subset of that many samples.
+    `limit` keeps a deterministic random subset of that many samples. `data_options` (or extra
+    keywords) configure a built-in dataset, e.g. ``{"size": 256, "n_train": 400}`` for ``aerial``:
+    there `size` is the generated resolution, distinct from the `size` keyword that resizes.
     """
+    options = {**(data_options or {}), **options}
     if split not in SPLITS:
         raise DataError(f"unknown split '{split}' (choose from {', '.join(SPLITS)})")
     spec_s = str(spec)
@@ -134,9 +138,9 @@ def load_dataset(
     return _conform(ds, size=size, channels=channels)
 
 
-def describe(spec: str | os.PathLike, **options: Any) -> dict[str, Any]:
+def describe(spec: str | os.PathLike, data_options: dict[str, Any] | None = None) -> dict[str, Any]:
     """Task, classes, channels and native size of a SPEC (loads the small validation split)."""
-    ds = load_dataset(spec, "val", limit=8, **options)
+    ds = load_dataset(spec, "val", limit=8, data_options=data_options)
     return {
         "task": ds.task,
         "class_names": ds.class_names,
@@ -160,7 +164,10 @@ def normalize(images: torch.Tensor, mean: list[float], std: list[float]) -> torc
 def augment(
     images: torch.Tensor, targets: torch.Tensor, task: str, generator: torch.Generator | None = None
 ) -> tuple[torch.Tensor, torch.Tensor]:
-    """Light augmentation on a uint8 batch: horizontal flip, and random-shift crop (padding 1/8).
+    """Light augmentation on a uint8 batch: horizontal flip and a random shift of up to 1/16 of the size.
+
+    Kept light on purpose: with patch-based ViTs and short CPU schedules, stronger shifts (1/8) cost
+    ~15 points of Fashion-MNIST top-1 after 3 epochs (measured 0.60 vs 0.77 with none).
 
     Segmentation masks get the same geometric transform (padded with the ignore index).
     """
@@ -171,7 +178,7 @@ def augment(
     if task == "segmentation":
         targets = targets.clone()
         targets[flip] = targets[flip].flip(-1)
-    pad = max(1, h // 8)
+    pad = max(1, h // 16)
     dy, dx = (int(v) for v in torch.randint(-pad, pad + 1, (2,), generator=generator))
     images = _shift(images, dy, dx, 0)
     if task == "segmentation":
@@ -218,6 +225,8 @@ def _conform(ds: VisionDataset, *, size: int | tuple[int, int] | None, channels:
             )
     if size is not None:
         hw = (size, size) if isinstance(size, int) else tuple(size)
+        if len(hw) != 2 or min(hw) <= 0:
+            raise DataError(f"image size must be a positive number of pixels, got {size!r}")
         images = resize_images(images, hw)
         if ds.task == "segmentation":
             targets = resize_masks(targets, hw)
@@ -350,6 +359,9 @@ def _open_image(path: Path) -> Image.Image:
 def _to_array(img: Image.Image, path: Path, mode: str | None) -> np.ndarray:
     if img.width == 0 or img.height == 0:
         raise DataError(f"empty image {path}")
+    if img.mode == "F" and not np.isfinite(np.asarray(img)).all():
+        # float TIFFs can hold NaN/inf, which convert() would silently turn into arbitrary grey levels
+        raise DataError(f"image {path} contains NaN or infinite pixel values")
     if mode is None:
         mode = "L" if img.mode in ("L", "1", "I;16", "I", "F") else "RGB"
     arr = np.asarray(img.convert(mode))

@@ -93,8 +93,8 @@ def distill(
         s_size = load_model(student)[1]["preprocess"]["size"][0]
     # Load at the larger of the two resolutions so neither model sees an upsampled image.
     load_size = max(s_size, t_meta["preprocess"]["size"][0])
-    train_ds = load_dataset(data, "train", size=load_size, limit=limit, seed=seed, **data_options)
-    val_ds = load_dataset(data, "val", size=load_size, limit=val_limit, seed=seed, **data_options)
+    train_ds = load_dataset(data, "train", size=load_size, limit=limit, seed=seed, data_options=data_options)
+    val_ds = load_dataset(data, "val", size=load_size, limit=val_limit, seed=seed, data_options=data_options)
     _check_compatible(t_meta, train_ds)
     s_model, s_meta = resolve_model(
         student,
@@ -103,9 +103,8 @@ def distill(
         channels=t_meta["preprocess"]["channels"],
         data_options=data_options,
         train_ds=train_ds,
+        overrides=student_overrides,
     )
-    if student_overrides and is_model_dir(student):
-        raise VitshrinkError(f"student options {sorted(student_overrides)} apply to presets only")
     _check_compatible(s_meta, train_ds)
     if (
         {"dist-token", "hard"} & set(weights)

@@ -1,0 +1,102 @@
+"""Does distillation beat training on labels alone, at the same budget?
+
+The same student (same preset, epochs, seed, data subset, lr, batch) is trained twice: from labels only
+(`vitshrink.train`) and from the teacher (`vitshrink.distill`). Run on Fashion-MNIST and on the aerial
+scenes. The teacher is the demo's cached one when present (run `vitshrink demo` first), else trained here.
+
+    python benchmarks/distill_gain.py [--quick] [--task classification|segmentation|all] [--json out.json]
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import tempfile
+import time
+from pathlib import Path
+
+import torch
+
+from vitshrink.demo import cache_root, configs
+from vitshrink.distill import distill
+from vitshrink.evaluate import evaluate
+from vitshrink.train import train
+
+
+def run(task: str, quick: bool, tmp: Path) -> dict:
+    cfg = configs(quick)[task]
+    teacher = cache_root() / f"{task}-teacher-{cfg.key()}"
+    if not (teacher / "config.json").exists():
+        print(f"[{task}] training teacher (not cached)", flush=True)
+        train(
+            cfg.teacher,
+            cfg.data,
+            out=teacher,
+            epochs=cfg.teacher_epochs,
+            limit=cfg.teacher_limit,
+            lr=cfg.teacher_lr,
+            batch_size=cfg.batch_size,
+            quiet=True,
+            data_options=cfg.data_options,
+            **cfg.teacher_overrides,
+        )
+    common = dict(
+        epochs=cfg.distill_epochs,
+        limit=cfg.distill_limit,
+        lr=cfg.distill_lr,
+        batch_size=cfg.batch_size,
+        seed=0,
+        quiet=True,
+        data_options=cfg.data_options,
+        **cfg.student_overrides,
+    )
+    ev = dict(limit=cfg.test_limit, quiet=True, data_options=cfg.data_options)
+    metric = "accuracy" if task == "classification" else "miou"
+    t0 = time.time()
+    labels_dir, _ = train(cfg.student, cfg.data, out=tmp / f"{task}-labels", **common)
+    t_labels = time.time() - t0
+    t0 = time.time()
+    kd_dir, _ = distill(
+        teacher, cfg.student, cfg.data, out=tmp / f"{task}-kd", losses=cfg.distill_losses, **common
+    )
+    t_kd = time.time() - t0
+    res = {
+        "task": task,
+        "metric": metric,
+        "student": cfg.student,
+        "epochs": cfg.distill_epochs,
+        "teacher": evaluate(teacher, cfg.data, **ev)[metric],
+        "labels_only": evaluate(labels_dir, cfg.data, **ev)[metric],
+        "distilled": evaluate(kd_dir, cfg.data, **ev)[metric],
+        "seconds": {"labels_only": round(t_labels, 1), "distilled": round(t_kd, 1)},
+    }
+    res["gain"] = res["distilled"] - res["labels_only"]
+    return res
+
+
+def main() -> None:
+    ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    ap.add_argument("--task", default="all", choices=["classification", "segmentation", "all"])
+    ap.add_argument("--quick", action="store_true")
+    ap.add_argument("--threads", type=int)
+    ap.add_argument("--json")
+    a = ap.parse_args()
+    if a.threads:
+        torch.set_num_threads(a.threads)
+    tasks = ["classification", "segmentation"] if a.task == "all" else [a.task]
+    rows = []
+    with tempfile.TemporaryDirectory() as tmp:
+        for t in tasks:
+            rows.append(run(t, a.quick, Path(tmp)))
+    print("| task | metric | teacher | student, labels only | student, distilled | gain |")
+    print("| --- | --- | ---: | ---: | ---: | ---: |")
+    for r in rows:
+        print(
+            f"| {r['task']} | {r['metric']} | {r['teacher']:.4f} | {r['labels_only']:.4f} | {r['distilled']:.4f} | {r['gain']:+.4f} |"
+        )
+    if a.json:
+        Path(a.json).write_text(json.dumps(rows, indent=2))
+
+
+if __name__ == "__main__":
+    main()
