@@ -1,0 +1,298 @@
+"""`vitshrink prune`: structured pruning that physically removes heads, neurons, dims and channels.
+
+The pruned model is a plain Hugging Face model with a rewritten config (uniform widths per layer,
+whole heads, head size kept), so it reloads with ``from_pretrained`` and runs faster on any dense
+runtime. Optional: a parameter / MAC / latency budget instead of a ratio, iterative pruning with
+distillation from the unpruned model between steps, and unstructured sparsity on top (which only
+shrinks the compressed file; see ``sparsity.py``).
+"""
+
+from __future__ import annotations
+
+import copy
+import os
+import statistics
+import time
+from collections.abc import Sequence
+from pathlib import Path
+from typing import Any
+
+import torch
+
+from ..errors import VitshrinkError
+from .core import IMPORTANCES, count_macs, count_params, prune_model, prune_to_config, pruned_config
+from .families import GRANULARITIES, family_for, supported_families
+from .sparsity import unstructured_sparsity
+from .target import pruned_architecture, ratio_for_target, ratio_from_latency_table
+
+__all__ = [
+    "GRANULARITIES",
+    "IMPORTANCES",
+    "count_macs",
+    "count_params",
+    "family_for",
+    "prune",
+    "prune_model",
+    "prune_to_config",
+    "pruned_architecture",
+    "pruned_config",
+    "ratio_for_target",
+    "ratio_from_latency_table",
+    "supported_families",
+    "unstructured_sparsity",
+]
+
+_CALIB_BATCHES, _CALIB_BATCH_SIZE = 8, 32
+
+
+def _torch_latency_ms(model: torch.nn.Module, x: torch.Tensor, runs: int = 10) -> float:
+    """Median single-batch latency of `model` here (PyTorch eager): the fallback latency probe."""
+    with torch.no_grad():
+        model(pixel_values=x)
+        times = []
+        for _ in range(runs):
+            t0 = time.perf_counter()
+            model(pixel_values=x)
+            times.append((time.perf_counter() - t0) * 1e3)
+    return statistics.median(times)
+
+
+def _widths(config: Any) -> dict[str, Any]:
+    """The config fields pruning rewrites (for the metrics record)."""
+    keys = (
+        "hidden_size",
+        "num_attention_heads",
+        "intermediate_size",
+        "head_dim",
+        "embed_dim",
+        "num_heads",
+        "mlp_ratio",
+        "hidden_sizes",
+        "neck_hidden_sizes",
+        "mlp_ratios",
+        "decoder_hidden_size",
+        "auxiliary_channels",
+    )
+    d = config.to_dict()
+    out = {k: d[k] for k in keys if k in d}
+    if isinstance(d.get("backbone_config"), dict):
+        out["backbone"] = {k: d["backbone_config"][k] for k in keys if k in d["backbone_config"]}
+    return out
+
+
+def prune(
+    model: str | os.PathLike,
+    out: str | os.PathLike,
+    *,
+    ratio: float | None = None,
+    target_params: int | None = None,
+    target_latency_ms: float | None = None,
+    target_macs: int | None = None,
+    importance: str = "magnitude",
+    granularity: Sequence[str] = GRANULARITIES,
+    round_to: int = 8,
+    steps: int = 1,
+    recover_epochs: int = 0,
+    teacher: str | os.PathLike | None = None,
+    data: str | None = None,
+    unstructured: float | None = None,
+    latency_table: str | os.PathLike | None = None,
+    quiet: bool = False,
+    batch_size: int = 64,
+    lr: float = 1e-4,
+    limit: int | None = None,
+    seed: int = 0,
+    data_options: dict[str, Any] | None = None,
+) -> tuple[Path, dict[str, Any]]:
+    """Prune the model directory MODEL and save the result to OUT; returns (OUT, metrics).
+
+    Give `ratio` (fraction of every prunable width removed) or one budget: `target_params`,
+    `target_macs` or `target_latency_ms` (measured with PyTorch on this machine, or interpolated from
+    `latency_table`, a JSON {"ratio": latency_ms} measured on the target device). Pruning happens in
+    `steps` equal steps; with `recover_epochs` > 0 each step is followed by that many epochs of
+    distillation on `data` from the unpruned model (or `teacher`). importance="taylor" needs `data`
+    too. `unstructured` zeroes that fraction of the remaining weights at the very end.
+    """
+    from ..models import load_model, save_model
+
+    out = Path(out)
+    budgets = {"ratio": ratio, "target_params": target_params, "target_macs": target_macs}
+    budgets["target_latency_ms"] = target_latency_ms
+    given = [k for k, v in budgets.items() if v is not None]
+    if len(given) != 1:
+        raise VitshrinkError(f"give exactly one of {', '.join(budgets)} (got {', '.join(given) or 'none'})")
+    if steps < 1:
+        raise VitshrinkError(f"steps must be >= 1, got {steps}")
+    if recover_epochs < 0:
+        raise VitshrinkError(f"recover_epochs must be >= 0, got {recover_epochs}")
+    if (recover_epochs > 0 or importance == "taylor") and data is None:
+        raise VitshrinkError("recovery fine-tuning and importance='taylor' need data")
+    if unstructured is not None and not 0.0 <= unstructured < 1.0:
+        raise VitshrinkError(f"unstructured sparsity must be in [0, 1), got {unstructured}")
+    if importance not in IMPORTANCES:
+        raise VitshrinkError(f"unknown importance '{importance}' (choose from {', '.join(IMPORTANCES)})")
+
+    net, meta = load_model(model)
+    family = family_for(net)
+    pre = meta["preprocess"]
+    gen = torch.Generator().manual_seed(seed)
+    x = torch.randn(1, pre["channels"], *pre["size"], generator=gen)
+    params0, macs0 = count_params(net), count_macs(net, x)
+    metrics: dict[str, Any] = {"params_before": params0, "macs_before": macs0}
+
+    if ratio is None:
+        probe = None if latency_table is not None else (lambda m: _torch_latency_ms(m, x))
+        ratio = ratio_for_target(
+            net,
+            x,
+            target_params=target_params,
+            target_macs=target_macs,
+            measure_latency_ms=probe,
+            target_latency_ms=target_latency_ms,
+            latency_table=latency_table,
+            granularity=granularity,
+            round_to=round_to,
+        )
+        if target_latency_ms is not None and latency_table is None:
+            metrics["latency_ms_before"] = _torch_latency_ms(net, x)
+    final_config = pruned_config(net, ratio, granularity=granularity, round_to=round_to)  # validates options
+
+    train_ds = val_ds = None
+    if data is not None:
+        train_ds, val_ds = _datasets(data, meta, limit, seed, data_options)
+    calib = _calib_batches(train_ds, meta) if importance == "taylor" else None
+    kd = _KD(net, meta, teacher) if recover_epochs > 0 else None
+
+    base_config = copy.deepcopy(net.config)
+    recovery: list[dict[str, Any]] = []
+    for k in range(1, steps + 1):
+        r_k = ratio * k / steps
+        cfg_k = (
+            final_config
+            if k == steps
+            else family.rewrite_config(base_config, r_k, set(granularity), round_to)
+        )
+        net.cpu()  # graph surgery on CPU (recovery may have moved the model to a GPU)
+        prune_to_config(net, cfg_k, importance=importance, example_inputs=x, calib_batches=calib)
+        if not quiet:
+            print(f"prune step {k}/{steps}: ratio {r_k:.3f}, {count_params(net) / 1e6:.2f} M params")
+        if kd is not None:
+            recovery.append(
+                kd.recover(
+                    net, train_ds, val_ds, recover_epochs, batch_size, lr, seed, quiet, f"recover {k}/{steps}"
+                )
+            )
+    net.cpu().eval()
+
+    metrics.update(
+        ratio=ratio, params_after=count_params(net), macs_after=count_macs(net, x), config=_widths(net.config)
+    )
+    metrics["params_ratio"] = metrics["params_after"] / params0
+    metrics["macs_ratio"] = metrics["macs_after"] / macs0
+    if "latency_ms_before" in metrics:
+        metrics["latency_ms_after"] = _torch_latency_ms(net, x)
+    if recovery:
+        metrics["recovery"] = recovery[-1]
+    if unstructured:
+        metrics["unstructured"] = unstructured_sparsity(net, unstructured)
+    options = {
+        "ratio": ratio,
+        **{k: v for k, v in budgets.items() if k != "ratio" and v is not None},
+        "importance": importance,
+        "granularity": list(granularity),
+        "round_to": round_to,
+        "steps": steps,
+        "recover_epochs": recover_epochs,
+        "teacher": str(teacher) if teacher else None,
+        "data": data,
+        "unstructured": unstructured,
+        "latency_table": str(latency_table) if latency_table else None,
+    }
+    save_model(net, meta, out, stage="prune", options=options, metrics=metrics, parent=model)
+    if not quiet:
+        print(
+            f"pruned {family.name}: {params0 / 1e6:.2f} -> {metrics['params_after'] / 1e6:.2f} M params, "
+            f"{macs0 / 1e9:.3f} -> {metrics['macs_after'] / 1e9:.3f} GMACs (ratio {ratio:.3f}) -> {out}"
+        )
+    return out, metrics
+
+
+def _datasets(
+    data: str, meta: dict[str, Any], limit: int | None, seed: int, data_options: dict[str, Any] | None
+):
+    from ..data import load_dataset
+    from ..train import _check_compatible
+
+    size = tuple(meta["preprocess"]["size"])
+    kw = {"size": size, "seed": seed, "data_options": dict(data_options or {})}
+    train_ds = load_dataset(data, "train", limit=limit, **kw)
+    val_ds = load_dataset(data, "val", limit=2000 if limit is None else max(1, limit // 4), **kw)
+    _check_compatible(meta, train_ds)
+    return train_ds, val_ds
+
+
+def _calib_batches(train_ds: Any, meta: dict[str, Any]) -> list[tuple[torch.Tensor, torch.Tensor]]:
+    """A few fixed training batches (preprocessed like the model expects) for Taylor importance."""
+    from ..train import prepare
+
+    n = min(len(train_ds), _CALIB_BATCHES * _CALIB_BATCH_SIZE)
+    return [
+        (
+            prepare(train_ds.images[i : i + _CALIB_BATCH_SIZE], meta, torch.device("cpu")),
+            train_ds.targets[i : i + _CALIB_BATCH_SIZE],
+        )
+        for i in range(0, n, _CALIB_BATCH_SIZE)
+    ]
+
+
+class _KD:
+    """Recovery fine-tuning: Hinton KD from the unpruned model (or `teacher`) via the shared trainer."""
+
+    def __init__(
+        self, unpruned: torch.nn.Module, meta: dict[str, Any], teacher: str | os.PathLike | None
+    ) -> None:
+        from ..models import load_model
+
+        if teacher is not None:
+            self.teacher, self.t_meta = load_model(teacher)
+        else:
+            self.teacher, self.t_meta = copy.deepcopy(unpruned), meta
+        self.teacher.eval().requires_grad_(False)
+        self.meta = meta
+
+    def recover(self, net, train_ds, val_ds, epochs, batch_size, lr, seed, quiet, desc) -> dict[str, Any]:
+        from ..distill.losses import build_losses
+        from ..models import adapter_for
+        from ..train import default_device, fit, prepare
+
+        device = default_device()
+        self.teacher.to(device)
+        combined = build_losses("kd").to(device)
+        s_adapter, t_adapter = adapter_for(net), adapter_for(self.teacher)
+
+        def loss_fn(model, x, xb, y, idx):
+            with torch.no_grad():
+                t_out = t_adapter.forward_kd(self.teacher, prepare(xb, self.t_meta, device))
+            total, _ = combined(s_adapter.forward_kd(model, x), t_out, y)
+            return total
+
+        res = fit(
+            net,
+            self.meta,
+            train_ds,
+            val_ds,
+            epochs=epochs,
+            batch_size=batch_size,
+            lr=lr,
+            loss_fn=loss_fn,
+            seed=seed,
+            quiet=quiet,
+            device=device,
+            desc=desc,
+        )
+        return res["val"]
+
+
+from vitshrink._callable import install as _install  # noqa: E402
+
+_install(__name__, "prune")
