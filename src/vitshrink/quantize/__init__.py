@@ -1,0 +1,116 @@
+"""Quantization stage: fp16 / int8 ONNX models that keep their accuracy, plus a PyTorch-side path.
+
+- `quantize(model, out, mode=...)`: the stage (CLI `vitshrink quantize`): model dir or ONNX in,
+  ONNX out, calibration/evaluation data from a data SPEC.
+- `quantize_onnx(src, dst, ...)`: the ONNX engine (calibration batches + optional metric callback).
+- `smooth_layernorm_outliers(src, dst, calib)`: SmoothQuant-style outlier migration on its own.
+- `quantize_torch(model, mode)`: fp16 / dynamic int8 for in-memory PyTorch models.
+"""
+
+from __future__ import annotations
+
+import os
+import tempfile
+from pathlib import Path
+from typing import Any
+
+from ..errors import VitshrinkError
+from .onnx_quant import CALIB_METHODS, DEFAULT_MAX_DROP, MODES, Mode, quantize_onnx
+from .smooth import smooth_layernorm_outliers
+from .torch_quant import quantize_torch
+
+CALIB_SAMPLES = 256  # calibration subset of the validation split
+EVAL_SAMPLES = 1000  # validation samples scored per candidate when guaranteeing max_drop
+
+__all__ = [
+    "CALIB_METHODS",
+    "DEFAULT_MAX_DROP",
+    "MODES",
+    "quantize",
+    "quantize_onnx",
+    "quantize_torch",
+    "smooth_layernorm_outliers",
+]
+
+
+def quantize(
+    model: str | os.PathLike,
+    out: str | os.PathLike,
+    *,
+    mode: Mode = "int8",
+    calib_data: str | None = None,
+    calib_method: str = "percentile",
+    max_drop: float | None = None,
+    quiet: bool = False,
+    data_options: dict[str, Any] | None = None,
+) -> tuple[Path, dict[str, Any]]:
+    """Quantize a model directory or ONNX file into `out` (.onnx); returns (path, report).
+
+    calib_data: a data SPEC (e.g. "fashion-mnist"); its validation split calibrates int8 and scores
+    every candidate with the task metric (accuracy / mIoU), so `max_drop` is a drop of that metric.
+    Modes "int8" and "int8-static" need it.
+    """
+    from ._common import load_onnx, read_meta
+
+    path = Path(model)
+    if not path.exists():
+        raise VitshrinkError(f"model not found: {path}")
+    with tempfile.TemporaryDirectory(prefix="vitshrink-quant-export-") as tmp:
+        if path.is_dir():
+            from ..export import export_onnx
+
+            src, _ = export_onnx(path, Path(tmp) / "model.onnx", quiet=quiet)
+        else:
+            src = path
+        meta = read_meta(load_onnx(src)) if calib_data is not None else None
+        calib, eval_fn = (None, None)
+        if calib_data is not None:
+            if meta is None:
+                raise VitshrinkError(
+                    f"{path} has no vitshrink metadata, so calibration data cannot be prepared for it"
+                )
+            calib, eval_fn = _data(calib_data, meta, src, data_options)
+        report = quantize_onnx(
+            src,
+            out,
+            mode=mode,
+            calib=calib,
+            calib_method=calib_method,
+            max_drop=max_drop,
+            eval_fn=eval_fn,
+            quiet=quiet,
+        )
+    if calib_data is not None:
+        report["metric_name"] = "accuracy" if meta["task"] == "classification" else "miou"
+        report["data"] = calib_data
+    return Path(out), report
+
+
+def _data(
+    spec: str, meta: dict[str, Any], src: Path, data_options: dict[str, Any] | None = None
+) -> tuple[list, Any]:
+    """Calibration batches (normalised like the runtime does) and a metric callback on the val split."""
+    import torch
+
+    from ..data import load_dataset
+    from ..evaluate import evaluate_onnx
+    from ..train import prepare
+
+    pre = meta["preprocess"]
+    ds = load_dataset(spec, "val", size=tuple(pre["size"]), limit=EVAL_SAMPLES, data_options=data_options)
+    if ds.task != meta["task"]:
+        raise VitshrinkError(f"{src} is a {meta['task']} model but {spec} is {ds.task} data")
+    calib_ds = ds.subset(CALIB_SAMPLES, seed=1)
+    x = prepare(calib_ds.images, meta, torch.device("cpu")).numpy()
+    batches = [x[i : i + 16] for i in range(0, len(x), 16)]
+    key = "accuracy" if meta["task"] == "classification" else "miou"
+
+    def eval_fn(p: str) -> float:
+        return float(evaluate_onnx(p, ds, quiet=True)[key])
+
+    return batches, eval_fn
+
+
+from vitshrink._callable import install as _install  # noqa: E402
+
+_install(__name__, "quantize")

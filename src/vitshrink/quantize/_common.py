@@ -1,0 +1,226 @@
+"""Shared helpers for the ONNX quantization paths: loading, running, comparing, metadata, noise control."""
+
+from __future__ import annotations
+
+import contextlib
+import io
+import json
+import logging
+import os
+import statistics
+import sys
+import time
+import warnings
+from collections.abc import Callable, Iterable, Iterator, Sequence
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+import onnx
+import onnxruntime as ort
+
+from ..errors import DataError, ModelError
+
+META_KEY = "vitshrink"
+CALIB_MAX_SAMPLES = 256  # enough for stable activation ranges; bounds memory (ViT-B: ~150 MB of inputs)
+
+
+def load_onnx(path: str | os.PathLike) -> onnx.ModelProto:
+    """Load an ONNX file or raise a one-line ModelError naming it."""
+    p = Path(path)
+    if not p.is_file():
+        raise ModelError(f"ONNX model not found: {p}")
+    try:
+        model = onnx.load(str(p))
+    except Exception as e:  # noqa: BLE001 - protobuf raises several unrelated types on garbage input
+        raise ModelError(f"not a valid ONNX file: {p} ({type(e).__name__})") from None
+    if not model.graph.node or not model.graph.input or not model.graph.output:
+        raise ModelError(f"not a valid ONNX model (empty graph): {p}")
+    return model
+
+
+def read_meta(model: onnx.ModelProto) -> dict[str, Any] | None:
+    for prop in model.metadata_props:
+        if prop.key == META_KEY:
+            with contextlib.suppress(json.JSONDecodeError):
+                return json.loads(prop.value)
+    return None
+
+
+def copy_metadata(src: onnx.ModelProto, dst: onnx.ModelProto, history: dict[str, Any] | None = None) -> None:
+    """Copy all metadata_props from src to dst; append `history` to the vitshrink meta when present."""
+    del dst.metadata_props[:]
+    for prop in src.metadata_props:
+        value = prop.value
+        if prop.key == META_KEY and history is not None:
+            with contextlib.suppress(json.JSONDecodeError, AttributeError):
+                meta = json.loads(value)
+                meta.setdefault("history", []).append(history)
+                value = json.dumps(meta, default=_json_default)
+        entry = dst.metadata_props.add()
+        entry.key, entry.value = prop.key, value
+
+
+def _json_default(o: Any) -> Any:
+    if isinstance(o, np.generic):
+        return o.item()
+    if isinstance(o, Path):
+        return str(o)
+    raise TypeError(type(o).__name__)
+
+
+def input_spec(model: onnx.ModelProto) -> tuple[str, list[int | None]]:
+    """Name and shape (None for symbolic dims) of the model's first real (non-initializer) input."""
+    inits = {i.name for i in model.graph.initializer}
+    for inp in model.graph.input:
+        if inp.name not in inits:
+            dims = [d.dim_value if d.HasField("dim_value") else None for d in inp.type.tensor_type.shape.dim]
+            return inp.name, dims
+    raise ModelError("ONNX model has no input")
+
+
+def prepare_calib(calib: Iterable[np.ndarray] | None, shape: Sequence[int | None]) -> list[np.ndarray]:
+    """Materialise calibration batches (float32, NCHW), re-chunked to the model's batch dim if fixed."""
+    if calib is None:
+        return []
+    if isinstance(calib, np.ndarray):  # one array is one batch, not an iterable of images
+        calib = [calib]
+    samples: list[np.ndarray] = []
+    total = 0
+    for i, batch in enumerate(calib):
+        arr = np.asarray(batch)
+        if arr.ndim == len(shape) - 1:
+            arr = arr[None]
+        if arr.ndim != len(shape) or not np.issubdtype(arr.dtype, np.number):
+            raise DataError(
+                f"calibration batch {i} has shape {arr.shape}; expected {len(shape)}-D pixel_values"
+            )
+        for axis, want in enumerate(shape[1:], start=1):
+            if want is not None and arr.shape[axis] != want:
+                raise DataError(f"calibration batch {i} has shape {arr.shape}; the model expects {shape}")
+        if not np.isfinite(arr).all():
+            raise DataError(f"calibration batch {i} contains NaN or inf")
+        samples.append(arr.astype(np.float32, copy=False))
+        total += arr.shape[0]
+        if total >= CALIB_MAX_SAMPLES:
+            break
+    if not samples:
+        raise DataError("calibration data is empty")
+    flat = np.concatenate(samples)[:CALIB_MAX_SAMPLES]
+    if shape[0]:  # fixed batch size: whole batches only
+        if len(flat) < shape[0]:
+            raise DataError(
+                f"the model takes batches of {shape[0]}; got only {len(flat)} calibration samples"
+            )
+        flat = flat[: len(flat) // shape[0] * shape[0]]
+    bs = shape[0] or 16
+    return [flat[i : i + bs] for i in range(0, len(flat), bs)]
+
+
+def session(model: str | os.PathLike | bytes, threads: int = 1) -> ort.InferenceSession:
+    so = ort.SessionOptions()
+    so.intra_op_num_threads = threads
+    so.inter_op_num_threads = 1
+    so.log_severity_level = 3
+    src = model if isinstance(model, bytes) else str(model)
+    try:
+        return ort.InferenceSession(src, so, providers=["CPUExecutionProvider"])
+    except Exception as e:  # noqa: BLE001 - ORT raises its own exception types
+        raise ModelError(f"onnxruntime cannot load the model: {str(e).splitlines()[0][:300]}") from None
+
+
+def run(model: str | os.PathLike | bytes | ort.InferenceSession, batches: Sequence[np.ndarray]) -> np.ndarray:
+    """First output of the model over all batches, concatenated."""
+    sess = model if isinstance(model, ort.InferenceSession) else session(model)
+    name = sess.get_inputs()[0].name
+    return np.concatenate([np.asarray(sess.run(None, {name: b})[0], dtype=np.float32) for b in batches])
+
+
+def agreement(ref: np.ndarray, out: np.ndarray) -> float:
+    """Top-1 agreement (classification logits B,K) or per-pixel argmax agreement (B,K,H,W)."""
+    return float(np.mean(ref.argmax(1) == out.argmax(1)))
+
+
+def rel_error(ref: np.ndarray, out: np.ndarray) -> float:
+    return float(np.linalg.norm(out - ref) / max(float(np.linalg.norm(ref)), 1e-12))
+
+
+def latencies_ms(
+    paths: Sequence[str | os.PathLike], sample: np.ndarray, *, runs: int = 30, budget_s: float = 4.0
+) -> list[float]:
+    """Median single-thread latency (ms) of one batch for each model, ORT CPU.
+
+    Runs are interleaved round-robin so that load changes on a shared machine hit every model alike.
+    """
+    sessions = [session(p, threads=1) for p in paths]
+    feeds = [{s.get_inputs()[0].name: sample} for s in sessions]
+    for s, f in zip(sessions, feeds):
+        for _ in range(3):
+            s.run(None, f)
+    times: list[list[float]] = [[] for _ in sessions]
+    start = time.perf_counter()
+    while len(times[0]) < runs and (len(times[0]) < 5 or time.perf_counter() - start < budget_s):
+        for s, f, t in zip(sessions, feeds, times):
+            t0 = time.perf_counter()
+            s.run(None, f)
+            t.append(time.perf_counter() - t0)
+    return [1e3 * statistics.median(t) for t in times]
+
+
+def channel_absmax(
+    model: onnx.ModelProto, tensors: Sequence[str], batches: Sequence[np.ndarray]
+) -> dict[str, np.ndarray]:
+    """Per-channel (last axis) max |x| of intermediate float tensors over the calibration batches."""
+    if not tensors:
+        return {}
+    m = onnx.ModelProto()
+    m.CopyFrom(model)
+    existing = {o.name for o in m.graph.output}
+    for t in tensors:
+        if t not in existing:
+            m.graph.output.append(onnx.helper.make_tensor_value_info(t, onnx.TensorProto.FLOAT, None))
+    sess = session(m.SerializeToString())
+    name = sess.get_inputs()[0].name
+    out: dict[str, np.ndarray] = {}
+    for b in batches:
+        for t, v in zip(tensors, sess.run(list(tensors), {name: b})):
+            v = np.abs(np.asarray(v, dtype=np.float32)).reshape(-1, v.shape[-1]).max(0)
+            out[t] = v if t not in out else np.maximum(out[t], v)
+    return out
+
+
+def weight_nodes(model: onnx.ModelProto) -> list[onnx.NodeProto]:
+    """MatMul / Gemm / Conv nodes whose weight is a constant: the ones worth int8 (memory + compute)."""
+    inits = {i.name for i in model.graph.initializer}
+    return [
+        n
+        for n in model.graph.node
+        if n.op_type in ("MatMul", "Gemm", "Conv") and len(n.input) > 1 and n.input[1] in inits
+    ]
+
+
+def file_size(path: str | os.PathLike) -> int:
+    return Path(path).stat().st_size
+
+
+@contextlib.contextmanager
+def ort_quiet() -> Iterator[None]:
+    """Silence onnxruntime.quantization's print() progress and root-logger warnings.
+
+    ORT's calibrators print progress to stdout and warn through the root logger; neither is useful to
+    vitshrink users and stdout may carry the CLI's JSON output.
+    """
+    previous = logging.root.manager.disable
+    logging.disable(logging.WARNING)
+    try:
+        with contextlib.redirect_stdout(io.StringIO()), warnings.catch_warnings():
+            warnings.simplefilter("ignore")
+            yield
+    finally:
+        logging.disable(previous)
+
+
+def make_say(quiet: bool) -> Callable[[str], None]:
+    if quiet or os.environ.get("VITSHRINK_QUIET") == "1":
+        return lambda msg: None
+    return lambda msg: print(f"[quantize] {msg}", file=sys.stderr, flush=True)
