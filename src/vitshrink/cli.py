@@ -8,11 +8,56 @@ from __future__ import annotations
 
 import argparse
 import json
+import math
 import os
 import sys
-from typing import Any
+import warnings
+from collections.abc import Callable
+from typing import Any, NoReturn
 
 EXIT_USER, EXIT_BUG = 2, 1
+
+
+class _Parser(argparse.ArgumentParser):
+    """argparse with usage errors on one line, like every other failure (the usage is one --help away)."""
+
+    def error(self, message: str) -> NoReturn:
+        self.exit(EXIT_USER, f"error: {_one_line(message)} (see '{self.prog} --help')\n")
+
+
+def _one_line(text: str) -> str:
+    return " ".join(str(text).split()) or "(no message)"
+
+
+def _number(kind: type, lo: float, *, lo_ok: bool = True, hi: float | None = None) -> Callable[[str], Any]:
+    """An argparse type: an int/float within [lo, hi] (lo excluded unless lo_ok), NaN/inf refused."""
+
+    def parse(text: str) -> Any:
+        try:
+            v = kind(text)
+        except ValueError:
+            raise argparse.ArgumentTypeError(
+                f"expected {'an integer' if kind is int else 'a number'}, got '{text}'"
+            ) from None
+        low_ok = v >= lo if lo_ok else v > lo
+        if not math.isfinite(v) or not low_ok or (hi is not None and v > hi):
+            rng = f"{'>=' if lo_ok else '>'} {lo:g}" + (f" and <= {hi:g}" if hi is not None else "")
+            raise argparse.ArgumentTypeError(f"must be {rng}, got '{text}'")
+        return v
+
+    parse.__name__ = kind.__name__  # argparse names the type in its own messages
+    return parse
+
+
+_POS_INT = _number(int, 1)
+_POS_FLOAT = _number(float, 0, lo_ok=False)
+_NONNEG_FLOAT = _number(float, 0)
+_UNIT = _number(float, 0, hi=1)
+
+
+def _is_rank0() -> bool:
+    """Under torchrun only rank 0 reports results (every rank runs the same command)."""
+    return os.environ.get("RANK", "0") == "0"
 
 
 def _kv(text: str) -> dict[str, Any]:
@@ -58,10 +103,12 @@ def cmd_train(a: argparse.Namespace) -> None:
         limit=a.limit,
         resume=a.resume,
         seed=a.seed,
+        augment=not a.no_augment,
         quiet=a.quiet,
         data_options=a.data_opt,
     )
-    print(f"saved {out}  {_metrics_line(m)}")
+    if _is_rank0():
+        print(f"saved {out}  {_metrics_line(m)}")
 
 
 def cmd_eval(a: argparse.Namespace) -> None:
@@ -141,11 +188,13 @@ def cmd_distill(a: argparse.Namespace) -> None:
         limit=a.limit,
         seed=a.seed,
         resume=a.resume,
+        augment=not a.no_augment,
         cache_teacher=a.cache_teacher,
         quiet=a.quiet,
         data_options=a.data_opt,
     )
-    print(f"saved {out}  {_metrics_line(m)}")
+    if _is_rank0():
+        print(f"saved {out}  {_metrics_line(m)}")
 
 
 def cmd_prune(a: argparse.Namespace) -> None:
@@ -191,14 +240,19 @@ def cmd_quantize(a: argparse.Namespace) -> None:
 
 def cmd_predict(a: argparse.Namespace) -> None:
     from .deploy import predict
+    from .errors import DataError
 
-    rep = predict(a.model, a.images, out=a.out, threads=a.threads, quiet=a.quiet)
+    # predict() itself stays quiet: the CLI prints one JSON line per result and one line per skipped file.
+    rep = predict(a.model, a.images, out=a.out, threads=a.threads, quiet=True)
     for r in rep["results"]:
         print(json.dumps(r, default=str))
-    for e in rep["errors"]:
-        print(f"skipped {e['path']}: {e['error']}", file=sys.stderr)
-    if rep["errors"] and not rep["results"]:
-        raise SystemExit(EXIT_USER)
+    errors = rep["errors"]
+    if errors and not rep["results"] and len(errors) == 1:
+        raise DataError(f"{errors[0]['file']}: {errors[0]['error']}")
+    for e in errors:
+        print(f"skipped {e['file']}: {_one_line(e['error'])}", file=sys.stderr)
+    if errors and not rep["results"]:
+        raise DataError(f"none of the {len(errors)} inputs could be predicted")
 
 
 def cmd_trt(a: argparse.Namespace) -> None:
@@ -244,9 +298,7 @@ def cmd_presets(a: argparse.Namespace) -> None:
 
 
 def build_parser() -> argparse.ArgumentParser:
-    p = argparse.ArgumentParser(
-        prog="vitshrink", description="Compress Vision Transformers for edge devices."
-    )
+    p = _Parser(prog="vitshrink", description="Compress Vision Transformers for edge devices.")
     p.add_argument("--debug", action="store_true", help="show tracebacks for unexpected errors")
     sub = p.add_subparsers(dest="cmd", required=True, metavar="COMMAND")
 
@@ -265,70 +317,74 @@ def build_parser() -> argparse.ArgumentParser:
             metavar="K=V,..",
             help="dataset options, e.g. size=256,n_train=400 for aerial",
         )
-        sp.add_argument("--limit", type=int, help="use a deterministic subset of N samples")
+        sp.add_argument("--limit", type=_POS_INT, help="use a deterministic subset of N samples")
 
     sp = add("train", cmd_train, "Train a model (preset or directory) on a dataset.")
     sp.add_argument("--model", required=True, help="preset name (see `vitshrink presets`) or model directory")
     data_args(sp)
-    sp.add_argument("--epochs", type=int, default=1)
+    sp.add_argument("--epochs", type=_POS_INT, default=1)
     sp.add_argument("--out", required=True)
-    sp.add_argument("--batch-size", type=int, default=128)
-    sp.add_argument("--lr", type=float, default=1e-3)
-    sp.add_argument("--image-size", type=int)
-    sp.add_argument("--channels", type=int)
-    sp.add_argument("--seed", type=int, default=0)
+    sp.add_argument("--batch-size", type=_POS_INT, default=128)
+    sp.add_argument("--lr", type=_POS_FLOAT, default=1e-3)
+    sp.add_argument("--image-size", type=_POS_INT)
+    sp.add_argument("--channels", type=_POS_INT)
+    sp.add_argument("--seed", type=_number(int, 0), default=0)
     sp.add_argument("--resume", action="store_true", help="continue from OUT.ckpt")
+    sp.add_argument("--no-augment", action="store_true", help="no random flips/shifts")
 
     sp = add("eval", cmd_eval, "Evaluate a model directory or ONNX file.")
     sp.add_argument("model")
     data_args(sp)
     sp.add_argument("--split", default="test", choices=["train", "val", "test"])
-    sp.add_argument("--batch-size", type=int, default=64)
-    sp.add_argument("--threads", type=int)
+    sp.add_argument("--batch-size", type=_POS_INT, default=64)
+    sp.add_argument("--threads", type=_POS_INT)
     sp.add_argument("--json", action="store_true", help="print metrics as JSON")
 
     sp = add("bench", cmd_bench, "Latency p50/p90/p99, throughput, peak RSS, size, params, MACs.")
     sp.add_argument(
         "models", nargs="+", help="model directories and/or ONNX files (several are compared in one run)"
     )
-    sp.add_argument("--threads", type=int, help="intra-op threads")
-    sp.add_argument("--batch", type=int, default=8, help="batch size for throughput")
-    sp.add_argument("--runs", type=int, default=30)
-    sp.add_argument("--rounds", type=int, default=3)
+    sp.add_argument("--threads", type=_POS_INT, help="intra-op threads")
+    sp.add_argument("--batch", type=_POS_INT, default=8, help="batch size for throughput")
+    sp.add_argument("--runs", type=_POS_INT, default=30)
+    sp.add_argument("--rounds", type=_POS_INT, default=3)
     sp.add_argument("--device", default="cpu", choices=["cpu", "cuda"])
     sp.add_argument("--json", help="write results to this JSON file")
 
     sp = add("export", cmd_export, "Export a model directory to ONNX (simplified, parity-checked).")
     sp.add_argument("model")
     sp.add_argument("--out", required=True)
-    sp.add_argument("--opset", type=int, default=17)
+    sp.add_argument("--opset", type=_number(int, 7), default=17)
     sp.add_argument("--dynamic-batch", action="store_true")
 
     sp = add("demo", cmd_demo, "Run the whole pipeline on embedded data.")
     sp.add_argument("--task", default="all", choices=["classification", "segmentation", "all"])
     sp.add_argument("--out", default="demo-out")
     sp.add_argument("--quick", action="store_true", help="small budget: under 5 minutes on 2 cores")
-    sp.add_argument("--threads", type=int)
+    sp.add_argument("--threads", type=_POS_INT)
 
     sp = add("distill", cmd_distill, "Distil a teacher into a student.")
     sp.add_argument("--teacher", required=True)
     sp.add_argument("--student", required=True, help="preset name or model directory")
     data_args(sp)
     sp.add_argument("--out", required=True)
-    sp.add_argument("--epochs", type=int, default=1)
+    sp.add_argument("--epochs", type=_POS_INT, default=1)
     sp.add_argument(
         "--loss",
         nargs="+",
         default=["kd"],
         help="kd | mse | dist-token | feature | attention | cwd (several combine)",
     )
-    sp.add_argument("--loss-weights", nargs="+", type=float, help="one weight per --loss")
-    sp.add_argument("--alpha", type=float, default=0.5, help="weight of distillation vs label loss")
-    sp.add_argument("--temperature", type=float, default=4.0)
-    sp.add_argument("--batch-size", type=int, default=128)
-    sp.add_argument("--lr", type=float, default=1e-3)
-    sp.add_argument("--seed", type=int, default=0)
-    sp.add_argument("--resume", action="store_true")
+    sp.add_argument("--loss-weights", nargs="+", type=_NONNEG_FLOAT, help="one weight per --loss")
+    sp.add_argument("--alpha", type=_UNIT, default=0.5, help="weight of distillation vs label loss")
+    sp.add_argument("--temperature", type=_POS_FLOAT, default=4.0)
+    sp.add_argument("--batch-size", type=_POS_INT, default=128)
+    sp.add_argument("--lr", type=_POS_FLOAT, default=1e-3)
+    sp.add_argument("--seed", type=_number(int, 0), default=0)
+    sp.add_argument("--resume", action="store_true", help="continue from OUT.ckpt")
+    sp.add_argument(
+        "--no-augment", action="store_true", help="no random flips/shifts (needed by --cache-teacher)"
+    )
     sp.add_argument(
         "--cache-teacher", action="store_true", help="cache teacher outputs on disk (with augmentation off)"
     )
@@ -337,20 +393,20 @@ def build_parser() -> argparse.ArgumentParser:
     sp.add_argument("model")
     sp.add_argument("--out", required=True)
     g = sp.add_mutually_exclusive_group()
-    g.add_argument("--ratio", type=float)
-    g.add_argument("--target-params", type=int)
-    g.add_argument("--target-latency-ms", type=float)
-    g.add_argument("--target-macs", type=int)
+    g.add_argument("--ratio", type=_UNIT)
+    g.add_argument("--target-params", type=_POS_INT)
+    g.add_argument("--target-latency-ms", type=_POS_FLOAT)
+    g.add_argument("--target-macs", type=_POS_INT)
     sp.add_argument("--importance", default="magnitude")
     sp.add_argument("--granularity", default="heads,mlp,embed,channels")
-    sp.add_argument("--round-to", type=int, default=8)
-    sp.add_argument("--steps", type=int, default=1)
-    sp.add_argument("--recover-epochs", type=float, default=0)
+    sp.add_argument("--round-to", type=_POS_INT, default=8)
+    sp.add_argument("--steps", type=_POS_INT, default=1)
+    sp.add_argument("--recover-epochs", type=_NONNEG_FLOAT, default=0)
     sp.add_argument("--teacher")
     sp.add_argument("--data")
     sp.add_argument(
         "--unstructured",
-        type=float,
+        type=_UNIT,
         help="global magnitude sparsity S in [0,1) (shrinks compressed files, not dense latency)",
     )
     sp.add_argument("--latency-table", help="JSON {ratio: ms} measured on another device")
@@ -363,19 +419,19 @@ def build_parser() -> argparse.ArgumentParser:
     sp.add_argument(
         "--calib-method", default="percentile", choices=["minmax", "percentile", "entropy", "distribution"]
     )
-    sp.add_argument("--max-drop", type=float)
+    sp.add_argument("--max-drop", type=_NONNEG_FLOAT)
 
     sp = add("predict", cmd_predict, "Run an ONNX model on images (numpy + Pillow + onnxruntime only).")
     sp.add_argument("model")
     sp.add_argument("images", nargs="+", help="image files or folders")
     sp.add_argument("--out")
-    sp.add_argument("--threads", type=int)
+    sp.add_argument("--threads", type=_POS_INT)
 
     sp = add("trt-recipe", cmd_trt, "Write a TensorRT build command and runner for a Jetson.")
     sp.add_argument("model")
     sp.add_argument("--out")
     sp.add_argument("--no-fp16", action="store_true")
-    sp.add_argument("--workspace-mb", type=int)
+    sp.add_argument("--workspace-mb", type=_POS_INT)
 
     sp = add("compress", cmd_compress, "Run a recipe, or search recipes under a device budget.")
     sp.add_argument("model")
@@ -383,9 +439,10 @@ def build_parser() -> argparse.ArgumentParser:
     sp.add_argument("--out", required=True)
     g = sp.add_mutually_exclusive_group(required=True)
     g.add_argument("--recipe")
-    g.add_argument("--budget", type=_kv, help="latency_ms=..,size_mb=..,max_drop=..")
+    # passed through as text: compress.parse_budget validates keys and values with one-line errors
+    g.add_argument("--budget", help="latency_ms=..,size_mb=..,max_drop=..")
     sp.add_argument("--device", default="cpu", choices=["cpu", "cuda", "jetson-nano"])
-    sp.add_argument("--trials", type=int, default=8)
+    sp.add_argument("--trials", type=_POS_INT, default=8)
 
     sp = add("report", cmd_report, "Write report.md and report.html for a run directory.")
     sp.add_argument("dir")
@@ -394,40 +451,73 @@ def build_parser() -> argparse.ArgumentParser:
     return p
 
 
+def _error(msg: str) -> None:
+    # Under torchrun every rank may fail the same way; the rank tag tells the lines apart.
+    rank = os.environ.get("RANK", "0") if int(os.environ.get("WORLD_SIZE", "1")) > 1 else "0"
+    print(f"error: {'' if rank == '0' else f'[rank {rank}] '}{_one_line(msg)}", file=sys.stderr, flush=True)
+
+
+def _warning_line(message: Warning | str, category: type[Warning], *_: Any, **__: Any) -> None:
+    # Library warnings (e.g. Pillow on a damaged image) as one line each, not file:line + source.
+    print(f"warning: {_one_line(str(message))} ({category.__name__})", file=sys.stderr, flush=True)
+
+
+def _finish_distributed() -> None:
+    """After a successful torchrun command: wait for all ranks (rank 0 writes the outputs), leave the group."""
+    if "torch.distributed" in sys.modules:  # only a stage that trained can have joined a group
+        from .train import finish_distributed
+
+        finish_distributed()
+
+
+def _exit_code(e: SystemExit) -> int:
+    return 0 if e.code is None else e.code if isinstance(e.code, int) else EXIT_USER
+
+
 def main(argv: list[str] | None = None) -> int:
-    from .errors import VitshrinkError
 
     parser = build_parser()
-    args = parser.parse_args(argv)
+    try:
+        args = parser.parse_args(argv)
+    except SystemExit as e:  # usage errors (already printed on one line) and --help
+        return _exit_code(e)
     if getattr(args, "quiet", False):
         os.environ["VITSHRINK_QUIET"] = "1"
+    with warnings.catch_warnings():  # restores the default display when main() returns
+        if not args.debug:
+            warnings.showwarning = _warning_line
+        return _run(args)
+
+
+def _run(args: argparse.Namespace) -> int:
+    from .errors import VitshrinkError
+
     try:
         args.fn(args)
+        _finish_distributed()
     except VitshrinkError as e:
-        print(f"error: {e}", file=sys.stderr)
+        _error(str(e))
         return EXIT_USER
     except KeyboardInterrupt:
-        print("error: interrupted", file=sys.stderr)
+        _error("interrupted")
         return 130
     except SystemExit as e:
-        return int(e.code or 0)
+        return _exit_code(e)
     except MemoryError:
-        print("error: out of memory", file=sys.stderr)
+        _error("out of memory")
         return EXIT_USER
     except OSError as e:
         if args.debug:
             raise
+        # e.g. a full disk while saving: "No space left on device: OUT" (the partial output is removed)
         where = f": {e.filename}" if getattr(e, "filename", None) else ""
-        print(f"error: {e.strerror or e}{where}", file=sys.stderr)
+        _error(f"{e.strerror or e}{where}")
         return EXIT_USER
     except Exception as e:  # noqa: BLE001 - one line for users; --debug for developers
         if args.debug:
             raise
         msg = str(e).splitlines()[0] if str(e) else ""
-        print(
-            f"error: unexpected {type(e).__name__}: {msg} (run with --debug for the traceback)",
-            file=sys.stderr,
-        )
+        _error(f"unexpected {type(e).__name__}: {msg} (run with --debug for the traceback)")
         return EXIT_BUG
     return 0
 

@@ -50,6 +50,9 @@ class _Scorer:
         self.cm = torch.zeros(self.k, self.k, dtype=torch.float64)
 
     def add(self, logits: torch.Tensor, targets: torch.Tensor) -> None:
+        if torch.isnan(logits).any():
+            # argmax of NaN is index 0, which would score as a silently wrong accuracy
+            raise VitshrinkError("the model produced NaN outputs (corrupt weights or invalid preprocessing)")
         pred = logits.argmax(1).cpu()
         targets = targets.cpu()
         if self.task == "classification":
@@ -188,12 +191,12 @@ def evaluate(
         from .deploy.runtime import OnnxModel
 
         size = list(OnnxModel(path, threads=threads).size)
-        ds = load_dataset(data, split, size=size, limit=limit, **data_options)
+        ds = load_dataset(data, split, size=size, limit=limit, data_options=data_options)
         return evaluate_onnx(path, ds, batch_size=batch_size, threads=threads, quiet=quiet)
     from .models import load_model
 
     net, meta = load_model(path)
-    ds = load_dataset(data, split, size=meta["preprocess"]["size"], limit=limit, **data_options)
+    ds = load_dataset(data, split, size=meta["preprocess"]["size"], limit=limit, data_options=data_options)
     _check_data(meta, ds, str(path))
     if threads:
         torch.set_num_threads(threads)

@@ -10,12 +10,14 @@ from __future__ import annotations
 import copy
 import datetime as _dt
 import json
+import math
 import os
 from pathlib import Path
 from typing import Any
 
 import torch
 import transformers
+from safetensors import SafetensorError
 from torch import nn
 
 from ..artifacts import META_FORMAT, META_NAME, atomic_dir, read_json, sha256_file, write_json
@@ -113,7 +115,11 @@ def load_model(
         raise ModelError(f"not a model directory (no config.json): {path}")
     cfg = read_json(path / "config.json")
     meta_path = path / META_NAME
-    meta = read_json(meta_path) if meta_path.exists() else _meta_from_hf(path, cfg)
+    if meta_path.exists():
+        meta = read_json(meta_path)
+        _check_meta(meta, meta_path)
+    else:
+        meta = _meta_from_hf(path, cfg)
     if verify:
         _verify_checksums(path, meta)
     model_type = cfg.get("model_type", "")
@@ -134,8 +140,9 @@ def load_model(
     try:
         # safetensors only by default; legacy .bin goes through transformers' weights_only loader.
         model = cls.from_pretrained(path)
-    except (OSError, ValueError, RuntimeError, KeyError, TypeError) as e:
-        raise ModelError(f"cannot load model from {path}: {str(e).splitlines()[0]}") from None
+    except (OSError, ValueError, RuntimeError, KeyError, TypeError, SafetensorError) as e:
+        msg = str(e).splitlines()[0] if str(e) else type(e).__name__
+        raise ModelError(f"cannot load model from {path}: {msg}") from None
     meta.setdefault("family", adapter.family)
     return model.to(device).eval(), meta
 
@@ -197,6 +204,44 @@ def save_model(
 
 def count_params(model: nn.Module) -> int:
     return sum(p.numel() for p in model.parameters())
+
+
+def _check_meta(meta: Any, where: Path) -> None:
+    """Reject a damaged or hand-edited vitshrink.json before its values reach preprocessing.
+
+    JSON allows NaN, so a bad mean/std would otherwise turn every input into NaN without an error.
+    """
+
+    def bad(msg: str) -> None:
+        raise ModelError(f"invalid {where}: {msg}")
+
+    def is_int(v: Any) -> bool:
+        return isinstance(v, int) and not isinstance(v, bool)
+
+    if not isinstance(meta, dict):
+        bad("not a JSON object")
+    if meta.get("task") not in ("classification", "segmentation"):
+        bad(f"unknown task {meta.get('task')!r}")
+    if not isinstance(meta.get("class_names"), list) or not meta["class_names"]:
+        bad("class_names must be a non-empty list")
+    pre = meta.get("preprocess")
+    if not isinstance(pre, dict):
+        bad("'preprocess' must be an object")
+    c, size = pre.get("channels"), pre.get("size")
+    if not is_int(c) or c < 1:
+        bad(f"preprocess channels must be a positive integer, got {c!r}")
+    if not isinstance(size, list) or len(size) != 2 or not all(is_int(v) and v > 0 for v in size):
+        bad(f"preprocess size must be [height, width] in pixels, got {size!r}")
+    for key in ("mean", "std"):
+        v = pre.get(key)
+        if (
+            not isinstance(v, list)
+            or len(v) not in (1, c)
+            or not all(isinstance(x, int | float) and not isinstance(x, bool) and math.isfinite(x) for x in v)
+        ):
+            bad(f"preprocess {key} must be {c} finite numbers, got {v!r}")
+    if any(x <= 0 for x in pre["std"]):
+        bad(f"preprocess std must be positive, got {pre['std']!r}")
 
 
 def _verify_checksums(path: Path, meta: dict[str, Any]) -> None:
