@@ -1,0 +1,115 @@
+from __future__ import annotations
+
+import json
+
+import pytest
+import transformers as T
+
+from vitshrink.distill import distill
+from vitshrink.errors import VitshrinkError
+from vitshrink.evaluate import evaluate
+from vitshrink.models import build_model, load_model, save_model
+
+from .conftest import needs_fmnist
+
+SMALL = {"hidden_size": 32, "num_attention_heads": 2, "intermediate_size": 64, "num_hidden_layers": 2}
+
+
+@needs_fmnist
+def test_short_distillation_improves_on_the_untrained_student(fmnist_teacher, tmp_path):
+    # the untrained student, built exactly as distill() builds it (same preset, overrides and seed)
+    _, tmeta = load_model(fmnist_teacher)
+    untrained, meta = build_model(
+        "vit-micro", image_size=28, num_channels=1, class_names=tmeta["class_names"], **SMALL
+    )
+    save_model(untrained, meta, tmp_path / "untrained")
+    before = evaluate(tmp_path / "untrained", "fashion-mnist", limit=1000, quiet=True)["accuracy"]
+    out, m = distill(
+        fmnist_teacher,
+        "vit-micro",
+        "fashion-mnist",
+        out=tmp_path / "s",
+        epochs=1,
+        limit=4000,
+        val_limit=500,
+        batch_size=64,
+        lr=3e-3,
+        augment=False,
+        cache_teacher=True,
+        quiet=True,
+        **SMALL,
+    )
+    after = evaluate(out, "fashion-mnist", limit=1000, quiet=True)["accuracy"]
+    assert after >= before + 0.2, (before, after)
+    assert m["teacher_params"] >= 4 * m["student_params"]
+    hist = json.loads((out / "vitshrink.json").read_text())["history"][-1]
+    assert hist["stage"] == "distill" and hist["options"]["teacher"] == str(fmnist_teacher)
+    assert hist["options"]["losses"] == {"kd": 1.0}
+
+
+@needs_fmnist
+def test_deit_student_gets_a_distillation_token_head(fmnist_teacher, tmp_path):
+    out, _ = distill(
+        fmnist_teacher,
+        "deit-micro",
+        "fashion-mnist",
+        out=tmp_path / "d",
+        epochs=1,
+        limit=256,
+        val_limit=64,
+        losses="dist-token",
+        quiet=True,
+        **SMALL,
+    )
+    cfg = json.loads((out / "config.json").read_text())
+    assert cfg["architectures"] == ["DeiTForImageClassificationWithTeacher"]
+    model = T.AutoModelForImageClassification.from_pretrained(out)  # transformers alone reloads it
+    assert isinstance(model, T.DeiTForImageClassificationWithTeacher)
+
+
+@needs_fmnist
+def test_feature_and_attention_kd_across_widths_and_depths(fmnist_teacher, tmp_path):
+    out, m = distill(
+        fmnist_teacher,
+        "vit-micro",
+        "fashion-mnist",
+        out=tmp_path / "f",
+        epochs=1,
+        limit=256,
+        val_limit=64,
+        losses={"kd": 1.0, "feature": 0.5, "attention": 0.5},
+        quiet=True,
+        **{**SMALL, "num_hidden_layers": 1},
+    )
+    assert m["student_params"] < m["teacher_params"] and (out / "model.safetensors").exists()
+
+
+def test_segmentation_distillation_across_families(tmp_path):
+    # Swin-backed UperNet teacher -> MobileViT-backed UperNet student (the paper's pair), CWD + KD
+    opts = {"size": 32, "n_train": 8, "n_val": 4, "n_test": 4}
+    teacher, tmeta = build_model("upernet-swin-micro", image_size=32, num_channels=3, num_labels=14)
+    save_model(teacher, tmeta, tmp_path / "t")
+    out, m = distill(
+        tmp_path / "t",
+        "upernet-mobilevit-micro",
+        "aerial",
+        out=tmp_path / "s",
+        epochs=1,
+        batch_size=4,
+        losses={"kd": 1.0, "cwd": 1.0},
+        data_options=opts,
+        quiet=True,
+    )
+    assert 0.0 <= m["miou"] <= 1.0 and m["student_params"] < m["teacher_params"]
+
+
+def test_bad_distill_requests_fail_clearly(tmp_path):
+    with pytest.raises(VitshrinkError, match="teacher must be a trained model directory"):
+        distill(tmp_path / "none", "vit-micro", "fashion-mnist", out=tmp_path / "o")
+    teacher, tmeta = build_model("vit-micro", image_size=28, num_channels=1, num_labels=10)
+    save_model(teacher, tmeta, tmp_path / "t")
+    with pytest.raises(VitshrinkError, match="unknown distillation loss 'kl'"):
+        distill(tmp_path / "t", "vit-micro", "fashion-mnist", out=tmp_path / "o", losses="kl")
+    with pytest.raises(VitshrinkError, match="needs augmentation off"):
+        distill(tmp_path / "t", "vit-micro", "fashion-mnist", out=tmp_path / "o", cache_teacher=True)
+    assert not (tmp_path / "o").exists()
