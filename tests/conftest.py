@@ -23,7 +23,7 @@ def _isolated(tmp_path_factory: pytest.TempPathFactory) -> None:
 
 @pytest.fixture(scope="session")
 def fmnist_teacher(tmp_path_factory: pytest.TempPathFactory) -> Path:
-    """vit-micro trained one short epoch on Fashion-MNIST (shared by several tests)."""
+    """vit-micro (patch 7: 16 tokens) trained one short epoch on Fashion-MNIST, shared by several tests."""
     if not FMNIST.exists():
         pytest.skip("Debian package dataset-fashion-mnist not installed")
     from vitshrink.train import train

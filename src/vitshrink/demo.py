@@ -90,12 +90,12 @@ def configs(quick: bool) -> dict[str, TaskConfig]:
         teacher="vit-mini",
         teacher_overrides=teacher_vit,
         teacher_epochs=1 if quick else 3,
-        teacher_limit=10000 if quick else 30000,
+        teacher_limit=10000 if quick else 25000,
         teacher_lr=1e-3,
         student="vit-micro",
         student_overrides=student_vit,
-        distill_epochs=2 if quick else 8,
-        distill_limit=10000 if quick else 30000,
+        distill_epochs=2 if quick else 6,
+        distill_limit=10000 if quick else 25000,
         distill_losses={"kd": 1.0},
         distill_lr=2e-3,
         prune_ratio=0.25,
@@ -118,19 +118,24 @@ def configs(quick: bool) -> dict[str, TaskConfig]:
         data_options=seg_n,
         teacher="upernet-swin-micro",
         teacher_overrides={"hidden_size": 128},
-        teacher_epochs=3 if quick else 25,
+        teacher_epochs=3 if quick else 8,
         teacher_limit=None,
         teacher_lr=2e-3,
-        student="upernet-mobilevit-micro",
+        # The paper's student is UperNet + MobileViT (preset upernet-mobilevit-*, used by
+        # recipes/uav-segmentation.yaml). From scratch it predicts a single class for its first 2-3
+        # epochs on this data (measured), which a CPU demo cannot afford; SegFormer-micro learns from
+        # the first epoch at 7x fewer MACs than the teacher.
+        student="segformer-micro",
         student_overrides={},
-        distill_epochs=3 if quick else 25,
+        distill_epochs=4 if quick else 20,
         distill_limit=None,
         distill_losses={"kd": 1.0},
         distill_lr=3e-3,
         prune_ratio=0.25,
-        prune_recover_epochs=1 if quick else 3,
+        prune_recover_epochs=1 if quick else 2,
         test_limit=None,
         batch_size=16,
+        augment=False,
     )
     return {"classification": cls, "segmentation": seg}
 
@@ -166,11 +171,10 @@ def run_task(cfg: TaskConfig, out: Path, *, quick: bool, quiet: bool, threads: i
 
     t_start = time.time()
     out.mkdir(parents=True, exist_ok=True)
-    log = (
-        (lambda *a: None)
-        if quiet
-        else (lambda *a: print(f"[{cfg.task} {time.time() - t_start:6.0f}s]", *a, flush=True))
-    )
+
+    def log(*a: Any) -> None:  # stage lines stay on with --quiet, which only silences progress bars
+        print(f"[{cfg.task} {time.time() - t_start:6.0f}s]", *a, flush=True)
+
     ev = {"limit": cfg.test_limit, "quiet": True, "data_options": cfg.data_options, "threads": threads}
     stages: list[dict[str, Any]] = []
 

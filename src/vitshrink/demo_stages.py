@@ -42,6 +42,7 @@ def prune_stage(
         limit=cfg.distill_limit,
         batch_size=cfg.batch_size,
         lr=cfg.extra.get("prune_lr", 5e-4),
+        augment=cfg.augment,
         quiet=quiet,
     )
     ponnx, _ = export_onnx(pdir, out / "prune.onnx")

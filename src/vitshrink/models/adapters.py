@@ -127,6 +127,20 @@ class SwinAdapter(Adapter):
         return T.SwinConfig(**kw)
 
 
+def reset_batchnorm(model: nn.Module) -> nn.Module:
+    """Standard BatchNorm init (weight 1, bias 0).
+
+    transformers' MobileViT init draws BatchNorm weights around 0.02, which shrinks activations ~50x
+    per block: from scratch the model predicts one class for several epochs (measured on the aerial set:
+    mIoU stuck at 0.03 for 6 epochs).
+    """
+    for m in model.modules():
+        if isinstance(m, nn.BatchNorm2d):
+            nn.init.ones_(m.weight)
+            nn.init.zeros_(m.bias)
+    return model
+
+
 class MobileViTAdapter(Adapter):
     family = "mobilevit"
     model_types = ("mobilevit",)
@@ -134,6 +148,9 @@ class MobileViTAdapter(Adapter):
         "classification": T.MobileViTForImageClassification,
         "segmentation": T.MobileViTForSemanticSegmentation,
     }
+
+    def build(self, preset, task, image_size, channels, num_labels, **overrides):
+        return reset_batchnorm(super().build(preset, task, image_size, channels, num_labels, **overrides))
 
     def config(self, preset, task, image_size, channels, num_labels, **overrides):
         kw = dict(preset.config)

@@ -103,6 +103,7 @@ def prune(
     limit: int | None = None,
     seed: int = 0,
     data_options: dict[str, Any] | None = None,
+    augment: bool = True,
 ) -> tuple[Path, dict[str, Any]]:
     """Prune the model directory MODEL and save the result to OUT; returns (OUT, metrics).
 
@@ -179,7 +180,16 @@ def prune(
         if kd is not None:
             recovery.append(
                 kd.recover(
-                    net, train_ds, val_ds, recover_epochs, batch_size, lr, seed, quiet, f"recover {k}/{steps}"
+                    net,
+                    train_ds,
+                    val_ds,
+                    recover_epochs,
+                    batch_size,
+                    lr,
+                    seed,
+                    quiet,
+                    f"recover {k}/{steps}",
+                    augment,
                 )
             )
     net.cpu().eval()
@@ -260,7 +270,9 @@ class _KD:
         self.teacher.eval().requires_grad_(False)
         self.meta = meta
 
-    def recover(self, net, train_ds, val_ds, epochs, batch_size, lr, seed, quiet, desc) -> dict[str, Any]:
+    def recover(
+        self, net, train_ds, val_ds, epochs, batch_size, lr, seed, quiet, desc, augment=True
+    ) -> dict[str, Any]:
         from ..distill.losses import build_losses
         from ..models import adapter_for
         from ..train import default_device, fit, prepare
@@ -289,6 +301,7 @@ class _KD:
             quiet=quiet,
             device=device,
             desc=desc,
+            do_augment=augment,
         )
         return res["val"]
 
