@@ -78,11 +78,18 @@ MODELS = {"deit-small": deit_small, "swin-tiny": swin_tiny}
 
 
 # -- Torch-Pruning's recipe ---------------------------------------------------------------------------
-def tp_prune(model: nn.Module, ratio: float, x: torch.Tensor, whole_heads: bool = True) -> nn.Module:
+def tp_prune(
+    model: nn.Module,
+    ratio: float,
+    x: torch.Tensor,
+    whole_heads: bool = True,
+    ignored_layers: list[nn.Module] | None = None,
+) -> nn.Module:
     """examples/transformers/prune_hf_vit.py (+ prune_hf_swin.py's patch-merging pruner).
 
     whole_heads=True is the recipe with whole-head pruning; False is prune_hf_swin.py as published
-    (head dims shrink, head count stays).
+    (head dims shrink, head count stays). ignored_layers (added for prune_recovery.py, whose
+    segmentation heads are not `model.classifier`): the output layers kept whole, default the classifier.
     """
     num_heads = {}
     for m in model.modules():
@@ -103,7 +110,7 @@ def tp_prune(model: nn.Module, ratio: float, x: torch.Tensor, whole_heads: bool 
         global_pruning=False,
         importance=tp.importance.MagnitudeImportance(p=1),
         pruning_ratio=ratio,
-        ignored_layers=[model.classifier],
+        ignored_layers=[model.classifier] if ignored_layers is None else ignored_layers,
         output_transform=lambda out: out.logits.sum(),
         num_heads=num_heads,
         prune_num_heads=whole_heads,
@@ -165,11 +172,15 @@ def to_onnx(model: nn.Module, x: torch.Tensor, slim: bool = True) -> bytes:
 
 
 def reload_check(model: nn.Module, x: torch.Tensor) -> str:
-    """Can plain transformers load it back, with the same outputs?"""
+    """Can plain transformers load it back, with the same outputs?
+
+    Loads with the model's own class (not AutoModelForImageClassification) so prune_recovery.py can use
+    it for segmentation models too; same class for this file's classifiers.
+    """
     with tempfile.TemporaryDirectory() as d:
         model.save_pretrained(d)
         try:
-            back = T.AutoModelForImageClassification.from_pretrained(d).eval()
+            back = type(model).from_pretrained(d).eval()
         except Exception as e:  # noqa: BLE001 - we report whatever transformers says
             pickled = io.BytesIO()
             torch.save(model, pickled)

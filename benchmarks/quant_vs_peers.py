@@ -10,7 +10,12 @@ gamma/beta channels are scaled 40-100x and the next Linear compensated: the floa
 unchanged but the activations carry the outlier channels of trained ViTs (what breaks min-max int8).
 A second, untrained DeiT-Tiny-sized model (224 px) measures size and latency at a realistic scale.
 
-    PYTHONPATH=src .venv/bin/python benchmarks/quant_vs_peers.py [--quick] [--json out.json]
+With ``--demo DIR`` (after `vitshrink demo --out DIR`) it also runs on real data: the demo teachers
+(Fashion-MNIST ViT, aerial UperNet-Swin) and a DeiT-small trained briefly on Fashion-MNIST, comparing
+fp32, onnxruntime dynamic int8, onnxruntime static int8 with its default settings (min-max, per-tensor)
+and vitshrink int8 on the test split.
+
+    PYTHONPATH=src .venv/bin/python benchmarks/quant_vs_peers.py [--quick] [--demo demo-out] [--json out.json]
 """
 
 from __future__ import annotations
@@ -249,6 +254,10 @@ def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     ap.add_argument("--quick", action="store_true", help="smaller models, fewer steps (~1 min)")
     ap.add_argument("--json", type=Path, help="also write all numbers here")
+    ap.add_argument(
+        "--demo", type=Path, help="also run on the demo teachers found in this demo output folder"
+    )
+    ap.add_argument("--demo-only", action="store_true", help="skip the synthetic outlier ViT")
     args = ap.parse_args()
     torch.set_num_threads(1)
     hidden, layers, steps = (64, 2, 100) if args.quick else (192, 6, 300)
@@ -256,6 +265,17 @@ def main() -> None:
     md = []
     with tempfile.TemporaryDirectory(prefix="vitshrink-bench-") as tmp:
         work = Path(tmp)
+        if args.demo:
+            demo_res, demo_md = run_demo_models(args.demo, work, args.quick)
+            results.update(demo_res)
+            md.extend(demo_md)
+            print("\n".join(demo_md), flush=True)
+        if args.demo_only:
+            print("\n".join(md))
+            if args.json:
+                with atomic_file(args.json, "w") as f:
+                    json.dump(results, f, indent=2, default=str)
+            return
         # 1) trained ViT with outlier channels: accuracy / fidelity
         model = vit(hidden, layers, 4 if hidden % 4 == 0 else 3, 28, 4, 1)
         t = time.perf_counter()
@@ -299,6 +319,136 @@ def main() -> None:
     if args.json:
         with atomic_file(args.json, "w") as f:
             json.dump(results, f, indent=2, default=str)
+
+
+def demo_rows(
+    src: Path, data: str, data_options: dict[str, Any], work: Path, test_limit: int | None
+) -> list[dict[str, Any]]:
+    """fp32 / ORT dynamic / ORT static (defaults) / vitshrink int8 on a real model and its test split."""
+    from onnxruntime.quantization import quantize_dynamic, quantize_static
+    from onnxruntime.quantization.shape_inference import quant_pre_process
+
+    from vitshrink.data import load_dataset
+    from vitshrink.deploy.runtime import OnnxModel
+    from vitshrink.evaluate import evaluate_onnx, onnx_model_meta
+    from vitshrink.train import prepare
+
+    meta = onnx_model_meta(OnnxModel(src))
+    size = tuple(meta["preprocess"]["size"])
+    val = load_dataset(data, "val", size=size, limit=256, seed=1, data_options=data_options)
+    test = load_dataset(data, "test", size=size, limit=test_limit, data_options=data_options)
+    calib_ds = val.subset(64, seed=2)
+    calib = [
+        prepare(calib_ds.images[i : i + 16], meta, torch.device("cpu")).numpy()
+        for i in range(0, len(calib_ds), 16)
+    ]
+    key = "accuracy" if meta["task"] == "classification" else "miou"
+
+    def metric(p: str | Path, ds=val) -> float:
+        return evaluate_onnx(p, ds, quiet=True)[key]
+
+    class Reader:
+        def __init__(self) -> None:
+            self.it = iter([{"pixel_values": b[i : i + 1]} for b in calib for i in range(len(b))])
+
+        def get_next(self):
+            return next(self.it, None)
+
+    tag = src.stem + "_" + src.parent.name
+    models: dict[str, Path] = {}
+    with silent():
+        pre = work / f"{tag}_pre.onnx"
+        quant_pre_process(str(src), str(pre))
+        models["ort int8 dynamic (defaults)"] = work / f"{tag}_dyn.onnx"
+        quantize_dynamic(pre, models["ort int8 dynamic (defaults)"])
+        models["ort int8 static (defaults: min-max, per-tensor)"] = work / f"{tag}_static.onnx"
+        quantize_static(pre, models["ort int8 static (defaults: min-max, per-tensor)"], Reader())
+    models["vitshrink int8"] = work / f"{tag}_ours.onnx"
+    t = time.perf_counter()
+    rep = quantize_onnx(
+        src,
+        models["vitshrink int8"],
+        mode="int8",
+        calib=calib,
+        eval_fn=metric,
+        max_drop=0.005 if key == "accuracy" else 0.01,
+        quiet=True,
+    )
+    secs = time.perf_counter() - t
+    paths = [src, *models.values()]
+    sample = calib[0][:1]
+    lat = latencies_ms(paths, sample, runs=40, budget_s=15.0)
+    rows = []
+    base = None
+    for name, path, ms in zip(["fp32", *models], paths, lat):
+        m = metric(path, test)
+        base = m if base is None else base
+        rows.append(
+            {
+                "method": name,
+                key: m,
+                "delta": m - base,
+                "size_mb": Path(path).stat().st_size / 2**20,
+                "latency_ms": ms,
+            }
+        )
+    rows[-1]["note"] = f"{rep.get('chosen')}, {secs:.0f}s"
+    return rows
+
+
+def demo_table(title: str, rows: list[dict[str, Any]]) -> str:
+    key = "accuracy" if "accuracy" in rows[0] else "miou"
+    lines = [
+        f"### {title}",
+        "",
+        f"| method | {key} | vs fp32 | size MB | latency ms (1 thread) |",
+        "| --- | ---: | ---: | ---: | ---: |",
+    ]
+    for r in rows:
+        lines.append(
+            f"| {r['method']} | {r[key]:.4f} | {r['delta']:+.4f} | {r['size_mb']:.2f} | {r['latency_ms']:.2f} |"
+        )
+    return "\n".join(lines) + "\n"
+
+
+def run_demo_models(demo: Path, work: Path, quick: bool) -> tuple[dict[str, Any], list[str]]:
+    from vitshrink.demo import configs
+    from vitshrink.export import export_onnx
+    from vitshrink.train import train as vs_train
+
+    cfgs = configs(quick)
+    results, md = {}, []
+    for task in ("classification", "segmentation"):
+        src = demo / task / "teacher.onnx"
+        if not src.exists():
+            print(f"skipping {task}: {src} not found (run `vitshrink demo --out {demo}` first)")
+            continue
+        cfg = cfgs[task]
+        rows = demo_rows(src, cfg.data, cfg.data_options, work, 2000 if task == "classification" else None)
+        results[f"demo_{task}_teacher"] = rows
+        md.append(demo_table(f"demo {task} teacher ({cfg.teacher}), {cfg.data} test split", rows))
+    if not quick:
+        # DeiT-small shape (384-d, 12 layers, 6 heads), patch 7 on 28x28, a short real training run
+        t = time.perf_counter()
+        deit, _ = vs_train(
+            "deit-small",
+            "fashion-mnist",
+            out=work / "deit_small",
+            epochs=1,
+            limit=4000,
+            lr=5e-4,
+            batch_size=64,
+            augment=False,
+            quiet=True,
+            patch_size=7,
+        )
+        src, _ = export_onnx(deit, work / "deit_small" / "model.onnx")
+        rows = demo_rows(src, "fashion-mnist", {}, work, 2000)
+        results["deit_small_fmnist"] = {"rows": rows, "train_seconds": round(time.perf_counter() - t, 1)}
+        md.append(
+            demo_table("DeiT-small (22M params) trained 1 epoch on 4k Fashion-MNIST images, test split", rows)
+        )
+    return results, md
 
 
 def _brief(report: dict[str, Any]) -> dict[str, Any]:

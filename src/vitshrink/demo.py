@@ -191,6 +191,7 @@ def run_task(cfg: TaskConfig, out: Path, *, quick: bool, quiet: bool, threads: i
             lr=cfg.teacher_lr,
             batch_size=cfg.batch_size,
             augment=cfg.augment,
+            resume=True,  # an interrupted demo continues the teacher from its last epoch
             quiet=quiet,
             data_options=cfg.data_options,
             **cfg.teacher_overrides,
