@@ -17,7 +17,7 @@ from pathlib import Path
 
 import torch
 
-from vitshrink.demo import cache_root, configs
+from vitshrink.demo import configs, ensure_teacher
 from vitshrink.distill import distill
 from vitshrink.evaluate import evaluate
 from vitshrink.train import train
@@ -25,21 +25,7 @@ from vitshrink.train import train
 
 def run(task: str, quick: bool, tmp: Path) -> dict:
     cfg = configs(quick)[task]
-    teacher = cache_root() / f"{task}-teacher-{cfg.key()}"
-    if not (teacher / "config.json").exists():
-        print(f"[{task}] training teacher (not cached)", flush=True)
-        train(
-            cfg.teacher,
-            cfg.data,
-            out=teacher,
-            epochs=cfg.teacher_epochs,
-            limit=cfg.teacher_limit,
-            lr=cfg.teacher_lr,
-            batch_size=cfg.batch_size,
-            quiet=True,
-            data_options=cfg.data_options,
-            **cfg.teacher_overrides,
-        )
+    teacher = ensure_teacher(cfg, quiet=True)
     common = dict(
         epochs=cfg.distill_epochs,
         limit=cfg.distill_limit,

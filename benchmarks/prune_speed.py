@@ -84,12 +84,14 @@ def tp_prune(
     x: torch.Tensor,
     whole_heads: bool = True,
     ignored_layers: list[nn.Module] | None = None,
+    **pruner_kwargs: Any,
 ) -> nn.Module:
     """examples/transformers/prune_hf_vit.py (+ prune_hf_swin.py's patch-merging pruner).
 
     whole_heads=True is the recipe with whole-head pruning; False is prune_hf_swin.py as published
     (head dims shrink, head count stays). ignored_layers (added for prune_recovery.py, whose
-    segmentation heads are not `model.classifier`): the output layers kept whole, default the classifier.
+    segmentation heads are not `model.classifier`): the output layers kept whole, default the classifier;
+    pruner_kwargs (also added for it) go to BasePruner, e.g. head_pruning_ratio_dict.
     """
     num_heads = {}
     for m in model.modules():
@@ -117,6 +119,7 @@ def tp_prune(
         prune_head_dims=not whole_heads,
         head_pruning_ratio=ratio if whole_heads else 0.0,
         **extra,
+        **pruner_kwargs,
     )
     for g in pruner.step(interactive=True):
         g.prune()

@@ -23,7 +23,7 @@ def _isolated(tmp_path_factory: pytest.TempPathFactory) -> None:
 
 @pytest.fixture(scope="session")
 def fmnist_teacher(tmp_path_factory: pytest.TempPathFactory) -> Path:
-    """vit-micro (patch 7: 16 tokens) trained one short epoch on Fashion-MNIST, shared by several tests."""
+    """vit-micro (patch 7: 16 tokens) trained one epoch over 40k Fashion-MNIST images, shared by tests."""
     if not FMNIST.exists():
         pytest.skip("Debian package dataset-fashion-mnist not installed")
     from vitshrink.train import train
@@ -34,7 +34,7 @@ def fmnist_teacher(tmp_path_factory: pytest.TempPathFactory) -> Path:
         "fashion-mnist",
         out=out,
         epochs=1,
-        limit=20000,
+        limit=40000,
         val_limit=1000,
         lr=2e-3,
         batch_size=64,

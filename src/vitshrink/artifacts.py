@@ -146,11 +146,12 @@ def atomic_file(path: str | os.PathLike, mode: str = "wb") -> Iterator[Any]:
     # scan per file would be quadratic; leftovers of a killed run are a few small hidden files.
     fd, tmp = tempfile.mkstemp(prefix=_prefix(path), suffix=".tmp", dir=path.parent)
     try:
+        # mkstemp creates 0600; give the usual permissions first so a caller may still chmod inside.
+        os.chmod(tmp, 0o666 & ~_UMASK)
         with os.fdopen(fd, mode) as f:
             yield f
             f.flush()
             os.fsync(f.fileno())
-        os.chmod(tmp, 0o666 & ~_UMASK)
         _before_commit(path)
         os.replace(tmp, path)
         _fsync_dir(path.parent)

@@ -69,7 +69,7 @@ _MVIT = {
 
 PRESETS: dict[str, Preset] = {
     "vit-micro": Preset("vit", ("classification",), _vit(64, 4, 2, 128), note="~0.2M, tests/demos"),
-    "vit-mini": Preset("vit", ("classification",), _vit(128, 6, 4, 384), note="~1.2M, demo student"),
+    "vit-mini": Preset("vit", ("classification",), _vit(128, 6, 4, 384), note="~1.2M"),
     "vit-tiny": Preset("vit", ("classification",), _vit(192, 12, 3, 768)),
     "vit-small": Preset("vit", ("classification",), _vit(384, 12, 6, 1536)),
     "vit-base": Preset("vit", ("classification",), _vit(768, 12, 12, 3072)),
