@@ -38,6 +38,8 @@ def fmnist_teacher(tmp_path_factory: pytest.TempPathFactory) -> Path:
         val_limit=1000,
         lr=2e-3,
         batch_size=64,
+        augment=False,
+        patch_size=7,
         quiet=True,
     )
     return out
