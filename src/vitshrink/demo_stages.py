@@ -43,6 +43,7 @@ def prune_stage(
         batch_size=cfg.batch_size,
         lr=cfg.extra.get("prune_lr", 5e-4),
         augment=cfg.augment,
+        recover_losses=cfg.extra.get("prune_recover_losses", "kd"),
         quiet=quiet,
     )
     ponnx, _ = export_onnx(pdir, out / "prune.onnx")
