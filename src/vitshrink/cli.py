@@ -216,6 +216,7 @@ def cmd_prune(a: argparse.Namespace) -> None:
         data=a.data,
         unstructured=a.unstructured,
         latency_table=a.latency_table,
+        recover_losses=a.recover_loss,
         quiet=a.quiet,
     )
     print(f"saved {out}")
@@ -410,6 +411,11 @@ def build_parser() -> argparse.ArgumentParser:
         help="global magnitude sparsity S in [0,1) (shrinks compressed files, not dense latency)",
     )
     sp.add_argument("--latency-table", help="JSON {ratio: ms} measured on another device")
+    sp.add_argument(
+        "--recover-loss",
+        default="kd",
+        help="recovery loss spec: kd (distil from the unpruned model or --teacher), ce (labels only), or e.g. kd:1,ce:1",
+    )
 
     sp = add("quantize", cmd_quantize, "fp16 / int8 quantization (ONNX) with ViT-aware fallbacks.")
     sp.add_argument("model", help="model directory or ONNX file")
