@@ -21,11 +21,8 @@ and vitshrink int8 on the test split.
 from __future__ import annotations
 
 import argparse
-import contextlib
 import copy
-import io
 import json
-import logging
 import sys
 import tempfile
 import time
@@ -41,7 +38,7 @@ sys.path.insert(0, str(Path(__file__).resolve().parents[1] / "src"))
 
 from vitshrink.artifacts import atomic_file  # noqa: E402
 from vitshrink.quantize import quantize_onnx, quantize_torch  # noqa: E402
-from vitshrink.quantize._common import latencies_ms, run  # noqa: E402
+from vitshrink.quantize._common import latencies_ms, ort_quiet, run  # noqa: E402
 
 CLASSES = 10
 
@@ -122,17 +119,6 @@ def export(model: torch.nn.Module, path: Path, shape: tuple[int, ...]) -> Path:
     return path
 
 
-@contextlib.contextmanager
-def silent():
-    logging.disable(logging.WARNING)
-    try:
-        with contextlib.redirect_stdout(io.StringIO()), warnings.catch_warnings():
-            warnings.simplefilter("ignore")
-            yield
-    finally:
-        logging.disable(logging.NOTSET)
-
-
 def peers(src: Path, work: Path, calib: list[np.ndarray], full: bool) -> dict[str, Path]:
     """The recipes a user would reach for first, with onnxruntime's defaults."""
     from onnxruntime.quantization import CalibrationMethod, quantize_dynamic, quantize_static
@@ -147,7 +133,7 @@ def peers(src: Path, work: Path, calib: list[np.ndarray], full: bool) -> dict[st
             return next(self.it, None)
 
     out: dict[str, Path] = {}
-    with silent():
+    with ort_quiet():
         pre = work / "peer_pre.onnx"
         quant_pre_process(str(src), str(pre))
         out["ort fp16 (default block list)"] = work / "peer_fp16.onnx"
@@ -356,7 +342,7 @@ def demo_rows(
 
     tag = src.stem + "_" + src.parent.name
     models: dict[str, Path] = {}
-    with silent():
+    with ort_quiet():
         pre = work / f"{tag}_pre.onnx"
         quant_pre_process(str(src), str(pre))
         models["ort int8 dynamic (defaults)"] = work / f"{tag}_dyn.onnx"

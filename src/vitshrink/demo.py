@@ -194,7 +194,7 @@ def ensure_teacher(cfg: TaskConfig, *, quiet: bool = True, log: Any = print) -> 
 
 
 def run_task(cfg: TaskConfig, out: Path, *, quick: bool, quiet: bool, threads: int | None) -> Path:
-    from .bench import bench_many
+    from .bench import bench_many, stage_fields
     from .distill import distill
     from .evaluate import evaluate
     from .export import export_onnx
@@ -260,16 +260,7 @@ def run_task(cfg: TaskConfig, out: Path, *, quick: bool, quiet: bool, threads: i
         batch=8,
     )
     for s, b in zip(stages, bench):
-        s.update(
-            {
-                "latency_ms": b["latency_ms"],
-                "throughput": b.get("throughput"),
-                "peak_rss_mb": b.get("peak_rss_mb"),
-                "size_mb": b["size_mb"],
-                "params": b["params"],
-                "macs": b["macs"],
-            }
-        )
+        s.update(stage_fields(b))
     results = {
         "task": cfg.task,
         "metric": "accuracy" if cfg.task == "classification" else "miou",

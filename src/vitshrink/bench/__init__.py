@@ -105,6 +105,14 @@ def _worker(spec: dict[str, Any], timeout: float) -> dict[str, Any]:
     return out
 
 
+STAGE_FIELDS = ("latency_ms", "throughput", "peak_rss_mb", "size_mb", "params", "macs")
+
+
+def stage_fields(result: dict[str, Any]) -> dict[str, Any]:
+    """The measurement keys a results.json stage carries, from one `bench_many` result."""
+    return {k: result.get(k) for k in STAGE_FIELDS}
+
+
 def bench_many(
     models: list[str | os.PathLike],
     *,

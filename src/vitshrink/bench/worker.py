@@ -14,17 +14,7 @@ from typing import Any
 
 import numpy as np
 
-
-def vm_hwm_mb() -> float | None:
-    # VmHWM is this process's own peak; ru_maxrss survives exec and would report a big parent's peak.
-    try:
-        with open("/proc/self/status") as f:
-            for line in f:
-                if line.startswith("VmHWM:"):
-                    return int(line.split()[1]) / 1024
-    except OSError:
-        pass
-    return None
+from vitshrink._proc import peak_rss_mb
 
 
 class _Runner:
@@ -128,7 +118,7 @@ def run(spec: dict[str, Any]) -> dict[str, Any]:
             res["throughput"] = float(1000 / np.median(t))
             res["throughput_batch"] = 1
         results.append(res)
-    return {"results": results, "peak_rss_mb": vm_hwm_mb()}
+    return {"results": results, "peak_rss_mb": peak_rss_mb()}
 
 
 if __name__ == "__main__":

@@ -434,7 +434,7 @@ def measure(
     rounds: int,
 ) -> list[dict[str, Any]]:
     """results.json stage entries: metrics on `split` plus one interleaved benchmark of all artifacts."""
-    from ..bench import bench_many
+    from ..bench import bench_many, stage_fields
 
     records = [
         _with_metrics(r, ctx, root, {"split": split, "limit": limit, "threads": threads}) for r in records
@@ -453,12 +453,7 @@ def measure(
             "model_dir": str(_abs(root, rec["model_dir"])) if rec.get("model_dir") else None,
             "options": rec.get("options", {}),
             **rec["metrics"],
-            "latency_ms": b["latency_ms"],
-            "throughput": b.get("throughput"),
-            "peak_rss_mb": b.get("peak_rss_mb"),
-            "size_mb": b["size_mb"],
-            "params": b["params"],
-            "macs": b["macs"],
+            **stage_fields(b),
             "seconds": rec.get("seconds"),
         }
         if rec["kind"] == "quantize":

@@ -15,6 +15,7 @@ from typing import Any
 import numpy as np
 from PIL import Image, ImageOps
 
+from .._proc import peak_rss_mb
 from ..artifacts import atomic_file, write_json
 from ..errors import DataError
 from .runtime import OnnxModel
@@ -79,18 +80,6 @@ def _palette() -> np.ndarray:
 
 
 PALETTE: np.ndarray = _palette()  # (256, 3) uint8, indexed by class id
-
-
-def peak_rss_mb() -> float | None:
-    """This process's peak resident memory (VmHWM) in MiB; None where /proc is unavailable."""
-    try:
-        with open("/proc/self/status") as f:
-            for line in f:
-                if line.startswith("VmHWM:"):
-                    return round(int(line.split()[1]) / 1024, 1)
-    except OSError:
-        pass
-    return None
 
 
 _SIGNATURES = (
@@ -287,4 +276,9 @@ def predict(
         )
     if errors and not quiet:
         print(f"{len(errors)} of {len(results) + len(errors)} inputs skipped", file=sys.stderr)
-    return {"task": net.task, "results": results, "errors": errors, "peak_rss_mb": peak_rss_mb()}
+    return {
+        "task": net.task,
+        "results": results,
+        "errors": errors,
+        "peak_rss_mb": None if (rss := peak_rss_mb()) is None else round(rss, 1),
+    }

@@ -12,6 +12,7 @@ import io
 import json
 import os
 import warnings
+from collections.abc import Callable
 from pathlib import Path
 from typing import Any
 
@@ -81,7 +82,7 @@ def make_exportable(model: nn.Module) -> nn.Module:
     return model
 
 
-def count_macs(module: nn.Module, example: torch.Tensor) -> int:
+def count_macs(module: Callable[[torch.Tensor], Any], example: torch.Tensor) -> int:
     """MACs of one forward pass from torch's own FLOP counter (FLOPs / 2)."""
     from torch.utils.flop_counter import FlopCounterMode
 

@@ -27,10 +27,13 @@ import torch
 import torch.nn.functional as F
 import torch_pruning as tp
 from torch import nn
-from torch.utils.flop_counter import FlopCounterMode
 from transformers import PreTrainedConfig, PreTrainedModel
 
 from ..errors import ModelError, VitshrinkError
+from ..export import count_macs as _count_macs
+from ..models import (
+    count_params as count_params,
+)  # re-exported: prune.core is where pruning code looks for it
 from .families import GRANULARITIES, Family, family_for
 
 IMPORTANCES = ("magnitude", "taylor", "random")
@@ -38,22 +41,15 @@ _QKV_NAMES = (("q_proj", "k_proj", "v_proj"), ("query", "key", "value"))
 
 
 # -- measuring ------------------------------------------------------------------------------------------
-def count_params(model: nn.Module) -> int:
-    """Number of parameters (shared tensors counted once)."""
-    return sum(p.numel() for p in {id(p): p for p in model.parameters()}.values())
-
-
 @torch.no_grad()
 def count_macs(model: nn.Module, example_inputs: torch.Tensor) -> int:
-    """Multiply-accumulates of one forward pass on `example_inputs` (FlopCounterMode flops / 2)."""
+    """Multiply-accumulates of one forward pass on `example_inputs`, in eval mode."""
     was_training = model.training
     model.eval()
     try:
-        with FlopCounterMode(display=False) as counter:
-            model(pixel_values=example_inputs)
+        return _count_macs(lambda x: model(pixel_values=x), example_inputs)
     finally:
         model.train(was_training)
-    return int(counter.get_total_flops() // 2)
 
 
 # -- pruning --------------------------------------------------------------------------------------------
