@@ -145,9 +145,11 @@ rank, world = dist_info()
 flat = torch.cat([p.detach().flatten() for p in net.parameters()] + [scale.detach().view(1)])
 everyone = [torch.zeros_like(flat) for _ in range(world)]
 dist.all_gather(everyone, flat)
-print(json.dumps({"rank": rank, "world": world, "scale": float(scale),
-                  "max_rank_diff": max(float((t - flat).abs().max()) for t in everyone),
-                  "samples": res["val"]["samples"], "epochs": len(res["history"])}), flush=True)
+# one file per rank: two ranks printing to one pipe can interleave their lines
+with open(f"{sys.argv[2]}/rank{rank}.json", "w") as fh:
+    json.dump({"rank": rank, "world": world, "scale": float(scale),
+               "max_rank_diff": max(float((t - flat).abs().max()) for t in everyone),
+               "samples": res["val"]["samples"], "epochs": len(res["history"])}, fh)
 finish_distributed()
 """
 
@@ -155,8 +157,10 @@ finish_distributed()
 def test_uneven_shards_and_loss_parameters_stay_in_sync(tmp_path: Path) -> None:
     script = tmp_path / "rank.py"
     script.write_text(RANK_SCRIPT)
-    proc = _torchrun([str(script), str(tmp_path / "ckpt")], module=False, timeout=180)
-    recs = [json.loads(line) for line in proc.stdout.splitlines() if line.startswith("{")]
+    out = tmp_path / "out"
+    out.mkdir()
+    _torchrun([str(script), str(tmp_path / "ckpt"), str(out)], module=False, timeout=180)
+    recs = [json.loads(p.read_text()) for p in sorted(out.glob("rank*.json"))]
     assert sorted(r["rank"] for r in recs) == [0, 1] and all(r["world"] == 2 for r in recs)
     for r in recs:
         # every rank holds the same model and the same loss parameter, and that parameter was trained
@@ -164,4 +168,5 @@ def test_uneven_shards_and_loss_parameters_stay_in_sync(tmp_path: Path) -> None:
         assert r["scale"] != 1.0 and r["epochs"] == 2
         assert r["samples"] == 97  # the validation counts are summed over the shards, not padded
     assert recs[0]["scale"] == recs[1]["scale"]
-    assert sorted(p.name for p in tmp_path.iterdir()) == ["ckpt", "rank.py"]  # rank 0 wrote, atomically
+    # rank 0 wrote the checkpoint, atomically: no temp files left beside it
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["ckpt", "out", "rank.py"]
