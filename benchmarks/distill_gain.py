@@ -5,6 +5,11 @@ The same student (same preset, epochs, seed, data subset, lr, batch) is trained 
 scenes. The teacher is the demo's cached one when present (run `vitshrink demo` first), else trained here.
 
     python benchmarks/distill_gain.py [--quick] [--task classification|segmentation|all] [--json out.json]
+        [--reuse-demo DEMO_OUT]
+
+--reuse-demo takes the distilled student from a finished `vitshrink demo --out DEMO_OUT` run instead of
+distilling again, when its recorded options (epochs, lr, seed, limit, losses, augmentation) are this
+benchmark's; only the labels-only student is trained then.
 """
 
 from __future__ import annotations
@@ -23,7 +28,19 @@ from vitshrink.evaluate import evaluate
 from vitshrink.train import train
 
 
-def run(task: str, quick: bool, tmp: Path) -> dict:
+def _demo_student(demo_out: Path | None, task: str, cfg, common: dict) -> Path | None:
+    """The demo's distilled student when it was trained exactly as this benchmark would train it."""
+    d = demo_out / task / "distill" if demo_out else None
+    if d is None or not (d / "vitshrink.json").exists():
+        return None
+    meta = json.loads((d / "vitshrink.json").read_text())
+    opts = meta["history"][-1]["options"]
+    want = {k: common[k] for k in ("epochs", "limit", "lr", "seed", "batch_size")}
+    want |= {"losses": cfg.distill_losses, "augment": True}  # the benchmark's distill runs augmented
+    return d if all(opts.get(k) == v for k, v in want.items()) else None
+
+
+def run(task: str, quick: bool, tmp: Path, demo_out: Path | None = None) -> dict:
     cfg = configs(quick)[task]
     teacher = ensure_teacher(cfg, quiet=True)
     common = dict(
@@ -42,9 +59,11 @@ def run(task: str, quick: bool, tmp: Path) -> dict:
     labels_dir, _ = train(cfg.student, cfg.data, out=tmp / f"{task}-labels", **common)
     t_labels = time.time() - t0
     t0 = time.time()
-    kd_dir, _ = distill(
-        teacher, cfg.student, cfg.data, out=tmp / f"{task}-kd", losses=cfg.distill_losses, **common
-    )
+    kd_dir = _demo_student(demo_out, task, cfg, common)
+    if kd_dir is None:
+        kd_dir, _ = distill(
+            teacher, cfg.student, cfg.data, out=tmp / f"{task}-kd", losses=cfg.distill_losses, **common
+        )
     t_kd = time.time() - t0
     res = {
         "task": task,
@@ -66,6 +85,7 @@ def main() -> None:
     ap.add_argument("--quick", action="store_true")
     ap.add_argument("--threads", type=int)
     ap.add_argument("--json")
+    ap.add_argument("--reuse-demo", type=Path, help="a finished demo's --out: reuse its distilled students")
     a = ap.parse_args()
     if a.threads:
         torch.set_num_threads(a.threads)
@@ -73,7 +93,7 @@ def main() -> None:
     rows = []
     with tempfile.TemporaryDirectory() as tmp:
         for t in tasks:
-            rows.append(run(t, a.quick, Path(tmp)))
+            rows.append(run(t, a.quick, Path(tmp), a.reuse_demo))
     print("| task | metric | teacher | student, labels only | student, distilled | gain |")
     print("| --- | --- | ---: | ---: | ---: | ---: |")
     for r in rows:

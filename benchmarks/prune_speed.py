@@ -20,6 +20,7 @@ machine vary by 30-50%. It also checks what each variant needs to be reloaded: o
 
     PYTHONPATH=src .venv/bin/python benchmarks/prune_speed.py            # full run (< 10 min, 2 cores)
     PYTHONPATH=src .venv/bin/python benchmarks/prune_speed.py --quick    # ratio 0.5 only, fewer rounds
+    ... --depth    # also depth pruning (`prune --depth-ratio`), alone and with width ratio 0.5
 """
 
 from __future__ import annotations
@@ -45,6 +46,7 @@ import transformers as T
 from torch import nn
 
 from vitshrink.prune.core import count_macs, count_params, prune_model
+from vitshrink.prune.depth import drop_blocks
 from vitshrink.prune.families import SwinPatchMergingPruner
 from vitshrink.prune.target import ratio_for_target
 
@@ -276,6 +278,15 @@ def run(args: argparse.Namespace) -> list[Variant]:
                 else:  # e.g. Swin-T: 0.24 and 0.25 both keep 2 of 3 stage-0 heads
                     w.params, w.macs, w.reload = w.same_as.params, w.same_as.macs, w.same_as.reload
                 variants.append(w)
+        for d, w_ratio in DEPTH_RECIPES if args.depth else []:
+            # depth first (blocks ranked on the example input), then widths, as `prune --depth-ratio`
+            model = copy.deepcopy(base)
+            drop_blocks(model, d, [x])
+            if w_ratio:
+                model = prune_model(model, ratio=w_ratio, example_inputs=x)
+            v = Variant(mname, f"ours depth {d:g}", w_ratio)
+            measure(v, model, x)
+            variants.append(v)
     timed = [v for v in variants if v.onnx and v.same_as is None]
     print(
         f"timing {len(timed)} ONNX models: {args.rounds} interleaved rounds x {args.iters} runs, {args.threads} threads",
@@ -283,6 +294,10 @@ def run(args: argparse.Namespace) -> list[Variant]:
     )
     time_all(timed, x.numpy(), args.threads, args.rounds, args.iters)
     return variants
+
+
+# (depth ratio, width ratio) pairs timed with --depth
+DEPTH_RECIPES = [(0.5, 0.0), (0.75, 0.0), (0.5, 0.5), (0.75, 0.5)]
 
 
 def table(variants: list[Variant]) -> str:
@@ -317,6 +332,9 @@ def main() -> None:
         help="ORT intra-op threads; auto = 2, or 1 when the machine is busy (load > 1)",
     )
     ap.add_argument("--no-slim", action="store_true", help="time the raw exported graphs (no onnxslim)")
+    ap.add_argument(
+        "--depth", action="store_true", help="also time depth pruning (+ width 0.5): ours depth D rows"
+    )
     ap.add_argument("--rounds", type=int, default=None)
     ap.add_argument("--iters", type=int, default=None)
     args = ap.parse_args()
@@ -331,10 +349,11 @@ def main() -> None:
     variants = run(args)
     print()
     print(table(variants))
-    ours = [v for v in variants if v.name == "ours" and not v.error]
     base = {v.model: v for v in variants if v.name == "base"}
-    worst = min((base[v.model].latency / v.latency) / (base[v.model].macs / v.macs) for v in ours)
-    print(f"\nworst speed-up / MAC-reduction for ours: {worst:.2f} (target >= 0.6)")
+    for name in sorted({v.name for v in variants if v.name.startswith("ours") and "@" not in v.name}):
+        ours = [v for v in variants if v.name == name and not v.error]
+        worst = min((base[v.model].latency / v.latency) / (base[v.model].macs / v.macs) for v in ours)
+        print(f"worst speed-up / MAC-reduction for {name}: {worst:.2f} (target >= 0.6)")
     print(
         f"ORT threads={args.threads} (load average {load:.1f}), onnxslim={SLIM}, rounds={args.rounds}, iters={args.iters}, "
         f"total {time.time() - t0:.0f}s"

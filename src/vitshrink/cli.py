@@ -217,6 +217,7 @@ def cmd_prune(a: argparse.Namespace) -> None:
         unstructured=a.unstructured,
         latency_table=a.latency_table,
         recover_losses=a.recover_loss,
+        depth_ratio=a.depth_ratio or 0.0,
         quiet=a.quiet,
     )
     print(f"saved {out}")
@@ -411,6 +412,12 @@ def build_parser() -> argparse.ArgumentParser:
         help="global magnitude sparsity S in [0,1) (shrinks compressed files, not dense latency)",
     )
     sp.add_argument("--latency-table", help="JSON {ratio: ms} measured on another device")
+    sp.add_argument(
+        "--depth-ratio",
+        type=_UNIT,
+        help="first remove this fraction of the transformer blocks per stage, least influential first "
+        "(ViT, DeiT, Swin, SegFormer): latency then follows MACs where narrow widths would not",
+    )
     sp.add_argument(
         "--recover-loss",
         default="kd",

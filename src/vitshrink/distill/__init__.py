@@ -210,6 +210,8 @@ def distill(
                 "limit": limit,
                 "seed": seed,
                 "lr": lr,
+                "batch_size": batch_size,
+                "augment": augment,
             },
         )
     return out, metrics

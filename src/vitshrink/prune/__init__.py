@@ -21,6 +21,7 @@ import torch
 
 from ..errors import VitshrinkError
 from .core import IMPORTANCES, count_macs, count_params, prune_model, prune_to_config, pruned_config
+from .depth import drop_blocks
 from .families import GRANULARITIES, family_for, supported_families
 from .sparsity import unstructured_sparsity
 from .target import pruned_architecture, ratio_for_target, ratio_from_latency_table
@@ -72,6 +73,8 @@ def _widths(config: Any) -> dict[str, Any]:
         "mlp_ratios",
         "decoder_hidden_size",
         "auxiliary_channels",
+        "num_hidden_layers",
+        "depths",
     )
     d = config.to_dict()
     out = {k: d[k] for k in keys if k in d}
@@ -105,6 +108,7 @@ def prune(
     data_options: dict[str, Any] | None = None,
     augment: bool = True,
     recover_losses: str | dict[str, float] = "kd",
+    depth_ratio: float = 0.0,
 ) -> tuple[Path, dict[str, Any]]:
     """Prune the model directory MODEL and save the result to OUT; returns (OUT, metrics).
 
@@ -113,7 +117,9 @@ def prune(
     `latency_table`, a JSON {"ratio": latency_ms} measured on the target device). Pruning happens in
     `steps` equal steps; with `recover_epochs` > 0 each step is followed by that many epochs of
     distillation on `data` from the unpruned model (or `teacher`). importance="taylor" needs `data`
-    too. `unstructured` zeroes that fraction of the remaining weights at the very end.
+    too. `unstructured` zeroes that fraction of the remaining weights at the very end. `depth_ratio`
+    first removes that fraction of the transformer blocks of every stage (least influential on sample
+    images first; ViT, DeiT, Swin, SegFormer), before any width pruning or budget search.
     """
     from ..models import load_model, save_model
 
@@ -133,6 +139,8 @@ def prune(
         raise VitshrinkError(f"unstructured sparsity must be in [0, 1), got {unstructured}")
     if importance not in IMPORTANCES:
         raise VitshrinkError(f"unknown importance '{importance}' (choose from {', '.join(IMPORTANCES)})")
+    if not 0.0 <= depth_ratio < 1.0:
+        raise VitshrinkError(f"depth ratio must be in [0, 1), got {depth_ratio}")
 
     net, meta = load_model(model)
     family = family_for(net)
@@ -141,6 +149,15 @@ def prune(
     x = torch.randn(1, pre["channels"], *pre["size"], generator=gen)
     params0, macs0 = count_params(net), count_macs(net, x)
     metrics: dict[str, Any] = {"params_before": params0, "macs_before": macs0}
+
+    unpruned = net
+    if depth_ratio > 0:
+        unpruned = copy.deepcopy(net)  # the recovery teacher when none is given
+        samples = [x]
+        if data is not None:  # real images rank blocks better than noise
+            ds, _ = _datasets(data, meta, limit, seed, data_options)
+            samples = [b for b, _ in _calib_batches(ds, meta)]
+        metrics["depth"] = drop_blocks(net, depth_ratio, samples)
 
     if ratio is None:
         probe = None if latency_table is not None else (lambda m: _torch_latency_ms(m, x))
@@ -163,7 +180,7 @@ def prune(
     if data is not None:
         train_ds, val_ds = _datasets(data, meta, limit, seed, data_options)
     calib = _calib_batches(train_ds, meta) if importance == "taylor" else None
-    kd = _KD(net, meta, teacher, recover_losses) if recover_epochs > 0 else None
+    kd = _KD(unpruned, meta, teacher, recover_losses) if recover_epochs > 0 else None
 
     base_config = copy.deepcopy(net.config)
     recovery: list[dict[str, Any]] = []
@@ -217,6 +234,7 @@ def prune(
         "teacher": str(teacher) if teacher else None,
         "data": data,
         "unstructured": unstructured,
+        "depth_ratio": depth_ratio,
         "latency_table": str(latency_table) if latency_table else None,
     }
     save_model(net, meta, out, stage="prune", options=options, metrics=metrics, parent=model)

@@ -1,0 +1,151 @@
+"""Depth pruning: whole blocks go, least influential first; the result reloads with plain transformers."""
+
+from __future__ import annotations
+
+import json
+
+import pytest
+import torch
+import transformers as T
+
+from vitshrink.errors import UnsupportedFamilyError, VitshrinkError
+from vitshrink.models import build_model, load_model, save_model
+from vitshrink.prune import prune
+from vitshrink.prune.core import count_params, prune_model
+from vitshrink.prune.depth import block_influence, drop_blocks, kept_depth
+
+torch.set_num_threads(1)
+
+
+def _vit(cls=T.ViTForImageClassification, cfg_cls=T.ViTConfig, layers=4):
+    cfg = cfg_cls(
+        hidden_size=32,
+        num_hidden_layers=layers,
+        num_attention_heads=2,
+        intermediate_size=64,
+        image_size=32,
+        patch_size=8,
+        num_labels=5,
+    )
+    return cls(cfg).eval(), 32
+
+
+def _swin():
+    cfg = T.SwinConfig(
+        image_size=32,
+        patch_size=2,
+        embed_dim=16,
+        depths=[2, 4],
+        num_heads=[1, 2],
+        window_size=4,
+        num_labels=3,
+    )
+    return T.SwinForImageClassification(cfg).eval(), 32
+
+
+def _segformer():
+    cfg = T.SegformerConfig(
+        num_encoder_blocks=2,
+        depths=[2, 3],
+        sr_ratios=[2, 1],
+        hidden_sizes=[16, 32],
+        patch_sizes=[3, 3],
+        strides=[2, 2],
+        num_attention_heads=[1, 2],
+        mlp_ratios=[2, 2],
+        decoder_hidden_size=16,
+        num_labels=4,
+    )
+    return T.SegformerForSemanticSegmentation(cfg).eval(), 32
+
+
+FAMILIES = {
+    "vit": _vit,
+    "deit": lambda: _vit(T.DeiTForImageClassification, T.DeiTConfig),
+    "swin": _swin,
+    "segformer": _segformer,
+}
+
+
+def _depths(cfg) -> list[int]:
+    return [cfg.num_hidden_layers] if cfg.model_type in ("vit", "deit") else list(cfg.depths)
+
+
+def test_kept_depth():
+    assert kept_depth(12, 0.75) == 3 and kept_depth(12, 0.5) == 6 and kept_depth(12, 0.0) == 12
+    assert kept_depth(6, 0.75, unit=2) == 2  # Swin-T stage 3: pairs of blocks, never below one pair
+    assert kept_depth(2, 0.9, unit=2) == 2 and kept_depth(1, 0.9) == 1
+
+
+@pytest.mark.parametrize("family", list(FAMILIES))
+def test_drop_blocks_reloads_with_transformers(family, tmp_path):
+    torch.manual_seed(0)
+    model, size = FAMILIES[family]()
+    x = torch.randn(2, 3, size, size)
+    before = _depths(model.config)
+    info = drop_blocks(model, 0.5, [x])
+    after = _depths(model.config)
+    assert after == info["kept"] and sum(after) < sum(before)
+    with torch.no_grad():
+        y = model(pixel_values=x).logits
+    model.save_pretrained(tmp_path)
+    back = type(model).from_pretrained(tmp_path).eval()
+    assert _depths(back.config) == after
+    with torch.no_grad():
+        assert torch.allclose(back(pixel_values=x).logits, y, atol=1e-5)
+
+
+def test_the_block_that_changes_nothing_goes_first():
+    torch.manual_seed(0)
+    model, size = _vit(layers=4)
+    x = torch.randn(2, 3, size, size)
+    # zero both residual branches of block 2: it passes its input through unchanged
+    layers = model.vit.layers
+    for lin in (layers[2].attention.o_proj, layers[2].mlp.fc2):
+        torch.nn.init.zeros_(lin.weight)
+        torch.nn.init.zeros_(lin.bias)
+    scores = block_influence(model, [x])[0]
+    assert scores[2] == pytest.approx(0.0, abs=1e-6) and min(scores[:2] + scores[3:]) > 1e-4
+    kept_ids = [id(m) for i, m in enumerate(layers) if i != 2]
+    info = drop_blocks(model, 0.25, [x])
+    assert info["removed"] == [[2]] and [id(m) for m in model.vit.layers] == kept_ids
+
+
+def test_swin_loses_whole_pairs_and_keeps_the_shift_alternation():
+    torch.manual_seed(0)
+    model, size = _swin()
+    info = drop_blocks(model, 0.5, [torch.randn(2, 3, size, size)])
+    assert info["kept"] == [2, 2]
+    (removed,) = [r for r in info["removed"] if r]
+    assert removed in ([0, 1], [2, 3])
+    for stage in model.swin.encoder.layers:
+        shifts = [b.shift_size for b in stage.blocks]
+        assert shifts[0] == 0 and shifts[1] > 0, shifts
+
+
+def test_depth_then_width_and_the_prune_stage(tmp_path):
+    net, meta = build_model(
+        "vit-micro", image_size=16, num_channels=1, num_labels=3, num_hidden_layers=4, hidden_size=32
+    )
+    save_model(net, meta, tmp_path / "m")
+    params0 = count_params(net)
+    out, m = prune(tmp_path / "m", tmp_path / "p", ratio=0.25, depth_ratio=0.5, quiet=True)
+    back, _ = load_model(out)
+    assert back.config.num_hidden_layers == 2 and m["depth"]["kept"] == [2]
+    assert m["params_after"] == count_params(back) < params0
+    rec = json.loads((out / "vitshrink.json").read_text())["history"][-1]
+    assert rec["options"]["depth_ratio"] == 0.5 and rec["metrics"]["config"]["num_hidden_layers"] == 2
+    # width pruning after depth pruning still checks itself against a fresh model of the final config
+    model, size = _vit(layers=4)
+    drop_blocks(model, 0.5, [torch.randn(1, 3, size, size)])
+    prune_model(model, ratio=0.5, example_inputs=torch.randn(1, 3, size, size))
+    assert model.config.num_hidden_layers == 2 and model.config.hidden_size == 16
+
+
+def test_depth_pruning_errors(tmp_path):
+    model, size = _vit()
+    with pytest.raises(VitshrinkError, match="depth ratio"):
+        drop_blocks(model, 1.0, [torch.randn(1, 3, size, size)])
+    mv = T.MobileViTForImageClassification(T.MobileViTConfig(image_size=32, num_labels=2))
+    with pytest.raises(UnsupportedFamilyError, match="mobilevit"):
+        drop_blocks(mv, 0.5, [torch.randn(1, 3, 32, 32)])
