@@ -40,11 +40,11 @@ def _demo_student(demo_out: Path | None, task: str, cfg, common: dict) -> Path |
     return d if all(opts.get(k) == v for k, v in want.items()) else None
 
 
-def run(task: str, quick: bool, tmp: Path, demo_out: Path | None = None) -> dict:
+def run(task: str, quick: bool, tmp: Path, demo_out: Path | None = None, epochs: int | None = None) -> dict:
     cfg = configs(quick)[task]
     teacher = ensure_teacher(cfg, quiet=True)
     common = dict(
-        epochs=cfg.distill_epochs,
+        epochs=epochs or cfg.distill_epochs,
         limit=cfg.distill_limit,
         lr=cfg.distill_lr,
         batch_size=cfg.batch_size,
@@ -69,7 +69,7 @@ def run(task: str, quick: bool, tmp: Path, demo_out: Path | None = None) -> dict
         "task": task,
         "metric": metric,
         "student": cfg.student,
-        "epochs": cfg.distill_epochs,
+        "epochs": common["epochs"],
         "teacher": evaluate(teacher, cfg.data, **ev)[metric],
         "labels_only": evaluate(labels_dir, cfg.data, **ev)[metric],
         "distilled": evaluate(kd_dir, cfg.data, **ev)[metric],
@@ -85,6 +85,7 @@ def main() -> None:
     ap.add_argument("--quick", action="store_true")
     ap.add_argument("--threads", type=int)
     ap.add_argument("--json")
+    ap.add_argument("--epochs", type=int, help="student epochs for both runs (default: the demo's)")
     ap.add_argument("--reuse-demo", type=Path, help="a finished demo's --out: reuse its distilled students")
     a = ap.parse_args()
     if a.threads:
@@ -93,12 +94,13 @@ def main() -> None:
     rows = []
     with tempfile.TemporaryDirectory() as tmp:
         for t in tasks:
-            rows.append(run(t, a.quick, Path(tmp), a.reuse_demo))
-    print("| task | metric | teacher | student, labels only | student, distilled | gain |")
-    print("| --- | --- | ---: | ---: | ---: | ---: |")
+            rows.append(run(t, a.quick, Path(tmp), a.reuse_demo, a.epochs))
+    print("| task | metric | epochs | teacher | student, labels only | student, distilled | gain |")
+    print("| --- | --- | ---: | ---: | ---: | ---: | ---: |")
     for r in rows:
         print(
-            f"| {r['task']} | {r['metric']} | {r['teacher']:.4f} | {r['labels_only']:.4f} | {r['distilled']:.4f} | {r['gain']:+.4f} |"
+            f"| {r['task']} | {r['metric']} | {r['epochs']} | {r['teacher']:.4f} | {r['labels_only']:.4f} | "
+            f"{r['distilled']:.4f} | {r['gain']:+.4f} |"
         )
     if a.json:
         Path(a.json).write_text(json.dumps(rows, indent=2))
