@@ -40,7 +40,14 @@ def _demo_student(demo_out: Path | None, task: str, cfg, common: dict) -> Path |
     return d if all(opts.get(k) == v for k, v in want.items()) else None
 
 
-def run(task: str, quick: bool, tmp: Path, demo_out: Path | None = None, epochs: int | None = None) -> dict:
+def run(
+    task: str,
+    quick: bool,
+    tmp: Path,
+    demo_out: Path | None = None,
+    epochs: int | None = None,
+    seed: int = 0,
+) -> dict:
     cfg = configs(quick)[task]
     teacher = ensure_teacher(cfg, quiet=True)
     common = dict(
@@ -48,7 +55,7 @@ def run(task: str, quick: bool, tmp: Path, demo_out: Path | None = None, epochs:
         limit=cfg.distill_limit,
         lr=cfg.distill_lr,
         batch_size=cfg.batch_size,
-        seed=0,
+        seed=seed,
         quiet=True,
         data_options=cfg.data_options,
         **cfg.student_overrides,
@@ -86,6 +93,7 @@ def main() -> None:
     ap.add_argument("--threads", type=int)
     ap.add_argument("--json")
     ap.add_argument("--epochs", type=int, help="student epochs for both runs (default: the demo's)")
+    ap.add_argument("--seed", type=int, default=0, help="data order / init seed of both runs")
     ap.add_argument("--reuse-demo", type=Path, help="a finished demo's --out: reuse its distilled students")
     a = ap.parse_args()
     if a.threads:
@@ -94,7 +102,7 @@ def main() -> None:
     rows = []
     with tempfile.TemporaryDirectory() as tmp:
         for t in tasks:
-            rows.append(run(t, a.quick, Path(tmp), a.reuse_demo, a.epochs))
+            rows.append(run(t, a.quick, Path(tmp), a.reuse_demo, a.epochs, a.seed))
     print("| task | metric | epochs | teacher | student, labels only | student, distilled | gain |")
     print("| --- | --- | ---: | ---: | ---: | ---: | ---: |")
     for r in rows:
