@@ -217,7 +217,7 @@ def cmd_prune(a: argparse.Namespace) -> None:
         unstructured=a.unstructured,
         latency_table=a.latency_table,
         recover_losses=a.recover_loss,
-        depth_ratio=a.depth_ratio or 0.0,
+        depth_ratio=a.depth_ratio,
         quiet=a.quiet,
     )
     print(f"saved {out}")
@@ -415,6 +415,7 @@ def build_parser() -> argparse.ArgumentParser:
     sp.add_argument(
         "--depth-ratio",
         type=_UNIT,
+        default=0.0,
         help="first remove this fraction of the transformer blocks per stage, least influential first "
         "(ViT, DeiT, Swin, SegFormer): latency then follows MACs where narrow widths would not",
     )

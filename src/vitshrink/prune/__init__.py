@@ -150,13 +150,16 @@ def prune(
     params0, macs0 = count_params(net), count_macs(net, x)
     metrics: dict[str, Any] = {"params_before": params0, "macs_before": macs0}
 
-    unpruned = net
+    train_ds = val_ds = calib = None
+    if data is not None:  # loaded once: depth ranking, Taylor importance and recovery all use it
+        train_ds, val_ds = _datasets(data, meta, limit, seed, data_options)
+        if importance == "taylor" or depth_ratio > 0:
+            calib = _calib_batches(train_ds, meta)
+
+    unpruned = net  # the model before any pruning: "before" figures and the default recovery teacher
     if depth_ratio > 0:
-        unpruned = copy.deepcopy(net)  # the recovery teacher when none is given
-        samples = [x]
-        if data is not None:  # real images rank blocks better than noise
-            ds, _ = _datasets(data, meta, limit, seed, data_options)
-            samples = [b for b, _ in _calib_batches(ds, meta)]
+        unpruned = copy.deepcopy(net)
+        samples = [b for b, _ in calib] if calib else [x]  # real images rank blocks better than noise
         metrics["depth"] = drop_blocks(net, depth_ratio, samples)
 
     if ratio is None:
@@ -173,13 +176,10 @@ def prune(
             round_to=round_to,
         )
         if target_latency_ms is not None and latency_table is None:
-            metrics["latency_ms_before"] = _torch_latency_ms(net, x)
+            metrics["latency_ms_before"] = _torch_latency_ms(unpruned, x)
     final_config = pruned_config(net, ratio, granularity=granularity, round_to=round_to)  # validates options
 
-    train_ds = val_ds = None
-    if data is not None:
-        train_ds, val_ds = _datasets(data, meta, limit, seed, data_options)
-    calib = _calib_batches(train_ds, meta) if importance == "taylor" else None
+    taylor_batches = calib if importance == "taylor" else None
     kd = _KD(unpruned, meta, teacher, recover_losses) if recover_epochs > 0 else None
 
     base_config = copy.deepcopy(net.config)
@@ -192,7 +192,7 @@ def prune(
             else family.rewrite_config(base_config, r_k, set(granularity), round_to)
         )
         net.cpu()  # graph surgery on CPU (recovery may have moved the model to a GPU)
-        prune_to_config(net, cfg_k, importance=importance, example_inputs=x, calib_batches=calib)
+        prune_to_config(net, cfg_k, importance=importance, example_inputs=x, calib_batches=taylor_batches)
         if not quiet:
             print(f"prune step {k}/{steps}: ratio {r_k:.3f}, {count_params(net) / 1e6:.2f} M params")
         if kd is not None:
