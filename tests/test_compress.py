@@ -109,7 +109,19 @@ BAD_RECIPES = [
     ([{"prune": None, "ratio": 0.2}], "expected one stage name as key"),
     ([], "a recipe needs a non-empty list of stages"),
     ({"stages": [{"export": None}], "evalu_limit": 3}, "unknown key 'evalu_limit'"),
+    ([{"prune": {"ratio": 0.2, "depth_ratio": 1.0}}], "option 'depth_ratio' must be in [0, 1)"),
+    ([{"prune": {"ratio": 0.2, "recover_losses": {"kd": "one"}}}], "must map loss names to numeric weights"),
 ]
+
+
+def test_prune_recipe_takes_depth_and_recovery_losses():
+    stages = load_recipe(
+        [{"prune": {"ratio": 0.25, "depth_ratio": 0.25, "recover_losses": {"kd": 1, "ce": 1}}}]
+    ).stages
+    assert stages[0].options["depth_ratio"] == 0.25 and stages[0].options["recover_losses"] == {
+        "kd": 1,
+        "ce": 1,
+    }
 
 
 @pytest.mark.parametrize("recipe,fragment", BAD_RECIPES)

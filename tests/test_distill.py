@@ -3,6 +3,7 @@ from __future__ import annotations
 import json
 
 import pytest
+import torch
 import transformers as T
 
 from vitshrink.distill import distill
@@ -110,6 +111,70 @@ def test_bad_distill_requests_fail_clearly(tmp_path):
     save_model(teacher, tmeta, tmp_path / "t")
     with pytest.raises(VitshrinkError, match="unknown distillation loss 'kl'"):
         distill(tmp_path / "t", "vit-micro", "fashion-mnist", out=tmp_path / "o", losses="kl")
-    with pytest.raises(VitshrinkError, match="needs augmentation off"):
-        distill(tmp_path / "t", "vit-micro", "fashion-mnist", out=tmp_path / "o", cache_teacher=True)
+    with pytest.raises(VitshrinkError, match="caches logits only"):
+        distill(
+            tmp_path / "t",
+            "vit-micro",
+            "fashion-mnist",
+            out=tmp_path / "o",
+            cache_teacher=True,
+            losses="feature",
+        )
     assert not (tmp_path / "o").exists()
+
+
+def test_cached_teacher_logits_follow_flips_and_shifts(tmp_path):
+    # A segmentation teacher's cache holds the plain and the flipped view; a batch's flips pick the
+    # flipped view and its shift moves the map with the image, so the targets match the teacher run
+    # on the augmented image wherever the shifted mask is valid.
+    from vitshrink.data import AugParams, apply_augment, load_dataset
+    from vitshrink.distill import cached_teacher_logits, teacher_logits_cache
+    from vitshrink.distill.losses import resize_map
+    from vitshrink.models import adapter_for
+    from vitshrink.train import prepare
+
+    torch.manual_seed(0)
+    opts = {"size": 64, "n_train": 6, "n_val": 2, "n_test": 2}
+    # maps are cached at the teacher's own 1/4 resolution and resized to the image before shifting
+    teacher, tmeta = build_model("segformer-micro", image_size=64, num_channels=3, num_labels=14)
+    teacher.eval()
+    ds = load_dataset("aerial", "train", size=64, data_options=opts)
+    cache = teacher_logits_cache(teacher, tmeta, ds, tmp_path / "c.safetensors", flipped=True, quiet=True)
+    assert cache.shape == (2, 6, 14, 16, 16) and cache.dtype == torch.float16
+    idx = torch.tensor([4, 1, 3])
+    aug = AugParams(torch.tensor([True, False, True]), 2, -1)
+    got = cached_teacher_logits(cache, idx, aug, (64, 64))
+    with torch.no_grad():
+        x = apply_augment(ds.images[idx], AugParams(aug.flip, 0, 0), 0)
+        want = adapter_for(teacher).forward_kd(teacher, prepare(x, tmeta, torch.device("cpu")))["logits"]
+    want = apply_augment(resize_map(want.float(), (64, 64)), AugParams(aug.flip, 2, -1), 0.0, flip=False)
+    assert torch.allclose(got, want, atol=2e-2)  # fp16 storage
+    # no augmentation: the plain view; a tight budget stores maps at a lower resolution
+    assert torch.allclose(cached_teacher_logits(cache, idx, None, (64, 64)), cache[0, idx].float())
+    small = teacher_logits_cache(
+        teacher, tmeta, ds, tmp_path / "s.safetensors", flipped=True, budget_bytes=30_000, quiet=True
+    )
+    assert small.shape[-2:] == (8, 8)
+    assert cached_teacher_logits(small, idx, aug, (64, 64)).shape == (3, 14, 64, 64)
+
+
+def test_segmentation_distillation_with_cached_teacher_and_augmentation(tmp_path):
+    opts = {"size": 32, "n_train": 8, "n_val": 4, "n_test": 4}
+    teacher, tmeta = build_model("segformer-micro", image_size=32, num_channels=3, num_labels=14)
+    save_model(teacher, tmeta, tmp_path / "t")
+    out, m = distill(
+        tmp_path / "t",
+        "segformer-micro",
+        "aerial",
+        out=tmp_path / "s",
+        epochs=2,
+        batch_size=4,
+        augment=True,
+        cache_teacher=True,
+        data_options=opts,
+        quiet=True,
+    )
+    assert 0.0 <= m["miou"] <= 1.0
+    opts_rec = json.loads((out / "vitshrink.json").read_text())["history"][-1]["options"]
+    assert opts_rec["cache_teacher"] is True and opts_rec["augment"] is True
+    assert not list(tmp_path.glob("s.teacher-*"))  # the cache only serves --resume; removed at the end

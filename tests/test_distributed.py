@@ -136,7 +136,7 @@ net, meta = build_model("vit-micro", image_size=16, num_channels=1, class_names=
                         hidden_size=32, num_hidden_layers=1, intermediate_size=64)
 scale = torch.nn.Parameter(torch.ones(()))  # a loss-owned parameter, as distillation projections are
 
-def loss_fn(model, x, xb, y, idx):
+def loss_fn(model, x, xb, y, idx, aug):
     return F.cross_entropy(model(pixel_values=x).logits * scale, y)
 
 res = fit(net, meta, ds, ds, epochs=2, batch_size=16, lr=1e-2, loss_fn=loss_fn, extra_params=[scale],

@@ -104,6 +104,7 @@ def cmd_train(a: argparse.Namespace) -> None:
         resume=a.resume,
         seed=a.seed,
         augment=not a.no_augment,
+        amp=a.amp,
         quiet=a.quiet,
         data_options=a.data_opt,
     )
@@ -333,6 +334,12 @@ def build_parser() -> argparse.ArgumentParser:
     sp.add_argument("--seed", type=_number(int, 0), default=0)
     sp.add_argument("--resume", action="store_true", help="continue from OUT.ckpt")
     sp.add_argument("--no-augment", action="store_true", help="no random flips/shifts")
+    sp.add_argument(
+        "--amp",
+        choices=["auto", "on", "off"],
+        default="auto",
+        help="mixed precision: auto = CUDA only; on = also bf16 on CPU (fast on AMX/AVX512-BF16 CPUs)",
+    )
 
     sp = add("eval", cmd_eval, "Evaluate a model directory or ONNX file.")
     sp.add_argument("model")
@@ -384,11 +391,11 @@ def build_parser() -> argparse.ArgumentParser:
     sp.add_argument("--lr", type=_POS_FLOAT, default=1e-3)
     sp.add_argument("--seed", type=_number(int, 0), default=0)
     sp.add_argument("--resume", action="store_true", help="continue from OUT.ckpt")
+    sp.add_argument("--no-augment", action="store_true", help="no random flips/shifts")
     sp.add_argument(
-        "--no-augment", action="store_true", help="no random flips/shifts (needed by --cache-teacher)"
-    )
-    sp.add_argument(
-        "--cache-teacher", action="store_true", help="cache teacher outputs on disk (with augmentation off)"
+        "--cache-teacher",
+        action="store_true",
+        help="compute teacher logits once (plain and flipped view) instead of every step; logit losses only",
     )
 
     sp = add("prune", cmd_prune, "Structured pruning that physically removes heads/neurons/dims/channels.")

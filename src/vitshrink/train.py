@@ -8,6 +8,7 @@ nccl on GPU); rank 0 alone logs and writes.
 
 from __future__ import annotations
 
+import contextlib
 import math
 import os
 import time
@@ -20,7 +21,17 @@ import torch.nn.functional as F
 from torch import nn
 
 from .artifacts import atomic_dir, read_json, write_json
-from .data import IGNORE_INDEX, VisionDataset, augment, describe, load_dataset, normalize, resize_images
+from .data import (
+    IGNORE_INDEX,
+    AugParams,
+    VisionDataset,
+    augment,
+    describe,
+    load_dataset,
+    normalize,
+    resize_images,
+    sample_augment,
+)
 from .errors import VitshrinkError
 from .models import build_model, is_model_dir, load_model, save_model
 from .progress import progress
@@ -62,6 +73,55 @@ def finish_distributed() -> None:
     if torch.distributed.is_available() and torch.distributed.is_initialized():
         torch.distributed.barrier()
         torch.distributed.destroy_process_group()
+
+
+AMP_MODES = ("auto", "on", "off")
+
+
+def native_bf16_cpu() -> bool:
+    """Does this CPU compute bf16 natively (AMX or AVX512-BF16)? Elsewhere bf16 is emulated and slow."""
+    checks = ("_is_amx_tile_supported", "_is_avx512_bf16_supported")
+    return any(bool(getattr(torch.cpu, c, lambda: False)()) for c in checks)
+
+
+def amp_dtype_for(device: torch.device, amp: str | bool = "auto") -> torch.dtype | None:
+    """The autocast dtype for training on `device`, or None for full fp32.
+
+    "auto": CUDA only (bf16 where supported, else fp16). "on": also bf16 on CPU, 2.2-2.8x faster for
+    the demo's 3M-param UperNet-Swin teacher on an AMX CPU, but ~15% slower for a 0.3M-param student
+    whose small ops gain nothing. "off": fp32 everywhere.
+    """
+    amp = {True: "on", False: "off"}.get(amp, amp)  # type: ignore[call-overload]
+    if amp not in AMP_MODES:
+        raise VitshrinkError(f"amp must be one of {', '.join(AMP_MODES)}, got {amp!r}")
+    if amp == "off" or (device.type != "cuda" and amp == "auto"):
+        return None
+    if device.type == "cuda":
+        return torch.bfloat16 if torch.cuda.is_bf16_supported() else torch.float16
+    return torch.bfloat16
+
+
+def inference_autocast(device: torch.device) -> Any:
+    """Autocast for a frozen teacher's forward pass: mixed precision on CUDA and on CPUs with native
+    bf16 (2.3x faster for the demo's aerial teacher, logits within ~1e-2), fp32 elsewhere."""
+    if device.type == "cuda":
+        dtype = torch.bfloat16 if torch.cuda.is_bf16_supported() else torch.float16
+        return torch.autocast("cuda", dtype=dtype)
+    if device.type == "cpu" and native_bf16_cpu():
+        return torch.autocast("cpu", dtype=torch.bfloat16)
+    return contextlib.nullcontext()
+
+
+def floats(obj: Any) -> Any:
+    """Tensors in (nested dicts/lists of) outputs as float32: mixed-precision teacher outputs meet fp32
+    student outputs in the losses."""
+    if isinstance(obj, torch.Tensor):
+        return obj.float() if obj.is_floating_point() else obj
+    if isinstance(obj, dict):
+        return {k: floats(v) for k, v in obj.items()}
+    if isinstance(obj, list | tuple):
+        return type(obj)(floats(v) for v in obj)
+    return obj
 
 
 def all_reduce_sum(t: torch.Tensor) -> torch.Tensor:
@@ -137,8 +197,10 @@ def fit(
     device: torch.device | None = None,
     desc: str = "train",
     on_epoch_end: Callable[[int, dict[str, Any]], None] | None = None,
+    amp: str | bool = "auto",
 ) -> dict[str, Any]:
-    """Train `model` in place. `loss_fn(model, x, x_uint8, targets, indices)` overrides the task loss.
+    """Train `model` in place. `loss_fn(model, x, x_uint8, targets, indices, aug)` overrides the task loss
+    (`aug`: the batch's AugParams, None without augmentation, so cached teacher outputs can follow it).
 
     Returns {"history": [...per-epoch metrics...], "val": last validation metrics}.
     """
@@ -160,9 +222,9 @@ def fit(
         return 0.5 * (1 + math.cos(math.pi * (step - warm) / max(1, total - warm)))
 
     sched = torch.optim.lr_scheduler.LambdaLR(opt, lr_at)
-    use_amp = device.type == "cuda"
-    amp_dtype = torch.bfloat16 if use_amp and torch.cuda.is_bf16_supported() else torch.float16
-    scaler = torch.amp.GradScaler("cuda", enabled=use_amp and amp_dtype == torch.float16)
+    amp_dtype = amp_dtype_for(device, amp)
+    use_amp = amp_dtype is not None
+    scaler = torch.amp.GradScaler("cuda", enabled=device.type == "cuda" and amp_dtype == torch.float16)
     train_model: nn.Module = model
     if world > 1:
         train_model = nn.parallel.DistributedDataParallel(
@@ -193,16 +255,18 @@ def fit(
         for i in bar:
             idx = perm[i : i + batch_size]
             xb, yb = train_ds.images[idx], train_ds.targets[idx]
+            aug: AugParams | None = None
             if do_augment:
-                xb, yb = augment(xb, yb, task, gen)
+                aug = sample_augment(len(idx), xb.shape[-2], gen)
+                xb, yb = augment(xb, yb, task, params=aug)
             x = prepare(xb, meta, device)
             y = yb.to(device)
-            with torch.autocast(device.type, dtype=amp_dtype, enabled=use_amp):
+            with torch.autocast(device.type, dtype=amp_dtype or torch.float32, enabled=use_amp):
                 if loss_fn is None:
                     # Through the (possibly DDP-wrapped) module so gradients are synchronised.
                     loss = task_loss(train_model(pixel_values=x).logits, y, task)
                 else:
-                    loss = loss_fn(train_model, x, xb, y, idx)
+                    loss = loss_fn(train_model, x, xb, y, idx, aug)
             if not torch.isfinite(loss):
                 raise VitshrinkError(
                     f"training diverged (loss {loss.item()}) at epoch {epoch + 1}; lower --lr"
@@ -358,14 +422,17 @@ def train(
     seed: int = 0,
     quiet: bool = False,
     data_options: dict[str, Any] | None = None,
+    amp: str | bool = "auto",
     **model_overrides: Any,
 ) -> tuple[Path, dict[str, Any]]:
     """Train MODEL (preset or directory) on DATA; writes a model directory to OUT.
 
-    Checkpoints go to OUT/checkpoint every epoch; `resume=True` continues from there.
+    Checkpoints go to OUT.ckpt every epoch; `resume=True` continues from there. `amp`: see
+    `amp_dtype_for` ("on" trains large models ~2.5x faster on CPUs with native bf16).
     """
     data_options = dict(data_options or {})
     out = Path(out)
+    amp_dtype_for(default_device(), amp)  # validates before any data is loaded
     if is_model_dir(model):
         meta0 = (
             read_json(Path(model) / "vitshrink.json") if (Path(model) / "vitshrink.json").exists() else None
@@ -403,6 +470,7 @@ def train(
         resume=resume,
         seed=seed,
         quiet=quiet,
+        amp=amp,
     )
     metrics = {**res["val"], "epochs": epochs}
     if dist_info()[0] == 0:
@@ -418,6 +486,7 @@ def train(
                 "lr": lr,
                 "limit": limit,
                 "seed": seed,
+                "amp": amp,
             },
             metrics=metrics,
             parent=model if is_model_dir(model) else None,

@@ -115,6 +115,9 @@ SCHEMA: dict[str, dict[str, Opt]] = {
         "seed": Opt(INT),
         "unstructured": Opt(FLOAT, check=_fraction),
         "latency_table": Opt((str, dict)),
+        "depth_ratio": Opt(FLOAT, check=_fraction),
+        "recover_losses": Opt((str, list, dict), check=_losses),
+        "augment": Opt(BOOL),
     },
     "quantize": {
         "mode": Opt(STR, required=True, choices=QUANT_MODES),

@@ -175,7 +175,8 @@ def run_prune(stage: Stage, ctx: Context, cur: Current, sdir: Path) -> StageResu
         opts["granularity"] = tuple(opts["granularity"])
     if opts.get("recover_epochs"):
         opts["teacher"] = str(ctx.teacher)  # recovery learns from MODEL, the strongest model in the run
-    if opts.get("recover_epochs") or opts.get("importance") == "taylor":
+    if opts.get("recover_epochs") or opts.get("importance") == "taylor" or opts.get("depth_ratio"):
+        # depth pruning ranks blocks on real images when it has them
         opts.update(data=ctx.data, data_options=ctx.data_options)
     out, m = prune(cur.model_dir, sdir / "model", quiet=ctx.quiet, **opts)
     return {"model_dir": Path(out), "artifact": _export(Path(out), sdir / "model.onnx"), "train_metrics": m}

@@ -161,8 +161,39 @@ def normalize(images: torch.Tensor, mean: list[float], std: list[float]) -> torc
     return (x - m) / s
 
 
+@dataclass(frozen=True)
+class AugParams:
+    """One batch's geometric augmentation: per-sample horizontal flips, one shift for the batch."""
+
+    flip: torch.Tensor  # (B,) bool
+    dy: int
+    dx: int
+
+
+def sample_augment(b: int, h: int, generator: torch.Generator | None = None) -> AugParams:
+    flip = torch.rand(b, generator=generator) < 0.5
+    pad = max(1, h // 16)
+    dy, dx = (int(v) for v in torch.randint(-pad, pad + 1, (2,), generator=generator))
+    return AugParams(flip, dy, dx)
+
+
+def apply_augment(t: torch.Tensor, p: AugParams, fill: float, *, flip: bool = True) -> torch.Tensor:
+    """Apply `p` to a batch whose last two dims are (H, W): images, masks or logit maps.
+
+    `flip=False` applies the shift only (for maps that were computed on the flipped view already).
+    """
+    if flip and bool(p.flip.any()):
+        t = t.clone()
+        t[p.flip] = t[p.flip].flip(-1)
+    return _shift(t, p.dy, p.dx, fill)
+
+
 def augment(
-    images: torch.Tensor, targets: torch.Tensor, task: str, generator: torch.Generator | None = None
+    images: torch.Tensor,
+    targets: torch.Tensor,
+    task: str,
+    generator: torch.Generator | None = None,
+    params: AugParams | None = None,
 ) -> tuple[torch.Tensor, torch.Tensor]:
     """Light augmentation on a uint8 batch: horizontal flip and a random shift of up to 1/16 of the size.
 
@@ -171,18 +202,11 @@ def augment(
 
     Segmentation masks get the same geometric transform (padded with the ignore index).
     """
-    b, _, h, w = images.shape
-    flip = torch.rand(b, generator=generator) < 0.5
-    images = images.clone()
-    images[flip] = images[flip].flip(-1)
+    b, _, h, _ = images.shape
+    p = params or sample_augment(b, h, generator)
+    images = apply_augment(images, p, 0)
     if task == "segmentation":
-        targets = targets.clone()
-        targets[flip] = targets[flip].flip(-1)
-    pad = max(1, h // 16)
-    dy, dx = (int(v) for v in torch.randint(-pad, pad + 1, (2,), generator=generator))
-    images = _shift(images, dy, dx, 0)
-    if task == "segmentation":
-        targets = _shift(targets, dy, dx, IGNORE_INDEX)
+        targets = apply_augment(targets, p, IGNORE_INDEX)
     return images, targets
 
 

@@ -2,9 +2,11 @@
 
 Teacher and student may differ in family, width, depth, patch size and input resolution: each gets
 the batch preprocessed its own way (`train.prepare`), and the losses (`distill.losses`) resize logit
-maps, resample token grids and project widths. The teacher runs in eval mode without gradients; with
-augmentation off its logits can be cached on disk (`cache_teacher`) so each epoch costs only the
-student's passes.
+maps, resample token grids and project widths. The teacher runs in eval mode without gradients; its
+logits can be cached on disk (`cache_teacher`) so each epoch costs only the student's passes. The
+cache holds the plain and the flipped view and segmentation maps are shifted with the image, so the
+cached targets follow the augmentation (the teacher's forward pass was ~85 % of an online aerial KD
+epoch: 0.31 s vs 0.05 s for the student's step on a batch of 16).
 """
 
 from __future__ import annotations
@@ -18,38 +20,96 @@ import torch
 import transformers as T
 
 from ..artifacts import atomic_path
-from ..data import load_dataset
+from ..data import AugParams, apply_augment, load_dataset
 from ..errors import VitshrinkError
 from ..models import adapter_for, count_params, is_model_dir, load_model, save_model
 from ..progress import progress
-from ..train import _check_compatible, checkpoint_dir, default_device, dist_info, fit, prepare, resolve_model
-from .losses import LOSSES, build_losses
+from ..train import (
+    _check_compatible,
+    checkpoint_dir,
+    default_device,
+    dist_info,
+    fit,
+    floats,
+    inference_autocast,
+    prepare,
+    resolve_model,
+)
+from .losses import LOSSES, build_losses, resize_map
 
-__all__ = ["distill", "LOSSES", "build_losses", "teacher_logits_cache"]
+__all__ = ["distill", "LOSSES", "build_losses", "cached_teacher_logits", "teacher_logits_cache"]
+
+
+CACHE_BUDGET_BYTES = 512 * 2**20
 
 
 @torch.no_grad()
 def teacher_logits_cache(
-    teacher, t_meta: dict[str, Any], ds, path: Path, *, batch_size: int = 64, device=None, quiet: bool = False
+    teacher,
+    t_meta: dict[str, Any],
+    ds,
+    path: Path,
+    *,
+    batch_size: int = 64,
+    device=None,
+    quiet: bool = False,
+    flipped: bool = False,
+    budget_bytes: int = CACHE_BUDGET_BYTES,
 ) -> torch.Tensor:
-    """Teacher logits for every training sample, computed once and kept on disk (fp16)."""
+    """Teacher logits for every training sample, computed once and kept on disk (fp16).
+
+    Returns (V, N, K) or (V, N, K, h, w) with V = 2 when `flipped` (view 1: the teacher run on the
+    horizontally flipped image, so flip augmentation gets exact teacher outputs). Segmentation maps
+    are stored at the largest resolution (full, 1/2, 1/4 ...) that keeps the cache under
+    `budget_bytes`; users of the cache resize them back (the KD losses resize to the student's map).
+    """
     from safetensors.torch import load_file, save_file
 
+    views = 2 if flipped else 1
     if path.exists():
         cached = load_file(path)["logits"]
-        if cached.shape[0] == len(ds):
+        if cached.shape[:2] == (views, len(ds)):
             return cached
     device = device or default_device()
     adapter = adapter_for(teacher)
     teacher.to(device).eval()
-    parts = []
+    parts: list[list[torch.Tensor]] = [[] for _ in range(views)]
     for i in progress(range(0, len(ds), batch_size), desc="teacher cache", disable=quiet):
-        x = prepare(ds.images[i : i + batch_size], t_meta, device)
-        parts.append(adapter.forward_kd(teacher, x)["logits"].half().cpu())
-    logits = torch.cat(parts)
+        xb = ds.images[i : i + batch_size]
+        for v in range(views):
+            x = prepare(xb.flip(-1) if v else xb, t_meta, device)
+            with inference_autocast(device):
+                y = adapter.forward_kd(teacher, x)["logits"].float()
+            if y.dim() == 4:
+                h, w = y.shape[-2:]
+                per_map = 2 * views * len(ds) * y.shape[1]
+                f = 1
+                while per_map * (h // f) * (w // f) > budget_bytes and min(h, w) // (2 * f) >= 8:
+                    f *= 2
+                if f > 1:
+                    y = torch.nn.functional.interpolate(y, size=(h // f, w // f), mode="area")
+            parts[v].append(y.half().cpu())
+    logits = torch.stack([torch.cat(p) for p in parts])
     with atomic_path(path) as tmp:
-        save_file({"logits": logits}, str(tmp))
+        save_file({"logits": logits.contiguous()}, str(tmp))
     return logits
+
+
+def cached_teacher_logits(
+    cache: torch.Tensor, idx: torch.Tensor, aug: AugParams | None, size: tuple[int, int]
+) -> torch.Tensor:
+    """The cached teacher logits of samples `idx` as seen through this batch's augmentation.
+
+    Flips pick the flipped view (exact). Shifts move segmentation maps with the image (regions
+    shifted in from outside are ignore-labelled, so the losses skip them); a classifier's output is
+    taken as shift-invariant (the demo shifts by at most 1/16 of the image).
+    """
+    if aug is None:
+        return cache[0, idx].float()
+    out = torch.where(aug.flip.view(-1, *[1] * (cache.dim() - 2)), cache[1, idx], cache[0, idx]).float()
+    if out.dim() == 4:
+        out = apply_augment(resize_map(out, size), aug, 0.0, flip=False)
+    return out
 
 
 def distill(
@@ -84,10 +144,6 @@ def distill(
         raise VitshrinkError(f"teacher must be a trained model directory: {teacher}")
     t_model, t_meta = load_model(teacher)
     weights = build_losses(losses).weights  # validates names early, before any data is loaded
-    if cache_teacher and augment:
-        raise VitshrinkError(
-            "--cache-teacher needs augmentation off (cached logits must match the exact inputs)"
-        )
     s_size = image_size or (None if is_model_dir(student) else t_meta["preprocess"]["size"][0])
     if is_model_dir(student):
         s_size = load_model(student)[1]["preprocess"]["size"][0]
@@ -132,30 +188,35 @@ def distill(
             raise VitshrinkError(
                 "--cache-teacher caches logits only; it cannot serve feature/attention losses"
             )
+        # Beside the checkpoint (which is replaced whole on every save); kept until the run ends so
+        # --resume does not recompute it.
         key = hashlib.sha1(
-            f"{teacher}|{data}|{limit}|{seed}|{load_size}|{sorted(data_options.items())}".encode()
+            f"{teacher}|{data}|{limit}|{seed}|{load_size}|{sorted(data_options.items())}|{augment}".encode()
         ).hexdigest()[:12]
+        cache_path = out.with_name(f"{out.name}.teacher-{key}.safetensors")
         cache = teacher_logits_cache(
             t_model,
             t_meta,
             train_ds,
-            checkpoint_dir(out) / f"teacher-{key}.safetensors",
+            cache_path,
             device=device,
             quiet=quiet,
+            flipped=augment,
         )
 
-    def teacher_out(xb: torch.Tensor, idx: torch.Tensor) -> dict[str, Any]:
+    def teacher_out(xb: torch.Tensor, idx: torch.Tensor, aug: AugParams | None = None) -> dict[str, Any]:
         if cache is not None:
-            return {"logits": cache[idx].to(device).float()}
-        with torch.no_grad():
-            return t_adapter.forward_kd(
+            return {"logits": cached_teacher_logits(cache, idx, aug, xb.shape[-2:]).to(device)}
+        with torch.no_grad(), inference_autocast(device):
+            out = t_adapter.forward_kd(
                 t_model, prepare(xb, t_meta, device), features=need_f, attentions=need_a
             )
+        return floats(out)
 
-    def loss_fn(model, x, xb, y, idx):
+    def loss_fn(model, x, xb, y, idx, aug):
         # Under DDP the wrapped module must be called for gradient sync; adapters call model(...).
         s_out = s_adapter.forward_kd(model, x, features=need_f, attentions=need_a)
-        total, _ = combined(s_out, teacher_out(xb, idx), y)
+        total, _ = combined(s_out, teacher_out(xb, idx, aug), y)
         return total
 
     # Materialise lazily built projections before the optimiser is made.
@@ -192,6 +253,8 @@ def distill(
         "student_params": count_params(s_model),
     }
     if dist_info()[0] == 0:
+        if cache is not None:
+            cache_path.unlink(missing_ok=True)
         save_model(
             s_model.cpu(),
             s_meta,
@@ -212,6 +275,7 @@ def distill(
                 "lr": lr,
                 "batch_size": batch_size,
                 "augment": augment,
+                "cache_teacher": cache_teacher,
             },
         )
     return out, metrics

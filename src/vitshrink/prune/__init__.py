@@ -302,7 +302,7 @@ class _KD:
     ) -> dict[str, Any]:
         from ..distill.losses import build_losses
         from ..models import adapter_for
-        from ..train import default_device, fit, prepare
+        from ..train import default_device, fit, floats, inference_autocast, prepare
 
         device = default_device()
         self.teacher.to(device)
@@ -310,12 +310,12 @@ class _KD:
         s_adapter, t_adapter = adapter_for(net), adapter_for(self.teacher)
         labels_only = set(combined.losses) == {"ce"}
 
-        def loss_fn(model, x, xb, y, idx):
+        def loss_fn(model, x, xb, y, idx, aug):
             if labels_only:
                 t_out: dict[str, Any] = {}
             else:
-                with torch.no_grad():
-                    t_out = t_adapter.forward_kd(self.teacher, prepare(xb, self.t_meta, device))
+                with torch.no_grad(), inference_autocast(device):
+                    t_out = floats(t_adapter.forward_kd(self.teacher, prepare(xb, self.t_meta, device)))
             total, _ = combined(s_adapter.forward_kd(model, x), t_out, y)
             return total
 
