@@ -86,6 +86,19 @@ def test_tampered_weights_fail_checksum(tmp_path):
         load_model(tmp_path / "m")
 
 
+def test_edited_config_fails_checksum(tmp_path):
+    model, meta = build_model("vit-micro", image_size=28, num_channels=1, num_labels=3)
+    save_model(model, meta, tmp_path / "m")
+    side = json.loads((tmp_path / "m" / "vitshrink.json").read_text())
+    assert {"config.json", "preprocessor_config.json", "model.safetensors"} <= set(side["checksums"])
+    cfg = tmp_path / "m" / "config.json"
+    edited = cfg.read_text().replace('"num_hidden_layers": 4', '"num_hidden_layers": 3')
+    assert edited != cfg.read_text()
+    cfg.write_text(edited)
+    with pytest.raises(ModelError, match=r"checksum mismatch for .*config\.json"):
+        load_model(tmp_path / "m")
+
+
 def test_unknown_preset_and_missing_model_are_clear(tmp_path):
     with pytest.raises(ModelError, match="unknown model preset 'vit-huge'.*vit-micro"):
         build_model("vit-huge", num_labels=2)

@@ -418,6 +418,31 @@ def test_segmentation_model_keeps_its_output_and_tensorrt_gets_symmetric_qdq(tmp
         quantize_onnx(src, tmp_path / "x.onnx", mode="int8-dynamic", target="tensorrt", quiet=True)
 
 
+def test_mixed_int8_quantizes_convs_that_dynamic_keeps_float(tmp_path: Path) -> None:
+    # SegFormer is conv-heavy (overlapping patch embeddings, sequence reduction, decoder fuse): dynamic
+    # int8 keeps every Conv in float; the mixed path stores them int8 (QDQ) as well.
+    from vitshrink.export import export_onnx
+    from vitshrink.models import build_model, save_model
+
+    torch.manual_seed(0)
+    model, meta = build_model("segformer-micro", image_size=64, num_channels=3, num_labels=4)
+    save_model(model, meta, tmp_path / "seg")
+    src, _ = export_onnx(tmp_path / "seg", tmp_path / "seg.onnx")
+    g = np.random.default_rng(0)
+    calib = [g.standard_normal((1, 3, 64, 64)).astype(np.float32) for _ in range(8)]
+    dyn = quantize_onnx(src, tmp_path / "d.onnx", mode="int8-dynamic", quiet=True)
+    mixed = quantize_onnx(src, tmp_path / "m.onnx", mode="int8-mixed", calib=calib, quiet=True)
+    assert "Conv" in dyn["kept_float"]["op_types"] and "Conv" not in mixed["kept_float"]["op_types"]
+    assert mixed["size_after"] < 0.8 * dyn["size_after"]
+    ops = {n.op_type for n in onnx.load(str(tmp_path / "m.onnx")).graph.node}
+    assert {"MatMulInteger", "QuantizeLinear", "DequantizeLinear"} <= ops or "DynamicQuantizeMatMul" in ops
+    ref = run(src, calib[0])
+    assert agree(ref, run(tmp_path / "m.onnx", calib[0])) >= 0.9
+    # "int8" measures the mixed path alongside dynamic and static
+    auto = quantize_onnx(src, tmp_path / "a.onnx", mode="int8", calib=calib, quiet=True)
+    assert {c["kind"] for c in auto["candidates"]} == {"int8-dynamic", "int8-static", "int8-mixed"}
+
+
 def test_big_models_fall_back_whole_block_parts() -> None:
     from vitshrink.quantize.onnx_quant import _groups
 

@@ -353,6 +353,11 @@ def _random_onnx(a: dict[str, Path], d: Path) -> None:
     (d / "bad.onnx").write_bytes(np.random.default_rng(1).integers(0, 256, 4000, dtype=np.uint8).tobytes())
 
 
+def _mobilevit_model(a: dict[str, Path], d: Path) -> None:
+    net, meta = build_model("mobilevit-micro", image_size=32, num_channels=1, num_labels=3)
+    save_model(net, meta, d / "mv")
+
+
 CASES = [
     # ---- in a fresh interpreter, as a user runs it
     Case(
@@ -565,6 +570,17 @@ CASES = [
         lambda a, d: ["eval", str(d / "m"), "--data", str(a["data"])],
         r"does not support model family 'bert'",
         _bert_dir,
+    ),
+    Case(
+        "missing-onnx",
+        lambda a, d: ["bench", str(d / "gone.onnx")],
+        r"not found: .*gone\.onnx",
+    ),
+    Case(
+        "stage-refuses-family",
+        lambda a, d: ["prune", str(d / "mv"), "--out", str(d / "p"), "--ratio", "0", "--depth-ratio", "0.5"],
+        r"depth pruning does not support model family 'mobilevit' \(supported: vit, deit, swin, segformer\)",
+        _mobilevit_model,
     ),
     Case(
         "onnx-out-suffix",

@@ -435,7 +435,9 @@ def build_parser() -> argparse.ArgumentParser:
     sp = add("quantize", cmd_quantize, "fp16 / int8 quantization (ONNX) with ViT-aware fallbacks.")
     sp.add_argument("model", help="model directory or ONNX file")
     sp.add_argument("--out", required=True)
-    sp.add_argument("--mode", required=True, choices=["fp16", "int8", "int8-dynamic", "int8-static"])
+    sp.add_argument(
+        "--mode", required=True, choices=["fp16", "int8", "int8-dynamic", "int8-static", "int8-mixed"]
+    )
     sp.add_argument("--calib-data")
     sp.add_argument(
         "--calib-method", default="percentile", choices=["minmax", "percentile", "entropy", "distribution"]

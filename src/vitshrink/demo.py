@@ -20,7 +20,7 @@ from dataclasses import asdict, dataclass, field
 from pathlib import Path
 from typing import Any
 
-from .artifacts import write_json
+from .artifacts import atomic_dir, atomic_file, write_json
 from .errors import VitshrinkError
 
 
@@ -227,9 +227,8 @@ def run_task(cfg: TaskConfig, out: Path, *, quick: bool, quiet: bool, threads: i
     # 1. teacher (cached by config)
     cached = ensure_teacher(cfg, quiet=quiet, log=log)
     teacher_dir = out / "teacher"
-    if teacher_dir.exists():
-        shutil.rmtree(teacher_dir)
-    shutil.copytree(cached, teacher_dir)
+    with atomic_dir(teacher_dir) as tmp:  # a killed demo keeps the previous copy, never half of one
+        shutil.copytree(cached, tmp, dirs_exist_ok=True)
     teacher_onnx, _ = export_onnx(teacher_dir, out / "teacher.onnx")
     m = evaluate(teacher_onnx, cfg.data, **ev)
     log(f"teacher: {_fmt(m)}")
@@ -376,7 +375,8 @@ def _examples(
             from PIL import Image
 
             path = ex_dir / f"{i}.png"
-            Image.fromarray(img[:, :, 0]).resize((112, 112), Image.NEAREST).save(path)
+            with atomic_file(path) as f:
+                Image.fromarray(img[:, :, 0]).resize((112, 112), Image.NEAREST).save(f, format="PNG")
             examples.append(
                 {
                     "image": f"examples/{path.name}",
@@ -400,7 +400,8 @@ def _write_summary(out: Path, results: dict[str, Any]) -> None:
             f"  {s['name']:10s} {metric} {s[metric]:.4f} ({s[metric] - base[metric]:+.4f})  p50 {s['latency_ms']['p50']:.2f} ms "
             f"({base['latency_ms']['p50'] / s['latency_ms']['p50']:.1f}x faster)  {s['size_mb']:.2f} MB ({base['size_mb'] / s['size_mb']:.1f}x smaller)"
         )
-    (out / "summary.txt").write_text("\n".join(lines) + "\n")
+    with atomic_file(out / "summary.txt", "w") as f:
+        f.write("\n".join(lines) + "\n")
 
 
 def demo(

@@ -19,6 +19,7 @@ from typing import Any
 import torch
 import torch.nn.functional as F
 from torch import nn
+from torch.utils.data import DistributedSampler
 
 from .artifacts import atomic_dir, read_json, write_json
 from .data import (
@@ -242,11 +243,17 @@ def fit(
     for epoch in range(start_epoch, epochs):
         torch.manual_seed(seed * 1000 + epoch)  # dropout & friends: same stream on resume
         gen = torch.Generator().manual_seed(seed * 1000 + epoch)
-        perm = torch.randperm(len(train_ds), generator=gen)
         if world > 1:
-            # DistributedSampler semantics without a DataLoader: pad by wrapping so every rank takes the
-            # same number of steps (a rank with one batch more would wait forever in DDP's all-reduce).
-            perm = torch.cat([perm, perm[: (-len(perm)) % world]])[rank::world]
+            # torch's DistributedSampler: one shuffled permutation per epoch (same seed on every rank),
+            # padded by wrapping so all ranks take the same number of steps (a rank with one batch more
+            # would wait forever in DDP's all-reduce), then every world-th index.
+            sampler = DistributedSampler(
+                range(len(train_ds)), num_replicas=world, rank=rank, shuffle=True, seed=seed
+            )
+            sampler.set_epoch(epoch)
+            perm = torch.tensor(list(sampler))
+        else:
+            perm = torch.randperm(len(train_ds), generator=gen)
         train_model.train()
         t0, seen, loss_sum = time.time(), 0, torch.zeros(2, dtype=torch.float64)
         bar = progress(

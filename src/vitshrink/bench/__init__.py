@@ -84,10 +84,14 @@ def _worker(spec: dict[str, Any], timeout: float) -> dict[str, Any]:
     env["PYTHONPATH"] = src + (os.pathsep + env["PYTHONPATH"] if env.get("PYTHONPATH") else "")
     if spec.get("threads"):
         env["OMP_NUM_THREADS"] = str(spec["threads"])
+    show = bool(spec.get("progress"))
     try:
+        # With progress on, the worker's stderr (its tqdm bar) goes straight to the terminal; its
+        # errors still come back as JSON on stdout.
         proc = subprocess.run(
             [sys.executable, "-m", "vitshrink.bench.worker", json.dumps(spec)],
-            capture_output=True,
+            stdout=subprocess.PIPE,
+            stderr=None if show else subprocess.PIPE,
             text=True,
             timeout=timeout,
             env=env,
@@ -96,16 +100,15 @@ def _worker(spec: dict[str, Any], timeout: float) -> dict[str, Any]:
         raise VitshrinkError(f"benchmark timed out after {timeout:.0f}s") from None
     lines = [ln for ln in proc.stdout.splitlines() if ln.startswith("{")]
     if not lines:
-        raise VitshrinkError(
-            f"benchmark worker failed: {(proc.stderr.strip().splitlines() or ['no output'])[-1]}"
-        )
+        last = (proc.stderr or "").strip().splitlines() or [f"exit code {proc.returncode}, no output"]
+        raise VitshrinkError(f"benchmark worker failed: {last[-1]}")
     out = json.loads(lines[-1])
     if "error" in out:
         raise VitshrinkError(f"benchmark failed: {out['error']}")
     return out
 
 
-STAGE_FIELDS = ("latency_ms", "throughput", "peak_rss_mb", "size_mb", "params", "macs")
+STAGE_FIELDS = ("latency_ms", "throughput", "throughput_batch", "peak_rss_mb", "size_mb", "params", "macs")
 
 
 def stage_fields(result: dict[str, Any]) -> dict[str, Any]:
@@ -142,15 +145,15 @@ def bench_many(
         "warmup": warmup,
         "device": device,
     }
-    lat = _worker(spec, timeout)
+    lat = _worker({**spec, "progress": not quiet}, timeout)
     out = []
     from ..progress import progress
 
     for p, r in progress(list(zip(paths, lat["results"])), desc="bench memory", disable=quiet):
         res = {**r, **model_stats(p), "threads": threads, "device": device}
-        if len(paths) == 1:
-            res["peak_rss_mb"] = lat["peak_rss_mb"]
-        elif memory:
+        if memory:
+            # Always its own batch-1 process: the same model gets the same figure alone or in a group,
+            # and the latency process's batch-`batch` throughput run does not inflate it.
             mem = _worker({**spec, "models": [p], "runs": 3, "rounds": 1, "warmup": 1, "batch": 1}, timeout)
             res["peak_rss_mb"] = mem["peak_rss_mb"]
         out.append(res)

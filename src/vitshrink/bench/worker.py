@@ -15,6 +15,7 @@ from typing import Any
 import numpy as np
 
 from vitshrink._proc import peak_rss_mb
+from vitshrink.progress import progress  # tqdm only: no torch in the ONNX worker
 
 
 class _Runner:
@@ -89,11 +90,12 @@ def run(spec: dict[str, Any]) -> dict[str, Any]:
     best: list[list[float] | None] = [None] * len(runners)
     # Interleave rounds across models and keep each one's best-median round: single back-to-back
     # runs on shared machines vary by 30-50 %.
-    for _ in range(spec.get("rounds", 3)):
-        for i, (r, x) in enumerate(zip(runners, x1)):
-            t = _time(r, x, spec.get("runs", 20))
-            if best[i] is None or np.median(t) < np.median(best[i]):
-                best[i] = t
+    rounds = spec.get("rounds", 3)
+    steps = [(k, i) for k in range(rounds) for i in range(len(runners))]
+    for _, i in progress(steps, desc="bench latency", disable=not spec.get("progress")):
+        t = _time(runners[i], x1[i], spec.get("runs", 20))
+        if best[i] is None or np.median(t) < np.median(best[i]):
+            best[i] = t
     results = []
     for i, r in enumerate(runners):
         t = np.asarray(best[i])

@@ -29,7 +29,7 @@ from typing import Any
 
 from ..errors import VitshrinkError
 
-QUANT_MODES = ("fp16", "int8-dynamic", "int8-static", "int8")
+QUANT_MODES = ("fp16", "int8-dynamic", "int8-static", "int8-mixed", "int8")
 CALIB_METHODS = ("minmax", "percentile", "entropy", "distribution")
 IMPORTANCES = ("magnitude", "taylor", "random")
 GRANULARITIES = ("heads", "mlp", "embed", "channels")

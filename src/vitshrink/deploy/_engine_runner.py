@@ -171,7 +171,9 @@ def main(argv=None):
             print(f"  {label:<24} {p:.3f}")
     else:
         out = args.out or os.path.splitext(os.path.basename(args.image))[0] + "_mask.png"
-        result["mask"].save(out)
+        tmp = out + ".tmp"  # a killed run never leaves half a PNG under the final name
+        result["mask"].save(tmp, format="PNG")
+        os.replace(tmp, out)
         print(f"{args.image}: mask {img.size[0]}x{img.size[1]} -> {out}")
         for label, frac in sorted(result["class_fractions"].items(), key=lambda kv: -kv[1])[:5]:
             print(f"  {label:<24} {100 * frac:5.1f}%")

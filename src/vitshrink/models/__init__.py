@@ -195,8 +195,12 @@ def save_model(
         )
         for name, obj in (extra_files or {}).items():
             write_json(tmp / name, obj)
+        # Weights and every config (an edited config.json would rebuild a different network around
+        # the same weights); vitshrink.json itself holds the digests.
         meta["checksums"] = {
-            p.name: sha256_file(p) for p in sorted(tmp.iterdir()) if p.suffix == ".safetensors"
+            p.name: sha256_file(p)
+            for p in sorted(tmp.iterdir())
+            if p.suffix in (".safetensors", ".json") and p.name != META_NAME
         }
         write_json(tmp / META_NAME, meta)
     return out

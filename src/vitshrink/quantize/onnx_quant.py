@@ -7,8 +7,8 @@ calibrators and calibration cache). vitshrink adds what ViTs need on top:
   residual Adds and the activation x activation attention MatMuls stay float (outlier channels,
   heavy-tailed softmax; they hold no weights, so int8 would save little and cost accuracy).
 - SmoothQuant-style migration of LayerNorm outlier channels into the next weights (`smooth.py`).
-- "int8": builds the dynamic and the static (QDQ) variant, measures both (metric + single-thread
-  latency), then guarantees `max_drop` by sensitivity-driven fallback: every weight node is quantized
+- "int8": builds the dynamic, the static (QDQ) and, for models with weight Convs, the mixed variant
+  (dynamic MatMuls + QDQ Convs), measures them (metric + single-thread latency), then guarantees `max_drop` by sensitivity-driven fallback: every weight node is quantized
   alone and ranked by the output error it causes; the most sensitive go back to float until the
   metric drop holds. Without `eval_fn`, the metric is top-1 (or per-pixel) agreement with the float
   model on the calibration data, a stricter target than an accuracy drop.
@@ -31,6 +31,7 @@ import onnx
 
 from ..artifacts import atomic_path
 from ..errors import DataError, ModelError, VitshrinkError
+from ..progress import progress
 from ._common import (
     agreement,
     copy_metadata,
@@ -49,8 +50,8 @@ from ._common import (
 from .fp16 import to_fp16
 from .smooth import smooth_model
 
-Mode = Literal["fp16", "int8-dynamic", "int8-static", "int8"]
-MODES = ("fp16", "int8-dynamic", "int8-static", "int8")
+Mode = Literal["fp16", "int8-dynamic", "int8-static", "int8-mixed", "int8"]
+MODES = ("fp16", "int8-dynamic", "int8-static", "int8-mixed", "int8")
 CALIB_METHODS = ("minmax", "percentile", "entropy", "distribution")
 TARGETS = ("cpu", "tensorrt")
 DEFAULT_MAX_DROP = 0.005
@@ -58,6 +59,7 @@ MAX_SENSITIVITY_UNITS = 32  # above this many weight nodes, rank and fall back w
 SENSITIVITY_SAMPLES = 32  # samples used to rank nodes; the final check uses all calibration data
 SMOOTH_ALPHA = 0.5
 SPEED_TIE = 0.05  # latencies within 5% count as equal; the more accurate variant wins
+METRIC_TIE = 1e-3  # then metrics this close count as equal; the smaller file wins
 
 FLOAT_REASONS = {
     "LayerNormalization": "normalisation over outlier channels; a per-tensor int8 scale erases the small channels",
@@ -105,6 +107,7 @@ class _Ctx:
     target: str
     say: Callable[[str], None]
     sample: np.ndarray | None = None  # one batch-1 input (or the fixed batch) for latency
+    quiet: bool = False
     counter: list[int] = field(default_factory=lambda: [0])
     memo: dict[str, float | None] = field(default_factory=dict)
 
@@ -135,8 +138,9 @@ class _Ctx:
 class _Reader:
     """CalibrationDataReader over in-memory batches (ORT duck-types on get_next)."""
 
-    def __init__(self, name: str, batches: list[np.ndarray]) -> None:
-        self._it = iter([{name: b} for b in batches])
+    def __init__(self, name: str, batches: list[np.ndarray], quiet: bool = False) -> None:
+        feeds = [{name: b} for b in batches]
+        self._it = iter(progress(feeds, desc="calibrate", disable=quiet))
         self._n = len(batches)
 
     def get_next(self) -> dict[str, np.ndarray] | None:
@@ -162,7 +166,8 @@ class _Builder:
         self.calib_method = ctx.calib_method
         self.calib_note: str | None = None
         self.cache = ctx.work / f"calib-{kind}-{src.stem}.json"
-        if kind == "int8-dynamic":
+        self.convs: set[str] = set()
+        if kind in ("int8-dynamic", "int8-mixed"):
             if any(n.op_type == "Gemm" for n in weights):
                 # onnxruntime has no dynamic-int8 Gemm, and onnxslim turns every Linear into one.
                 model, _ = gemm_to_matmul(model)
@@ -174,7 +179,12 @@ class _Builder:
             self.op_types = ["MatMul"] if ctx.vit_aware else None
             if "Gemm" in present:
                 self.kept_ops["Gemm"] = GEMM_DYNAMIC_REASON
-            if "Conv" in present and ctx.vit_aware:
+            if kind == "int8-mixed":
+                # Dynamic int8 MatMuls plus static QDQ Convs (fused to QLinearConv): conv-heavy models
+                # (SegFormer / UperNet) keep dynamic int8's speed without float conv weights.
+                self.convs = {n.name for n in weights if n.op_type == "Conv"}
+                self.candidates += sorted(self.convs)
+            elif "Conv" in present and ctx.vit_aware:
                 self.kept_ops["Conv"] = CONV_DYNAMIC_REASON
         elif ctx.vit_aware:
             self.candidates = [n.name for n in weights]
@@ -211,7 +221,9 @@ class _Builder:
 
     def _build(self, out: Path, limit: list[str], exclude: list[str]) -> None:
         with ort_quiet():
-            if self.kind == "int8-dynamic":
+            if self.kind == "int8-mixed":
+                self._mixed(out, limit or [c for c in self.candidates if c not in exclude])
+            elif self.kind == "int8-dynamic":
                 from onnxruntime.quantization import QuantType, quantize_dynamic
 
                 quantize_dynamic(
@@ -227,9 +239,35 @@ class _Builder:
             else:
                 self._static(out, limit, exclude)
 
-    def _static(self, out: Path, limit: list[str], exclude: list[str]) -> None:
+    def _mixed(self, out: Path, chosen: list[str]) -> None:
+        from onnxruntime.quantization import QuantType, quantize_dynamic
+
+        convs = [c for c in chosen if c in self.convs]
+        mms = [c for c in chosen if c not in self.convs]
+        mid = out.with_name(out.stem + "-convs.onnx")
+        if convs:
+            self._static(mid, convs, [], op_types=["Conv"])
+        else:
+            shutil.copyfile(self.src, mid)
+        if mms:
+            quantize_dynamic(
+                mid,
+                out,
+                op_types_to_quantize=["MatMul"],
+                per_channel=self.ctx.per_channel,
+                weight_type=QuantType.QInt8,
+                nodes_to_quantize=mms,
+                extra_options={"MatMulConstBOnly": True},
+            )
+            mid.unlink()
+        else:
+            os.replace(mid, out)
+
+    def _static(
+        self, out: Path, limit: list[str], exclude: list[str], op_types: list[str] | None = None
+    ) -> None:
         try:
-            self._quantize_static(out, limit, exclude)
+            self._quantize_static(out, limit, exclude, op_types)
         except ValueError as e:
             # Histogram calibrators fail on constant tensors ("Too many bins for data range").
             if self.calib_method == "minmax":
@@ -238,9 +276,11 @@ class _Builder:
             self.calib_method = "minmax"
             self.cache.unlink(missing_ok=True)
             self.ctx.say(self.calib_note)
-            self._quantize_static(out, limit, exclude)
+            self._quantize_static(out, limit, exclude, op_types)
 
-    def _quantize_static(self, out: Path, limit: list[str], exclude: list[str]) -> None:
+    def _quantize_static(
+        self, out: Path, limit: list[str], exclude: list[str], op_types: list[str] | None = None
+    ) -> None:
         from onnxruntime.quantization import CalibrationMethod, QuantFormat, QuantType, quantize_static
 
         method = {
@@ -258,9 +298,9 @@ class _Builder:
         quantize_static(
             self.src,
             out,
-            _Reader(self.input_name, self.ctx.batches),
+            _Reader(self.input_name, self.ctx.batches, quiet=self.ctx.quiet),
             quant_format=QuantFormat.QDQ,
-            op_types_to_quantize=self.op_types,
+            op_types_to_quantize=op_types or self.op_types,
             per_channel=self.ctx.per_channel,
             # uint8 activations x int8 weights is onnxruntime's fast CPU path; TensorRT wants symmetric int8.
             activation_type=QuantType.QInt8 if trt else QuantType.QUInt8,
@@ -419,7 +459,7 @@ def _sensitivity(builder: _Builder, ctx: _Ctx) -> list[tuple[list[str], float]]:
         taken += len(sub[-1])
     ref = ctx.ref[:taken]
     scores = []
-    for group in _groups(builder.candidates):
+    for group in progress(_groups(builder.candidates), desc="sensitivity", disable=ctx.quiet):
         path = builder.build(only=group)
         scores.append((group, rel_error(ref, run(path, sub))))
         path.unlink(missing_ok=True)
@@ -487,7 +527,9 @@ def quantize_onnx(
     """Quantize an ONNX model to fp16 / int8 and write it atomically to `dst`; returns a report.
 
     mode: "fp16" (LayerNorm/Softmax kept fp32), "int8-dynamic", "int8-static" (QDQ, needs `calib`),
-    or "int8": vitshrink picks the faster of dynamic and static by measurement and guarantees
+    "int8-mixed" (dynamic MatMuls + static QDQ Convs, needs `calib`), or "int8": vitshrink builds
+    dynamic, static and (for models with weight Convs) mixed, picks the fastest by measurement (near
+    ties: the more accurate, then the smaller file) and guarantees
     `max_drop` (default 0.005) by falling back the most sensitive nodes to float.
     calib: batches of `pixel_values` (float32 NCHW, normalised); at most 256 samples are used.
     eval_fn: path -> task metric (higher is better); without it the metric is agreement with fp32.
@@ -519,7 +561,7 @@ def quantize_onnx(
     original = load_onnx(src)
     _check_float_model(original, src)
     batches = prepare_calib(calib, input_spec(original)[1])
-    if mode in ("int8-static", "int8") and not batches:
+    if mode in ("int8-static", "int8-mixed", "int8") and not batches:
         raise DataError(f"mode '{mode}' needs calibration data; 'int8-dynamic' and 'fp16' work without")
     if mode == "int8" and max_drop is None:
         max_drop = DEFAULT_MAX_DROP
@@ -537,6 +579,7 @@ def quantize_onnx(
         _preprocess(src, pre, original, say)
         ref = run(pre, batches) if batches else None
         ctx = _Ctx(work, batches, ref, eval_fn, None, per_channel, calib_method, vit_aware, target, say)
+        ctx.quiet = quiet
         if batches:
             ctx.sample = batches[0][:1] if input_spec(original)[1][0] in (None, 1) else batches[0]
         ctx.base_metric = (
@@ -630,9 +673,13 @@ def _int8(mode: str, pre: Path, ctx: _Ctx, max_drop: float | None) -> tuple[Path
             "skipped": info["skipped"],
             **({"rejected": info["rejected"]} if "rejected" in info else {}),
         }
-    kinds = {"int8-dynamic": ["int8-dynamic"], "int8-static": ["int8-static"]}.get(
-        mode, ["int8-static"] if ctx.target == "tensorrt" else ["int8-dynamic", "int8-static"]
-    )
+    has_convs = any(n.op_type == "Conv" for n in weight_nodes(onnx.load(str(src))))
+    auto = ["int8-dynamic", "int8-static"] + (["int8-mixed"] if has_convs else [])
+    kinds = {
+        "int8-dynamic": ["int8-dynamic"],
+        "int8-static": ["int8-static"],
+        "int8-mixed": ["int8-mixed"],
+    }.get(mode, ["int8-static"] if ctx.target == "tensorrt" else auto)
     candidates = []
     for kind in kinds:
         builder = _Builder(kind, src, ctx)
@@ -647,15 +694,14 @@ def _int8(mode: str, pre: Path, ctx: _Ctx, max_drop: float | None) -> tuple[Path
     if len(candidates) > 1:
         for c, ms in zip(candidates, latencies_ms([c["path"] for c in candidates], ctx.sample)):
             c["latency_ms"] = ms
-    # Fastest variant wins; near-equal speed goes to the more accurate one.
+    # Fastest variant wins; among near-equal speeds the more accurate, then the smaller file.
     best = candidates[0]
-    for c in candidates[1:]:
-        if (
-            c["latency_ms"] < best["latency_ms"] * (1 - SPEED_TIE)
-            or c["latency_ms"] <= best["latency_ms"] * (1 + SPEED_TIE)
-            and (c["metric"] or 0) > (best["metric"] or 0)
-        ):
-            best = c
+    if len(candidates) > 1:
+        fastest = min(c["latency_ms"] for c in candidates)
+        pool = [c for c in candidates if c["latency_ms"] <= fastest * (1 + SPEED_TIE)]
+        top = max(c["metric"] or 0 for c in pool)
+        pool = [c for c in pool if (c["metric"] or 0) >= top - METRIC_TIE]
+        best = min(pool, key=lambda c: file_size(c["path"]))
     builder = best["builder"]
     kept_nodes = {
         n: f"sensitivity-driven fallback: rel. output error {s} when quantized alone"
@@ -664,10 +710,12 @@ def _int8(mode: str, pre: Path, ctx: _Ctx, max_drop: float | None) -> tuple[Path
     extra.update(
         chosen=builder.kind,
         settings_chosen={
-            "calib_method": builder.calib_method if builder.kind == "int8-static" else None,
+            "calib_method": builder.calib_method if builder.kind != "int8-dynamic" else None,
             **({"calib_note": builder.calib_note} if builder.calib_note else {}),
             "activations": ("int8 symmetric" if ctx.target == "tensorrt" else "uint8")
-            + (" static" if builder.kind == "int8-static" else " dynamic (per batch)"),
+            + {"int8-static": " static", "int8-mixed": " static (Conv) / dynamic (MatMul)"}.get(
+                builder.kind, " dynamic (per batch)"
+            ),
             "weights": "int8 " + ("per-channel" if ctx.per_channel else "per-tensor"),
         },
         quantized_nodes=len(builder.candidates) - len(best["fallback"]),
