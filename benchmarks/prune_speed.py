@@ -10,7 +10,9 @@ Runtime CPU latency of:
            Swin's patch merging), with whole-head pruning: ``BasePruner(..., num_heads={q,k,v: heads},
            prune_num_heads=True, prune_head_dims=False, head_pruning_ratio=ratio,
            pruning_ratio=ratio, ignored_layers=[classifier])``, then the attention attributes patched;
-* ours@tp - ours at the ratio that gives the same parameter count as tp (``ratio_for_target``).
+* ours@tp - ours at the ratio that gives the same parameter count as tp (``ratio_for_target``);
+* ours auto - ``prune --depth-ratio auto``: ours' parameter count split between depth (0/0.25/0.5)
+           and width, the fastest split by PyTorch timing on this machine (``prune.shape``).
 
 Latency: every variant is exported with ``torch.onnx.export(dynamo=False, opset 17)`` and run with
 ``intra_op_num_threads`` threads (2 by default); all sessions live in ONE process and are timed in
@@ -45,9 +47,11 @@ import torch_pruning as tp
 import transformers as T
 from torch import nn
 
+from vitshrink.prune import _torch_latency_ms
 from vitshrink.prune.core import count_macs, count_params, prune_model
 from vitshrink.prune.depth import drop_blocks
 from vitshrink.prune.families import SwinPatchMergingPruner
+from vitshrink.prune.shape import choose_shape
 from vitshrink.prune.target import ratio_for_target
 
 T.utils.logging.set_verbosity_error()
@@ -246,6 +250,20 @@ def run(args: argparse.Namespace) -> list[Variant]:
                 f"{mname} ours r={r}: {v.params / 1e6:.2f} M params, pruned in {time.time() - t0:.1f}s",
                 flush=True,
             )
+            # `prune --depth-ratio auto`: the same parameter budget split between depth and width,
+            # fastest (PyTorch timing on this machine, as prune() measures) wins
+            d, w_auto, _ = choose_shape(
+                base, x, [x], lambda m: _torch_latency_ms(m, x), target_params=v.params
+            )
+            a = Variant(mname, f"ours auto (depth {d:g}, width {w_auto:.2f})", r)
+            if d == 0:
+                a.same_as = v
+                a.params, a.macs, a.reload = v.params, v.macs, v.reload
+            else:
+                model = copy.deepcopy(base)
+                drop_blocks(model, d, [x])
+                measure(a, prune_model(model, ratio=w_auto, example_inputs=x), x)
+            variants.append(a)
             recipes = [("tp", True)] + ([("tp-headdim", False)] if mname.startswith("swin") else [])
             for label, whole in recipes:
                 v = Variant(mname, label, r)
@@ -350,8 +368,12 @@ def main() -> None:
     print()
     print(table(variants))
     base = {v.model: v for v in variants if v.name == "base"}
-    for name in sorted({v.name for v in variants if v.name.startswith("ours") and "@" not in v.name}):
-        ours = [v for v in variants if v.name == name and not v.error]
+
+    def kind(v: Variant) -> str:  # "ours auto (depth 0.5, width 0.41)" -> "ours auto"
+        return v.name.split(" (")[0]
+
+    for name in sorted({kind(v) for v in variants if v.name.startswith("ours") and "@" not in v.name}):
+        ours = [v for v in variants if kind(v) == name and not v.error]
         worst = min((base[v.model].latency / v.latency) / (base[v.model].macs / v.macs) for v in ours)
         print(f"worst speed-up / MAC-reduction for {name}: {worst:.2f} (target >= 0.6)")
     print(

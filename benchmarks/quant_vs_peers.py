@@ -387,12 +387,15 @@ def demo_table(title: str, rows: list[dict[str, Any]]) -> str:
     lines = [
         f"### {title}",
         "",
-        f"| method | {key} | vs fp32 | size MB | latency ms (1 thread) |",
-        "| --- | ---: | ---: | ---: | ---: |",
+        f"| method | {key} | vs fp32 | size MB | size / fp32 | latency ms (1 thread) |",
+        "| --- | ---: | ---: | ---: | ---: | ---: |",
     ]
+    fp32_mb = rows[0]["size_mb"]
     for r in rows:
         lines.append(
-            f"| {r['method']} | {r[key]:.4f} | {r['delta']:+.4f} | {r['size_mb']:.2f} | {r['latency_ms']:.2f} |"
+            f"| {r['method']}{' (' + r['note'].split(',')[0] + ')' if r.get('note') else ''} | {r[key]:.4f} | "
+            f"{r['delta']:+.4f} | {r['size_mb']:.2f} | "
+            f"{r['size_mb'] / fp32_mb:.2f} | {r['latency_ms']:.2f} |"
         )
     return "\n".join(lines) + "\n"
 
@@ -412,7 +415,8 @@ def run_demo_models(demo: Path, work: Path, quick: bool) -> tuple[dict[str, Any]
         cfg = cfgs[task]
         rows = demo_rows(src, cfg.data, cfg.data_options, work, 2000 if task == "classification" else None)
         results[f"demo_{task}_teacher"] = rows
-        md.append(demo_table(f"demo {task} teacher ({cfg.teacher}), {cfg.data} test split", rows))
+        split = "first 2000 test images" if task == "classification" else "test split"
+        md.append(demo_table(f"demo {task} teacher ({cfg.teacher}), {cfg.data} {split}", rows))
     if not quick:
         # DeiT-small shape (384-d, 12 layers, 6 heads), patch 7 on 28x28, a short real training run
         t = time.perf_counter()

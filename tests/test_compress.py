@@ -109,7 +109,10 @@ BAD_RECIPES = [
     ([{"prune": None, "ratio": 0.2}], "expected one stage name as key"),
     ([], "a recipe needs a non-empty list of stages"),
     ({"stages": [{"export": None}], "evalu_limit": 3}, "unknown key 'evalu_limit'"),
-    ([{"prune": {"ratio": 0.2, "depth_ratio": 1.0}}], "option 'depth_ratio' must be in [0, 1)"),
+    (
+        [{"prune": {"ratio": 0.2, "depth_ratio": 1.0}}],
+        "option 'depth_ratio' must be a number in [0, 1) or 'auto'",
+    ),
     ([{"prune": {"ratio": 0.2, "recover_losses": {"kd": "one"}}}], "must map loss names to numeric weights"),
 ]
 

@@ -149,3 +149,39 @@ def test_depth_pruning_errors(tmp_path):
     mv = T.MobileViTForImageClassification(T.MobileViTConfig(image_size=32, num_labels=2))
     with pytest.raises(UnsupportedFamilyError, match="mobilevit"):
         drop_blocks(mv, 0.5, [torch.randn(1, 3, 32, 32)])
+
+
+def test_shape_search_meets_the_budget_and_picks_the_fastest_split():
+    from vitshrink.prune.shape import choose_shape
+    from vitshrink.prune.target import pruned_architecture
+
+    model, size = _vit(layers=4)
+    x = torch.randn(1, 3, size, size)
+    target = count_params(pruned_architecture(model, 0.5, round_to=1))  # fine steps for a toy width
+    # a latency that counts blocks: the deepest cut that still meets the budget wins
+    by_depth = lambda m: float(m.config.num_hidden_layers)  # noqa: E731
+    d, w, rows = choose_shape(model, x, [x], by_depth, target_params=target, round_to=1)
+    assert d == 0.5 and rows[0]["depth_ratio"] == 0.5 and rows[0]["latency_ms"] == 2.0
+    assert {r["depth_ratio"] for r in rows} == {0.0, 0.25, 0.5}
+    for r in rows:  # every candidate meets the same budget, none by far overshooting it
+        assert 0.85 * target <= r["params"] <= target, r
+    # equal speed: the shallower cut (keeps more of the trained network)
+    d, w, _ = choose_shape(model, x, [x], lambda m: 1.0, target_params=target, round_to=1)
+    assert d == 0.0 and w == pytest.approx(0.5, abs=0.02)
+    with pytest.raises(VitshrinkError, match="exactly one"):
+        choose_shape(model, x, [x], by_depth)
+
+
+def test_prune_depth_auto_records_the_choice(tmp_path):
+    net, meta = build_model(
+        "vit-micro", image_size=16, num_channels=1, num_labels=3, num_hidden_layers=4, hidden_size=32
+    )
+    save_model(net, meta, tmp_path / "m")
+    out, m = prune(tmp_path / "m", tmp_path / "p", ratio=0.5, depth_ratio="auto", quiet=True)
+    back, _ = load_model(out)
+    assert m["params_after"] == count_params(back) and len(m["shape_candidates"]) >= 2
+    rec = json.loads((out / "vitshrink.json").read_text())["history"][-1]["options"]
+    assert rec["shape"] == {"depth_ratio": "auto", "ratio": 0.5}
+    assert rec["depth_ratio"] in (0.0, 0.25, 0.5)
+    with pytest.raises(VitshrinkError, match="'auto' needs ratio"):
+        prune(tmp_path / "m", tmp_path / "q", target_latency_ms=1.0, depth_ratio="auto", quiet=True)

@@ -55,6 +55,10 @@ _NONNEG_FLOAT = _number(float, 0)
 _UNIT = _number(float, 0, hi=1)
 
 
+def _unit_or_auto(v: str) -> float | str:
+    return "auto" if v == "auto" else _UNIT(v)
+
+
 def _is_rank0() -> bool:
     """Under torchrun only rank 0 reports results (every rank runs the same command)."""
     return os.environ.get("RANK", "0") == "0"
@@ -421,10 +425,11 @@ def build_parser() -> argparse.ArgumentParser:
     sp.add_argument("--latency-table", help="JSON {ratio: ms} measured on another device")
     sp.add_argument(
         "--depth-ratio",
-        type=_UNIT,
+        type=_unit_or_auto,
         default=0.0,
         help="first remove this fraction of the transformer blocks per stage, least influential first "
-        "(ViT, DeiT, Swin, SegFormer): latency then follows MACs where narrow widths would not",
+        "(ViT, DeiT, Swin, SegFormer): latency then follows MACs where narrow widths would not; 'auto': "
+        "split the budget between depth (0, 0.25, 0.5) and width, fastest measured here wins",
     )
     sp.add_argument(
         "--recover-loss",

@@ -61,6 +61,12 @@ def _fraction(v: Any) -> str | None:
     return None if 0 <= v < 1 else "must be in [0, 1)"
 
 
+def _depth_ratio(v: Any) -> str | None:
+    if isinstance(v, str):
+        return None if v == "auto" else "must be a number in [0, 1) or 'auto'"
+    return None if not isinstance(v, bool) and 0 <= v < 1 else "must be a number in [0, 1) or 'auto'"
+
+
 def _losses(v: Any) -> str | None:
     if isinstance(v, list) and not all(isinstance(x, str) for x in v):
         return "must be a loss name, a list of names or a {name: weight} mapping"
@@ -115,7 +121,7 @@ SCHEMA: dict[str, dict[str, Opt]] = {
         "seed": Opt(INT),
         "unstructured": Opt(FLOAT, check=_fraction),
         "latency_table": Opt((str, dict)),
-        "depth_ratio": Opt(FLOAT, check=_fraction),
+        "depth_ratio": Opt((float, int, str), check=_depth_ratio),
         "recover_losses": Opt((str, list, dict), check=_losses),
         "augment": Opt(BOOL),
     },

@@ -23,6 +23,7 @@ from ..errors import VitshrinkError
 from .core import IMPORTANCES, count_macs, count_params, prune_model, prune_to_config, pruned_config
 from .depth import drop_blocks
 from .families import GRANULARITIES, family_for, supported_families
+from .shape import choose_shape
 from .sparsity import unstructured_sparsity
 from .target import pruned_architecture, ratio_for_target, ratio_from_latency_table
 
@@ -108,7 +109,7 @@ def prune(
     data_options: dict[str, Any] | None = None,
     augment: bool = True,
     recover_losses: str | dict[str, float] = "kd",
-    depth_ratio: float = 0.0,
+    depth_ratio: float | str = 0.0,
 ) -> tuple[Path, dict[str, Any]]:
     """Prune the model directory MODEL and save the result to OUT; returns (OUT, metrics).
 
@@ -120,6 +121,9 @@ def prune(
     too. `unstructured` zeroes that fraction of the remaining weights at the very end. `depth_ratio`
     first removes that fraction of the transformer blocks of every stage (least influential on sample
     images first; ViT, DeiT, Swin, SegFormer), before any width pruning or budget search.
+    `depth_ratio="auto"` splits the budget (the parameters `ratio` leaves, or `target_params` /
+    `target_macs`) between depth and width: each of depth 0, 0.25, 0.5 gets the width ratio meeting
+    the same budget, and the fastest measured here wins (`prune.shape`).
     """
     from ..models import load_model, save_model
 
@@ -139,8 +143,11 @@ def prune(
         raise VitshrinkError(f"unstructured sparsity must be in [0, 1), got {unstructured}")
     if importance not in IMPORTANCES:
         raise VitshrinkError(f"unknown importance '{importance}' (choose from {', '.join(IMPORTANCES)})")
-    if not 0.0 <= depth_ratio < 1.0:
-        raise VitshrinkError(f"depth ratio must be in [0, 1), got {depth_ratio}")
+    auto_shape = depth_ratio == "auto"
+    if auto_shape and target_latency_ms is not None:
+        raise VitshrinkError("depth ratio 'auto' needs ratio, target_params or target_macs")
+    if not auto_shape and not (isinstance(depth_ratio, int | float) and 0.0 <= depth_ratio < 1.0):
+        raise VitshrinkError(f"depth ratio must be in [0, 1) or 'auto', got {depth_ratio!r}")
 
     net, meta = load_model(model)
     family = family_for(net)
@@ -153,13 +160,33 @@ def prune(
     train_ds = val_ds = calib = None
     if data is not None:  # loaded once: depth ranking, Taylor importance and recovery all use it
         train_ds, val_ds = _datasets(data, meta, limit, seed, data_options)
-        if importance == "taylor" or depth_ratio > 0:
+        if importance == "taylor" or auto_shape or depth_ratio > 0:
             calib = _calib_batches(train_ds, meta)
 
     unpruned = net  # the model before any pruning: "before" figures and the default recovery teacher
+    samples = [b for b, _ in calib] if calib else [x]  # real images rank blocks better than noise
+    if auto_shape:
+        if ratio is not None:
+            target_params = count_params(
+                pruned_architecture(net, ratio, granularity=granularity, round_to=round_to)
+            )
+        depth_ratio, ratio, metrics["shape_candidates"] = choose_shape(
+            net,
+            x,
+            samples,
+            lambda m: _torch_latency_ms(m, x),
+            target_params=target_params,
+            target_macs=target_macs,
+            granularity=granularity,
+            round_to=round_to,
+        )
+        target_params = target_macs = None
+        if not quiet:
+            print(
+                f"shape: depth ratio {depth_ratio:g} + width ratio {ratio:.3f} (fastest of {len(metrics['shape_candidates'])})"
+            )
     if depth_ratio > 0:
         unpruned = copy.deepcopy(net)
-        samples = [b for b, _ in calib] if calib else [x]  # real images rank blocks better than noise
         metrics["depth"] = drop_blocks(net, depth_ratio, samples)
 
     if ratio is None:
@@ -237,6 +264,8 @@ def prune(
         "depth_ratio": depth_ratio,
         "latency_table": str(latency_table) if latency_table else None,
     }
+    if auto_shape:  # what was asked; ratio / depth_ratio above are what the shape search chose
+        options["shape"] = {"depth_ratio": "auto", **{k: v for k, v in budgets.items() if v is not None}}
     save_model(net, meta, out, stage="prune", options=options, metrics=metrics, parent=model)
     if not quiet:
         print(
