@@ -135,6 +135,7 @@ def run_task(
     seeds: int,
     controls: bool,
     quiet: bool,
+    prune_kw: dict[str, Any] | None = None,
 ) -> list[dict[str, Any]]:
     """All variants of one task; every recovered variant gets the same budget and, per seed, the same
     training subset and shuffling (prune() draws its subset with its seed, so fine-tuning does too)."""
@@ -180,7 +181,7 @@ def run_task(
             augment=aug,
             seed=seed,
             quiet=quiet,
-            **kw,
+            **{**(prune_kw or {}), **kw},
         )
         return load_model(d)[0]  # scored as reloaded from disk: what a user of `prune` gets
 
@@ -318,7 +319,14 @@ def main() -> None:
     ap.add_argument("--threads", type=int, default=1, help="torch threads (1: the box is shared)")
     ap.add_argument("--verbose", action="store_true", help="show training progress")
     ap.add_argument("--json", type=Path, help="also write the rows as JSON")
+    ap.add_argument("--granularity", help="our pruning axes, e.g. 'auto' (default: prune()'s, all axes)")
+    ap.add_argument("--recover-loss", help="our recovery loss spec, e.g. kd:1,ce:1 (default: prune()'s, kd)")
     a = ap.parse_args()
+    prune_kw: dict[str, Any] = {"granularity": a.granularity} if a.granularity else {}
+    if a.recover_loss:
+        prune_kw["recover_losses"] = dict(
+            (k, float(w)) for k, w in (part.split(":") for part in a.recover_loss.split(","))
+        )
     torch.set_num_threads(a.threads)
     seeds = a.seeds or (1 if a.quick else 2)
 
@@ -356,6 +364,7 @@ def main() -> None:
                     seeds=seeds,
                     controls=a.controls,
                     quiet=not a.verbose,
+                    prune_kw=prune_kw,
                 )
     except VitshrinkError as e:
         print(f"error: {e}")

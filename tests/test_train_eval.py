@@ -34,6 +34,26 @@ def test_onnx_and_pytorch_evaluate_the_same(fmnist_teacher, tmp_path):
 
 
 @needs_fmnist
+def test_int8_on_fashion_mnist_keeps_the_float_accuracy(fmnist_teacher, tmp_path):
+    # The floor for quantization on real data: vitshrink int8 of the 1-epoch teacher stays above
+    # the same floor as the float model and within 0.5 point of it (max_drop guards the val split).
+    from vitshrink.quantize import quantize
+
+    q, rep = quantize(
+        fmnist_teacher,
+        tmp_path / "q.onnx",
+        mode="int8",
+        calib_data="fashion-mnist",
+        max_drop=0.005,
+        quiet=True,
+    )
+    fp32 = evaluate(fmnist_teacher, "fashion-mnist", split="test", limit=2000, quiet=True)["accuracy"]
+    int8 = evaluate(q, "fashion-mnist", split="test", limit=2000, quiet=True)["accuracy"]
+    assert int8 >= FMNIST_ONE_EPOCH_FLOOR and int8 >= fp32 - 0.005, (fp32, int8, rep["chosen"])
+    assert rep["size_after"] < 0.5 * rep["size_before"]
+
+
+@needs_fmnist
 def test_resume_reaches_the_same_result(tmp_path):
     kw = dict(epochs=2, limit=1200, val_limit=300, batch_size=100, quiet=True, seed=3)
     _, straight = train("vit-micro", "fashion-mnist", out=tmp_path / "a", **kw)

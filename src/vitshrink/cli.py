@@ -239,6 +239,7 @@ def cmd_quantize(a: argparse.Namespace) -> None:
         calib_data=a.calib_data,
         calib_method=a.calib_method,
         max_drop=a.max_drop,
+        data_options=a.data_opt,
         quiet=a.quiet,
     )
     print(f"wrote {out}")
@@ -411,7 +412,11 @@ def build_parser() -> argparse.ArgumentParser:
     g.add_argument("--target-latency-ms", type=_POS_FLOAT)
     g.add_argument("--target-macs", type=_POS_INT)
     sp.add_argument("--importance", default="magnitude")
-    sp.add_argument("--granularity", default="heads,mlp,embed,channels")
+    sp.add_argument(
+        "--granularity",
+        default="heads,mlp,embed,channels",
+        help="axes to prune, or 'auto': the subset whose one-shot pruning changes the outputs least",
+    )
     sp.add_argument("--round-to", type=_POS_INT, default=8)
     sp.add_argument("--steps", type=_POS_INT, default=1)
     sp.add_argument("--recover-epochs", type=_NONNEG_FLOAT, default=0)
@@ -443,7 +448,14 @@ def build_parser() -> argparse.ArgumentParser:
     sp.add_argument(
         "--mode", required=True, choices=["fp16", "int8", "int8-dynamic", "int8-static", "int8-mixed"]
     )
-    sp.add_argument("--calib-data")
+    sp.add_argument("--calib-data", help="data SPEC whose validation split calibrates and scores int8")
+    sp.add_argument(
+        "--data-opt",
+        type=_kv,
+        default={},
+        metavar="K=V,..",
+        help="options of the calibration dataset, e.g. size=256 for aerial",
+    )
     sp.add_argument(
         "--calib-method", default="percentile", choices=["minmax", "percentile", "entropy", "distribution"]
     )

@@ -1,8 +1,9 @@
 """`vitshrink demo`: the whole pipeline on embedded data, on a CPU, in minutes.
 
 classification: Fashion-MNIST (Debian package) — ViT teacher → distilled ViT student → pruned → fp16/int8.
-segmentation: generated aerial scenes — UperNet-Swin teacher → UperNet-MobileViT student (the paper's
-pair) → pruned → fp16/int8.
+segmentation: generated aerial scenes — UperNet-Swin teacher → SegFormer student (the paper's
+UperNet-MobileViT student is a preset too; from scratch it is too slow to start for a CPU demo) →
+pruned → fp16/int8.
 
 Trained teachers are cached (``$VITSHRINK_CACHE`` or ``~/.cache/vitshrink/demo``) keyed by their
 config, so a second run reuses them. Every stage's artifact is exported to ONNX and all are benchmarked

@@ -78,6 +78,8 @@ def _losses(v: Any) -> str | None:
 
 
 def _granularity(v: Any) -> str | None:
+    if v == "auto":
+        return None
     parts = v.split(",") if isinstance(v, str) else v
     if not all(isinstance(p, str) for p in parts):
         return f"must be names from {', '.join(GRANULARITIES)}"

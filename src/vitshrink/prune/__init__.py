@@ -20,6 +20,7 @@ from typing import Any
 import torch
 
 from ..errors import VitshrinkError
+from .axes import choose_axes
 from .core import IMPORTANCES, count_macs, count_params, prune_model, prune_to_config, pruned_config
 from .depth import drop_blocks
 from .families import GRANULARITIES, family_for, supported_families
@@ -93,7 +94,7 @@ def prune(
     target_latency_ms: float | None = None,
     target_macs: int | None = None,
     importance: str = "magnitude",
-    granularity: Sequence[str] = GRANULARITIES,
+    granularity: Sequence[str] | str = GRANULARITIES,
     round_to: int = 8,
     steps: int = 1,
     recover_epochs: int = 0,
@@ -121,7 +122,8 @@ def prune(
     too. `unstructured` zeroes that fraction of the remaining weights at the very end. `depth_ratio`
     first removes that fraction of the transformer blocks of every stage (least influential on sample
     images first; ViT, DeiT, Swin, SegFormer), before any width pruning or budget search.
-    `depth_ratio="auto"` splits the budget (the parameters `ratio` leaves, or `target_params` /
+    `granularity="auto"` picks the axes to cut (heads/embed, mlp, channels) by the least output KL of
+    one-shot candidates meeting the same parameter budget (`prune.axes`). `depth_ratio="auto"` splits the budget (the parameters `ratio` leaves, or `target_params` /
     `target_macs`) between depth and width: each of depth 0, 0.25, 0.5 gets the width ratio meeting
     the same budget, and the fastest measured here wins (`prune.shape`).
     """
@@ -144,6 +146,11 @@ def prune(
     if importance not in IMPORTANCES:
         raise VitshrinkError(f"unknown importance '{importance}' (choose from {', '.join(IMPORTANCES)})")
     auto_shape = depth_ratio == "auto"
+    auto_axes = granularity == "auto" or tuple(granularity) == ("auto",)
+    if auto_axes and (auto_shape or target_latency_ms is not None or target_macs is not None):
+        raise VitshrinkError(
+            "granularity 'auto' needs ratio or target_params (and cannot be combined with depth ratio 'auto')"
+        )
     if auto_shape and target_latency_ms is not None:
         raise VitshrinkError("depth ratio 'auto' needs ratio, target_params or target_macs")
     if not auto_shape and not (isinstance(depth_ratio, int | float) and 0.0 <= depth_ratio < 1.0):
@@ -160,11 +167,22 @@ def prune(
     train_ds = val_ds = calib = None
     if data is not None:  # loaded once: depth ranking, Taylor importance and recovery all use it
         train_ds, val_ds = _datasets(data, meta, limit, seed, data_options)
-        if importance == "taylor" or auto_shape or depth_ratio > 0:
+        if importance == "taylor" or auto_shape or auto_axes or depth_ratio > 0:
             calib = _calib_batches(train_ds, meta)
 
     unpruned = net  # the model before any pruning: "before" figures and the default recovery teacher
     samples = [b for b, _ in calib] if calib else [x]  # real images rank blocks better than noise
+    if auto_axes:
+        if ratio is not None:
+            target_params = count_params(pruned_architecture(net, ratio, round_to=round_to))
+        granularity, ratio, metrics["axes_candidates"] = choose_axes(
+            net, x, samples, target_params=target_params, importance=importance, round_to=round_to
+        )
+        target_params = None
+        if not quiet:
+            print(
+                f"axes: {','.join(granularity)} at ratio {ratio:.3f} (least output KL of {len(metrics['axes_candidates'])})"
+            )
     if auto_shape:
         if ratio is not None:
             target_params = count_params(
@@ -264,6 +282,8 @@ def prune(
         "depth_ratio": depth_ratio,
         "latency_table": str(latency_table) if latency_table else None,
     }
+    if auto_axes:  # what was asked; ratio / granularity above are what the axis search chose
+        options["axes"] = {"granularity": "auto", **{k: v for k, v in budgets.items() if v is not None}}
     if auto_shape:  # what was asked; ratio / depth_ratio above are what the shape search chose
         options["shape"] = {"depth_ratio": "auto", **{k: v for k, v in budgets.items() if v is not None}}
     save_model(net, meta, out, stage="prune", options=options, metrics=metrics, parent=model)
