@@ -143,6 +143,9 @@ def run_task(
     epochs = int(cfg.prune_recover_epochs)
     # the demo's prune stage settings, for every recovered variant
     lr, bs, limit, aug = cfg.extra.get("prune_lr", 5e-4), cfg.batch_size, cfg.distill_limit, cfg.augment
+    # ... and its pruning axes / recovery loss where the demo sets them (flags override)
+    names = (("prune_granularity", "granularity"), ("prune_recover_losses", "recover_losses"))
+    demo_kw = {arg: cfg.extra[key] for key, arg in names if key in cfg.extra}
     net0, meta = load_model(model_dir)
     pre = meta["preprocess"]
     x = torch.randn(1, pre["channels"], *pre["size"], generator=torch.Generator().manual_seed(0))
@@ -181,7 +184,7 @@ def run_task(
             augment=aug,
             seed=seed,
             quiet=quiet,
-            **{**(prune_kw or {}), **kw},
+            **{**demo_kw, **(prune_kw or {}), **kw},
         )
         return load_model(d)[0]  # scored as reloaded from disk: what a user of `prune` gets
 

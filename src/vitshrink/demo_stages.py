@@ -25,15 +25,19 @@ def prune_stage(
     from .demo import _stage_record
     from .evaluate import evaluate
     from .export import export_onnx
-    from .prune import prune
+    from .prune import GRANULARITIES, prune
 
+    gran = cfg.extra.get("prune_granularity", GRANULARITIES)
+    what = "the least damaging axes (auto)" if gran == "auto" else "heads/neurons/channels"
     log(
-        f"pruning {cfg.prune_ratio:.0%} of heads/neurons/channels, recovering {cfg.prune_recover_epochs} epoch(s) with distillation"
+        f"pruning the parameters of a {cfg.prune_ratio:.0%} cut of {what}, recovering {cfg.prune_recover_epochs} "
+        "epoch(s) with distillation"
     )
     pdir, pm = prune(
         model_dir,
         out / "prune",
         ratio=cfg.prune_ratio,
+        granularity=gran,
         steps=1,
         recover_epochs=cfg.prune_recover_epochs,
         teacher=teacher_dir,
