@@ -85,20 +85,27 @@ def test_feature_and_attention_kd_across_widths_and_depths(fmnist_teacher, tmp_p
     assert m["student_params"] < m["teacher_params"] and (out / "model.safetensors").exists()
 
 
+AERIAL_TINY = {"size": 32, "n_train": 8, "n_val": 4, "n_test": 4}
+
+
+def _aerial_teacher(tmp_path, preset: str):
+    """An untrained 32-px, 14-class segmentation teacher saved as a model directory."""
+    teacher, tmeta = build_model(preset, image_size=32, num_channels=3, num_labels=14)
+    save_model(teacher, tmeta, tmp_path / "t")
+    return tmp_path / "t"
+
+
 def test_segmentation_distillation_across_families(tmp_path):
     # Swin-backed UperNet teacher -> MobileViT-backed UperNet student (the paper's pair), CWD + KD
-    opts = {"size": 32, "n_train": 8, "n_val": 4, "n_test": 4}
-    teacher, tmeta = build_model("upernet-swin-micro", image_size=32, num_channels=3, num_labels=14)
-    save_model(teacher, tmeta, tmp_path / "t")
     out, m = distill(
-        tmp_path / "t",
+        _aerial_teacher(tmp_path, "upernet-swin-micro"),
         "upernet-mobilevit-micro",
         "aerial",
         out=tmp_path / "s",
         epochs=1,
         batch_size=4,
         losses={"kd": 1.0, "cwd": 1.0},
-        data_options=opts,
+        data_options=AERIAL_TINY,
         quiet=True,
     )
     assert 0.0 <= m["miou"] <= 1.0 and m["student_params"] < m["teacher_params"]
@@ -159,11 +166,8 @@ def test_cached_teacher_logits_follow_flips_and_shifts(tmp_path):
 
 
 def test_segmentation_distillation_with_cached_teacher_and_augmentation(tmp_path):
-    opts = {"size": 32, "n_train": 8, "n_val": 4, "n_test": 4}
-    teacher, tmeta = build_model("segformer-micro", image_size=32, num_channels=3, num_labels=14)
-    save_model(teacher, tmeta, tmp_path / "t")
     out, m = distill(
-        tmp_path / "t",
+        _aerial_teacher(tmp_path, "segformer-micro"),
         "segformer-micro",
         "aerial",
         out=tmp_path / "s",
@@ -171,7 +175,7 @@ def test_segmentation_distillation_with_cached_teacher_and_augmentation(tmp_path
         batch_size=4,
         augment=True,
         cache_teacher=True,
-        data_options=opts,
+        data_options=AERIAL_TINY,
         quiet=True,
     )
     assert 0.0 <= m["miou"] <= 1.0

@@ -34,7 +34,7 @@ from .data import (
     sample_augment,
 )
 from .errors import VitshrinkError
-from .models import build_model, is_model_dir, load_model, save_model
+from .models import adapter_for, build_model, is_model_dir, load_model, save_model
 from .progress import progress
 
 STATE_FILE = "trainer_state.pt"
@@ -105,12 +105,9 @@ def amp_dtype_for(device: torch.device, amp: str | bool = "auto") -> torch.dtype
 def inference_autocast(device: torch.device) -> Any:
     """Autocast for a frozen teacher's forward pass: mixed precision on CUDA and on CPUs with native
     bf16 (2.3x faster for the demo's aerial teacher, logits within ~1e-2), fp32 elsewhere."""
-    if device.type == "cuda":
-        dtype = torch.bfloat16 if torch.cuda.is_bf16_supported() else torch.float16
-        return torch.autocast("cuda", dtype=dtype)
-    if device.type == "cpu" and native_bf16_cpu():
-        return torch.autocast("cpu", dtype=torch.bfloat16)
-    return contextlib.nullcontext()
+    native = device.type == "cuda" or (device.type == "cpu" and native_bf16_cpu())
+    dtype = amp_dtype_for(device, "on") if native else None
+    return torch.autocast(device.type, dtype=dtype) if dtype is not None else contextlib.nullcontext()
 
 
 def floats(obj: Any) -> Any:
@@ -123,6 +120,14 @@ def floats(obj: Any) -> Any:
     if isinstance(obj, list | tuple):
         return type(obj)(floats(v) for v in obj)
     return obj
+
+
+@torch.no_grad()
+def teacher_forward(teacher: nn.Module, x: torch.Tensor, **kw: Any) -> dict[str, Any]:
+    """A frozen teacher's distillation outputs (`Adapter.forward_kd`): no gradients, mixed precision
+    where it is native (`inference_autocast`), float32 out."""
+    with inference_autocast(x.device):
+        return floats(adapter_for(teacher).forward_kd(teacher, x, **kw))
 
 
 def all_reduce_sum(t: torch.Tensor) -> torch.Tensor:

@@ -30,10 +30,9 @@ from ..train import (
     default_device,
     dist_info,
     fit,
-    floats,
-    inference_autocast,
     prepare,
     resolve_model,
+    teacher_forward,
 )
 from .losses import LOSSES, build_losses, resize_map
 
@@ -71,28 +70,34 @@ def teacher_logits_cache(
         if cached.shape[:2] == (views, len(ds)):
             return cached
     device = device or default_device()
-    adapter = adapter_for(teacher)
     teacher.to(device).eval()
     parts: list[list[torch.Tensor]] = [[] for _ in range(views)]
+    stored: tuple[int, int] | None = None  # map size kept, decided on the first batch
     for i in progress(range(0, len(ds), batch_size), desc="teacher cache", disable=quiet):
         xb = ds.images[i : i + batch_size]
         for v in range(views):
-            x = prepare(xb.flip(-1) if v else xb, t_meta, device)
-            with inference_autocast(device):
-                y = adapter.forward_kd(teacher, x)["logits"].float()
+            y = teacher_forward(teacher, prepare(xb.flip(-1) if v else xb, t_meta, device))["logits"]
             if y.dim() == 4:
-                h, w = y.shape[-2:]
-                per_map = 2 * views * len(ds) * y.shape[1]
-                f = 1
-                while per_map * (h // f) * (w // f) > budget_bytes and min(h, w) // (2 * f) >= 8:
-                    f *= 2
-                if f > 1:
-                    y = torch.nn.functional.interpolate(y, size=(h // f, w // f), mode="area")
+                if stored is None:
+                    stored = _cache_map_size(
+                        tuple(y.shape[-2:]), 2 * views * len(ds) * y.shape[1], budget_bytes
+                    )
+                if tuple(y.shape[-2:]) != stored:
+                    y = torch.nn.functional.interpolate(y, size=stored, mode="area")
             parts[v].append(y.half().cpu())
     logits = torch.stack([torch.cat(p) for p in parts])
     with atomic_path(path) as tmp:
         save_file({"logits": logits.contiguous()}, str(tmp))
     return logits
+
+
+def _cache_map_size(hw: tuple[int, int], bytes_per_pixel: int, budget_bytes: int) -> tuple[int, int]:
+    """The largest of full, 1/2, 1/4 ... resolution (never below 8 pixels) whose maps fit the budget."""
+    h, w = hw
+    f = 1
+    while bytes_per_pixel * (h // f) * (w // f) > budget_bytes and min(h, w) // (2 * f) >= 8:
+        f *= 2
+    return h // f, w // f
 
 
 def cached_teacher_logits(
@@ -181,7 +186,7 @@ def distill(
     if need_a:
         for m in (t_model, s_model):
             m.set_attn_implementation("eager")  # attention maps are only returned by eager attention
-    s_adapter, t_adapter = adapter_for(s_model), adapter_for(t_model)
+    s_adapter = adapter_for(s_model)
     cache = None
     if cache_teacher:
         if need_f:
@@ -207,11 +212,7 @@ def distill(
     def teacher_out(xb: torch.Tensor, idx: torch.Tensor, aug: AugParams | None = None) -> dict[str, Any]:
         if cache is not None:
             return {"logits": cached_teacher_logits(cache, idx, aug, xb.shape[-2:]).to(device)}
-        with torch.no_grad(), inference_autocast(device):
-            out = t_adapter.forward_kd(
-                t_model, prepare(xb, t_meta, device), features=need_f, attentions=need_a
-            )
-        return floats(out)
+        return teacher_forward(t_model, prepare(xb, t_meta, device), features=need_f, attentions=need_a)
 
     def loss_fn(model, x, xb, y, idx, aug):
         # Under DDP the wrapped module must be called for gradient sync; adapters call model(...).

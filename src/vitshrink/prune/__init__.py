@@ -123,9 +123,10 @@ def prune(
     first removes that fraction of the transformer blocks of every stage (least influential on sample
     images first; ViT, DeiT, Swin, SegFormer), before any width pruning or budget search.
     `granularity="auto"` picks the axes to cut (heads/embed, mlp, channels) by the least output KL of
-    one-shot candidates meeting the same parameter budget (`prune.axes`). `depth_ratio="auto"` splits the budget (the parameters `ratio` leaves, or `target_params` /
-    `target_macs`) between depth and width: each of depth 0, 0.25, 0.5 gets the width ratio meeting
-    the same budget, and the fastest measured here wins (`prune.shape`).
+    one-shot candidates meeting the same parameter budget (`prune.axes`). `depth_ratio="auto"` splits
+    the budget (the parameters `ratio` leaves, or `target_params` / `target_macs`) between depth and
+    width: each of depth 0, 0.25, 0.5 gets the width ratio meeting the same budget, and the fastest
+    measured here wins (`prune.shape`).
     """
     from ..models import load_model, save_model
 
@@ -282,10 +283,12 @@ def prune(
         "depth_ratio": depth_ratio,
         "latency_table": str(latency_table) if latency_table else None,
     }
-    if auto_axes:  # what was asked; ratio / granularity above are what the axis search chose
-        options["axes"] = {"granularity": "auto", **{k: v for k, v in budgets.items() if v is not None}}
-    if auto_shape:  # what was asked; ratio / depth_ratio above are what the shape search chose
-        options["shape"] = {"depth_ratio": "auto", **{k: v for k, v in budgets.items() if v is not None}}
+    # What was asked; ratio / granularity / depth_ratio above are what the searches chose.
+    asked = {k: v for k, v in budgets.items() if v is not None}
+    if auto_axes:
+        options["axes"] = {"granularity": "auto", **asked}
+    if auto_shape:
+        options["shape"] = {"depth_ratio": "auto", **asked}
     save_model(net, meta, out, stage="prune", options=options, metrics=metrics, parent=model)
     if not quiet:
         print(
@@ -351,20 +354,16 @@ class _KD:
     ) -> dict[str, Any]:
         from ..distill.losses import build_losses
         from ..models import adapter_for
-        from ..train import default_device, fit, floats, inference_autocast, prepare
+        from ..train import default_device, fit, prepare, teacher_forward
 
         device = default_device()
         self.teacher.to(device)
         combined = build_losses(self.losses).to(device)
-        s_adapter, t_adapter = adapter_for(net), adapter_for(self.teacher)
+        s_adapter = adapter_for(net)
         labels_only = set(combined.losses) == {"ce"}
 
         def loss_fn(model, x, xb, y, idx, aug):
-            if labels_only:
-                t_out: dict[str, Any] = {}
-            else:
-                with torch.no_grad(), inference_autocast(device):
-                    t_out = floats(t_adapter.forward_kd(self.teacher, prepare(xb, self.t_meta, device)))
+            t_out = {} if labels_only else teacher_forward(self.teacher, prepare(xb, self.t_meta, device))
             total, _ = combined(s_adapter.forward_kd(model, x), t_out, y)
             return total
 

@@ -8,10 +8,11 @@ calibrators and calibration cache). vitshrink adds what ViTs need on top:
   heavy-tailed softmax; they hold no weights, so int8 would save little and cost accuracy).
 - SmoothQuant-style migration of LayerNorm outlier channels into the next weights (`smooth.py`).
 - "int8": builds the dynamic, the static (QDQ) and, for models with weight Convs, the mixed variant
-  (dynamic MatMuls + QDQ Convs), measures them (metric + single-thread latency), then guarantees `max_drop` by sensitivity-driven fallback: every weight node is quantized
-  alone and ranked by the output error it causes; the most sensitive go back to float until the
-  metric drop holds. Without `eval_fn`, the metric is top-1 (or per-pixel) agreement with the float
-  model on the calibration data, a stricter target than an accuracy drop.
+  (dynamic MatMuls + QDQ Convs), measures them (metric + single-thread latency), then guarantees
+  `max_drop` by sensitivity-driven fallback: every weight node is quantized alone and ranked by the
+  output error it causes; the most sensitive go back to float until the metric drop holds. Without
+  `eval_fn`, the metric is top-1 (or per-pixel) agreement with the float model on the calibration
+  data, a stricter target than an accuracy drop.
 """
 
 from __future__ import annotations
@@ -224,24 +225,27 @@ class _Builder:
             if self.kind == "int8-mixed":
                 self._mixed(out, limit or [c for c in self.candidates if c not in exclude])
             elif self.kind == "int8-dynamic":
-                from onnxruntime.quantization import QuantType, quantize_dynamic
-
-                quantize_dynamic(
-                    self.src,
-                    out,
-                    op_types_to_quantize=self.op_types,
-                    per_channel=self.ctx.per_channel,
-                    weight_type=QuantType.QInt8,
-                    nodes_to_quantize=limit,
-                    nodes_to_exclude=exclude,
-                    extra_options={"MatMulConstBOnly": True},
-                )
+                self._dynamic(self.src, out, self.op_types, limit, exclude)
             else:
                 self._static(out, limit, exclude)
 
-    def _mixed(self, out: Path, chosen: list[str]) -> None:
+    def _dynamic(
+        self, src: Path, out: Path, op_types: list[str] | None, limit: list[str], exclude: list[str]
+    ) -> None:
         from onnxruntime.quantization import QuantType, quantize_dynamic
 
+        quantize_dynamic(
+            src,
+            out,
+            op_types_to_quantize=op_types,
+            per_channel=self.ctx.per_channel,
+            weight_type=QuantType.QInt8,
+            nodes_to_quantize=limit,
+            nodes_to_exclude=exclude,
+            extra_options={"MatMulConstBOnly": True},
+        )
+
+    def _mixed(self, out: Path, chosen: list[str]) -> None:
         convs = [c for c in chosen if c in self.convs]
         mms = [c for c in chosen if c not in self.convs]
         mid = out.with_name(out.stem + "-convs.onnx")
@@ -250,15 +254,7 @@ class _Builder:
         else:
             shutil.copyfile(self.src, mid)
         if mms:
-            quantize_dynamic(
-                mid,
-                out,
-                op_types_to_quantize=["MatMul"],
-                per_channel=self.ctx.per_channel,
-                weight_type=QuantType.QInt8,
-                nodes_to_quantize=mms,
-                extra_options={"MatMulConstBOnly": True},
-            )
+            self._dynamic(mid, out, ["MatMul"], mms, [])
             mid.unlink()
         else:
             os.replace(mid, out)
@@ -578,8 +574,9 @@ def quantize_onnx(
         say("pre-processing (shape inference, graph optimisation)")
         _preprocess(src, pre, original, say)
         ref = run(pre, batches) if batches else None
-        ctx = _Ctx(work, batches, ref, eval_fn, None, per_channel, calib_method, vit_aware, target, say)
-        ctx.quiet = quiet
+        ctx = _Ctx(
+            work, batches, ref, eval_fn, None, per_channel, calib_method, vit_aware, target, say, quiet=quiet
+        )
         if batches:
             ctx.sample = batches[0][:1] if input_spec(original)[1][0] in (None, 1) else batches[0]
         ctx.base_metric = (
@@ -673,13 +670,13 @@ def _int8(mode: str, pre: Path, ctx: _Ctx, max_drop: float | None) -> tuple[Path
             "skipped": info["skipped"],
             **({"rejected": info["rejected"]} if "rejected" in info else {}),
         }
-    has_convs = any(n.op_type == "Conv" for n in weight_nodes(onnx.load(str(src))))
-    auto = ["int8-dynamic", "int8-static"] + (["int8-mixed"] if has_convs else [])
-    kinds = {
-        "int8-dynamic": ["int8-dynamic"],
-        "int8-static": ["int8-static"],
-        "int8-mixed": ["int8-mixed"],
-    }.get(mode, ["int8-static"] if ctx.target == "tensorrt" else auto)
+    if mode != "int8":
+        kinds = [mode]
+    elif ctx.target == "tensorrt":
+        kinds = ["int8-static"]
+    else:
+        has_convs = any(n.op_type == "Conv" for n in weight_nodes(onnx.load(str(src))))
+        kinds = ["int8-dynamic", "int8-static"] + (["int8-mixed"] if has_convs else [])
     candidates = []
     for kind in kinds:
         builder = _Builder(kind, src, ctx)
@@ -691,12 +688,11 @@ def _int8(mode: str, pre: Path, ctx: _Ctx, max_drop: float | None) -> tuple[Path
         res["builder"] = builder
         res["latency_ms"] = None
         candidates.append(res)
-    if len(candidates) > 1:
-        for c, ms in zip(candidates, latencies_ms([c["path"] for c in candidates], ctx.sample)):
-            c["latency_ms"] = ms
     # Fastest variant wins; among near-equal speeds the more accurate, then the smaller file.
     best = candidates[0]
     if len(candidates) > 1:
+        for c, ms in zip(candidates, latencies_ms([c["path"] for c in candidates], ctx.sample)):
+            c["latency_ms"] = ms
         fastest = min(c["latency_ms"] for c in candidates)
         pool = [c for c in candidates if c["latency_ms"] <= fastest * (1 + SPEED_TIE)]
         top = max(c["metric"] or 0 for c in pool)
