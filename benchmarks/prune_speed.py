@@ -47,6 +47,8 @@ import torch_pruning as tp
 import transformers as T
 from torch import nn
 
+from vitshrink.deploy.runtime import session_options
+from vitshrink.export import make_exportable
 from vitshrink.prune import _torch_latency_ms
 from vitshrink.prune.core import count_macs, count_params, prune_model
 from vitshrink.prune.depth import drop_blocks
@@ -171,7 +173,12 @@ def to_onnx(model: nn.Module, x: torch.Tensor, slim: bool = True) -> bytes:
     buf = io.BytesIO()
     with torch.no_grad():
         torch.onnx.export(
-            _Logits(model).eval(), (x,), buf, dynamo=False, opset_version=17, input_names=["pixel_values"]
+            _Logits(make_exportable(model)).eval(),
+            (x,),
+            buf,
+            dynamo=False,
+            opset_version=17,
+            input_names=["pixel_values"],
         )
     if not slim:
         return buf.getvalue()
@@ -209,9 +216,7 @@ def measure(variant: Variant, model: nn.Module, x: torch.Tensor) -> None:
 
 
 def time_all(variants: list[Variant], x: np.ndarray, threads: int, rounds: int, iters: int) -> None:
-    opts = ort.SessionOptions()
-    opts.intra_op_num_threads = threads
-    opts.inter_op_num_threads = 1
+    opts = session_options(threads)  # vitshrink's own: subnormals flushed, as in bench and deploy
     sessions = [(v, ort.InferenceSession(v.onnx, opts, providers=["CPUExecutionProvider"])) for v in variants]
     for _, s in sessions:  # warm-up
         s.run(None, {"pixel_values": x})

@@ -1,5 +1,6 @@
 from __future__ import annotations
 
+import copy
 import json
 
 import onnx
@@ -9,7 +10,7 @@ from torch import nn
 
 from vitshrink.bench import bench, model_stats
 from vitshrink.errors import ModelError, VitshrinkError
-from vitshrink.export import StaticAdaptiveAvgPool2d, export_onnx
+from vitshrink.export import StaticAdaptiveAvgPool2d, export_onnx, make_exportable
 from vitshrink.models import build_model, save_model
 
 FAMILIES = [
@@ -96,3 +97,38 @@ def test_model_stats_rejects_missing_and_corrupt(tmp_path):
     bad.write_bytes(b"\x00garbage")
     with pytest.raises(ModelError, match="not a valid ONNX file"):
         model_stats(bad)
+
+
+def _attention_probs(model: nn.Module, x: torch.Tensor) -> tuple[list[torch.Tensor], torch.Tensor]:
+    probs: list[torch.Tensor] = []
+    hooks = [
+        m.register_forward_hook(lambda mod, args, out: probs.append(out[1]))
+        for m in model.modules()
+        if type(m).__name__ == "SwinAttention"
+    ]
+    with torch.no_grad():
+        logits = model(pixel_values=x).logits
+    for h in hooks:
+        h.remove()
+    return probs, logits
+
+
+def test_exportable_swin_has_no_subnormal_attention_weights():
+    # transformers masks shifted windows with -100: e^-100 is a float32 subnormal (x86's slow path)
+    model, _ = build_model("swin-micro", task="classification", image_size=32, num_channels=3, num_labels=6)
+    model.eval().set_attn_implementation("eager")  # eager attention returns its probabilities
+    x = torch.randn(2, 3, 32, 32) * 3
+    tiny = torch.finfo(torch.float32).tiny
+    before, ref = _attention_probs(model, x)
+    fast = make_exportable(copy.deepcopy(model))
+    after, got = _attention_probs(fast, x)
+    subnormal = [int(((p > 0) & (p < tiny)).sum()) for p in before]
+    assert sum(subnormal) > 0 and subnormal[1] > 0  # block 1 of a stage is the shifted one
+    assert all(int(((p > 0) & (p < tiny)).sum()) == 0 for p in after)
+    assert torch.allclose(got, ref, atol=1e-6)
+    # the patch is bound per block: a copy computes its mask from its own shift, not the original's
+    twin = copy.deepcopy(fast)
+    block = twin.swin.encoder.layers[0].blocks[1]
+    block.shift_size = 0
+    assert block.get_attn_mask(8, 8, torch.float32, torch.device("cpu")) is None
+    assert fast.swin.encoder.layers[0].blocks[1].get_attn_mask(8, 8, torch.float32, "cpu").min() == -1e4

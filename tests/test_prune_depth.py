@@ -73,8 +73,8 @@ def _depths(cfg) -> list[int]:
 
 def test_kept_depth():
     assert kept_depth(12, 0.75) == 3 and kept_depth(12, 0.5) == 6 and kept_depth(12, 0.0) == 12
-    assert kept_depth(6, 0.75, unit=2) == 2  # Swin-T stage 3: pairs of blocks, never below one pair
-    assert kept_depth(2, 0.9, unit=2) == 2 and kept_depth(1, 0.9) == 1
+    assert kept_depth(6, 0.5) == 3 and kept_depth(2, 0.5) == 1  # Swin-T at 0.5: [1, 1, 3, 1]
+    assert kept_depth(2, 0.25) == 2 and kept_depth(1, 0.9) == 1
 
 
 @pytest.mark.parametrize("family", list(FAMILIES))
@@ -111,16 +111,22 @@ def test_the_block_that_changes_nothing_goes_first():
     assert info["removed"] == [[2]] and [id(m) for m in model.vit.layers] == kept_ids
 
 
-def test_swin_loses_whole_pairs_and_keeps_the_shift_alternation():
+def test_swin_loses_pairs_then_its_last_block_and_every_kept_block_keeps_its_shift():
     torch.manual_seed(0)
-    model, size = _swin()
+    model, size = _swin()  # depths [2, 4]
+    shift_of = {id(b): b.shift_size for st in model.swin.encoder.layers for b in st.blocks}
     info = drop_blocks(model, 0.5, [torch.randn(2, 3, size, size)])
-    assert info["kept"] == [2, 2]
-    (removed,) = [r for r in info["removed"] if r]
-    assert removed in ([0, 1], [2, 3])
+    assert info["kept"] == [1, 2]
+    assert info["removed"][0] == [1]  # the shifted block: the plain one keeps position 0
+    assert info["removed"][1] in ([0, 1], [2, 3])  # a whole (plain, shifted) pair
     for stage in model.swin.encoder.layers:
-        shifts = [b.shift_size for b in stage.blocks]
-        assert shifts[0] == 0 and shifts[1] > 0, shifts
+        # from_pretrained shifts block i iff i is odd; the kept weights were trained that way too
+        assert [b.shift_size > 0 for b in stage.blocks] == [i % 2 == 1 for i in range(len(stage.blocks))]
+        assert all(b.shift_size == shift_of[id(b)] for b in stage.blocks)
+
+    model, size = _swin()
+    info = drop_blocks(model, 0.25, [torch.randn(2, 3, size, size)])
+    assert info["kept"] == [2, 3] and info["removed"][1] == [3]  # odd count: the last block only
 
 
 def test_depth_then_width_and_the_prune_stage(tmp_path):

@@ -24,10 +24,9 @@ class _Runner:
         if path.endswith(".onnx"):
             import onnxruntime as ort
 
-            so = ort.SessionOptions()
-            if threads:
-                so.intra_op_num_threads = threads
-                so.inter_op_num_threads = 1
+            from vitshrink.deploy.runtime import session_options
+
+            so = session_options(threads)
             so.graph_optimization_level = ort.GraphOptimizationLevel.ORT_ENABLE_ALL
             providers = (
                 ["CUDAExecutionProvider", "CPUExecutionProvider"]

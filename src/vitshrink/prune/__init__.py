@@ -49,14 +49,22 @@ _CALIB_BATCHES, _CALIB_BATCH_SIZE = 8, 32
 
 
 def _torch_latency_ms(model: torch.nn.Module, x: torch.Tensor, runs: int = 10) -> float:
-    """Median single-batch latency of `model` here (PyTorch eager): the fallback latency probe."""
-    with torch.no_grad():
-        model(pixel_values=x)
-        times = []
-        for _ in range(runs):
-            t0 = time.perf_counter()
+    """Median single-batch latency of `model` here (PyTorch eager): the fallback latency probe.
+
+    Subnormals are flushed while timing, as the exported model and vitshrink's onnxruntime sessions
+    do, so Swin's shifted-window blocks are not timed on x86's subnormal slow path.
+    """
+    torch.set_flush_denormal(True)
+    try:
+        with torch.no_grad():
             model(pixel_values=x)
-            times.append((time.perf_counter() - t0) * 1e3)
+            times = []
+            for _ in range(runs):
+                t0 = time.perf_counter()
+                model(pixel_values=x)
+                times.append((time.perf_counter() - t0) * 1e3)
+    finally:
+        torch.set_flush_denormal(False)
     return statistics.median(times)
 
 

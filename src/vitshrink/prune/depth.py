@@ -8,7 +8,13 @@ latency follows the MAC cut. Written here because Torch-Pruning prunes channels,
 
 Blocks are ranked by Block Influence (ShortGPT, Men et al. 2024): 1 - cos(block input, block output)
 of the residual stream, averaged over sample inputs; the blocks that change it least go. Swin alternates
-plain and shifted-window blocks, so it loses (plain, shifted) pairs and keeps the alternation.
+plain and shifted-window blocks and `from_pretrained` gives block i a shift iff i is odd, so a stage
+loses (plain, shifted) pairs, least influential first, plus its last block when an odd number must go:
+every kept block keeps the shift it was trained with. A 2-block stage can thus keep only its plain
+block (Swin-T at depth 0.5: [1, 1, 3, 1]); windows then mix only through the next patch merging, which
+the recovery fine-tune has to absorb, but the high-resolution stages, where per-block work costs most,
+can finally lose blocks: Swin-T at 2.4-2.9M params runs 1.5x faster with depths [1, 1, 3, 1] than with
+[2, 2, 6, 2] (benchmarks/prune_speed.py).
 """
 
 from __future__ import annotations
@@ -25,27 +31,25 @@ from ..errors import UnsupportedFamilyError, VitshrinkError
 Setter = Callable[[nn.ModuleList], None]
 
 
-def _stages(model: PreTrainedModel) -> tuple[list[tuple[nn.ModuleList, Setter]], int]:
-    """(block list, setter replacing it) per stage of `model`, and the block unit removed at once."""
+def _stages(model: PreTrainedModel) -> tuple[list[tuple[nn.ModuleList, Setter]], bool]:
+    """(block list, setter replacing it) per stage of `model`, and whether blocks come in shift pairs."""
     kind = model.config.model_type
     base = model.base_model
     if kind in ("vit", "deit"):  # transformers 5 keeps the blocks in `layers`, 4.x in `encoder.layer`
         owner, name = (base, "layers") if hasattr(base, "layers") else (base.encoder, "layer")
-        return [(getattr(owner, name), lambda m: setattr(owner, name, m))], 1
+        return [(getattr(owner, name), lambda m: setattr(owner, name, m))], False
     stages = {"swin": lambda: base.encoder.layers, "segformer": lambda: base.stages}.get(kind)
     if stages is not None:
-        unit = 2 if kind == "swin" else 1
-        return [(st.blocks, lambda m, st=st: setattr(st, "blocks", m)) for st in stages()], unit
+        paired = kind == "swin"
+        return [(st.blocks, lambda m, st=st: setattr(st, "blocks", m)) for st in stages()], paired
     raise UnsupportedFamilyError(kind, "depth pruning", ("vit", "deit", "swin", "segformer"))
 
 
-def kept_depth(depth: int, ratio: float, unit: int = 1) -> int:
-    """Blocks a stage of `depth` keeps when `ratio` of them go: whole units, never below one unit."""
-    if ratio <= 0 or depth <= unit:
+def kept_depth(depth: int, ratio: float) -> int:
+    """Blocks a stage of `depth` keeps when `ratio` of them go (rounded, never below one)."""
+    if ratio <= 0:
         return depth
-    units = depth // unit
-    keep = max(1, int(units * (1.0 - ratio) + 0.5))
-    return min(depth, keep * unit + depth % unit)
+    return min(depth, max(1, int(depth * (1.0 - ratio) + 0.5)))
 
 
 @torch.no_grad()
@@ -93,18 +97,24 @@ def drop_blocks(
     """
     if not 0.0 <= ratio < 1.0:
         raise VitshrinkError(f"depth ratio must be in [0, 1), got {ratio}")
-    stages, unit = _stages(model)
+    stages, paired = _stages(model)
     if ratio == 0:
         return {"kept": [len(b) for b, _ in stages], "removed": [[] for _ in stages]}
     influence = block_influence(model, batches)
     kept_depths, removed = [], []
     for (blocks, replace), scores in zip(stages, influence):
         depth = len(blocks)
-        keep = kept_depth(depth, ratio, unit)
-        groups = [list(range(i, min(i + unit, depth))) for i in range(0, depth, unit)]
-        # a unit's influence: its first block's input vs its last block's output ~ sum of its blocks'
-        ranked = sorted(groups, key=lambda g: sum(scores[i] for i in g))
-        drop = {i for g in ranked[: (depth - keep) // unit] for i in g}
+        n_drop = depth - kept_depth(depth, ratio)
+        if paired:
+            # (plain, shifted) pairs ranked by the sum of their blocks' influence; an odd count also
+            # takes the stage's last block, the only single removal that shifts no kept block's parity
+            pairs = [[i, i + 1] for i in range(0, depth - 1, 2)]
+            ranked = sorted(pairs, key=lambda g: scores[g[0]] + scores[g[1]])
+            drop = {i for g in ranked[: n_drop // 2] for i in g}
+            if n_drop % 2:
+                drop.add(max(set(range(depth)) - drop))
+        else:
+            drop = set(sorted(range(depth), key=lambda i: scores[i])[:n_drop])
         kept = [blocks[i] for i in range(depth) if i not in drop]
         replace(nn.ModuleList(kept))
         kept_depths.append(len(kept))

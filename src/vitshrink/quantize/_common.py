@@ -118,10 +118,9 @@ def prepare_calib(calib: Iterable[np.ndarray] | None, shape: Sequence[int | None
 
 
 def session(model: str | os.PathLike | bytes, threads: int = 1) -> ort.InferenceSession:
-    so = ort.SessionOptions()
-    so.intra_op_num_threads = threads
-    so.inter_op_num_threads = 1
-    so.log_severity_level = 3
+    from ..deploy.runtime import session_options
+
+    so = session_options(threads)
     src = model if isinstance(model, bytes) else str(model)
     try:
         return ort.InferenceSession(src, so, providers=["CPUExecutionProvider"])
