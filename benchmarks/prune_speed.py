@@ -54,7 +54,7 @@ from vitshrink.prune.core import count_macs, count_params, prune_model
 from vitshrink.prune.depth import drop_blocks
 from vitshrink.prune.families import SwinPatchMergingPruner
 from vitshrink.prune.shape import choose_shape
-from vitshrink.prune.target import ratio_for_target
+from vitshrink.prune.target import fill_budget, ratio_for_target
 
 T.utils.logging.set_verbosity_error()
 T.utils.logging.disable_progress_bar()
@@ -257,17 +257,18 @@ def run(args: argparse.Namespace) -> list[Variant]:
             )
             # `prune --depth-ratio auto`: the same parameter budget split between depth and width,
             # fastest (PyTorch timing on this machine, as prune() measures) wins
-            d, w_auto, _ = choose_shape(
+            d, w_auto, m_auto, _ = choose_shape(
                 base, x, [x], lambda m: _torch_latency_ms(m, x), target_params=v.params
             )
-            a = Variant(mname, f"ours auto (depth {d:g}, width {w_auto:.2f})", r)
-            if d == 0:
+            mlp = f", MLP {m_auto:.2f}" if m_auto != w_auto else ""
+            a = Variant(mname, f"ours auto (depth {d:g}, width {w_auto:.2f}{mlp})", r)
+            if d == 0 and m_auto == w_auto:
                 a.same_as = v
                 a.params, a.macs, a.reload = v.params, v.macs, v.reload
             else:
                 model = copy.deepcopy(base)
                 drop_blocks(model, d, [x])
-                measure(a, prune_model(model, ratio=w_auto, example_inputs=x), x)
+                measure(a, prune_model(model, ratio=w_auto, ratio_mlp=m_auto, example_inputs=x), x)
             variants.append(a)
             recipes = [("tp", True)] + ([("tp-headdim", False)] if mname.startswith("swin") else [])
             for label, whole in recipes:
@@ -285,8 +286,9 @@ def run(args: argparse.Namespace) -> list[Variant]:
                 )
                 if v.error or abs(v.params - ours_params) <= 0.02 * v.params:
                     continue  # failed, or ours at this ratio already has tp's parameter count
-                r_eq = ratio_for_target(base, x, target_params=v.params)
-                eq = prune_model(copy.deepcopy(base), ratio=r_eq, example_inputs=x)
+                r_eq = ratio_for_target(base, x, target_params=v.params)  # as prune --target-params
+                m_eq = fill_budget(base, r_eq, x, target_params=v.params)
+                eq = prune_model(copy.deepcopy(base), ratio=r_eq, ratio_mlp=m_eq, example_inputs=x)
                 w = Variant(mname, f"ours@{label}", r_eq)
                 w.same_as = next(
                     (

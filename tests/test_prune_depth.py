@@ -166,13 +166,13 @@ def test_shape_search_meets_the_budget_and_picks_the_fastest_split():
     target = count_params(pruned_architecture(model, 0.5, round_to=1))  # fine steps for a toy width
     # a latency that counts blocks: the deepest cut that still meets the budget wins
     by_depth = lambda m: float(m.config.num_hidden_layers)  # noqa: E731
-    d, w, rows = choose_shape(model, x, [x], by_depth, target_params=target, round_to=1)
+    d, w, _, rows = choose_shape(model, x, [x], by_depth, target_params=target, round_to=1)
     assert d == 0.5 and rows[0]["depth_ratio"] == 0.5 and rows[0]["latency_ms"] == 2.0
     assert {r["depth_ratio"] for r in rows} == {0.0, 0.25, 0.5}
     for r in rows:  # every candidate meets the same budget, none by far overshooting it
         assert 0.85 * target <= r["params"] <= target, r
     # equal speed: the shallower cut (keeps more of the trained network)
-    d, w, _ = choose_shape(model, x, [x], lambda m: 1.0, target_params=target, round_to=1)
+    d, w, _, _ = choose_shape(model, x, [x], lambda m: 1.0, target_params=target, round_to=1)
     assert d == 0.0 and w == pytest.approx(0.5, abs=0.02)
     with pytest.raises(VitshrinkError, match="exactly one"):
         choose_shape(model, x, [x], by_depth)
@@ -191,3 +191,28 @@ def test_prune_depth_auto_records_the_choice(tmp_path):
     assert rec["depth_ratio"] in (0.0, 0.25, 0.5)
     with pytest.raises(VitshrinkError, match="'auto' needs ratio"):
         prune(tmp_path / "m", tmp_path / "q", target_latency_ms=1.0, depth_ratio="auto", quiet=True)
+
+
+def test_a_size_budget_gives_the_mlp_what_whole_heads_leave(tmp_path):
+    from vitshrink.prune.target import fill_budget, pruned_architecture, ratio_for_target
+
+    # 3 stage-0 heads of 16: embed widths 48 / 32 / 16 only, so the uniform ratio undershoots budgets
+    net, meta = build_model(
+        "swin-micro", image_size=32, num_labels=3, embed_dim=48, depths=[2, 2], num_heads=[3, 6]
+    )
+    x = torch.randn(1, 3, 32, 32)
+    target = int(0.6 * count_params(net))
+    r = ratio_for_target(net, x, target_params=target)
+    uniform = count_params(pruned_architecture(net, r))
+    m = fill_budget(net, r, x, target_params=target)
+    filled = count_params(pruned_architecture(net, r, ratio_mlp=m))
+    assert uniform < 0.9 * target and 0.95 * target <= filled <= target and m < r
+    assert fill_budget(net, r, x, target_params=target, granularity=("heads", "embed")) == r  # no MLP axis
+
+    save_model(net, meta, tmp_path / "m")
+    out, metrics = prune(tmp_path / "m", tmp_path / "p", target_params=target, quiet=True)
+    assert metrics["ratio_mlp"] == m and metrics["params_after"] == filled
+    back, _ = load_model(out)
+    assert count_params(back) == filled
+    opts = json.loads((out / "vitshrink.json").read_text())["history"][-1]["options"]
+    assert opts["ratio"] == r and opts["ratio_mlp"] == m

@@ -26,7 +26,7 @@ from .depth import drop_blocks
 from .families import GRANULARITIES, family_for, supported_families
 from .shape import choose_shape
 from .sparsity import unstructured_sparsity
-from .target import pruned_architecture, ratio_for_target, ratio_from_latency_table
+from .target import fill_budget, pruned_architecture, ratio_for_target, ratio_from_latency_table
 
 __all__ = [
     "GRANULARITIES",
@@ -180,6 +180,7 @@ def prune(
             calib = _calib_batches(train_ds, meta)
 
     unpruned = net  # the model before any pruning: "before" figures and the default recovery teacher
+    ratio_mlp: float | None = None  # the MLP widths' own ratio where a budget search sets it
     samples = [b for b, _ in calib] if calib else [x]  # real images rank blocks better than noise
     if auto_axes:
         if ratio is not None:
@@ -197,7 +198,7 @@ def prune(
             target_params = count_params(
                 pruned_architecture(net, ratio, granularity=granularity, round_to=round_to)
             )
-        depth_ratio, ratio, metrics["shape_candidates"] = choose_shape(
+        depth_ratio, ratio, ratio_mlp, metrics["shape_candidates"] = choose_shape(
             net,
             x,
             samples,
@@ -210,7 +211,7 @@ def prune(
         target_params = target_macs = None
         if not quiet:
             print(
-                f"shape: depth ratio {depth_ratio:g} + width ratio {ratio:.3f} (fastest of {len(metrics['shape_candidates'])})"
+                f"shape: depth ratio {depth_ratio:g} + width ratio {ratio:.3f}, MLP {ratio_mlp:.3f} (fastest of {len(metrics['shape_candidates'])})"
             )
     if depth_ratio > 0:
         unpruned = copy.deepcopy(net)
@@ -231,7 +232,21 @@ def prune(
         )
         if target_latency_ms is not None and latency_table is None:
             metrics["latency_ms_before"] = _torch_latency_ms(unpruned, x)
-    final_config = pruned_config(net, ratio, granularity=granularity, round_to=round_to)  # validates options
+        if target_latency_ms is None:  # a size budget: the MLP widths take up what whole heads leave
+            ratio_mlp = fill_budget(
+                net,
+                ratio,
+                x,
+                target_params=target_params,
+                target_macs=target_macs,
+                granularity=granularity,
+                round_to=round_to,
+            )
+    if ratio_mlp is None:
+        ratio_mlp = ratio
+    final_config = pruned_config(
+        net, ratio, granularity=granularity, round_to=round_to, ratio_mlp=ratio_mlp
+    )  # also validates the options
 
     taylor_batches = calib if importance == "taylor" else None
     kd = _KD(unpruned, meta, teacher, recover_losses) if recover_epochs > 0 else None
@@ -243,7 +258,7 @@ def prune(
         cfg_k = (
             final_config
             if k == steps
-            else family.rewrite_config(base_config, r_k, set(granularity), round_to)
+            else family.rewrite_config(base_config, r_k, set(granularity), round_to, ratio_mlp * k / steps)
         )
         net.cpu()  # graph surgery on CPU (recovery may have moved the model to a GPU)
         prune_to_config(net, cfg_k, importance=importance, example_inputs=x, calib_batches=taylor_batches)
@@ -267,7 +282,11 @@ def prune(
     net.cpu().eval()
 
     metrics.update(
-        ratio=ratio, params_after=count_params(net), macs_after=count_macs(net, x), config=_widths(net.config)
+        ratio=ratio,
+        ratio_mlp=ratio_mlp,
+        params_after=count_params(net),
+        macs_after=count_macs(net, x),
+        config=_widths(net.config),
     )
     metrics["params_ratio"] = metrics["params_after"] / params0
     metrics["macs_ratio"] = metrics["macs_after"] / macs0
@@ -279,6 +298,7 @@ def prune(
         metrics["unstructured"] = unstructured_sparsity(net, unstructured)
     options = {
         "ratio": ratio,
+        "ratio_mlp": ratio_mlp,
         **{k: v for k, v in budgets.items() if k != "ratio" and v is not None},
         "importance": importance,
         "granularity": list(granularity),

@@ -77,11 +77,18 @@ def _validate(ratio: float, granularity: Sequence[str], importance: str, round_t
 
 
 def pruned_config(
-    model: PreTrainedModel, ratio: float, *, granularity: Sequence[str] = GRANULARITIES, round_to: int = 8
+    model: PreTrainedModel,
+    ratio: float,
+    *,
+    granularity: Sequence[str] = GRANULARITIES,
+    round_to: int = 8,
+    ratio_mlp: float | None = None,
 ) -> PreTrainedConfig:
     """The config `prune_model` would give `model` (a new object; the model's config is untouched)."""
     gran = _validate(ratio, granularity, "magnitude", round_to)
-    return family_for(model).rewrite_config(model.config, ratio, gran, round_to)
+    if ratio_mlp is not None:
+        _validate(ratio_mlp, granularity, "magnitude", round_to)
+    return family_for(model).rewrite_config(model.config, ratio, gran, round_to, ratio_mlp)
 
 
 def prune_model(
@@ -94,6 +101,7 @@ def prune_model(
     example_inputs: torch.Tensor,
     calib_batches: Iterable[tuple[torch.Tensor, torch.Tensor]] | None = None,
     loss_fn: Callable[[torch.Tensor, torch.Tensor], torch.Tensor] | None = None,
+    ratio_mlp: float | None = None,
 ) -> PreTrainedModel:
     """Remove `ratio` of every prunable width of `model` (in place) and return it with its config rewritten.
 
@@ -101,11 +109,12 @@ def prune_model(
     stage widths) and "channels" (conv and decoder channels). Widths are uniform across layers, rounded
     to multiples of `round_to` where the config allows, and heads keep their size. importance:
     "magnitude" (group L2 norm), "taylor" (|w * grad| accumulated over `calib_batches` of
-    (pixel_values, labels) with `loss_fn`, cross-entropy by default) or "random". The returned model
-    equals ``type(model).from_pretrained(d)`` after ``model.save_pretrained(d)``.
+    (pixel_values, labels) with `loss_fn`, cross-entropy by default) or "random". `ratio_mlp`, if
+    given, is the MLP widths' own ratio (see ``target.fill_budget``). The returned model equals
+    ``type(model).from_pretrained(d)`` after ``model.save_pretrained(d)``.
     """
     _validate(ratio, granularity, importance, round_to)
-    config = pruned_config(model, ratio, granularity=granularity, round_to=round_to)
+    config = pruned_config(model, ratio, granularity=granularity, round_to=round_to, ratio_mlp=ratio_mlp)
     return prune_to_config(
         model,
         config,

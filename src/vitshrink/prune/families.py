@@ -85,14 +85,26 @@ class Family:
     coupled_heads_embed: ClassVar[bool] = False
 
     def rewrite_config(
-        self, config: PreTrainedConfig, ratio: float, granularity: set[str], round_to: int
+        self,
+        config: PreTrainedConfig,
+        ratio: float,
+        granularity: set[str],
+        round_to: int,
+        ratio_mlp: float | None = None,
     ) -> PreTrainedConfig:
-        """Return a pruned deep copy of `config` (the original is not modified)."""
+        """Return a pruned deep copy of `config` (the original is not modified).
+
+        `ratio_mlp` prunes the MLP hidden widths by their own ratio (default `ratio`): heads move in
+        whole heads, so a parameter budget is met exactly only by also setting the fine-grained axis.
+        """
         new = copy.deepcopy(config)
-        self._rewrite(new, ratio, granularity, round_to)
+        r_mlp = ratio if ratio_mlp is None else ratio_mlp
+        self._rewrite(new, ratio, granularity, round_to, r_mlp if "mlp" in granularity else 0.0)
         return new
 
-    def _rewrite(self, cfg: PreTrainedConfig, ratio: float, gran: set[str], round_to: int) -> None:
+    def _rewrite(
+        self, cfg: PreTrainedConfig, ratio: float, gran: set[str], round_to: int, r_mlp: float
+    ) -> None:
         raise NotImplementedError
 
     def _coupled(self, gran: set[str]) -> bool:
@@ -128,7 +140,7 @@ class ViTFamily(Family):
     name = "vit"
     model_types = ("vit",)
 
-    def _rewrite(self, cfg, ratio, gran, round_to):
+    def _rewrite(self, cfg, ratio, gran, round_to, r_mlp):
         hidden, heads = cfg.hidden_size, cfg.num_attention_heads
         head_dim = getattr(cfg, "head_dim", None) or hidden // heads
         if "heads" in gran:
@@ -139,8 +151,7 @@ class ViTFamily(Family):
             cfg.hidden_size = kept_width(hidden, ratio, round_to)
             if getattr(cfg, "pooler_output_size", None) == hidden:  # derived default in __post_init__
                 cfg.pooler_output_size = cfg.hidden_size
-        if "mlp" in gran:
-            cfg.intermediate_size = kept_width(cfg.intermediate_size, ratio, round_to)
+        cfg.intermediate_size = kept_width(cfg.intermediate_size, r_mlp, round_to)
 
 
 class DeiTFamily(ViTFamily):
@@ -155,7 +166,7 @@ class SwinFamily(Family):
     model_types = ("swin",)
     coupled_heads_embed = True
 
-    def _rewrite(self, cfg, ratio, gran, round_to):
+    def _rewrite(self, cfg, ratio, gran, round_to, r_mlp):
         embed, heads = cfg.embed_dim, list(cfg.num_heads)
         dims = [embed * 2**i for i in range(len(heads))]
         head_dims = [d // h for d, h in zip(dims, heads)]
@@ -172,7 +183,7 @@ class SwinFamily(Family):
             cfg.embed_dim = k * head_dims[0]
             cfg.num_heads = [h * k // heads[0] for h in heads]
             cfg.hidden_size = int(cfg.embed_dim * 2 ** (len(cfg.depths) - 1))  # derived in __post_init__
-        width0 = kept_width(mlp_old[0], ratio if "mlp" in gran else 0.0, round_to)
+        width0 = kept_width(mlp_old[0], r_mlp, round_to)
         cfg.mlp_ratio = ratio_for_width(width0, cfg.embed_dim)
 
     def customized_pruners(self, model):
@@ -240,7 +251,7 @@ class SegformerFamily(Family):
     model_types = ("segformer",)
     coupled_heads_embed = True
 
-    def _rewrite(self, cfg, ratio, gran, round_to):
+    def _rewrite(self, cfg, ratio, gran, round_to, r_mlp):
         hidden, heads, mlp = list(cfg.hidden_sizes), list(cfg.num_attention_heads), list(cfg.mlp_ratios)
         if self._coupled(gran):
             new_hidden, new_heads = [], []
@@ -251,7 +262,6 @@ class SegformerFamily(Family):
             cfg.hidden_sizes, cfg.num_attention_heads = new_hidden, new_heads
         # MLP width = hidden * mlp_ratio, and mlp_ratios is list[int] in the (strict) config, so the MLP
         # width can only move in steps of the stage width: take the integer ratio closest to the target.
-        r_mlp = ratio if "mlp" in gran else 0.0
         cfg.mlp_ratios = [
             max(1, math.floor(h * m * (1 - r_mlp) / h_new + 0.5))
             for h, m, h_new in zip(hidden, mlp, cfg.hidden_sizes)
@@ -267,7 +277,7 @@ class MobileViTFamily(Family):
     model_types = ("mobilevit", "vitshrink_mobilevit_backbone")
     coupled_heads_embed = True
 
-    def _rewrite(self, cfg, ratio, gran, round_to):
+    def _rewrite(self, cfg, ratio, gran, round_to, r_mlp):
         hidden, heads = list(cfg.hidden_sizes), cfg.num_attention_heads
         head_dims = [h // heads for h in hidden]
         mlp_old = [int(h * cfg.mlp_ratio) for h in hidden]
@@ -275,7 +285,7 @@ class MobileViTFamily(Family):
             k = kept_heads(heads, ratio, head_dims, round_to)
             cfg.num_attention_heads = k
             cfg.hidden_sizes = [k * d for d in head_dims]
-        width0 = kept_width(mlp_old[0], ratio if "mlp" in gran else 0.0, round_to)
+        width0 = kept_width(mlp_old[0], r_mlp, round_to)
         cfg.mlp_ratio = ratio_for_width(width0, cfg.hidden_sizes[0])
         if "channels" in gran:
             # stride-1 blocks: layer1 always; layer4/5 when dilated for output_stride 8/16 (segmentation)
@@ -323,8 +333,8 @@ class UperNetFamily(Family):
             raise UnsupportedFamilyError(f"upernet with backbone '{bt}'", "prune", ["swin", "mobilevit"])
         return fam
 
-    def _rewrite(self, cfg, ratio, gran, round_to):
-        self._backbone(cfg)._rewrite(cfg.backbone_config, ratio, gran, round_to)
+    def _rewrite(self, cfg, ratio, gran, round_to, r_mlp):
+        self._backbone(cfg)._rewrite(cfg.backbone_config, ratio, gran, round_to, r_mlp)
         if "channels" in gran:
             cfg.hidden_size = kept_width(cfg.hidden_size, ratio, round_to)
             cfg.auxiliary_channels = kept_width(cfg.auxiliary_channels, ratio, round_to)

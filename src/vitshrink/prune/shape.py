@@ -22,7 +22,7 @@ from ..errors import VitshrinkError
 from .core import count_macs, count_params
 from .depth import drop_blocks
 from .families import GRANULARITIES
-from .target import pruned_architecture, ratio_for_target
+from .target import fill_budget, pruned_architecture, ratio_for_target
 
 DEPTH_CANDIDATES = (0.0, 0.25, 0.5)
 SPEED_TIE = 0.05  # candidates within 5% of the fastest count as equally fast
@@ -40,8 +40,8 @@ def choose_shape(
     depths: Sequence[float] = DEPTH_CANDIDATES,
     granularity: Sequence[str] = GRANULARITIES,
     round_to: int = 8,
-) -> tuple[float, float, list[dict[str, Any]]]:
-    """(depth_ratio, width_ratio, candidates table) meeting the one budget given, fastest first.
+) -> tuple[float, float, float, list[dict[str, Any]]]:
+    """(depth_ratio, width_ratio, mlp_ratio, candidates table) meeting the one budget, fastest first.
 
     `samples` rank blocks for depth pruning (real images where available); `latency_ms` times a
     candidate architecture (randomly initialised from its config: speed does not depend on weights).
@@ -50,6 +50,8 @@ def choose_shape(
         raise VitshrinkError("depth_ratio='auto' needs exactly one of a parameter or a MAC budget")
     measure = count_params if target_params is not None else (lambda m: count_macs(m, example_inputs))
     target = target_params if target_params is not None else target_macs
+    budget_key = "params" if target_params is not None else "macs"
+
     rows: list[dict[str, Any]] = []
     seen: set[tuple[int, ...]] = set()
     for d in depths:
@@ -72,11 +74,14 @@ def choose_shape(
             )
         except VitshrinkError:
             continue  # this depth cannot reach the budget by widths alone
-        arch = pruned_architecture(shallow, w, granularity=granularity, round_to=round_to)
+        budget = {"target_params": target_params, "target_macs": target_macs}
+        m = fill_budget(shallow, w, example_inputs, **budget, granularity=granularity, round_to=round_to)
+        arch = pruned_architecture(shallow, w, granularity=granularity, round_to=round_to, ratio_mlp=m)
         rows.append(
             {
                 "depth_ratio": d,
                 "width_ratio": round(w, 4),
+                "mlp_ratio": m,
                 "kept_depths": kept,
                 "params": count_params(arch),
                 "macs": count_macs(arch, example_inputs),
@@ -85,9 +90,12 @@ def choose_shape(
         )
     if not rows:
         raise VitshrinkError(f"no depth/width split reaches the budget {target:,}")
-    fastest = min(r["latency_ms"] for r in rows)
+    # a candidate that stays well under the budget is not at the same size: it would win on speed
+    # by being smaller, so it competes only when no candidate fills the budget
+    full = [r for r in rows if r[budget_key] >= OVERSHOOT * target] or rows
+    fastest = min(r["latency_ms"] for r in full)
     best = min(
-        (r for r in rows if r["latency_ms"] <= fastest * (1 + SPEED_TIE)), key=lambda r: r["depth_ratio"]
+        (r for r in full if r["latency_ms"] <= fastest * (1 + SPEED_TIE)), key=lambda r: r["depth_ratio"]
     )
     rows.sort(key=lambda r: r["latency_ms"])
-    return best["depth_ratio"], best["width_ratio"], rows
+    return best["depth_ratio"], best["width_ratio"], best["mlp_ratio"], rows

@@ -30,9 +30,10 @@ def pruned_architecture(
     granularity: Sequence[str] = GRANULARITIES,
     round_to: int = 8,
     device: str | torch.device = "cpu",
+    ratio_mlp: float | None = None,
 ) -> PreTrainedModel:
     """A randomly initialised model with the architecture `prune_model(model, ratio=...)` produces."""
-    cfg = pruned_config(model, ratio, granularity=granularity, round_to=round_to)
+    cfg = pruned_config(model, ratio, granularity=granularity, round_to=round_to, ratio_mlp=ratio_mlp)
     with torch.device(device):
         return type(model)(cfg).eval()
 
@@ -130,3 +131,51 @@ def ratio_for_target(
         else:
             lo = mid
     return math.ceil(hi * 1e4) / 1e4  # rounded up: stays on the side that meets the budget
+
+
+def fill_budget(
+    model: PreTrainedModel,
+    ratio: float,
+    example_inputs: torch.Tensor,
+    *,
+    target_params: int | None = None,
+    target_macs: int | None = None,
+    granularity: Sequence[str] = GRANULARITIES,
+    round_to: int = 8,
+    tol: float = 0.005,
+) -> float:
+    """The smallest MLP ratio (<= `ratio`) that keeps the model pruned at `ratio` within the budget.
+
+    Heads go in whole heads (Swin-T's 3 stage-0 heads: widths 96, 64 or 32 only), so the uniform ratio
+    that first meets a budget can land far below it: at depths [1, 1, 3, 1] a 2.85M budget gives
+    2.36M. MLP widths move in steps of `round_to`, so giving part of the cut back to them fills the
+    budget (2.85M: MLP ratio 0.33 instead of 0.5) and keeps more of the trained network.
+    """
+    if "mlp" not in granularity or ratio <= 0:
+        return ratio
+    if (target_params is None) == (target_macs is None):
+        raise VitshrinkError("fill_budget needs exactly one of target_params, target_macs")
+
+    def fits(r_mlp: float) -> bool:
+        arch = pruned_architecture(
+            model,
+            ratio,
+            granularity=granularity,
+            round_to=round_to,
+            ratio_mlp=r_mlp,
+            device="meta" if target_params is not None else example_inputs.device,
+        )
+        if target_params is not None:
+            return count_params(arch) <= target_params
+        return count_macs(arch, example_inputs) <= target_macs
+
+    if fits(0.0):
+        return 0.0
+    lo, hi = 0.0, ratio  # fits(hi) holds by assumption; bisect on the MLP ratio
+    while hi - lo > tol:
+        mid = (lo + hi) / 2
+        if fits(mid):
+            hi = mid
+        else:
+            lo = mid
+    return min(ratio, math.ceil(hi * 1e4) / 1e4)
