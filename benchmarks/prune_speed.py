@@ -12,7 +12,7 @@ Runtime CPU latency of:
            pruning_ratio=ratio, ignored_layers=[classifier])``, then the attention attributes patched;
 * ours@tp - ours at the ratio that gives the same parameter count as tp (``ratio_for_target``);
 * ours auto - ``prune --depth-ratio auto``: ours' parameter count split between depth (0/0.25/0.5)
-           and width, the fastest split by PyTorch timing on this machine (``prune.shape``).
+           and width, the fastest split on onnxruntime on this machine (``prune.shape``).
 
 Latency: every variant is exported with ``torch.onnx.export(dynamo=False, opset 17)`` and run with
 ``intra_op_num_threads`` threads (2 by default); all sessions live in ONE process and are timed in
@@ -49,7 +49,7 @@ from torch import nn
 
 from vitshrink.deploy.runtime import session_options
 from vitshrink.export import make_exportable
-from vitshrink.prune import _torch_latency_ms
+from vitshrink.prune import _latency_ms
 from vitshrink.prune.core import count_macs, count_params, prune_model
 from vitshrink.prune.depth import drop_blocks
 from vitshrink.prune.families import SwinPatchMergingPruner
@@ -255,21 +255,7 @@ def run(args: argparse.Namespace) -> list[Variant]:
                 f"{mname} ours r={r}: {v.params / 1e6:.2f} M params, pruned in {time.time() - t0:.1f}s",
                 flush=True,
             )
-            # `prune --depth-ratio auto`: the same parameter budget split between depth and width,
-            # fastest (PyTorch timing on this machine, as prune() measures) wins
-            d, w_auto, m_auto, _ = choose_shape(
-                base, x, [x], lambda m: _torch_latency_ms(m, x), target_params=v.params
-            )
-            mlp = f", MLP {m_auto:.2f}" if m_auto != w_auto else ""
-            a = Variant(mname, f"ours auto (depth {d:g}, width {w_auto:.2f}{mlp})", r)
-            if d == 0 and m_auto == w_auto:
-                a.same_as = v
-                a.params, a.macs, a.reload = v.params, v.macs, v.reload
-            else:
-                model = copy.deepcopy(base)
-                drop_blocks(model, d, [x])
-                measure(a, prune_model(model, ratio=w_auto, ratio_mlp=m_auto, example_inputs=x), x)
-            variants.append(a)
+            variants.append(auto_variant(mname, "ours auto", r, base, x, v))
             recipes = [("tp", True)] + ([("tp-headdim", False)] if mname.startswith("swin") else [])
             for label, whole in recipes:
                 v = Variant(mname, label, r)
@@ -303,6 +289,7 @@ def run(args: argparse.Namespace) -> list[Variant]:
                 else:  # e.g. Swin-T: 0.24 and 0.25 both keep 2 of 3 stage-0 heads
                     w.params, w.macs, w.reload = w.same_as.params, w.same_as.macs, w.same_as.reload
                 variants.append(w)
+                variants.append(auto_variant(mname, f"ours auto@{label}", r_eq, base, x, w, v.params))
         for d, w_ratio in DEPTH_RECIPES if args.depth else []:
             # depth first (blocks ranked on the example input), then widths, as `prune --depth-ratio`
             model = copy.deepcopy(base)
@@ -319,6 +306,26 @@ def run(args: argparse.Namespace) -> list[Variant]:
     )
     time_all(timed, x.numpy(), args.threads, args.rounds, args.iters)
     return variants
+
+
+def auto_variant(
+    mname: str, label: str, r: float, base: nn.Module, x: torch.Tensor, width_only: Variant, target: int = 0
+) -> Variant:
+    """`prune --depth-ratio auto` at `target` params (default: width_only's): the budget split between
+    depth and width, fastest exported model on onnxruntime here (as prune() measures) wins."""
+    d, w, m, _ = choose_shape(
+        base, x, [x], lambda net: _latency_ms(net, x), target_params=target or width_only.params
+    )
+    mlp = f", MLP {m:.2f}" if m != w else ""
+    a = Variant(mname, f"{label} (depth {d:g}, width {w:.2f}{mlp})", r)
+    if d == 0 and m == w and not target:
+        a.same_as = width_only.same_as or width_only
+        a.params, a.macs, a.reload = width_only.params, width_only.macs, width_only.reload
+        return a
+    model = copy.deepcopy(base)
+    drop_blocks(model, d, [x])
+    measure(a, prune_model(model, ratio=w, ratio_mlp=m, example_inputs=x), x)
+    return a
 
 
 # (depth ratio, width ratio) pairs timed with --depth

@@ -216,3 +216,25 @@ def test_a_size_budget_gives_the_mlp_what_whole_heads_leave(tmp_path):
     assert count_params(back) == filled
     opts = json.loads((out / "vitshrink.json").read_text())["history"][-1]["options"]
     assert opts["ratio"] == r and opts["ratio_mlp"] == m
+
+
+def test_latency_budgets_time_the_exported_model(tmp_path, monkeypatch):
+    import vitshrink.export as export_mod
+    from vitshrink.prune import _latency_ms
+
+    net, meta = build_model("vit-micro", image_size=16, num_channels=1, num_labels=3)
+    save_model(net, meta, tmp_path / "m")
+    exported = []
+    real = export_mod.export_onnx
+    monkeypatch.setattr(export_mod, "export_onnx", lambda *a, **k: exported.append(a[1]) or real(*a, **k))
+    # a budget the unpruned model already meets: nothing pruned, both latencies measured on ONNX
+    out, m = prune(tmp_path / "m", tmp_path / "p", target_latency_ms=1e6, quiet=True)
+    assert m["ratio"] == 0.0 and m["params_after"] == m["params_before"]
+    assert m["latency_ms_before"] > 0 and m["latency_ms_after"] > 0 and len(exported) >= 2
+    assert not any(p.exists() for p in exported)  # the probe's ONNX files are temporary
+
+    def broken(*a, **k):
+        raise VitshrinkError("no exporter")
+
+    monkeypatch.setattr(export_mod, "export_onnx", broken)  # falls back to PyTorch timing
+    assert _latency_ms(net, torch.randn(1, 1, 16, 16)) > 0

@@ -68,6 +68,42 @@ def _torch_latency_ms(model: torch.nn.Module, x: torch.Tensor, runs: int = 10) -
     return statistics.median(times)
 
 
+def _latency_ms(model: torch.nn.Module, x: torch.Tensor, runs: int = 20) -> float:
+    """Median single-batch latency of `model` exported to ONNX and run with onnxruntime here, as
+    `vitshrink bench` runs the exported artifact; PyTorch eager if the export fails.
+
+    The depth/width choice and latency budgets are about the deployed model, and PyTorch eager's
+    per-op overhead ranks shapes differently: at Swin-T 0.25 the eager probe kept width alone, while
+    on onnxruntime depth 0.5 + width at the same size runs 20% faster (benchmarks/prune_speed.py).
+    """
+    import tempfile
+
+    import numpy as np
+    import onnxruntime as ort
+
+    from ..deploy.runtime import session_options
+    from ..errors import ModelError
+    from ..export import export_onnx
+
+    meta = {"preprocess": {"channels": int(x.shape[1]), "size": [int(x.shape[2]), int(x.shape[3])]}}
+    with tempfile.TemporaryDirectory(prefix="vitshrink-probe-") as tmp:
+        path = Path(tmp) / "probe.onnx"
+        try:
+            export_onnx(model, path, meta=meta, check=False)
+        except (ModelError, VitshrinkError):
+            return _torch_latency_ms(model, x)
+        sess = ort.InferenceSession(str(path), session_options(), providers=["CPUExecutionProvider"])
+    feed = {sess.get_inputs()[0].name: x.cpu().numpy().astype(np.float32)}
+    for _ in range(3):
+        sess.run(None, feed)
+    times = []
+    for _ in range(runs):
+        t0 = time.perf_counter()
+        sess.run(None, feed)
+        times.append((time.perf_counter() - t0) * 1e3)
+    return statistics.median(times)
+
+
 def _widths(config: Any) -> dict[str, Any]:
     """The config fields pruning rewrites (for the metrics record)."""
     keys = (
@@ -123,7 +159,8 @@ def prune(
     """Prune the model directory MODEL and save the result to OUT; returns (OUT, metrics).
 
     Give `ratio` (fraction of every prunable width removed) or one budget: `target_params`,
-    `target_macs` or `target_latency_ms` (measured with PyTorch on this machine, or interpolated from
+    `target_macs` or `target_latency_ms` (the exported model timed with onnxruntime on this machine, as
+    `vitshrink bench` does, or interpolated from
     `latency_table`, a JSON {"ratio": latency_ms} measured on the target device). Pruning happens in
     `steps` equal steps; with `recover_epochs` > 0 each step is followed by that many epochs of
     distillation on `data` from the unpruned model (or `teacher`). importance="taylor" needs `data`
@@ -202,7 +239,7 @@ def prune(
             net,
             x,
             samples,
-            lambda m: _torch_latency_ms(m, x),
+            lambda m: _latency_ms(m, x),
             target_params=target_params,
             target_macs=target_macs,
             granularity=granularity,
@@ -218,7 +255,7 @@ def prune(
         metrics["depth"] = drop_blocks(net, depth_ratio, samples)
 
     if ratio is None:
-        probe = None if latency_table is not None else (lambda m: _torch_latency_ms(m, x))
+        probe = None if latency_table is not None else (lambda m: _latency_ms(m, x))
         ratio = ratio_for_target(
             net,
             x,
@@ -231,7 +268,7 @@ def prune(
             round_to=round_to,
         )
         if target_latency_ms is not None and latency_table is None:
-            metrics["latency_ms_before"] = _torch_latency_ms(unpruned, x)
+            metrics["latency_ms_before"] = _latency_ms(unpruned, x)
         if target_latency_ms is None:  # a size budget: the MLP widths take up what whole heads leave
             ratio_mlp = fill_budget(
                 net,
@@ -291,7 +328,7 @@ def prune(
     metrics["params_ratio"] = metrics["params_after"] / params0
     metrics["macs_ratio"] = metrics["macs_after"] / macs0
     if "latency_ms_before" in metrics:
-        metrics["latency_ms_after"] = _torch_latency_ms(net, x)
+        metrics["latency_ms_after"] = _latency_ms(net, x)
     if recovery:
         metrics["recovery"] = recovery[-1]
     if unstructured:
