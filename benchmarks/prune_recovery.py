@@ -25,7 +25,7 @@ original config, so its model does not).
     PYTHONPATH=src .venv/bin/python benchmarks/prune_recovery.py            # both tasks, r=0.25 and 0.5
     PYTHONPATH=src .venv/bin/python benchmarks/prune_recovery.py --quick    # r=0.25, quick-demo budgets
     ... [--task classification|segmentation|all] [--ratio R] [--model-dir DIR --teacher DIR]
-        [--seeds N] [--controls] [--json F]
+        [--seeds N] [--controls] [--json F] [--granularity G] [--recover-loss L] [--recover-temperature T]
 """
 
 from __future__ import annotations
@@ -324,12 +324,17 @@ def main() -> None:
     ap.add_argument("--json", type=Path, help="also write the rows as JSON")
     ap.add_argument("--granularity", help="our pruning axes, e.g. 'auto' (default: prune()'s, all axes)")
     ap.add_argument("--recover-loss", help="our recovery loss spec, e.g. kd:1,ce:1 (default: prune()'s, kd)")
+    ap.add_argument(
+        "--recover-temperature", type=float, help="our recovery KD temperature (default: prune()'s, by task)"
+    )
     a = ap.parse_args()
     prune_kw: dict[str, Any] = {"granularity": a.granularity} if a.granularity else {}
     if a.recover_loss:
         prune_kw["recover_losses"] = dict(
             (k, float(w)) for k, w in (part.split(":") for part in a.recover_loss.split(","))
         )
+    if a.recover_temperature:
+        prune_kw["recover_temperature"] = a.recover_temperature
     torch.set_num_threads(a.threads)
     seeds = a.seeds or (1 if a.quick else 2)
 

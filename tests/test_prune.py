@@ -431,6 +431,7 @@ def test_stage_api_iterative_prune_with_recovery_and_sparsity(vit_dir, tmp_path)
     model, meta = load_model(out)  # checksums verified, plain from_pretrained underneath
     assert meta["history"][-1]["stage"] == "prune"
     assert meta["history"][-1]["options"]["steps"] == 2
+    assert meta["history"][-1]["options"]["recover_temperature"] == 4.0  # classification: Hinton's T
     assert metrics["params_after"] == count_params(model) < 0.35 * metrics["params_before"]
     assert model.config.hidden_size == 32 and model.config.num_attention_heads == 1
     assert metrics["unstructured"]["zero_fraction"] == pytest.approx(0.3, abs=0.01)
@@ -456,8 +457,32 @@ def test_stage_api_budget_and_errors(vit_dir, tmp_path):
         prune(vit_dir, tmp_path / "c", ratio=0.5, target_params=target, quiet=True)
     with pytest.raises(VitshrinkError, match="need data"):
         prune(vit_dir, tmp_path / "c", ratio=0.5, recover_epochs=1, quiet=True)
+    with pytest.raises(VitshrinkError, match="recover temperature must be > 0"):
+        prune(vit_dir, tmp_path / "c", ratio=0.5, recover_temperature=0.0, quiet=True)
     with pytest.raises(VitshrinkError, match="latency"):
         prune(
             vit_dir, tmp_path / "c", target_latency_ms=1e-6, latency_table={"0": 5.0, "0.9": 1.0}, quiet=True
         )
     assert not (tmp_path / "c").exists()
+
+
+def test_recovery_distils_at_the_requested_temperature(vit_dir, tmp_path, monkeypatch):
+    from vitshrink.distill import losses
+    from vitshrink.prune import _temperature_option, prune
+
+    assert _temperature_option("kd:1,ce:1", 1.0) == {"temperature": 1.0}
+    assert _temperature_option("ce", 1.0) == {}  # labels only: no loss takes a temperature
+    seen = []
+    init = losses.KDLoss.__init__
+
+    def spy(self, temperature=4.0, alpha=0.5):
+        seen.append(temperature)
+        init(self, temperature, alpha)
+
+    monkeypatch.setattr(losses.KDLoss, "__init__", spy)
+    data = _image_folder(tmp_path / "data")
+    out, _ = prune(
+        vit_dir, tmp_path / "p", ratio=0.25, recover_epochs=1, data=str(data), recover_temperature=2.0,
+        recover_losses="kd:1,ce:1", batch_size=8, quiet=True,
+    )  # fmt: skip
+    assert seen and set(seen) == {2.0}

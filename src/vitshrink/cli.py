@@ -222,6 +222,7 @@ def cmd_prune(a: argparse.Namespace) -> None:
         unstructured=a.unstructured,
         latency_table=a.latency_table,
         recover_losses=a.recover_loss,
+        recover_temperature=a.recover_temperature,
         depth_ratio=a.depth_ratio,
         quiet=a.quiet,
     )
@@ -440,6 +441,11 @@ def build_parser() -> argparse.ArgumentParser:
         "--recover-loss",
         default="kd",
         help="recovery loss spec: kd (distil from the unpruned model or --teacher), ce (labels only), or e.g. kd:1,ce:1",
+    )
+    sp.add_argument(
+        "--recover-temperature",
+        type=_POS_FLOAT,
+        help="KD temperature during recovery (default: 1 for segmentation, 4 for classification)",
     )
 
     sp = add("quantize", cmd_quantize, "fp16 / int8 quantization (ONNX) with ViT-aware fallbacks.")

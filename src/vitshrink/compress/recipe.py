@@ -125,6 +125,7 @@ SCHEMA: dict[str, dict[str, Opt]] = {
         "latency_table": Opt((str, dict)),
         "depth_ratio": Opt((float, int, str), check=_depth_ratio),
         "recover_losses": Opt((str, list, dict), check=_losses),
+        "recover_temperature": Opt(FLOAT, check=_positive),
         "augment": Opt(BOOL),
     },
     "quantize": {

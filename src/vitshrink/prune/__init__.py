@@ -46,6 +46,10 @@ __all__ = [
 ]
 
 _CALIB_BATCHES, _CALIB_BATCH_SIZE = 8, 32
+# Pixel-wise KD recovers segmentation best unsoftened: on the aerial demo at 0.25, 6 epochs of KD + labels
+# from the teacher reached 0.5639 mIoU at T=1, 0.5615 at T=2, 0.5583 at T=4 (2 seeds each,
+# benchmarks/prune_recovery.py --recover-temperature); classification keeps Hinton's T=4.
+SEG_RECOVER_TEMPERATURE = 1.0
 
 
 def _torch_latency_ms(model: torch.nn.Module, x: torch.Tensor, runs: int = 10) -> float:
@@ -155,6 +159,7 @@ def prune(
     augment: bool = True,
     recover_losses: str | dict[str, float] = "kd",
     depth_ratio: float | str = 0.0,
+    recover_temperature: float | None = None,
 ) -> tuple[Path, dict[str, Any]]:
     """Prune the model directory MODEL and save the result to OUT; returns (OUT, metrics).
 
@@ -163,7 +168,8 @@ def prune(
     `vitshrink bench` does, or interpolated from
     `latency_table`, a JSON {"ratio": latency_ms} measured on the target device). Pruning happens in
     `steps` equal steps; with `recover_epochs` > 0 each step is followed by that many epochs of
-    distillation on `data` from the unpruned model (or `teacher`). importance="taylor" needs `data`
+    distillation on `data` from the unpruned model (or `teacher`), with `recover_losses` at
+    `recover_temperature` (default: 1 for segmentation, 4 otherwise). importance="taylor" needs `data`
     too. `unstructured` zeroes that fraction of the remaining weights at the very end. `depth_ratio`
     first removes that fraction of the transformer blocks of every stage (least influential on sample
     images first; ViT, DeiT, Swin, SegFormer), before any width pruning or budget search.
@@ -187,6 +193,8 @@ def prune(
         raise VitshrinkError(f"recover_epochs must be >= 0, got {recover_epochs}")
     if (recover_epochs > 0 or importance == "taylor") and data is None:
         raise VitshrinkError("recovery fine-tuning and importance='taylor' need data")
+    if recover_temperature is not None and not recover_temperature > 0:
+        raise VitshrinkError(f"recover temperature must be > 0, got {recover_temperature}")
     if unstructured is not None and not 0.0 <= unstructured < 1.0:
         raise VitshrinkError(f"unstructured sparsity must be in [0, 1), got {unstructured}")
     if importance not in IMPORTANCES:
@@ -286,7 +294,9 @@ def prune(
     )  # also validates the options
 
     taylor_batches = calib if importance == "taylor" else None
-    kd = _KD(unpruned, meta, teacher, recover_losses) if recover_epochs > 0 else None
+    if recover_temperature is None:
+        recover_temperature = SEG_RECOVER_TEMPERATURE if meta.get("task") == "segmentation" else 4.0
+    kd = _KD(unpruned, meta, teacher, recover_losses, recover_temperature) if recover_epochs > 0 else None
 
     base_config = copy.deepcopy(net.config)
     recovery: list[dict[str, Any]] = []
@@ -346,6 +356,8 @@ def prune(
         "data": data,
         "unstructured": unstructured,
         "depth_ratio": depth_ratio,
+        "recover_losses": recover_losses,
+        "recover_temperature": recover_temperature,
         "latency_table": str(latency_table) if latency_table else None,
     }
     # What was asked; ratio / granularity / depth_ratio above are what the searches chose.
@@ -391,6 +403,14 @@ def _calib_batches(train_ds: Any, meta: dict[str, Any]) -> list[tuple[torch.Tens
     ]
 
 
+def _temperature_option(losses: str | dict[str, float], temperature: float) -> dict[str, float]:
+    """{"temperature": T} where one of `losses` takes a temperature (kd, cwd), else nothing."""
+    from ..distill.losses import LOSSES, _options, parse_loss_spec
+
+    names = parse_loss_spec(losses)
+    return {"temperature": temperature} if any("temperature" in _options(LOSSES[n]) for n in names) else {}
+
+
 class _KD:
     """Recovery fine-tuning: Hinton KD from the unpruned model (or `teacher`) via the shared trainer."""
 
@@ -400,12 +420,14 @@ class _KD:
         meta: dict[str, Any],
         teacher: str | os.PathLike | None,
         losses: str | dict[str, float] = "kd",
+        temperature: float = 4.0,
     ) -> None:
         from ..models import load_model
 
         # "ce" recovers from labels alone: measured better than KD when the teacher is weaker than the
         # pruned student's parent (benchmarks/prune_recovery.py, aerial demo: 0.4253 vs 0.4000 mIoU).
         self.losses = losses
+        self.temperature = temperature
 
         if teacher is not None:
             self.teacher, self.t_meta = load_model(teacher)
@@ -423,7 +445,7 @@ class _KD:
 
         device = default_device()
         self.teacher.to(device)
-        combined = build_losses(self.losses).to(device)
+        combined = build_losses(self.losses, **_temperature_option(self.losses, self.temperature)).to(device)
         s_adapter = adapter_for(net)
         labels_only = set(combined.losses) == {"ce"}
 
