@@ -83,29 +83,19 @@ def _latency_ms(model: torch.nn.Module, x: torch.Tensor, runs: int = 20) -> floa
     import tempfile
 
     import numpy as np
-    import onnxruntime as ort
 
-    from ..deploy.runtime import session_options
-    from ..errors import ModelError
     from ..export import export_onnx
+    from ..quantize._common import latencies_ms
 
     meta = {"preprocess": {"channels": int(x.shape[1]), "size": [int(x.shape[2]), int(x.shape[3])]}}
     with tempfile.TemporaryDirectory(prefix="vitshrink-probe-") as tmp:
         path = Path(tmp) / "probe.onnx"
         try:
             export_onnx(model, path, meta=meta, check=False)
-        except (ModelError, VitshrinkError):
+        except VitshrinkError:
             return _torch_latency_ms(model, x)
-        sess = ort.InferenceSession(str(path), session_options(), providers=["CPUExecutionProvider"])
-    feed = {sess.get_inputs()[0].name: x.cpu().numpy().astype(np.float32)}
-    for _ in range(3):
-        sess.run(None, feed)
-    times = []
-    for _ in range(runs):
-        t0 = time.perf_counter()
-        sess.run(None, feed)
-        times.append((time.perf_counter() - t0) * 1e3)
-    return statistics.median(times)
+        sample = x.cpu().numpy().astype(np.float32)
+        return latencies_ms([path], sample, runs=runs, budget_s=float("inf"), threads=None)[0]
 
 
 def _widths(config: Any) -> dict[str, Any]:

@@ -51,6 +51,7 @@ def choose_shape(
     measure = count_params if target_params is not None else (lambda m: count_macs(m, example_inputs))
     target = target_params if target_params is not None else target_macs
     budget_key = "params" if target_params is not None else "macs"
+    budget = {"target_params": target_params, "target_macs": target_macs}
 
     rows: list[dict[str, Any]] = []
     seen: set[tuple[int, ...]] = set()
@@ -65,16 +66,10 @@ def choose_shape(
             continue  # dropping blocks alone already removes far more than asked
         try:
             w = ratio_for_target(
-                shallow,
-                example_inputs,
-                target_params=target_params,
-                target_macs=target_macs,
-                granularity=granularity,
-                round_to=round_to,
+                shallow, example_inputs, **budget, granularity=granularity, round_to=round_to
             )
         except VitshrinkError:
             continue  # this depth cannot reach the budget by widths alone
-        budget = {"target_params": target_params, "target_macs": target_macs}
         m = fill_budget(shallow, w, example_inputs, **budget, granularity=granularity, round_to=round_to)
         arch = pruned_architecture(shallow, w, granularity=granularity, round_to=round_to, ratio_mlp=m)
         rows.append(

@@ -123,14 +123,20 @@ def ratio_for_target(
         raise VitshrinkError(
             f"budget {target} is out of reach: even ratio {max_ratio} gives {metric(max_ratio):.4g}"
         )
-    lo, hi = 0.0, max_ratio  # metric(lo) > target >= metric(hi)
+    return _smallest_fitting(lambda r: metric(r) <= target, max_ratio, tol)
+
+
+def _smallest_fitting(fits: Callable[[float], bool], hi: float, tol: float) -> float:
+    """Bisection on [0, hi] where fits(0) is False and fits(hi) is True: the left edge of the first
+    step that fits, within `tol`, rounded up to 1e-4 so it stays on the side that fits."""
+    lo = 0.0
     while hi - lo > tol:
         mid = (lo + hi) / 2
-        if metric(mid) <= target:
+        if fits(mid):
             hi = mid
         else:
             lo = mid
-    return math.ceil(hi * 1e4) / 1e4  # rounded up: stays on the side that meets the budget
+    return math.ceil(hi * 1e4) / 1e4
 
 
 def fill_budget(
@@ -171,11 +177,4 @@ def fill_budget(
 
     if fits(0.0):
         return 0.0
-    lo, hi = 0.0, ratio  # fits(hi) holds by assumption; bisect on the MLP ratio
-    while hi - lo > tol:
-        mid = (lo + hi) / 2
-        if fits(mid):
-            hi = mid
-        else:
-            lo = mid
-    return min(ratio, math.ceil(hi * 1e4) / 1e4)
+    return min(ratio, _smallest_fitting(fits, ratio, tol))  # fits(ratio) holds: it met the budget

@@ -117,7 +117,7 @@ def prepare_calib(calib: Iterable[np.ndarray] | None, shape: Sequence[int | None
     return [flat[i : i + bs] for i in range(0, len(flat), bs)]
 
 
-def session(model: str | os.PathLike | bytes, threads: int = 1) -> ort.InferenceSession:
+def session(model: str | os.PathLike | bytes, threads: int | None = 1) -> ort.InferenceSession:
     from ..deploy.runtime import session_options
 
     so = session_options(threads)
@@ -145,13 +145,19 @@ def rel_error(ref: np.ndarray, out: np.ndarray) -> float:
 
 
 def latencies_ms(
-    paths: Sequence[str | os.PathLike], sample: np.ndarray, *, runs: int = 30, budget_s: float = 4.0
+    paths: Sequence[str | os.PathLike],
+    sample: np.ndarray,
+    *,
+    runs: int = 30,
+    budget_s: float = 4.0,
+    threads: int | None = 1,
 ) -> list[float]:
-    """Median single-thread latency (ms) of one batch for each model, ORT CPU.
+    """Median latency (ms) of one batch for each model, ORT CPU, `threads` intra-op threads (None:
+    onnxruntime's default).
 
     Runs are interleaved round-robin so that load changes on a shared machine hit every model alike.
     """
-    sessions = [session(p, threads=1) for p in paths]
+    sessions = [session(p, threads=threads) for p in paths]
     feeds = [{s.get_inputs()[0].name: sample} for s in sessions]
     for s, f in zip(sessions, feeds):
         for _ in range(3):
