@@ -3,10 +3,22 @@
 from __future__ import annotations
 
 import os
+import platform
 from pathlib import Path
 
-import pytest
-import torch
+# Every x86 host runs the suite as an AVX2-only CPU would (CI may land on one): PyTorch's kernels and
+# oneDNN capped at AVX2 (no AVX-512, VNNI, AMX or native bf16), and int8 targeting AVX2. Must precede
+# the torch import. Override by exporting other values, e.g. VITSHRINK_CPU=vnni ONEDNN_MAX_CPU_ISA=ALL.
+if platform.machine().lower() in ("x86_64", "amd64"):
+    for _key, _value in {
+        "ATEN_CPU_CAPABILITY": "avx2",
+        "ONEDNN_MAX_CPU_ISA": "AVX2",
+        "VITSHRINK_CPU": "avx2",
+    }.items():
+        os.environ.setdefault(_key, _value)
+
+import pytest  # noqa: E402
+import torch  # noqa: E402
 
 FMNIST = Path("/usr/share/datasets/fashion-mnist/train-images-idx3-ubyte.gz")
 needs_fmnist = pytest.mark.skipif(

@@ -15,6 +15,8 @@ import warnings
 from collections.abc import Callable
 from typing import Any, NoReturn
 
+from .cpu import TARGET_CPUS
+
 EXIT_USER, EXIT_BUG = 2, 1
 
 
@@ -241,6 +243,7 @@ def cmd_quantize(a: argparse.Namespace) -> None:
         calib_method=a.calib_method,
         max_drop=a.max_drop,
         data_options=a.data_opt,
+        target_cpu=a.target_cpu,
         quiet=a.quiet,
     )
     print(f"wrote {out}")
@@ -466,6 +469,13 @@ def build_parser() -> argparse.ArgumentParser:
         "--calib-method", default="percentile", choices=["minmax", "percentile", "entropy", "distribution"]
     )
     sp.add_argument("--max-drop", type=_NONNEG_FLOAT)
+    sp.add_argument(
+        "--target-cpu",
+        default="auto",
+        choices=list(TARGET_CPUS),
+        help="CPU the int8 model will run on (auto = this one); avx2 = x86 without VNNI: 7-bit weights, "
+        "because onnxruntime's AVX2 int8 kernels saturate with full 8-bit weights",
+    )
 
     sp = add("predict", cmd_predict, "Run an ONNX model on images (numpy + Pillow + onnxruntime only).")
     sp.add_argument("model")

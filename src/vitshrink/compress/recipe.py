@@ -27,6 +27,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
+from ..cpu import TARGET_CPUS
 from ..errors import VitshrinkError
 
 QUANT_MODES = ("fp16", "int8-dynamic", "int8-static", "int8-mixed", "int8")
@@ -132,6 +133,7 @@ SCHEMA: dict[str, dict[str, Opt]] = {
         "mode": Opt(STR, required=True, choices=QUANT_MODES),
         "calib_method": Opt(STR, choices=CALIB_METHODS),
         "max_drop": Opt(FLOAT, check=_non_negative),
+        "target_cpu": Opt(STR, choices=TARGET_CPUS),  # the CPU the int8 model runs on (see vitshrink.cpu)
         # Calibrate/score on the run's data (default: only where the mode or max_drop needs it).
         "calibrate": Opt(BOOL),
     },

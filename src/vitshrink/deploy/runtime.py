@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import os
 import re
+import warnings
 from collections.abc import Sequence
 from pathlib import Path
 from typing import Any
@@ -16,6 +17,7 @@ import numpy as np
 import onnxruntime as ort
 from PIL import Image
 
+from ..cpu import runs_exactly_here
 from ..errors import DataError, ModelError
 from ._meta import parse_meta, resolve_class_names, resolve_preprocess, resolve_task
 
@@ -160,6 +162,14 @@ class OnnxModel:
         self.class_names = resolve_class_names(self.meta, num_classes, where)
         if self.task == "segmentation" and num_classes is not None and num_classes > 255:
             raise ModelError(f"{where}: {num_classes} classes do not fit uint8 masks (255 is 'ignore')")
+        self.warnings: list[str] = []
+        made_for = (self.meta.get("int8") or {}).get("target_cpu")
+        if self.session.get_providers()[0] == "CPUExecutionProvider" and not runs_exactly_here(made_for):
+            self.warnings.append(
+                f"{where} was quantized for {made_for} CPUs; this x86 CPU lacks VNNI, so its int8 kernels "
+                "may saturate and lose accuracy: re-quantize with --target-cpu avx2"
+            )
+            warnings.warn(self.warnings[-1], RuntimeWarning, stacklevel=2)
 
     @property
     def providers(self) -> list[str]:

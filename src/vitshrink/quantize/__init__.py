@@ -14,6 +14,7 @@ import tempfile
 from pathlib import Path
 from typing import Any
 
+from ..cpu import TARGET_CPUS
 from ..errors import VitshrinkError
 from .onnx_quant import CALIB_METHODS, DEFAULT_MAX_DROP, MODES, Mode, quantize_onnx
 from .smooth import smooth_layernorm_outliers
@@ -26,6 +27,7 @@ __all__ = [
     "CALIB_METHODS",
     "DEFAULT_MAX_DROP",
     "MODES",
+    "TARGET_CPUS",
     "quantize",
     "quantize_onnx",
     "quantize_torch",
@@ -43,12 +45,16 @@ def quantize(
     max_drop: float | None = None,
     quiet: bool = False,
     data_options: dict[str, Any] | None = None,
+    target_cpu: str = "auto",
 ) -> tuple[Path, dict[str, Any]]:
     """Quantize a model directory or ONNX file into `out` (.onnx); returns (path, report).
 
     calib_data: a data SPEC (e.g. "fashion-mnist"); its validation split calibrates int8 and scores
     every candidate with the task metric (accuracy / mIoU), so `max_drop` is a drop of that metric.
-    Modes "int8" and "int8-static" need it.
+    Modes "int8-static" and "int8-mixed" need it; without it "int8" builds the dynamic variant and
+    compares it with fp32 on generated inputs.
+    target_cpu: "auto" (this machine), "avx2", "vnni" or "arm64": the CPU the int8 model is for
+    (x86 without VNNI gets 7-bit weights; see `vitshrink.cpu`).
     """
     from ._common import load_onnx, read_meta
 
@@ -78,6 +84,7 @@ def quantize(
             calib_method=calib_method,
             max_drop=max_drop,
             eval_fn=eval_fn,
+            target_cpu=target_cpu,
             quiet=quiet,
         )
     if calib_data is not None:

@@ -18,6 +18,7 @@ calibrators and calibration cache). vitshrink adds what ViTs need on top:
 from __future__ import annotations
 
 import inspect
+import json
 import os
 import re
 import shutil
@@ -31,9 +32,11 @@ import numpy as np
 import onnx
 
 from ..artifacts import atomic_path
+from ..cpu import TARGET_CPUS, int8_note, reduce_range_for, resolve_target_cpu
 from ..errors import DataError, ModelError, VitshrinkError
 from ..progress import progress
 from ._common import (
+    META_KEY,
     agreement,
     copy_metadata,
     file_size,
@@ -109,8 +112,15 @@ class _Ctx:
     say: Callable[[str], None]
     sample: np.ndarray | None = None  # one batch-1 input (or the fixed batch) for latency
     quiet: bool = False
+    target_cpu: str = "vnni"  # concrete int8 CPU target (see vitshrink.cpu); "avx2" means 7-bit weights
+    generated: bool = False  # `batches` are generated probe inputs, not calibration data
     counter: list[int] = field(default_factory=lambda: [0])
     memo: dict[str, float | None] = field(default_factory=dict)
+
+    @property
+    def reduce_range(self) -> bool:
+        # TensorRT runs symmetric int8 x int8 on the GPU: no 16-bit pair sums to protect.
+        return self.target != "tensorrt" and reduce_range_for(self.target_cpu)
 
     def path(self, tag: str) -> Path:
         self.counter[0] += 1
@@ -239,6 +249,7 @@ class _Builder:
             out,
             op_types_to_quantize=op_types,
             per_channel=self.ctx.per_channel,
+            reduce_range=self.ctx.reduce_range,
             weight_type=QuantType.QInt8,
             nodes_to_quantize=limit,
             nodes_to_exclude=exclude,
@@ -298,6 +309,7 @@ class _Builder:
             quant_format=QuantFormat.QDQ,
             op_types_to_quantize=op_types or self.op_types,
             per_channel=self.ctx.per_channel,
+            reduce_range=self.ctx.reduce_range,
             # uint8 activations x int8 weights is onnxruntime's fast CPU path; TensorRT wants symmetric int8.
             activation_type=QuantType.QInt8 if trt else QuantType.QUInt8,
             weight_type=QuantType.QInt8,
@@ -402,7 +414,9 @@ def _check_float_model(model: onnx.ModelProto, src: Path) -> None:
 
 def _smooth(pre: Path, ctx: _Ctx) -> tuple[Path, dict[str, Any]]:
     model = onnx.load(str(pre))
-    smoothed, info = smooth_model(model, ctx.batches, alpha=SMOOTH_ALPHA)
+    # Generated probe inputs say nothing about real activation ranges: smooth from the weights then.
+    calib = [] if ctx.generated else ctx.batches
+    smoothed, info = smooth_model(model, calib, alpha=SMOOTH_ALPHA)
     if not info["smoothed"]:
         return pre, info
     path = ctx.work / "smoothed.onnx"
@@ -419,6 +433,40 @@ def _smooth(pre: Path, ctx: _Ctx) -> tuple[Path, dict[str, Any]]:
         info["rejected"] = f"float output changed by {err:.2e}"
         return pre, info
     return path, info
+
+
+GENERATED_SAMPLES = 16
+REL_ERROR_WARN = 0.1  # relative logit error vs fp32 above which int8 is suspect (typical: 0.01-0.05)
+
+
+def _generated_inputs(model: onnx.ModelProto, n: int = GENERATED_SAMPLES) -> list[np.ndarray] | None:
+    """Image-like probe inputs, normalised as the runtime would, to compare int8 with fp32 when the
+    user gives no calibration data: smooth random colour fields plus fine texture, so activations
+    span ranges like real photos do (white noise would not exercise the saturating pair sums)."""
+    from ..deploy._meta import parse_meta, resolve_preprocess
+
+    dims = input_spec(model)[1]
+    if len(dims) != 4:
+        return None
+    meta = read_meta(model) or {}
+    try:
+        channels, (h, w), mean, std = resolve_preprocess(
+            parse_meta(json.dumps(meta), "model"), dims[1], (dims[2], dims[3]), "model"
+        )
+    except VitshrinkError:
+        return None
+    batch = dims[0] or 1
+    rng = np.random.default_rng(0)
+    count = max(n // batch, 1) * batch
+    coarse = rng.random((count, channels, 4, 4))
+    field = np.kron(coarse, np.ones((1, 1, -(-h // 4), -(-w // 4))))[:, :, :h, :w]
+    img = np.clip(field + 0.15 * rng.standard_normal(field.shape), 0.0, 1.0)
+    x = ((img - np.asarray(mean)[:, None, None]) / np.asarray(std)[:, None, None]).astype(np.float32)
+    return (
+        [x[i : i + batch] for i in range(0, count, batch)]
+        if dims[0]
+        else [x[i : i + 8] for i in range(0, count, 8)]
+    )
 
 
 def _random_input(model: onnx.ModelProto) -> list[np.ndarray] | None:
@@ -518,6 +566,7 @@ def quantize_onnx(
     max_drop: float | None = None,
     eval_fn: Callable[[str], float] | None = None,
     target: Literal["cpu", "tensorrt"] = "cpu",
+    target_cpu: str = "auto",
     quiet: bool = False,
 ) -> dict[str, Any]:
     """Quantize an ONNX model to fp16 / int8 and write it atomically to `dst`; returns a report.
@@ -533,6 +582,11 @@ def quantize_onnx(
     vit_aware=False gives the plain onnxruntime recipe (no smoothing, every supported op quantized).
     target: "tensorrt" makes static int8 symmetric (what TensorRT consumes) and skips the dynamic path,
     which TensorRT cannot run.
+    target_cpu: the CPU the int8 model will run on: "avx2" (x86 without VNNI: 7-bit weights, since
+    onnxruntime's AVX2 int8 kernels saturate with full 8-bit weights; see `vitshrink.cpu`), "vnni",
+    "arm64", or "auto" (this machine). Recorded in the report and the model's metadata.
+    Without `calib`, int8-dynamic (and "int8", which then builds only the dynamic variant) is still
+    compared with fp32 on generated image-like inputs (`fidelity`, with `inputs: generated`).
 
     The report holds: mode, chosen, settings / settings_chosen, smoothing, kept_float (op types and
     fallback nodes, each with its reason), quantized_nodes, candidates (metric, latency, fallbacks of
@@ -548,6 +602,8 @@ def quantize_onnx(
         )
     if target not in TARGETS:
         raise VitshrinkError(f"unknown target '{target}' (choose from {', '.join(TARGETS)})")
+    if target_cpu not in TARGET_CPUS:
+        raise VitshrinkError(f"unknown target CPU '{target_cpu}' (choose from {', '.join(TARGET_CPUS)})")
     if max_drop is not None and not max_drop >= 0:
         raise VitshrinkError(f"max_drop must be >= 0, got {max_drop}")
     src, dst = Path(src), Path(dst)
@@ -557,16 +613,25 @@ def quantize_onnx(
     original = load_onnx(src)
     _check_float_model(original, src)
     batches = prepare_calib(calib, input_spec(original)[1])
-    if mode in ("int8-static", "int8-mixed", "int8") and not batches:
+    if mode in ("int8-static", "int8-mixed") and not batches:
         raise DataError(f"mode '{mode}' needs calibration data; 'int8-dynamic' and 'fp16' work without")
-    if mode == "int8" and max_drop is None:
-        max_drop = DEFAULT_MAX_DROP
-    if max_drop is not None and mode != "fp16" and not batches:
-        raise DataError("max_drop needs calibration data to rank nodes by sensitivity")
+    if target == "tensorrt" and mode == "int8" and not batches:
+        raise DataError("int8 for TensorRT is static and needs calibration data")
     if target == "tensorrt" and mode == "int8-dynamic":
         raise VitshrinkError(
             "TensorRT cannot run dynamic int8; use mode 'int8-static' or 'int8' for target 'tensorrt'"
         )
+    generated = False
+    if not batches and mode != "fp16":
+        # No data: still compare with fp32, on generated image-like inputs (never used to calibrate).
+        probe = _generated_inputs(original)
+        if probe is not None:
+            batches, generated = probe, True
+    if max_drop is not None and mode != "fp16" and not batches:
+        raise DataError("max_drop needs calibration data to rank nodes by sensitivity")
+    if mode == "int8" and max_drop is None and not generated:
+        max_drop = DEFAULT_MAX_DROP
+    cpu = resolve_target_cpu(target_cpu)
 
     with tempfile.TemporaryDirectory(prefix="vitshrink-quant-") as tmp:
         work = Path(tmp)
@@ -575,25 +640,47 @@ def quantize_onnx(
         _preprocess(src, pre, original, say)
         ref = run(pre, batches) if batches else None
         ctx = _Ctx(
-            work, batches, ref, eval_fn, None, per_channel, calib_method, vit_aware, target, say, quiet=quiet
+            work,
+            batches,
+            ref,
+            eval_fn,
+            None,
+            per_channel,
+            calib_method,
+            vit_aware,
+            target,
+            say,
+            quiet=quiet,
+            target_cpu=cpu,
+            generated=generated,
         )
+        if generated:
+            say(
+                "no calibration data: int8-dynamic only (Convs stay float), compared with fp32 on "
+                f"{sum(len(b) for b in batches)} generated inputs"
+            )
         if batches:
             ctx.sample = batches[0][:1] if input_spec(original)[1][0] in (None, 1) else batches[0]
         ctx.base_metric = (
             float(eval_fn(str(src))) if eval_fn is not None else (1.0 if ref is not None else None)
         )
+        metric_name = None
+        if eval_fn is not None:
+            metric_name = "eval_fn"
+        elif ref is not None:
+            metric_name = "agreement_with_fp32" + ("_on_generated_inputs" if generated else "")
         report: dict[str, Any] = {
             "mode": mode,
-            "metric_name": "eval_fn"
-            if eval_fn is not None
-            else ("agreement_with_fp32" if ref is not None else None),
+            "metric_name": metric_name,
             "metric_before": ctx.base_metric,
             "size_before": file_size(src),
             "settings": {
                 "per_channel": per_channel,
                 "vit_aware": vit_aware,
-                "calib_method": calib_method if batches else None,
+                "calib_method": calib_method if batches and not generated else None,
                 "target": target,
+                "target_cpu": cpu if mode != "fp16" and target == "cpu" else None,
+                "reduce_range": ctx.reduce_range if mode != "fp16" else None,
                 "max_drop": max_drop,
             },
         }
@@ -607,6 +694,18 @@ def quantize_onnx(
         if metric_after is not None and ctx.base_metric is not None:
             report["drop"] = ctx.base_metric - metric_after
         report["fidelity"] = ctx.fidelity(final)
+        if generated and report["fidelity"]:
+            report["fidelity"]["inputs"] = "generated"
+        err = report["fidelity"].get("rel_error")
+        if mode != "fp16" and err is not None and err > REL_ERROR_WARN:
+            report.setdefault("warnings", []).append(
+                f"{report['chosen']} output differs from fp32 by {err:.3f} (relative)"
+                + (
+                    " on generated inputs; pass calibration data to check and repair on real data"
+                    if generated
+                    else ""
+                )
+            )
         if ctx.sample is not None:
             fp32_ms, q_ms = latencies_ms([pre, final], ctx.sample)
             report["latency_ms"] = {"fp32": fp32_ms, report["chosen"]: q_ms}
@@ -624,6 +723,8 @@ def quantize_onnx(
             "metrics": {k: report[k] for k in ("metric_before", "metric_after") if report.get(k) is not None},
         }
         copy_metadata(original, out_model, history)
+        if mode != "fp16" and target == "cpu":
+            _record_int8_target(out_model, cpu)
         with atomic_path(dst) as tmp_out:
             onnx.save(out_model, str(tmp_out))
     report["size_after"] = file_size(dst)
@@ -672,6 +773,8 @@ def _int8(mode: str, pre: Path, ctx: _Ctx, max_drop: float | None) -> tuple[Path
         }
     if mode != "int8":
         kinds = [mode]
+    elif ctx.generated:
+        kinds = ["int8-dynamic"]  # static variants need real calibration data
     elif ctx.target == "tensorrt":
         kinds = ["int8-static"]
     else:
@@ -712,7 +815,13 @@ def _int8(mode: str, pre: Path, ctx: _Ctx, max_drop: float | None) -> tuple[Path
             + {"int8-static": " static", "int8-mixed": " static (Conv) / dynamic (MatMul)"}.get(
                 builder.kind, " dynamic (per batch)"
             ),
-            "weights": "int8 " + ("per-channel" if ctx.per_channel else "per-tensor"),
+            "weights": ("int8 (7-bit range) " if ctx.reduce_range else "int8 ")
+            + ("per-channel" if ctx.per_channel else "per-tensor"),
+            **(
+                {"target_cpu": ctx.target_cpu, "target_cpu_note": int8_note(ctx.target_cpu)}
+                if ctx.target == "cpu"
+                else {}
+            ),
         },
         quantized_nodes=len(builder.candidates) - len(best["fallback"]),
         kept_float={"op_types": builder.kept_ops, "nodes": kept_nodes},
@@ -729,3 +838,16 @@ def _int8(mode: str, pre: Path, ctx: _Ctx, max_drop: float | None) -> tuple[Path
     if "warning" in best:
         extra.setdefault("warnings", []).append(best["warning"])
     return best["path"], extra
+
+
+def _record_int8_target(model: onnx.ModelProto, target_cpu: str) -> None:
+    """Top-level `int8` entry of the vitshrink metadata: deploy checks it against the CPU it runs on."""
+    for prop in model.metadata_props:
+        if prop.key == META_KEY:
+            try:
+                meta = json.loads(prop.value)
+            except json.JSONDecodeError:
+                return
+            meta["int8"] = {"target_cpu": target_cpu, "reduce_range": reduce_range_for(target_cpu)}
+            prop.value = json.dumps(meta)
+            return
