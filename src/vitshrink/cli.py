@@ -15,6 +15,7 @@ import warnings
 from collections.abc import Callable
 from typing import Any, NoReturn
 
+from . import __version__
 from .cpu import TARGET_CPUS
 
 EXIT_USER, EXIT_BUG = 2, 1
@@ -160,7 +161,9 @@ def cmd_bench(a: argparse.Namespace) -> None:
 def cmd_export(a: argparse.Namespace) -> None:
     from .export import export
 
-    out, r = export(a.model, a.out, opset=a.opset, dynamic_batch=a.dynamic_batch, quiet=a.quiet)
+    out, r = export(
+        a.model, a.out, opset=a.opset, dynamic_batch=a.dynamic_batch, format=a.format, quiet=a.quiet
+    )
     print(f"wrote {out} ({r['size_mb']:.2f} MB, {r['params']:,} params, {r['macs'] / 1e6:.1f}M MACs)")
     print(
         f"parity vs PyTorch: max abs diff {r['max_abs_diff']:.2e}, argmax agreement {r['argmax_agreement']:.4f}"
@@ -244,6 +247,7 @@ def cmd_quantize(a: argparse.Namespace) -> None:
         max_drop=a.max_drop,
         data_options=a.data_opt,
         target_cpu=a.target_cpu,
+        format=a.format,
         quiet=a.quiet,
     )
     print(f"wrote {out}")
@@ -311,14 +315,30 @@ def cmd_presets(a: argparse.Namespace) -> None:
 
 def build_parser() -> argparse.ArgumentParser:
     p = _Parser(prog="vitshrink", description="Compress Vision Transformers for edge devices.")
+    p.add_argument("--version", action="version", version=f"vitshrink {__version__}")
+    # Global options work before and after the subcommand: the subcommand's copies default to
+    # SUPPRESS, so they only override what was given before it when given themselves.
     p.add_argument("--debug", action="store_true", help="show tracebacks for unexpected errors")
+    p.add_argument("--quiet", "-q", action="store_true", help="no progress bars")
     sub = p.add_subparsers(dest="cmd", required=True, metavar="COMMAND")
 
     def add(name: str, fn: Any, help: str) -> argparse.ArgumentParser:
         sp = sub.add_parser(name, help=help, description=help)
         sp.set_defaults(fn=fn)
-        sp.add_argument("--quiet", "-q", action="store_true", help="no progress bars")
+        sp.add_argument(
+            "--quiet", "-q", action="store_true", default=argparse.SUPPRESS, help="no progress bars"
+        )
+        sp.add_argument("--debug", action="store_true", default=argparse.SUPPRESS, help=argparse.SUPPRESS)
         return sp
+
+    def format_arg(sp: argparse.ArgumentParser) -> None:
+        sp.add_argument(
+            "--format",
+            default="auto",
+            choices=["auto", "file", "dir"],
+            help="file: one .onnx; dir: optimum-style folder (model.onnx, config.json, "
+            "preprocessor_config.json); auto: dir unless --out ends in .onnx",
+        )
 
     def data_args(sp: argparse.ArgumentParser, required: bool = True) -> None:
         sp.add_argument("--data", required=required, help="fashion-mnist | aerial | FOLDER")
@@ -374,6 +394,7 @@ def build_parser() -> argparse.ArgumentParser:
     sp.add_argument("--out", required=True)
     sp.add_argument("--opset", type=_number(int, 7), default=17)
     sp.add_argument("--dynamic-batch", action="store_true")
+    format_arg(sp)
 
     sp = add("demo", cmd_demo, "Run the whole pipeline on embedded data.")
     sp.add_argument("--task", default="all", choices=["classification", "segmentation", "all"])
@@ -476,6 +497,7 @@ def build_parser() -> argparse.ArgumentParser:
         help="CPU the int8 model will run on (auto = this one); avx2 = x86 without VNNI: 7-bit weights, "
         "because onnxruntime's AVX2 int8 kernels saturate with full 8-bit weights",
     )
+    format_arg(sp)
 
     sp = add("predict", cmd_predict, "Run an ONNX model on images (numpy + Pillow + onnxruntime only).")
     sp.add_argument("model")

@@ -9,7 +9,6 @@ and ground truth are left out of the means.
 from __future__ import annotations
 
 import os
-from pathlib import Path
 from typing import Any
 
 import numpy as np
@@ -184,8 +183,11 @@ def evaluate(
     quiet: bool = False,
     data_options: dict[str, Any] | None = None,
 ) -> dict[str, Any]:
-    """Evaluate a model directory or ONNX file on one split of a data SPEC."""
-    path = Path(model)
+    """Evaluate a model directory (or Hub id), ONNX file or ONNX folder on one split of a data SPEC."""
+    from .hub import resolve_model
+    from .onnx_folder import onnx_file
+
+    path = onnx_file(resolve_model(model))
     data_options = data_options or {}
     if path.suffix == ".onnx" or path.is_file():
         from .deploy.runtime import OnnxModel

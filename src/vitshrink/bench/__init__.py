@@ -18,11 +18,13 @@ from typing import Any
 
 from ..artifacts import write_json
 from ..errors import ModelError, VitshrinkError
+from ..hub import resolve_model
+from ..onnx_folder import onnx_file
 
 
 def model_stats(path: str | os.PathLike) -> dict[str, Any]:
-    """Size on disk, params and MACs of a model directory or ONNX file."""
-    path = Path(path)
+    """Size on disk, params and MACs of a model directory (or Hub id) or ONNX file."""
+    path = onnx_file(resolve_model(path))
     if not path.exists():
         raise ModelError(f"model not found: {path}")
     if path.is_dir():
@@ -130,7 +132,7 @@ def bench_many(
     quiet: bool = True,
 ) -> list[dict[str, Any]]:
     """Benchmark several models comparably: one interleaved latency process + one memory process each."""
-    paths = [str(Path(m)) for m in models]
+    paths = [str(onnx_file(resolve_model(m))) for m in models]
     for p in paths:
         if not Path(p).exists():
             raise ModelError(f"model not found: {p}")

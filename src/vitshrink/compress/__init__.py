@@ -46,9 +46,10 @@ __all__ = [
 def _context(model: str | os.PathLike, data: str, data_options: dict[str, Any], quiet: bool) -> Context:
     """Check the teacher and the data agree before anything long starts."""
     from ..data import describe
+    from ..hub import resolve_model
     from ..models import is_model_dir, load_model
 
-    teacher = Path(model)
+    teacher = resolve_model(model)
     if not is_model_dir(teacher):
         if teacher.suffix == ".onnx":
             raise VitshrinkError(

@@ -19,6 +19,7 @@ from PIL import Image
 
 from ..cpu import runs_exactly_here
 from ..errors import DataError, ModelError
+from ..onnx_folder import onnx_file
 from ._meta import parse_meta, resolve_class_names, resolve_preprocess, resolve_task
 
 # onnxruntime raises its own pybind11 exception classes (not RuntimeError subclasses) for bad models and
@@ -108,7 +109,7 @@ class OnnxModel:
         *,
         low_memory: bool = False,
     ) -> None:
-        self.path = Path(path)
+        self.path = onnx_file(path)  # an optimum-style folder runs its model.onnx
         where = str(self.path)
         if not self.path.is_file():
             raise ModelError(f"not a file: {where}" if self.path.exists() else f"model not found: {where}")

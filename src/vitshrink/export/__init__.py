@@ -22,6 +22,7 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
+from .. import __version__
 from ..artifacts import atomic_path
 from ..errors import ModelError, VitshrinkError
 
@@ -139,7 +140,8 @@ def export_onnx(
     with torch.no_grad():
         ref = wrapper(example).numpy()
     stats = {"params": count_params(net), "macs": count_macs(wrapper, example)}
-    full_meta = {**meta, "stats": stats}
+    # The HF config rides along so the ONNX file alone can become an optimum-style folder (onnx_folder).
+    full_meta = {**meta, "stats": stats, "vitshrink_version": __version__, "hf_config": _hf_config(net)}
     with atomic_path(out) as tmp:
         _torch_export(wrapper, example, tmp, opset=opset, dynamic_batch=dynamic_batch, quiet=quiet)
         import onnx
@@ -234,6 +236,16 @@ def parity(
     return {"max_abs_diff": max_diff, "argmax_agreement": agree / max(total, 1)}
 
 
+def _hf_config(net: nn.Module) -> dict[str, Any] | None:
+    cfg = getattr(net, "config", None)
+    if cfg is None:
+        return None
+    try:
+        return json.loads(cfg.to_json_string(use_diff=False))
+    except (TypeError, ValueError):  # configs holding non-JSON values: the folder format is unavailable
+        return None
+
+
 def export(
     model: str | os.PathLike,
     out: str | os.PathLike,
@@ -241,10 +253,39 @@ def export(
     opset: int = DEFAULT_OPSET,
     dynamic_batch: bool = False,
     simplify: bool = True,
+    format: str = "auto",
     quiet: bool = False,
 ) -> tuple[Path, dict[str, Any]]:
-    """CLI/API stage: model directory -> ONNX file, with a parity report."""
-    return export_onnx(model, out, opset=opset, dynamic_batch=dynamic_batch, simplify=simplify, quiet=True)
+    """CLI/API stage: model directory (or Hub id) -> ONNX, with a parity report.
+
+    format: "file" writes `out` as one .onnx file; "dir" writes an optimum-style folder (`model.onnx`,
+    `config.json`, `preprocessor_config.json`, `vitshrink.json`); "auto" picks "dir" when `out` does not
+    end in .onnx.
+    """
+    import tempfile
+
+    from ..onnx_folder import wants_folder, write_onnx_folder
+
+    try:
+        folder = wants_folder(out, format)
+    except ValueError as e:
+        raise VitshrinkError(str(e)) from None
+    if not folder:
+        return export_onnx(
+            model, out, opset=opset, dynamic_batch=dynamic_batch, simplify=simplify, quiet=True
+        )
+    with tempfile.TemporaryDirectory(prefix="vitshrink-export-") as tmp:
+        path, rep = export_onnx(
+            model,
+            Path(tmp) / "model.onnx",
+            opset=opset,
+            dynamic_batch=dynamic_batch,
+            simplify=simplify,
+            quiet=True,
+        )
+        write_onnx_folder(path, out)
+    rep["artifact"] = str(out)
+    return Path(out), rep
 
 
 from .._callable import install as _install  # noqa: E402

@@ -20,8 +20,10 @@ import transformers
 from safetensors import SafetensorError
 from torch import nn
 
+from .. import __version__
 from ..artifacts import META_FORMAT, META_NAME, atomic_dir, read_json, sha256_file, write_json
 from ..errors import ModelError
+from ..hub import resolve_model
 from .adapters import ADAPTERS, Adapter, adapter_for
 from .presets import PRESETS, get_preset
 
@@ -99,14 +101,17 @@ def build_model(
 
 
 def is_model_dir(path: str | os.PathLike) -> bool:
-    return Path(path).is_dir() and (Path(path) / "config.json").exists()
+    """A local model directory, or a Hugging Face Hub id (`org/name[@rev]`) that resolves to one."""
+    p = resolve_model(path)
+    return p.is_dir() and (p / "config.json").exists()
 
 
 def load_model(
     path: str | os.PathLike, *, verify: bool = True, device: str | torch.device = "cpu"
 ) -> tuple[nn.Module, dict[str, Any]]:
-    """Load a local HF model directory (ours or any transformers one); returns (model in eval mode, meta)."""
-    path = Path(path)
+    """Load an HF model directory (ours or any transformers one) or Hub id (`org/name[@rev]`, resolved
+    through the Hugging Face cache); returns (model in eval mode, meta)."""
+    path = resolve_model(path)
     if not path.exists():
         raise ModelError(f"model not found: {path}")
     if not path.is_dir():
@@ -175,7 +180,9 @@ def save_model(
             pm = Path(parent) / META_NAME
             if pm.exists():
                 entry["parent_checksums"] = read_json(pm).get("checksums", {})
+        entry["version"] = __version__
         meta.setdefault("history", []).append(entry)
+    meta["vitshrink_version"] = __version__
     with atomic_dir(out) as tmp:
         model.save_pretrained(tmp, safe_serialization=True)
         pre = meta["preprocess"]

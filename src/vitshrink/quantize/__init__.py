@@ -46,8 +46,9 @@ def quantize(
     quiet: bool = False,
     data_options: dict[str, Any] | None = None,
     target_cpu: str = "auto",
+    format: str = "auto",
 ) -> tuple[Path, dict[str, Any]]:
-    """Quantize a model directory or ONNX file into `out` (.onnx); returns (path, report).
+    """Quantize a model directory (or Hub id), ONNX file or ONNX folder into `out`; returns (path, report).
 
     calib_data: a data SPEC (e.g. "fashion-mnist"); its validation split calibrates int8 and scores
     every candidate with the task metric (accuracy / mIoU), so `max_drop` is a drop of that metric.
@@ -55,13 +56,24 @@ def quantize(
     compares it with fp32 on generated inputs.
     target_cpu: "auto" (this machine), "avx2", "vnni" or "arm64": the CPU the int8 model is for
     (x86 without VNNI gets 7-bit weights; see `vitshrink.cpu`).
+    format: "file" (`out` is one .onnx file), "dir" (an optimum-style folder: model.onnx, config.json,
+    preprocessor_config.json) or "auto" ("dir" when `out` does not end in .onnx).
     """
+    from ..hub import resolve_model
+    from ..onnx_folder import onnx_file, wants_folder, write_onnx_folder
     from ._common import load_onnx, read_meta
 
-    path = Path(model)
+    path = onnx_file(resolve_model(model))
     if not path.exists():
         raise VitshrinkError(f"model not found: {path}")
+    try:
+        folder = wants_folder(out, format)
+    except ValueError as e:
+        raise VitshrinkError(str(e)) from None
+    final = Path(out)
     with tempfile.TemporaryDirectory(prefix="vitshrink-quant-export-") as tmp:
+        if folder:
+            out = Path(tmp) / "quantized.onnx"
         if path.is_dir():
             from ..export import export_onnx
 
@@ -87,10 +99,13 @@ def quantize(
             target_cpu=target_cpu,
             quiet=quiet,
         )
+        if folder:
+            write_onnx_folder(out, final)
+            report["path"] = str(final)
     if calib_data is not None:
         report["metric_name"] = "accuracy" if meta["task"] == "classification" else "miou"
         report["data"] = calib_data
-    return Path(out), report
+    return final, report
 
 
 def _data(

@@ -19,6 +19,7 @@ import numpy as np
 import onnx
 import onnxruntime as ort
 
+from .. import __version__
 from ..errors import DataError, ModelError
 
 META_KEY = "vitshrink"
@@ -55,7 +56,8 @@ def copy_metadata(src: onnx.ModelProto, dst: onnx.ModelProto, history: dict[str,
         if prop.key == META_KEY and history is not None:
             with contextlib.suppress(json.JSONDecodeError, AttributeError):
                 meta = json.loads(value)
-                meta.setdefault("history", []).append(history)
+                meta.setdefault("history", []).append({**history, "version": __version__})
+                meta["vitshrink_version"] = __version__
                 value = json.dumps(meta, default=_json_default)
         entry = dst.metadata_props.add()
         entry.key, entry.value = prop.key, value

@@ -1,0 +1,89 @@
+"""optimum-style ONNX folders: `model.onnx` + `config.json` + `preprocessor_config.json` (+ `vitshrink.json`).
+
+This is the layout optimum's `ORTModelForImageClassification` / `ORTModelForSemanticSegmentation` and
+other Hugging Face tooling load, so a vitshrink model can be deployed with them as well as with
+vitshrink's own runtime. The HF config travels inside the ONNX metadata (`hf_config`, written by
+`export`), so a quantized file can be turned into a folder without its PyTorch directory.
+Dependency-free apart from `onnx` (imported only when writing): the deploy path imports `onnx_file`.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+from pathlib import Path
+from typing import Any
+
+MODEL_FILE = "model.onnx"
+FORMATS = ("auto", "file", "dir")
+
+
+def onnx_file(path: str | os.PathLike) -> Path:
+    """The ONNX file a path names: the path itself, or `model.onnx` inside an ONNX folder."""
+    p = Path(path)
+    if p.is_dir() and (p / MODEL_FILE).is_file() and not (p / "model.safetensors").exists():
+        return p / MODEL_FILE
+    return p
+
+
+def wants_folder(out: str | os.PathLike, fmt: str = "auto") -> bool:
+    """'dir', or 'auto' with an output that does not end in .onnx."""
+    if fmt not in FORMATS:
+        raise ValueError(f"unknown format '{fmt}' (choose from {', '.join(FORMATS)})")
+    return fmt == "dir" or (fmt == "auto" and Path(out).suffix != ".onnx")
+
+
+def preprocessor_config(meta: dict[str, Any]) -> dict[str, Any]:
+    """A transformers image-processor config equivalent to the vitshrink preprocessing."""
+    pre = meta.get("preprocess", {})
+    h, w = pre.get("size", [224, 224])
+    channels = pre.get("channels", 3)
+    mean = pre.get("mean", [0.5] * channels)
+    std = pre.get("std", [0.5] * channels)
+    seg = meta.get("task") == "segmentation"
+    return {
+        "image_processor_type": "SegformerImageProcessor" if seg else "ViTImageProcessor",
+        "do_resize": True,
+        "size": {"height": int(h), "width": int(w)},
+        "resample": 2,  # bilinear, as vitshrink's runtime resizes
+        "do_rescale": True,
+        "rescale_factor": 1 / 255,
+        "do_normalize": True,
+        "image_mean": list(mean),
+        "image_std": list(std),
+        **({"do_reduce_labels": False} if seg else {}),
+    }
+
+
+def write_onnx_folder(src: str | os.PathLike, folder: str | os.PathLike) -> Path:
+    """Lay out `src` (a vitshrink ONNX file) as an optimum-style folder at `folder` (atomically)."""
+    import shutil
+
+    import onnx
+
+    from .artifacts import atomic_dir, write_json
+    from .errors import ModelError
+
+    src = Path(src)
+    proto = onnx.load(str(src), load_external_data=False)
+    props = {p.key: p.value for p in proto.metadata_props}
+    try:
+        meta = json.loads(props.get("vitshrink", ""))
+    except json.JSONDecodeError:
+        raise ModelError(f"{src} has no vitshrink metadata, so its config.json cannot be written") from None
+    config = meta.get("hf_config")
+    if not isinstance(config, dict):
+        raise ModelError(
+            f"{src} carries no Hugging Face config (exported by an older vitshrink?); re-export it"
+        )
+    config = dict(config)
+    names = meta.get("class_names") or []
+    config["id2label"] = {str(i): n for i, n in enumerate(names)}
+    config["label2id"] = {n: i for i, n in enumerate(names)}
+    sidecar = {k: v for k, v in meta.items() if k != "hf_config"}
+    with atomic_dir(Path(folder)) as tmp:
+        shutil.copyfile(src, tmp / MODEL_FILE)
+        write_json(tmp / "config.json", config)
+        write_json(tmp / "preprocessor_config.json", preprocessor_config(meta))
+        write_json(tmp / "vitshrink.json", sidecar)
+    return Path(folder)
