@@ -33,6 +33,7 @@ __all__ = [
     "PRESETS",
     "Adapter",
     "adapter_for",
+    "check_finite",
     "build_model",
     "load_model",
     "save_model",
@@ -204,6 +205,13 @@ def save_model(
         }
         write_json(tmp / META_NAME, meta)
     return out
+
+
+def check_finite(model: nn.Module, where: str | os.PathLike) -> None:
+    """Raise ModelError when any parameter or buffer holds NaN/Inf (every output would be garbage)."""
+    for name, t in [*model.named_parameters(), *model.named_buffers()]:
+        if t.is_floating_point() and not bool(torch.isfinite(t).all()):
+            raise ModelError(f"model {where} has NaN or infinite values in {name}")
 
 
 def count_params(model: nn.Module) -> int:

@@ -10,11 +10,11 @@
 from __future__ import annotations
 
 import os
-import tempfile
 from pathlib import Path
 from typing import Any
 
 from ..errors import VitshrinkError
+from ..outputs import temp_dir
 from .onnx_quant import CALIB_METHODS, DEFAULT_MAX_DROP, MODES, Mode, quantize_onnx
 from .smooth import smooth_layernorm_outliers
 from .torch_quant import quantize_torch
@@ -55,7 +55,7 @@ def quantize(
     path = Path(model)
     if not path.exists():
         raise VitshrinkError(f"model not found: {path}")
-    with tempfile.TemporaryDirectory(prefix="vitshrink-quant-export-") as tmp:
+    with temp_dir("quant-export") as tmp:
         if path.is_dir():
             from ..export import export_onnx
 
