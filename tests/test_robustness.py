@@ -427,6 +427,35 @@ def _nan_onnx(a: dict[str, Path], d: Path) -> None:
     Image.new("L", (16, 16), 40).save(d / "a.png")
 
 
+def _alias_bomb(a: dict[str, Path], d: Path) -> None:
+    rows = ['a: &a ["x","x","x","x","x","x","x","x","x"]']
+    for prev, name in zip("abcdefgh", "bcdefghi"):
+        rows.append(f"{name}: &{name} [{','.join([f'*{prev}'] * 9)}]")
+    (d / "r.yaml").write_text("\n".join(rows) + "\nstages: [*i]\n")  # 9^9 strings once expanded
+
+
+def _hostile_report(a: dict[str, Path], d: Path) -> None:
+    (d / "run").mkdir()
+    stage = {"name": "teacher", "artifact": "m.onnx", "accuracy": 0.9, "latency_ms": {"p50": 1.0}}
+    stage |= {"size_mb": 1.0, "params": 10, "macs": 10}
+    results = {
+        "task": "classification",
+        "metric": "accuracy",
+        "device": {"name": "cpu", "threads": 1},
+        "class_names": ["a", "b"],
+        "stages": [stage],
+        "examples": [{"image": "/etc/hostname", "labels": {"teacher": "a"}}],
+    }
+    (d / "run" / "results.json").write_text(json.dumps(results))
+
+
+def _escaping_checksum(a: dict[str, Path], d: Path) -> None:
+    shutil.copytree(a["model"], d / "m")
+    meta = json.loads((d / "m" / "vitshrink.json").read_text())
+    meta["checksums"]["../../../../../../dev/zero"] = "0" * 64
+    (d / "m" / "vitshrink.json").write_text(json.dumps(meta))
+
+
 CASES = [
     # ---- in a fresh interpreter, as a user runs it
     Case(
@@ -781,6 +810,49 @@ CASES = [
         lambda a, d: ["export", str(a["model"]), "--out", str(d / "x.onnx"), "--opset", "7"],
         r"opset 7 is not supported: vitshrink exports opset 14 or newer",
         subprocess=True,  # and no exporter output on the terminal
+    ),
+    # ---- bounded inputs: files named by other files
+    Case(
+        "latency-table-dev-zero",
+        lambda a, d: [
+            "prune",
+            str(a["model"]),
+            "--out",
+            str(d / "p"),
+            "--target-latency-ms",
+            "1",
+            "--latency-table",
+            "/dev/zero",
+        ],
+        r"latency table /dev/zero is not a regular file",
+    ),
+    Case(
+        "yaml-alias-bomb",
+        lambda a, d: [
+            "compress",
+            str(a["model"]),
+            "--data",
+            str(a["data"]),
+            "--out",
+            str(d / "c"),
+            "--recipe",
+            str(d / "r.yaml"),
+        ],
+        r"r\.yaml: more than 16 YAML aliases",
+        _alias_bomb,
+        subprocess=True,  # and it returns at once (the table's 120 s timeout would catch a hang)
+    ),
+    Case(
+        "report-embeds-outside-file",
+        lambda a, d: ["report", str(d / "run")],
+        r"results\.json: example 0 image /etc/hostname is outside the run directory",
+        _hostile_report,
+    ),
+    Case(
+        "checksum-outside-model",
+        lambda a, d: ["eval", str(d / "m"), "--data", str(a["data"])],
+        r"checksum entry '.*dev/zero' is outside the model directory",
+        _escaping_checksum,
     ),
     # ---- non-finite weights or outputs
     Case(

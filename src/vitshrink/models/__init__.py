@@ -257,10 +257,18 @@ def _check_meta(meta: Any, where: Path) -> None:
 
 
 def _verify_checksums(path: Path, meta: dict[str, Any]) -> None:
+    from ..safeio import inside
+
     for name, digest in (meta.get("checksums") or {}).items():
         f = path / name
+        if not inside(f, path) or f.resolve() == path.resolve():  # "../x" or "/etc/x" in a hostile sidecar
+            raise ModelError(
+                f"invalid {path / META_NAME}: checksum entry {name!r} is outside the model directory"
+            )
         if not f.exists():
             raise ModelError(f"model file missing: {f}")
+        if not f.is_file():
+            raise ModelError(f"model file {f} is not a regular file")
         if sha256_file(f) != digest:
             raise ModelError(f"checksum mismatch for {f}: the file is corrupt or was modified")
 
