@@ -456,6 +456,68 @@ def _escaping_checksum(a: dict[str, Path], d: Path) -> None:
     (d / "m" / "vitshrink.json").write_text(json.dumps(meta))
 
 
+def _folder(root: Path, classes: list[str], n: int = 6) -> None:
+    for c in classes:
+        (root / c).mkdir(parents=True, exist_ok=True)
+        for i in range(n):
+            Image.new("L", (16, 16), 10 * i).save(root / c / f"{i}.png")
+
+
+def _other_names(a: dict[str, Path], d: Path) -> None:
+    _folder(d / "data", ["cat", "dog", "owl"], n=12)
+
+
+def _one_class(a: dict[str, Path], d: Path) -> None:
+    _folder(d / "data", ["only"], n=12)
+
+
+def _val_extra_class(a: dict[str, Path], d: Path) -> None:
+    _folder(d / "data" / "train", ["top", "bottom", "none"])
+    _folder(d / "data" / "val", ["top", "bottom", "none", "side"])
+
+
+def _seg_tree(d: Path, mask_value: int, mode: str = "L") -> None:
+    for sub in ("images", "masks"):
+        (d / "seg" / sub).mkdir(parents=True, exist_ok=True)
+    for i in range(6):
+        Image.new("RGB", (16, 16)).save(d / "seg" / "images" / f"{i}.png")
+        m = np.zeros((16, 16), np.uint16 if mode == "I;16" else np.uint8)
+        m[0, 0] = mask_value
+        Image.fromarray(m).save(d / "seg" / "masks" / f"{i}.png")
+
+
+def _dup_classes(a: dict[str, Path], d: Path) -> None:
+    _seg_tree(d, 1)
+    (d / "seg" / "classes.json").write_text('["road", "road", "roof"]')
+
+
+def _mask_id_16bit(a: dict[str, Path], d: Path) -> None:
+    _seg_tree(d, 300, mode="I;16")
+
+
+def _trained_ckpt(a: dict[str, Path], d: Path) -> None:
+    common = ["train", "--model", "vit-micro", "--data", str(a["data"]), "--out", str(d / "o"), "--quiet"]
+    import contextlib
+    import io
+
+    with contextlib.redirect_stdout(io.StringIO()):  # the table asserts the case's own output only
+        assert main([*common, "--epochs", "2", "--batch-size", "32", "--image-size", "16"]) == 0
+
+
+def _resume_args(a: dict[str, Path], d: Path, *extra: str) -> list[str]:
+    return [
+        "train",
+        "--data",
+        str(a["data"]),
+        "--out",
+        str(d / "o"),
+        "--resume",
+        "--image-size",
+        "16",
+        *extra,
+    ]
+
+
 CASES = [
     # ---- in a fresh interpreter, as a user runs it
     Case(
@@ -854,6 +916,49 @@ CASES = [
         r"checksum entry '.*dev/zero' is outside the model directory",
         _escaping_checksum,
     ),
+    # ---- labels that cannot silently shift
+    Case(
+        "class-names-mismatch",
+        lambda a, d: ["eval", str(a["model"]), "--data", str(d / "data"), "--split", "train"],
+        r"class names of .*model do not match data .*: data has \['cat', 'dog', 'owl'\]",
+        _other_names,
+    ),
+    Case(
+        "single-class-folder",
+        lambda a, d: ["train", "--model", "vit-micro", "--data", str(d / "data"), "--out", str(d / "o")],
+        r"only one class folder in .*data \(only\)",
+        _one_class,
+    ),
+    Case(
+        "val-class-missing-in-train",
+        lambda a, d: ["train", "--model", "vit-micro", "--data", str(d / "data"), "--out", str(d / "o")],
+        r"class folder .*val/side has no counterpart in the train split",
+        _val_extra_class,
+    ),
+    Case(
+        "duplicate-class-names",
+        lambda a, d: ["eval", str(a["seg_onnx"]), "--data", str(d / "seg")],
+        r"bad class list .*classes\.json: duplicate class name\(s\) \['road'\]",
+        _dup_classes,
+    ),
+    Case(
+        "mask-id-16bit",
+        lambda a, d: ["eval", str(a["seg_onnx"]), "--data", str(d / "seg")],
+        r"mask .*\.png has class id 300; ids must be below 255",
+        _mask_id_16bit,
+    ),
+    Case(
+        "resume-fewer-epochs",
+        lambda a, d: _resume_args(a, d, "--model", "vit-micro", "--epochs", "1"),
+        r"has already trained 2 epochs but --epochs is 1; pass --epochs 2 or more",
+        _trained_ckpt,
+    ),
+    Case(
+        "resume-other-preset",
+        lambda a, d: _resume_args(a, d, "--model", "deit-micro", "--epochs", "3"),
+        r"cannot resume from .*o\.ckpt: it was made with different settings \(model_type 'vit' vs 'deit'",
+        _trained_ckpt,
+    ),
     # ---- non-finite weights or outputs
     Case(
         "nan-weights-prune",
@@ -1037,3 +1142,42 @@ def test_stale_temp_dirs_of_dead_runs_are_swept(tmp_path: Path) -> None:
     assert sweep_stale_temps(tmp_path) == 1
     assert not made["dead-old"].exists() and made["dead-new"].exists() and made["alive-old"].exists()
     assert (tmp_path / "vitshrink-locks-u0").exists()
+
+
+def test_dataset_labels_follow_the_model_and_outputs_in_the_data_root_are_not_classes(
+    assets: dict[str, Path], tmp_path: Path
+) -> None:
+    from vitshrink.data import align_classes, load_dataset
+
+    data = tmp_path / "data"
+    shutil.copytree(assets["data"], data)
+    ds = load_dataset(str(data), "train")
+    assert ds.class_names == ["bottom", "none", "top"]  # folder (alphabetical) order
+    aligned = align_classes(ds, ["top", "bottom", "none"], model="m")  # the model's id2label order
+    assert aligned.class_names == ["top", "bottom", "none"]
+    back = {"bottom": 1, "none": 2, "top": 0}
+    assert aligned.targets.tolist() == [back[ds.class_names[t]] for t in ds.targets.tolist()]
+    # Fashion-MNIST's "T-shirt/top" cannot be a folder name; "T-shirt_top" is the same class
+    ds2 = type(ds)(ds.images, ds.targets, ds.task, ["T-shirt_top", "none", "top"], ds.source)
+    assert align_classes(ds2, ["top", "T-shirt/top", "none"], model="m").targets.tolist() == [
+        {0: 1, 1: 2, 2: 0}[t] for t in ds.targets.tolist()
+    ]
+    # a model (and its checkpoint) saved inside the data root is not read as two new classes
+    shutil.copytree(assets["model"], data / "my-model")
+    (data / "my-model.ckpt").mkdir()
+    assert load_dataset(str(data), "train").class_names == ["bottom", "none", "top"]
+
+
+def test_compress_cache_key_covers_the_data_folder_content(assets: dict[str, Path], tmp_path: Path) -> None:
+    from vitshrink.compress.runner import root_key
+    from vitshrink.data import fingerprint
+
+    data = tmp_path / "data"
+    shutil.copytree(assets["data"], data)
+    k0 = root_key("t", str(data), {})
+    assert root_key("t", str(data), {}) == k0 and fingerprint("fashion-mnist") == ""
+    (data / "run").mkdir()  # a compress run dir inside the data root does not change the key
+    (data / "run" / "state.json").write_text("{}")
+    assert root_key("t", str(data), {}) == k0
+    Image.new("L", (16, 16)).save(data / "top" / "extra.png")
+    assert root_key("t", str(data), {}) != k0
