@@ -87,7 +87,17 @@ def assets(tmp_path_factory: pytest.TempPathFactory) -> dict[str, Path]:
     save_model(net, meta, root / "model")
     export_onnx(root / "model", root / "model.onnx")
     data = _squares(root / "squares", n_per_class=8)
-    return {"root": root, "model": root / "model", "onnx": root / "model.onnx", "data": data}
+    seg, seg_meta = build_model(
+        "segformer-micro", image_size=32, num_channels=3, class_names=["bg", "road", "roof"]
+    )
+    export_onnx(seg, root / "seg.onnx", meta=seg_meta)
+    return {
+        "root": root,
+        "model": root / "model",
+        "onnx": root / "model.onnx",
+        "data": data,
+        "seg_onnx": root / "seg.onnx",
+    }
 
 
 # ------------------------------------------------------------------------------ killed mid-save
@@ -358,6 +368,156 @@ def _mobilevit_model(a: dict[str, Path], d: Path) -> None:
     save_model(net, meta, d / "mv")
 
 
+def _model_in(sub: str) -> Callable[[dict[str, Path], Path], None]:
+    def prep(a: dict[str, Path], d: Path) -> None:
+        shutil.copytree(a["model"], d / sub)
+
+    return prep
+
+
+def _user_folder(a: dict[str, Path], d: Path) -> None:
+    (d / "mine").mkdir()
+    (d / "mine" / "notes.txt").write_text("irreplaceable")
+
+
+def _user_ckpt(a: dict[str, Path], d: Path) -> None:
+    (d / "o.ckpt").mkdir()
+    (d / "o.ckpt" / "notes.txt").write_text("irreplaceable")
+
+
+def _foreign_onnx(a: dict[str, Path], d: Path) -> None:
+    (d / "x.onnx").write_bytes(b"someone else's model")
+
+
+def _foreign_json(a: dict[str, Path], d: Path) -> None:
+    (d / "b.json").write_text('{"mine": true}')
+
+
+def _user_mask(a: dict[str, Path], d: Path) -> None:
+    Image.new("RGB", (16, 16), (40, 90, 200)).save(d / "a.png")
+    Image.new("L", (16, 16), 7).save(d / "a_mask.png")  # the user's own annotation
+
+
+def _user_predictions(a: dict[str, Path], d: Path) -> None:
+    Image.new("L", (16, 16), 40).save(d / "a.png")
+    (d / "out").mkdir()
+    (d / "out" / "predictions.json").write_text('{"labels": "hand-made"}')
+
+
+def _nan_model(a: dict[str, Path], d: Path) -> None:
+    net, meta = load_model(a["model"])
+    with torch.no_grad():
+        next(net.parameters()).view(-1)[0] = float("nan")
+    save_model(net, meta, d / "m")
+
+
+def _nan_onnx(a: dict[str, Path], d: Path) -> None:
+    import onnx
+    from onnx import numpy_helper
+
+    proto = onnx.load(str(a["onnx"]))
+    for init in proto.graph.initializer:
+        arr = numpy_helper.to_array(init)
+        if arr.dtype == np.float32 and arr.size > 16:
+            arr = arr.copy()
+            arr.flat[0] = np.nan
+            init.CopyFrom(numpy_helper.from_array(arr, init.name))
+            break
+    onnx.save(proto, str(d / "nan.onnx"))
+    Image.new("L", (16, 16), 40).save(d / "a.png")
+
+
+def _alias_bomb(a: dict[str, Path], d: Path) -> None:
+    rows = ['a: &a ["x","x","x","x","x","x","x","x","x"]']
+    for prev, name in zip("abcdefgh", "bcdefghi"):
+        rows.append(f"{name}: &{name} [{','.join([f'*{prev}'] * 9)}]")
+    (d / "r.yaml").write_text("\n".join(rows) + "\nstages: [*i]\n")  # 9^9 strings once expanded
+
+
+def _hostile_report(a: dict[str, Path], d: Path) -> None:
+    (d / "run").mkdir()
+    stage = {"name": "teacher", "artifact": "m.onnx", "accuracy": 0.9, "latency_ms": {"p50": 1.0}}
+    stage |= {"size_mb": 1.0, "params": 10, "macs": 10}
+    results = {
+        "task": "classification",
+        "metric": "accuracy",
+        "device": {"name": "cpu", "threads": 1},
+        "class_names": ["a", "b"],
+        "stages": [stage],
+        "examples": [{"image": "/etc/hostname", "labels": {"teacher": "a"}}],
+    }
+    (d / "run" / "results.json").write_text(json.dumps(results))
+
+
+def _escaping_checksum(a: dict[str, Path], d: Path) -> None:
+    shutil.copytree(a["model"], d / "m")
+    meta = json.loads((d / "m" / "vitshrink.json").read_text())
+    meta["checksums"]["../../../../../../dev/zero"] = "0" * 64
+    (d / "m" / "vitshrink.json").write_text(json.dumps(meta))
+
+
+def _folder(root: Path, classes: list[str], n: int = 6) -> None:
+    for c in classes:
+        (root / c).mkdir(parents=True, exist_ok=True)
+        for i in range(n):
+            Image.new("L", (16, 16), 10 * i).save(root / c / f"{i}.png")
+
+
+def _other_names(a: dict[str, Path], d: Path) -> None:
+    _folder(d / "data", ["cat", "dog", "owl"], n=12)
+
+
+def _one_class(a: dict[str, Path], d: Path) -> None:
+    _folder(d / "data", ["only"], n=12)
+
+
+def _val_extra_class(a: dict[str, Path], d: Path) -> None:
+    _folder(d / "data" / "train", ["top", "bottom", "none"])
+    _folder(d / "data" / "val", ["top", "bottom", "none", "side"])
+
+
+def _seg_tree(d: Path, mask_value: int, mode: str = "L") -> None:
+    for sub in ("images", "masks"):
+        (d / "seg" / sub).mkdir(parents=True, exist_ok=True)
+    for i in range(6):
+        Image.new("RGB", (16, 16)).save(d / "seg" / "images" / f"{i}.png")
+        m = np.zeros((16, 16), np.uint16 if mode == "I;16" else np.uint8)
+        m[0, 0] = mask_value
+        Image.fromarray(m).save(d / "seg" / "masks" / f"{i}.png")
+
+
+def _dup_classes(a: dict[str, Path], d: Path) -> None:
+    _seg_tree(d, 1)
+    (d / "seg" / "classes.json").write_text('["road", "road", "roof"]')
+
+
+def _mask_id_16bit(a: dict[str, Path], d: Path) -> None:
+    _seg_tree(d, 300, mode="I;16")
+
+
+def _trained_ckpt(a: dict[str, Path], d: Path) -> None:
+    common = ["train", "--model", "vit-micro", "--data", str(a["data"]), "--out", str(d / "o"), "--quiet"]
+    import contextlib
+    import io
+
+    with contextlib.redirect_stdout(io.StringIO()):  # the table asserts the case's own output only
+        assert main([*common, "--epochs", "2", "--batch-size", "32", "--image-size", "16"]) == 0
+
+
+def _resume_args(a: dict[str, Path], d: Path, *extra: str) -> list[str]:
+    return [
+        "train",
+        "--data",
+        str(a["data"]),
+        "--out",
+        str(d / "o"),
+        "--resume",
+        "--image-size",
+        "16",
+        *extra,
+    ]
+
+
 CASES = [
     # ---- in a fresh interpreter, as a user runs it
     Case(
@@ -614,6 +774,222 @@ CASES = [
         env={FAIL_ENV: "ENOSPC", MATCH_ENV: "x.onnx"},
         check=_onnx_unchanged,
     ),
+    # ---- output policy: never replace what vitshrink did not write, never an input (issue 20)
+    Case(
+        "out-contains-input",
+        lambda a, d: ["prune", str(d / "w" / "m"), "--out", str(d / "w"), "--ratio", "0.3", "--overwrite"],
+        r"refusing to write .*w: it contains an input of this run",
+        _model_in("w/m"),
+    ),
+    Case(
+        "out-is-input",
+        lambda a, d: ["prune", str(d / "m"), "--out", str(d / "m"), "--ratio", "0.3"],
+        r"refusing to write .*m: it is an input of this run",
+        _model_in("m"),
+    ),
+    Case(
+        "out-user-folder",
+        lambda a, d: ["prune", str(a["model"]), "--out", str(d / "mine"), "--ratio", "0.3", "--overwrite"],
+        r"refusing to replace .*mine: an existing folder that vitshrink did not write",
+        _user_folder,
+    ),
+    Case(
+        "out-user-ckpt-sibling",
+        lambda a, d: ["train", "--model", "vit-micro", "--data", str(a["data"]), "--out", str(d / "o")],
+        r"refusing to replace .*o\.ckpt: an existing folder that vitshrink did not write",
+        _user_ckpt,
+    ),
+    Case(
+        "out-teacher",
+        lambda a, d: [
+            "distill",
+            "--teacher",
+            str(d / "t"),
+            "--student",
+            "vit-micro",
+            "--data",
+            str(a["data"]),
+            "--out",
+            str(d / "t"),
+        ],
+        r"refusing to write .*t: it is an input of this run",
+        _model_in("t"),
+    ),
+    Case(
+        "bench-json-over-input",
+        lambda a, d: ["bench", str(d / "x.onnx"), "--json", str(d / "x.onnx"), "--overwrite"],
+        r"refusing to write .*x\.onnx: it is an input of this run",
+        _good_onnx_in_place,
+    ),
+    Case(
+        "bench-json-foreign",
+        lambda a, d: ["bench", str(a["onnx"]), "--json", str(d / "b.json")],
+        r"refusing to overwrite .*b\.json: not a file vitshrink wrote \(or pass --overwrite\)",
+        _foreign_json,
+    ),
+    Case(
+        "export-over-foreign-file",
+        lambda a, d: ["export", str(a["model"]), "--out", str(d / "x.onnx")],
+        r"refusing to overwrite .*x\.onnx: not a file vitshrink wrote",
+        _foreign_onnx,
+    ),
+    Case(
+        "predict-over-user-mask",
+        lambda a, d: ["predict", str(a["seg_onnx"]), str(d / "a.png"), "--out", str(d)],
+        r"refusing to overwrite .*a_mask\.png: not a file vitshrink wrote",
+        _user_mask,
+    ),
+    Case(
+        "predict-mask-is-input",
+        lambda a, d: [
+            "predict",
+            str(a["seg_onnx"]),
+            str(d / "a.png"),
+            str(d / "a_mask.png"),
+            "--out",
+            str(d),
+            "--overwrite",
+        ],
+        r"refusing to overwrite .*a_mask\.png: it is an input of this run",
+        _user_mask,
+    ),
+    Case(
+        "predict-foreign-summary",
+        lambda a, d: ["predict", str(a["onnx"]), str(d / "a.png"), "--out", str(d / "out")],
+        r"refusing to overwrite .*out/predictions\.json: not a file vitshrink wrote",
+        _user_predictions,
+    ),
+    # ---- export validates before the rename; opsets it cannot honour are refused up front
+    Case(
+        "export-bad-opset-keeps-good-onnx",
+        lambda a, d: ["export", str(a["model"]), "--out", str(d / "x.onnx"), "--opset", "26"],
+        r"the exported ONNX at opset 26 does not load in onnxruntime: .*nothing was written",
+        _good_onnx_in_place,
+        check=_onnx_unchanged,
+    ),
+    Case(
+        "export-opset-too-old",
+        lambda a, d: ["export", str(a["model"]), "--out", str(d / "x.onnx"), "--opset", "7"],
+        r"opset 7 is not supported: vitshrink exports opset 14 or newer",
+        subprocess=True,  # and no exporter output on the terminal
+    ),
+    # ---- bounded inputs: files named by other files
+    Case(
+        "latency-table-dev-zero",
+        lambda a, d: [
+            "prune",
+            str(a["model"]),
+            "--out",
+            str(d / "p"),
+            "--target-latency-ms",
+            "1",
+            "--latency-table",
+            "/dev/zero",
+        ],
+        r"latency table /dev/zero is not a regular file",
+    ),
+    Case(
+        "yaml-alias-bomb",
+        lambda a, d: [
+            "compress",
+            str(a["model"]),
+            "--data",
+            str(a["data"]),
+            "--out",
+            str(d / "c"),
+            "--recipe",
+            str(d / "r.yaml"),
+        ],
+        r"r\.yaml: more than 16 YAML aliases",
+        _alias_bomb,
+        subprocess=True,  # and it returns at once (the table's 120 s timeout would catch a hang)
+    ),
+    Case(
+        "report-embeds-outside-file",
+        lambda a, d: ["report", str(d / "run")],
+        r"results\.json: example 0 image /etc/hostname is outside the run directory",
+        _hostile_report,
+    ),
+    Case(
+        "checksum-outside-model",
+        lambda a, d: ["eval", str(d / "m"), "--data", str(a["data"])],
+        r"checksum entry '.*dev/zero' is outside the model directory",
+        _escaping_checksum,
+    ),
+    # ---- labels that cannot silently shift
+    Case(
+        "class-names-mismatch",
+        lambda a, d: ["eval", str(a["model"]), "--data", str(d / "data"), "--split", "train"],
+        r"class names of .*model do not match data .*: data has \['cat', 'dog', 'owl'\]",
+        _other_names,
+    ),
+    Case(
+        "single-class-folder",
+        lambda a, d: ["train", "--model", "vit-micro", "--data", str(d / "data"), "--out", str(d / "o")],
+        r"only one class folder in .*data \(only\)",
+        _one_class,
+    ),
+    Case(
+        "val-class-missing-in-train",
+        lambda a, d: ["train", "--model", "vit-micro", "--data", str(d / "data"), "--out", str(d / "o")],
+        r"class folder .*val/side has no counterpart in the train split",
+        _val_extra_class,
+    ),
+    Case(
+        "duplicate-class-names",
+        lambda a, d: ["eval", str(a["seg_onnx"]), "--data", str(d / "seg")],
+        r"bad class list .*classes\.json: duplicate class name\(s\) \['road'\]",
+        _dup_classes,
+    ),
+    Case(
+        "mask-id-16bit",
+        lambda a, d: ["eval", str(a["seg_onnx"]), "--data", str(d / "seg")],
+        r"mask .*\.png has class id 300; ids must be below 255",
+        _mask_id_16bit,
+    ),
+    Case(
+        "resume-fewer-epochs",
+        lambda a, d: _resume_args(a, d, "--model", "vit-micro", "--epochs", "1"),
+        r"has already trained 2 epochs but --epochs is 1; pass --epochs 2 or more",
+        _trained_ckpt,
+    ),
+    Case(
+        "resume-other-preset",
+        lambda a, d: _resume_args(a, d, "--model", "deit-micro", "--epochs", "3"),
+        r"cannot resume from .*o\.ckpt: it was made with different settings \(model_type 'vit' vs 'deit'",
+        _trained_ckpt,
+    ),
+    # ---- non-finite weights or outputs
+    Case(
+        "nan-weights-prune",
+        lambda a, d: ["prune", str(d / "m"), "--out", str(d / "p"), "--ratio", "0.3"],
+        r"model .*m has NaN or infinite values in ",
+        _nan_model,
+    ),
+    Case(
+        "nan-weights-export",
+        lambda a, d: ["export", str(d / "m"), "--out", str(d / "x.onnx")],
+        r"model .*m has NaN or infinite values in ",
+        _nan_model,
+    ),
+    Case(
+        "nan-weights-quantize",
+        lambda a, d: ["quantize", str(d / "m"), "--out", str(d / "q.onnx"), "--mode", "fp16"],
+        r"model .*m has NaN or infinite values in ",
+        _nan_model,
+    ),
+    Case(
+        "nan-weights-quantize-onnx",
+        lambda a, d: ["quantize", str(d / "nan.onnx"), "--out", str(d / "q.onnx"), "--mode", "fp16"],
+        r"model .*nan\.onnx has NaN or infinite values in ",
+        _nan_onnx,
+    ),
+    Case(
+        "nan-outputs-predict",
+        lambda a, d: ["predict", str(d / "nan.onnx"), str(d / "a.png")],
+        r"nan\.onnx: the model produced NaN or infinite outputs",
+        _nan_onnx,
+    ),
 ]
 
 
@@ -629,6 +1005,8 @@ def test_cli_error_paths(
     d.mkdir()
     case.prepare(assets, d)
     before = {p.relative_to(d) for p in d.rglob("*")}
+    contents = _contents(d)
+    shared = _contents(assets["root"])
     argv = case.argv(assets, d)
     if case.subprocess:
         proc = subprocess.run(_cli(*argv), capture_output=True, text=True, env=_env(**case.env), timeout=120)
@@ -647,7 +1025,19 @@ def test_cli_error_paths(
     # nothing new (no half-written output, no temp file) in the output location
     after = {p.relative_to(d) for p in d.rglob("*")}
     assert after == before, sorted(map(str, after - before))
+    assert _contents(d) == contents  # inputs and refused outputs byte-identical
+    assert _contents(assets["root"]) == shared
     case.check(assets, d)
+
+
+def _contents(root: Path) -> dict[str, bytes]:
+    import hashlib
+
+    return {
+        str(p.relative_to(root)): hashlib.sha256(p.read_bytes()).digest()
+        for p in root.rglob("*")
+        if p.is_file() and not p.is_symlink()
+    }
 
 
 def test_table_is_big_enough() -> None:
@@ -691,3 +1081,103 @@ def test_predict_keeps_going_over_a_folder(assets: dict[str, Path], tmp_path: Pa
     assert main(["predict", str(assets["onnx"]), str(imgs), "--quiet"]) == 2
     stderr = capsys.readouterr().err.splitlines()
     assert stderr[-1] == "error: none of the 4 inputs could be predicted" and len(stderr) == 5
+
+
+# ------------------------------------------------------------------ signals, locks, stale temporaries
+
+
+def test_recover_epochs_parses_as_int() -> None:
+    from vitshrink.cli import build_parser
+
+    a = build_parser().parse_args(["prune", "m", "--out", "p", "--recover-epochs", "1"])
+    assert a.recover_epochs == 1 and isinstance(a.recover_epochs, int)
+
+
+def test_concurrent_writer_of_the_same_out_fails_fast(
+    assets: dict[str, Path], tmp_path: Path, capsys
+) -> None:
+    from vitshrink.outputs import lock_outputs
+
+    out = tmp_path / "x.onnx"
+    with lock_outputs([out]):  # another run holds it
+        assert main(["export", str(assets["model"]), "--out", str(out), "--quiet"]) == 2
+    err = capsys.readouterr().err.strip().splitlines()
+    assert len(err) == 1 and re.search(r"another vitshrink run is writing .*x\.onnx", err[0]), err
+    assert not out.exists() and _leftovers(tmp_path) == []
+    assert main(["export", str(assets["model"]), "--out", str(out), "--quiet"]) == 0  # released
+
+
+def test_sigterm_is_handled_like_ctrl_c(tmp_path: Path) -> None:
+    data = _squares(tmp_path / "data", n_per_class=8)
+    runs = tmp_path / "runs"
+    args = ["train", "--model", "vit-micro", "--data", str(data), "--out", str(runs / "m"), "--quiet"]
+    proc = _start_hanging(args, tmp_path / "err.txt", at=1, match="m.ckpt")
+    _wait_for_hang(proc, tmp_path / "err.txt")
+    proc.send_signal(signal.SIGTERM)
+    proc.wait(timeout=60)
+    assert proc.returncode == 143
+    lines = [ln for ln in (tmp_path / "err.txt").read_text().splitlines() if not ln.startswith(HANG_ENV)]
+    assert lines == ["error: terminated"]
+    assert _leftovers(runs) == [] and not (runs / "m").exists()  # the temp checkpoint was removed
+
+
+def test_stale_temp_dirs_of_dead_runs_are_swept(tmp_path: Path) -> None:
+    from vitshrink.outputs import sweep_stale_temps
+
+    dead = subprocess.Popen(["true"])
+    dead.wait()
+    old = time.time() - 7 * 3600
+    made = {}
+    for name, pid, age in (
+        ("dead-old", dead.pid, old),
+        ("dead-new", dead.pid, time.time()),
+        ("alive-old", os.getpid(), old),
+    ):
+        p = tmp_path / f"vitshrink-quant-p{pid}-{name.replace('-', '')}"
+        (p / "sub").mkdir(parents=True)
+        os.utime(p, (age, age))
+        made[name] = p
+    (tmp_path / "vitshrink-locks-u0").mkdir()  # not a temp dir of a run
+    os.utime(tmp_path / "vitshrink-locks-u0", (old, old))
+    assert sweep_stale_temps(tmp_path) == 1
+    assert not made["dead-old"].exists() and made["dead-new"].exists() and made["alive-old"].exists()
+    assert (tmp_path / "vitshrink-locks-u0").exists()
+
+
+def test_dataset_labels_follow_the_model_and_outputs_in_the_data_root_are_not_classes(
+    assets: dict[str, Path], tmp_path: Path
+) -> None:
+    from vitshrink.data import align_classes, load_dataset
+
+    data = tmp_path / "data"
+    shutil.copytree(assets["data"], data)
+    ds = load_dataset(str(data), "train")
+    assert ds.class_names == ["bottom", "none", "top"]  # folder (alphabetical) order
+    aligned = align_classes(ds, ["top", "bottom", "none"], model="m")  # the model's id2label order
+    assert aligned.class_names == ["top", "bottom", "none"]
+    back = {"bottom": 1, "none": 2, "top": 0}
+    assert aligned.targets.tolist() == [back[ds.class_names[t]] for t in ds.targets.tolist()]
+    # Fashion-MNIST's "T-shirt/top" cannot be a folder name; "T-shirt_top" is the same class
+    ds2 = type(ds)(ds.images, ds.targets, ds.task, ["T-shirt_top", "none", "top"], ds.source)
+    assert align_classes(ds2, ["top", "T-shirt/top", "none"], model="m").targets.tolist() == [
+        {0: 1, 1: 2, 2: 0}[t] for t in ds.targets.tolist()
+    ]
+    # a model (and its checkpoint) saved inside the data root is not read as two new classes
+    shutil.copytree(assets["model"], data / "my-model")
+    (data / "my-model.ckpt").mkdir()
+    assert load_dataset(str(data), "train").class_names == ["bottom", "none", "top"]
+
+
+def test_compress_cache_key_covers_the_data_folder_content(assets: dict[str, Path], tmp_path: Path) -> None:
+    from vitshrink.compress.runner import root_key
+    from vitshrink.data import fingerprint
+
+    data = tmp_path / "data"
+    shutil.copytree(assets["data"], data)
+    k0 = root_key("t", str(data), {})
+    assert root_key("t", str(data), {}) == k0 and fingerprint("fashion-mnist") == ""
+    (data / "run").mkdir()  # a compress run dir inside the data root does not change the key
+    (data / "run" / "state.json").write_text("{}")
+    assert root_key("t", str(data), {}) == k0
+    Image.new("L", (16, 16)).save(data / "top" / "extra.png")
+    assert root_key("t", str(data), {}) != k0

@@ -7,12 +7,15 @@ and exits 1 (`--debug` shows the traceback).
 from __future__ import annotations
 
 import argparse
+import contextlib
 import json
 import math
 import os
+import signal
 import sys
+import threading
 import warnings
-from collections.abc import Callable
+from collections.abc import Callable, Iterator
 from typing import Any, NoReturn
 
 from . import __version__
@@ -259,7 +262,7 @@ def cmd_predict(a: argparse.Namespace) -> None:
     from .errors import DataError
 
     # predict() itself stays quiet: the CLI prints one JSON line per result and one line per skipped file.
-    rep = predict(a.model, a.images, out=a.out, threads=a.threads, quiet=True)
+    rep = predict(a.model, a.images, out=a.out, threads=a.threads, quiet=True, overwrite=a.overwrite)
     for r in rep["results"]:
         print(json.dumps(r, default=str))
     errors = rep["errors"]
@@ -310,6 +313,60 @@ def cmd_presets(a: argparse.Namespace) -> None:
         print(f"{name:26s} {p.family:10s} {','.join(p.tasks):28s} {p.note}")
 
 
+# ------------------------------------------------------------------------------- output policy
+
+
+def _ckpt(out: str) -> str:
+    return out + ".ckpt" if not out.endswith(("/", os.sep)) else out.rstrip("/" + os.sep) + ".ckpt"
+
+
+def _trt_out(a: argparse.Namespace) -> str:
+    if a.out:
+        return a.out
+    m = os.path.abspath(a.model)  # trt_recipe's default: MODEL_trt beside the ONNX file
+    return os.path.join(os.path.dirname(m), os.path.splitext(os.path.basename(m))[0] + "_trt")
+
+
+def _onnx_kind(a: argparse.Namespace) -> str:
+    from .onnx_folder import wants_folder
+
+    return "model" if wants_folder(a.out, a.format) else "file"  # an ONNX folder holds vitshrink.json
+
+
+# command -> the outputs it writes: [(path, kind, into)] and the inputs none of them may be or contain
+_Outputs = tuple[list[tuple[str, str, bool]], list[Any]]
+_OUTPUTS: dict[str, Callable[[argparse.Namespace], _Outputs]] = {
+    "train": lambda a: ([(a.out, "model", False), (_ckpt(a.out), "ckpt", False)], [a.model, a.data]),
+    "distill": lambda a: (
+        [(a.out, "model", False), (_ckpt(a.out), "ckpt", False)],
+        [a.teacher, a.student, a.data],
+    ),
+    "prune": lambda a: (
+        [(a.out, "model", False), (_ckpt(a.out), "ckpt", False)],
+        [a.model, a.teacher, a.data, a.latency_table],
+    ),
+    "export": lambda a: ([(a.out, _onnx_kind(a), False)], [a.model]),
+    "quantize": lambda a: ([(a.out, _onnx_kind(a), False)], [a.model, a.calib_data]),
+    "bench": lambda a: ([(a.json, "file", False)] if a.json else [], list(a.models)),
+    "predict": lambda a: ([(a.out, "predict", True)] if a.out else [], [a.model, *a.images]),
+    "trt-recipe": lambda a: ([(_trt_out(a), "trt", True)], [a.model]),
+    "compress": lambda a: ([(a.out, "run", True)], [a.model, a.data, a.recipe]),
+    "demo": lambda a: ([(a.out, "run", True)], []),
+}
+
+
+def _check_outputs(a: argparse.Namespace) -> list[str]:
+    """Apply the output policy (see `outputs`) before anything runs; returns the paths to lock."""
+    from .outputs import check_output
+
+    if a.cmd not in _OUTPUTS:
+        return [a.dir] if a.cmd == "report" else []
+    outs, inputs = _OUTPUTS[a.cmd](a)
+    for path, kind, into in outs:
+        check_output(path, kind, inputs=inputs, overwrite=a.overwrite, into=into)
+    return [path for path, _, _ in outs]
+
+
 # ---------------------------------------------------------------------------------------- parser
 
 
@@ -338,6 +395,14 @@ def build_parser() -> argparse.ArgumentParser:
             choices=["auto", "file", "dir"],
             help="file: one .onnx; dir: optimum-style folder (model.onnx, config.json, "
             "preprocessor_config.json); auto: dir unless --out ends in .onnx",
+        )
+
+    def overwrite_arg(sp: argparse.ArgumentParser) -> None:
+        sp.add_argument(
+            "--overwrite",
+            action="store_true",
+            help="allow replacing an existing file vitshrink did not write (never a folder of yours, "
+            "never an input of this run)",
         )
 
     def data_args(sp: argparse.ArgumentParser, required: bool = True) -> None:
@@ -444,7 +509,7 @@ def build_parser() -> argparse.ArgumentParser:
     )
     sp.add_argument("--round-to", type=_POS_INT, default=8)
     sp.add_argument("--steps", type=_POS_INT, default=1)
-    sp.add_argument("--recover-epochs", type=_NONNEG_FLOAT, default=0)
+    sp.add_argument("--recover-epochs", type=_number(int, 0), default=0)
     sp.add_argument("--teacher")
     sp.add_argument("--data")
     sp.add_argument(
@@ -526,6 +591,9 @@ def build_parser() -> argparse.ArgumentParser:
     sp.add_argument("dir")
 
     add("presets", cmd_presets, "List model presets.")
+    for name, sp in sub.choices.items():
+        if name in _OUTPUTS:
+            overwrite_arg(sp)
     return p
 
 
@@ -567,15 +635,45 @@ def main(argv: list[str] | None = None) -> int:
         return _run(args)
 
 
+class Terminated(KeyboardInterrupt):
+    """SIGTERM (timeout, systemd, docker stop): unwinds like Ctrl-C, so temporaries are removed."""
+
+
+def _on_sigterm(signum: int, frame: Any) -> None:
+    raise Terminated()
+
+
+@contextlib.contextmanager
+def _sigterm_as_interrupt() -> Iterator[None]:
+    if threading.current_thread() is not threading.main_thread():
+        yield
+        return
+    before = signal.signal(signal.SIGTERM, _on_sigterm)
+    try:
+        yield
+    finally:
+        signal.signal(signal.SIGTERM, before)
+
+
 def _run(args: argparse.Namespace) -> int:
     from .errors import VitshrinkError
 
     try:
-        args.fn(args)
-        _finish_distributed()
+        with _sigterm_as_interrupt():
+            from .outputs import lock_outputs, sweep_stale_temps
+
+            sweep_stale_temps()
+            # only rank 0 writes; under torchrun the other ranks must not contend for the lock
+            to_lock = _check_outputs(args)
+            with lock_outputs(to_lock if _is_rank0() else []):
+                args.fn(args)
+                _finish_distributed()
     except VitshrinkError as e:
         _error(str(e))
         return EXIT_USER
+    except Terminated:
+        _error("terminated")
+        return 143
     except KeyboardInterrupt:
         _error("interrupted")
         return 130

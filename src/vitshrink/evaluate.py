@@ -15,7 +15,7 @@ import numpy as np
 import torch
 from torch import nn
 
-from .data import IGNORE_INDEX, VisionDataset, load_dataset
+from .data import IGNORE_INDEX, VisionDataset, align_classes, load_dataset
 from .errors import VitshrinkError
 from .progress import progress
 
@@ -132,7 +132,7 @@ def evaluate_onnx(
 
     m = OnnxModel(path, threads=threads)
     meta = onnx_model_meta(m)
-    _check_data(meta, ds, str(path))
+    ds = _check_data(meta, ds, str(path))
     scorer = _Scorer(meta["task"], meta["class_names"])
     bs = batch_size if m._batch is None else m._batch  # a static-batch export takes only its own batch
     for i in progress(range(0, len(ds), bs), desc="eval onnx", disable=quiet):
@@ -163,13 +163,14 @@ def onnx_model_meta(m: Any) -> dict[str, Any]:
     }
 
 
-def _check_data(meta: dict[str, Any], ds: VisionDataset, name: str) -> None:
+def _check_data(meta: dict[str, Any], ds: VisionDataset, name: str) -> VisionDataset:
     if meta["task"] != ds.task:
         raise VitshrinkError(f"{name} is a {meta['task']} model but the data is {ds.task}")
     if len(meta["class_names"]) != ds.num_classes:
         raise VitshrinkError(
             f"{name} has {len(meta['class_names'])} classes but the data has {ds.num_classes}"
         )
+    return align_classes(ds, meta["class_names"], model=name)
 
 
 def evaluate(
@@ -199,7 +200,7 @@ def evaluate(
 
     net, meta = load_model(path)
     ds = load_dataset(data, split, size=meta["preprocess"]["size"], limit=limit, data_options=data_options)
-    _check_data(meta, ds, str(path))
+    ds = _check_data(meta, ds, str(path))
     if threads:
         torch.set_num_threads(threads)
     return evaluate_model(net, meta, ds, batch_size=batch_size, quiet=quiet)

@@ -26,6 +26,7 @@ from .data import (
     IGNORE_INDEX,
     AugParams,
     VisionDataset,
+    align_classes,
     augment,
     describe,
     load_dataset,
@@ -245,7 +246,13 @@ def fit(
     start_epoch, history = 0, []
     ckpt = Path(ckpt_dir) if ckpt_dir else None
     if resume and ckpt is not None and (ckpt / STATE_FILE).exists():
+        _check_resumable(ckpt, model, meta)
         start_epoch, history = _load_checkpoint(ckpt, model, opt, sched, scaler, extra_params, device)
+        if start_epoch > epochs:
+            raise VitshrinkError(
+                f"checkpoint {ckpt} has already trained {start_epoch} epochs but --epochs is {epochs}; "
+                f"pass --epochs {start_epoch} or more to continue (or drop --resume to start over)"
+            )
         if rank == 0 and not quiet:
             print(f"resuming from {ckpt} at epoch {start_epoch + 1}/{epochs}")
 
@@ -348,6 +355,48 @@ def _save_checkpoint(ckpt: Path, model, meta, opt, sched, scaler, extra_params, 
         }
         torch.save(state, tmp / STATE_FILE)
         write_json(tmp / "history.json", {"meta": meta, "history": history})
+
+
+_RESUME_KEYS = (
+    "model_type",
+    "hidden_size",
+    "num_hidden_layers",
+    "num_attention_heads",
+    "intermediate_size",
+    "image_size",
+    "patch_size",
+    "num_channels",
+    "hidden_sizes",
+    "depths",
+    "num_labels",
+)
+
+
+def _check_resumable(ckpt: Path, model: nn.Module, meta: dict[str, Any]) -> None:
+    """Refuse a checkpoint of another model or label set, saying what differs (not a size-mismatch crash)."""
+    try:
+        saved_cfg = read_json(ckpt / "config.json")
+        saved_meta = read_json(ckpt / "history.json").get("meta") or {}
+    except (VitshrinkError, AttributeError):
+        return  # unreadable: _load_checkpoint reports it as corrupt
+    now = model.config.to_dict()
+    now["num_labels"], saved_cfg["num_labels"] = (
+        len(meta["class_names"]),
+        len(saved_cfg.get("id2label") or {}),
+    )
+    diffs = [
+        f"{k} {saved_cfg.get(k)!r} vs {now.get(k)!r}"
+        for k in _RESUME_KEYS
+        if k in saved_cfg and k in now and saved_cfg.get(k) != now.get(k)
+    ]
+    for k in ("task", "class_names", "preset"):
+        if k in saved_meta and saved_meta.get(k) != meta.get(k):
+            diffs.append(f"{k} {saved_meta.get(k)!r} vs {meta.get(k)!r}")
+    if diffs:
+        raise VitshrinkError(
+            f"cannot resume from {ckpt}: it was made with different settings ({'; '.join(diffs[:3])}); "
+            "use the original options or drop --resume"
+        )
 
 
 def _load_checkpoint(ckpt: Path, model, opt, sched, scaler, extra_params, device) -> tuple[int, list]:
@@ -472,7 +521,7 @@ def train(
         train_ds=train_ds,
         overrides=model_overrides,
     )
-    _check_compatible(meta, train_ds)
+    train_ds, val_ds = _check_compatible(meta, train_ds), _check_compatible(meta, val_ds)
     res = fit(
         net,
         meta,
@@ -511,13 +560,15 @@ def train(
     return out, metrics
 
 
-def _check_compatible(meta: dict[str, Any], ds: VisionDataset) -> None:
+def _check_compatible(meta: dict[str, Any], ds: VisionDataset) -> VisionDataset:
+    """`ds` with its labels in the model's class order (see data.align_classes); mismatches refused."""
     if meta["task"] != ds.task:
         raise VitshrinkError(f"model task is {meta['task']} but data {ds.source} is {ds.task}")
     if len(meta["class_names"]) != ds.num_classes:
         raise VitshrinkError(
             f"model has {len(meta['class_names'])} classes but data {ds.source} has {ds.num_classes}"
         )
+    return align_classes(ds, meta["class_names"], model="the model")
 
 
 from ._callable import install as _install  # noqa: E402

@@ -297,8 +297,13 @@ def load_recipe(recipe: str | os.PathLike | list[Any] | dict[str, Any] | Recipe)
     path = Path(recipe)
     if not path.is_file():
         raise RecipeError(f"recipe not found: {path}")
+    from ..errors import DataError
+    from ..safeio import load_yaml
+
     try:
-        obj = yaml.safe_load(path.read_text())
+        obj = load_yaml(path)  # bounded: size and alias limits (a YAML alias bomb must not hang compress)
+    except DataError as e:
+        raise RecipeError(str(e)) from None
     except yaml.YAMLError as e:
         mark = getattr(e, "problem_mark", None)
         where = f" at line {mark.line + 1}" if mark is not None else ""

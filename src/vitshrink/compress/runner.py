@@ -79,7 +79,10 @@ def teacher_key(teacher: Path) -> str:
 
 
 def root_key(tkey: str, data: str, data_options: dict[str, Any]) -> str:
-    blob = json.dumps([tkey, str(data), data_options], sort_keys=True, default=str)
+    from ..data import fingerprint
+
+    # the folder's content too (names, sizes, mtimes): a changed data folder must not reuse old stages
+    blob = json.dumps([tkey, str(data), data_options, fingerprint(data)], sort_keys=True, default=str)
     return hashlib.sha256(blob.encode()).hexdigest()[:16]
 
 

@@ -25,6 +25,7 @@ import gzip
 import hashlib
 import json
 import os
+import re
 import struct
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -95,6 +96,70 @@ class VisionDataset(torch.utils.data.Dataset):
 
 
 # ---------------------------------------------------------------------------------------------- API
+
+
+_GENERIC_NAME = re.compile(r"^(class|label)[_ -]?\d+$", re.IGNORECASE)
+
+
+def _name_key(name: str) -> str:
+    # "T-shirt/top" cannot be a folder name; "T-shirt_top" or "tshirt top" is the same class
+    return re.sub(r"[^0-9a-z]", "", name.lower())
+
+
+def align_classes(ds: VisionDataset, names: list[str], *, model: str) -> VisionDataset:
+    """`ds` with its targets renumbered to the model's class order (matched by name).
+
+    A class-folder tree numbers its classes alphabetically; a model has its own id2label. Matching by
+    name keeps output index i meaning the same class everywhere; names that do not match are an error.
+    Index-only names (class_0, LABEL_1: no names known) are matched by position.
+    """
+    names = list(names)
+    if len(names) != ds.num_classes:
+        raise DataError(f"{model} has {len(names)} classes but data {ds.source} has {ds.num_classes}")
+    if [_name_key(n) for n in names] == [_name_key(n) for n in ds.class_names]:
+        return ds
+    if all(_GENERIC_NAME.match(n) for n in names) or all(_GENERIC_NAME.match(n) for n in ds.class_names):
+        return ds
+    index = {_name_key(n): i for i, n in enumerate(names)}
+    unknown = [n for n in ds.class_names if _name_key(n) not in index]
+    if unknown or len(index) != len(names):
+        missing = [n for n in names if _name_key(n) not in {_name_key(c) for c in ds.class_names}]
+        raise DataError(
+            f"class names of {model} do not match data {ds.source}: data has {unknown[:3]} that the model "
+            f"lacks, model has {missing[:3]} that the data lacks"
+        )
+    perm = torch.tensor([index[_name_key(n)] for n in ds.class_names], dtype=torch.long)
+    t = ds.targets.long()
+    if ds.task == "classification":
+        new = perm[t]
+    else:
+        new = torch.where(t == IGNORE_INDEX, t, perm[t.clamp(max=len(perm) - 1)]).to(ds.targets.dtype)
+    return VisionDataset(ds.images, new, ds.task, names, ds.source, dict(ds.info))
+
+
+def fingerprint(spec: str | os.PathLike) -> str:
+    """A cheap content key for a data folder: every file's relative path, size and mtime (no reads).
+
+    Cache keys include it so a stage trained on a folder is not reused after the folder changed.
+    Named datasets (fashion-mnist, aerial) and missing paths give "" (their content is fixed by name).
+    """
+    root = Path(spec)
+    if not root.is_dir():
+        return ""
+    h = hashlib.sha256()
+    for dirpath, dirnames, filenames in os.walk(root):
+        # hidden folders and vitshrink's own outputs (a run dir inside the data root changes every stage)
+        dirnames[:] = sorted(
+            d for d in dirnames if not d.startswith(".") and not _is_output_dir(Path(dirpath) / d)
+        )
+        for f in sorted(filenames):
+            p = Path(dirpath) / f
+            try:
+                st = p.stat()
+            except OSError:
+                continue
+            h.update(f"{p.relative_to(root)}\0{st.st_size}\0{st.st_mtime_ns}\n".encode())
+    return h.hexdigest()[:16]
 
 
 def load_dataset(
@@ -354,7 +419,8 @@ def _load_folder(root: Path, split: str) -> VisionDataset:
         names_file = root / "classes.json"
         class_names = _read_class_names(names_file) if names_file.exists() else None
         return _load_segmentation_pairs(base, class_names, split=None if has_splits else split)
-    return _load_image_folder(base, split=None if has_splits else split)
+    train_classes = _class_folders(root / "train") if has_splits and split != "train" else None
+    return _load_image_folder(base, split=None if has_splits else split, classes=train_classes)
 
 
 def _read_class_names(path: Path) -> list[str]:
@@ -362,9 +428,27 @@ def _read_class_names(path: Path) -> list[str]:
         names = json.loads(path.read_text())
         if not isinstance(names, list) or not all(isinstance(n, str) for n in names):
             raise ValueError("expected a JSON list of strings")
+        dup = sorted({n for n in names if names.count(n) > 1})
+        if dup:
+            raise ValueError(f"duplicate class name(s) {dup[:3]}")
+        if len(names) < 2:
+            raise ValueError("needs at least two classes")
         return names
     except (OSError, ValueError) as e:
         raise DataError(f"bad class list {path}: {e}") from None
+
+
+def _is_output_dir(d: Path) -> bool:
+    """A folder vitshrink wrote (a model saved inside the data root, its checkpoint): never a class."""
+    return d.name.endswith(".ckpt") or any(
+        (d / m).is_file() for m in ("vitshrink.json", "trainer_state.pt", "predictions.json", "state.json")
+    )
+
+
+def _class_folders(root: Path) -> list[str]:
+    return sorted(
+        d.name for d in root.iterdir() if d.is_dir() and not d.name.startswith(".") and not _is_output_dir(d)
+    )
 
 
 def _image_files(folder: Path) -> list[Path]:
@@ -392,10 +476,18 @@ def _to_array(img: Image.Image, path: Path, mode: str | None) -> np.ndarray:
     return arr[:, :, None] if arr.ndim == 2 else arr
 
 
-def _load_image_folder(root: Path, split: str | None) -> VisionDataset:
-    classes = sorted(d.name for d in root.iterdir() if d.is_dir() and not d.name.startswith("."))
-    if not classes:
+def _load_image_folder(root: Path, split: str | None, classes: list[str] | None = None) -> VisionDataset:
+    found = _class_folders(root)
+    if not found:
         raise DataError(f"no class sub-folders in {root} (expected <root>/<class>/*.png or images/ + masks/)")
+    if classes is None:
+        classes = found
+    else:  # a val/test split numbers its classes like train does, and may not add any
+        extra = [c for c in found if c not in classes]
+        if extra:
+            raise DataError(f"class folder {root / extra[0]} has no counterpart in the train split")
+    if len(classes) < 2:
+        raise DataError(f"only one class folder in {root} ({classes[0]}): a classifier needs at least two")
     items: list[tuple[Path, int]] = []
     for ci, c in enumerate(classes):
         for p in _image_files(root / c):
@@ -455,6 +547,9 @@ def _load_segmentation_pairs(
         xs.append(_to_array(img, p, mode))
         ys.append((m, marr))
     max_id = max(int(np.max(np.where(a == IGNORE_INDEX, -1, a))) for _, a in ys)
+    if class_names is None and max_id >= IGNORE_INDEX:  # would wrap around in the uint8 masks
+        m = next(m for m, a in ys if int(np.max(np.where(a == IGNORE_INDEX, -1, a))) == max_id)
+        raise DataError(f"mask {m} has class id {max_id}; ids must be below {IGNORE_INDEX} (255 = ignore)")
     if class_names is None:
         class_names = [f"class_{i}" for i in range(max_id + 1)]
     for m, a in ys:

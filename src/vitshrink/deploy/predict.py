@@ -6,9 +6,13 @@ Jetson Nano. Bad images in a folder are reported and skipped; one broken file ne
 
 from __future__ import annotations
 
+import contextlib
 import hashlib
 import os
+import shutil
 import sys
+import tempfile
+from collections.abc import Iterator
 from pathlib import Path
 from typing import Any
 
@@ -16,8 +20,9 @@ import numpy as np
 from PIL import Image, ImageOps
 
 from .._proc import peak_rss_mb
-from ..artifacts import atomic_file, write_json
+from ..artifacts import _UMASK, atomic_file, write_json
 from ..errors import DataError
+from ..outputs import PNG_SOFTWARE, check_file_target
 from .runtime import OnnxModel
 
 IMAGE_EXTENSIONS = frozenset({".png", ".jpg", ".jpeg", ".bmp", ".webp"})
@@ -190,8 +195,53 @@ def _unique_stem(path: Path, used: set[str]) -> str:
 
 
 def _save_png(img: Image.Image, path: Path) -> None:
+    from PIL import PngImagePlugin
+
+    info = PngImagePlugin.PngInfo()
+    info.add_text("Software", PNG_SOFTWARE)  # how the output policy recognises our own masks
     with atomic_file(path, "wb") as f:
-        img.save(f, format="PNG")
+        img.save(f, format="PNG", pnginfo=info)
+
+
+def _plan_outputs(
+    out_dir: Path, files: list[Path], task: str, inputs: list[Path], overwrite: bool
+) -> dict[Path, str]:
+    """Each image's output stem, after checking every file predict will write against the output policy.
+
+    Done before any inference, so a refused name leaves nothing written.
+    """
+    used: set[str] = set()
+    stems = {f: _unique_stem(f, used) for f in files}
+    targets = [out_dir / "predictions.json"]
+    if task != "classification":
+        targets += [out_dir / f"{s}_{kind}.png" for s in stems.values() for kind in ("mask", "overlay")]
+    for t in targets:
+        check_file_target(t, inputs=inputs, overwrite=overwrite)
+    return stems
+
+
+@contextlib.contextmanager
+def _staging(out_dir: Path) -> Iterator[Path]:
+    """A temp folder beside `out_dir`; its files move into `out_dir` only when every image is done.
+
+    A failure part-way (a full disk, Ctrl-C, SIGTERM) leaves `out_dir` as it was: no partial masks.
+    """
+    out_dir.parent.mkdir(parents=True, exist_ok=True)
+    stage = Path(
+        tempfile.mkdtemp(prefix=f".{out_dir.name}.{os.getpid()}@", suffix=".tmp", dir=out_dir.parent)
+    )
+    try:
+        yield stage
+        if next(stage.iterdir(), None) is None:
+            return
+        if not out_dir.exists():
+            os.chmod(stage, 0o777 & ~_UMASK)
+            os.replace(stage, out_dir)
+            return
+        for f in sorted(stage.iterdir(), key=lambda p: p.name == "predictions.json"):  # summary last
+            os.replace(f, out_dir / f.name)
+    finally:
+        shutil.rmtree(stage, ignore_errors=True)
 
 
 def overlay(img: Image.Image, mask: np.ndarray, alpha: float = 0.5) -> Image.Image:
@@ -208,6 +258,7 @@ def predict(
     quiet: bool = False,
     *,
     low_memory: bool = False,
+    overwrite: bool = False,
 ) -> dict[str, Any]:
     """Predict every image in `images` (files and/or folders) with an exported ONNX model.
 
@@ -215,7 +266,8 @@ def predict(
     writes out/<stem>_mask.png (class ids, mode L, original size), out/<stem>_overlay.png and
     out/predictions.json (file -> per-class pixel fractions). Returns a JSON-serialisable report:
     {"task", "results": [...], "errors": [{"file", "error"}...], "peak_rss_mb"}.
-    `low_memory` trades 25-40% speed for ~40% less peak memory (see OnnxModel).
+    `low_memory` trades 25-40% speed for ~40% less peak memory (see OnnxModel). Existing files in
+    `out` are replaced only when vitshrink wrote them (or with `overwrite`), never an input image.
     """
     if isinstance(images, (str, os.PathLike)):
         images = [images]
@@ -228,9 +280,34 @@ def predict(
     if not quiet:
         for e in errors:
             print(f"skipped {e['file']}: {e['error']}", file=sys.stderr)
+    stems: dict[Path, str] = {}
+    with contextlib.ExitStack() as stack:
+        stage = None
+        if out_dir is not None:
+            stems = _plan_outputs(out_dir, files, net.task, [Path(model), *files], overwrite)
+            stage = stack.enter_context(_staging(out_dir))
+        results = _predict_files(net, files, errors, stems, stage, quiet)
+        if stage is not None and results:  # nothing predicted: the CLI fails and nothing is written
+            _write_summary(stage, model, net.task, results, errors)
+    if errors and not quiet:
+        print(f"{len(errors)} of {len(results) + len(errors)} inputs skipped", file=sys.stderr)
+    return {
+        "task": net.task,
+        "results": results,
+        "errors": errors,
+        "peak_rss_mb": None if (rss := peak_rss_mb()) is None else round(rss, 1),
+    }
 
+
+def _predict_files(
+    net: OnnxModel,
+    files: list[Path],
+    errors: list[dict],
+    stems: dict[Path, str],
+    out_dir: Path | None,
+    quiet: bool,
+) -> list[dict[str, Any]]:
     results: list[dict[str, Any]] = []
-    used_stems: set[str] = set()
     for path in files:
         try:
             img = load_image(path)
@@ -250,7 +327,7 @@ def predict(
             entry["size"] = [img.width, img.height]
             entry["class_fractions"] = res["class_fractions"]
             if out_dir is not None:
-                stem = _unique_stem(path, used_stems)
+                stem = stems[path]
                 mask_path, overlay_path = out_dir / f"{stem}_mask.png", out_dir / f"{stem}_overlay.png"
                 _save_png(Image.fromarray(mask), mask_path)
                 _save_png(overlay(img, mask), overlay_path)
@@ -259,26 +336,22 @@ def predict(
                 top = ", ".join(f"{k} {v:.0%}" for k, v in list(res["class_fractions"].items())[:3])
                 print(f"{path}: {top}")
         results.append(entry)
+    return results
 
-    if out_dir is not None:
-        if net.task == "classification":
-            preds = {
-                r["file"]: {"label": r["label"], "index": r["index"], "score": r["score"], "top5": r["top5"]}
-                for r in results
-            }
-        else:
-            preds = {
-                r["file"]: {k: r[k] for k in ("mask", "overlay", "size", "class_fractions")} for r in results
-            }
-        write_json(
-            out_dir / "predictions.json",
-            {"model": str(model), "task": net.task, "predictions": preds, "errors": errors},
-        )
-    if errors and not quiet:
-        print(f"{len(errors)} of {len(results) + len(errors)} inputs skipped", file=sys.stderr)
-    return {
-        "task": net.task,
-        "results": results,
-        "errors": errors,
-        "peak_rss_mb": None if (rss := peak_rss_mb()) is None else round(rss, 1),
-    }
+
+def _write_summary(
+    out_dir: Path, model: str | os.PathLike, task: str, results: list[dict], errors: list[dict]
+) -> None:
+    if task == "classification":
+        preds = {
+            r["file"]: {"label": r["label"], "index": r["index"], "score": r["score"], "top5": r["top5"]}
+            for r in results
+        }
+    else:
+        preds = {
+            r["file"]: {k: r[k] for k in ("mask", "overlay", "size", "class_fractions")} for r in results
+        }
+    write_json(
+        out_dir / "predictions.json",
+        {"model": str(model), "task": task, "predictions": preds, "errors": errors},
+    )

@@ -226,6 +226,10 @@ class OnnxModel:
                     [batch, np.zeros((self._batch - len(chunk), *batch.shape[1:]), np.float32)]
                 )
             logits = self.run(batch)[: len(chunk)]
+            if not np.isfinite(logits).all():  # argmax/softmax of NaN would still give a confident answer
+                raise ModelError(
+                    f"{self.path}: the model produced NaN or infinite outputs (corrupt or non-finite weights?)"
+                )
             for im, out in zip(chunk, logits):
                 results.append(
                     self._classify(out) if self.task == "classification" else self._segment(out, im)

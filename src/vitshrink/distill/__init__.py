@@ -156,7 +156,8 @@ def distill(
     load_size = max(s_size, t_meta["preprocess"]["size"][0])
     train_ds = load_dataset(data, "train", size=load_size, limit=limit, seed=seed, data_options=data_options)
     val_ds = load_dataset(data, "val", size=load_size, limit=val_limit, seed=seed, data_options=data_options)
-    _check_compatible(t_meta, train_ds)
+    # labels in the teacher's class order, so output index i means the same class for both models
+    train_ds, val_ds = _check_compatible(t_meta, train_ds), _check_compatible(t_meta, val_ds)
     s_model, s_meta = resolve_model(
         student,
         data,
@@ -166,6 +167,10 @@ def distill(
         train_ds=train_ds,
         overrides=student_overrides,
     )
+    if not is_model_dir(student):  # a preset student was named from the data: take the teacher's order
+        s_meta["class_names"] = list(t_meta["class_names"])
+        s_model.config.id2label = dict(enumerate(t_meta["class_names"]))
+        s_model.config.label2id = {n: i for i, n in enumerate(t_meta["class_names"])}
     _check_compatible(s_meta, train_ds)
     if (
         {"dist-token", "hard"} & set(weights)

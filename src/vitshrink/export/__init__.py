@@ -27,6 +27,9 @@ from ..artifacts import atomic_path
 from ..errors import ModelError, VitshrinkError
 
 DEFAULT_OPSET = 17
+# The oldest opset with scaled_dot_product_attention in the exporter (every family's attention needs
+# it); below it the exporter would fail and the dynamo fallback silently raise the opset to 18.
+MIN_OPSET = 14
 
 
 class StaticAdaptiveAvgPool2d(nn.Module):
@@ -133,12 +136,19 @@ def export_onnx(
     out = Path(out)
     if out.suffix != ".onnx":
         raise VitshrinkError(f"output must end in .onnx: {out}")
+    if opset < MIN_OPSET:
+        raise VitshrinkError(f"opset {opset} is not supported: vitshrink exports opset {MIN_OPSET} or newer")
+    from ..models import check_finite
+
+    check_finite(net, model if not isinstance(model, nn.Module) else "the model")
     pre = meta["preprocess"]
     example = torch.randn(1, pre["channels"], *pre["size"])
     adapter = adapter_for(net)
     wrapper = make_exportable(adapter.export_wrapper(net)).eval().cpu()
     with torch.no_grad():
         ref = wrapper(example).numpy()
+    if not np.isfinite(ref).all():
+        raise ModelError("the model produces NaN or infinite outputs; refusing to export it")
     stats = {"params": count_params(net), "macs": count_macs(wrapper, example)}
     # The HF config rides along so the ONNX file alone can become an optimum-style folder (onnx_folder).
     full_meta = {**meta, "stats": stats, "vitshrink_version": __version__, "hf_config": _hf_config(net)}
@@ -153,9 +163,11 @@ def export_onnx(
         entry = proto.metadata_props.add()
         entry.key, entry.value = "vitshrink", json.dumps(full_meta)
         onnx.save(proto, str(tmp))
-    result: dict[str, Any] = {"artifact": str(out), **stats, "size_mb": out.stat().st_size / 2**20}
-    if check:
-        result.update(parity(out, wrapper, example.shape, ref_first=ref))
+        # Validate the temporary file, not the destination: a file that does not load or disagrees
+        # never replaces a good one.
+        result: dict[str, Any] = {"artifact": str(out), **stats, "size_mb": tmp.stat().st_size / 2**20}
+        if check:
+            result.update(parity(tmp, wrapper, example.shape, ref_first=ref, opset=opset, name=out))
     return out, result
 
 
@@ -163,8 +175,7 @@ def _torch_export(
     wrapper: nn.Module, example: torch.Tensor, path: Path, *, opset: int, dynamic_batch: bool, quiet: bool
 ) -> None:
     dyn = {"pixel_values": {0: "batch"}, "logits": {0: "batch"}} if dynamic_batch else None
-    sink = io.StringIO()
-    with warnings.catch_warnings(), contextlib.redirect_stdout(sink) if quiet else contextlib.nullcontext():
+    with warnings.catch_warnings(), _silenced() if quiet else contextlib.nullcontext():
         warnings.simplefilter("ignore")
         try:
             torch.onnx.export(
@@ -198,6 +209,34 @@ def _torch_export(
                 ) from None
 
 
+@contextlib.contextmanager
+def _silenced() -> Any:
+    """Discard stdout/stderr at the descriptor level: a failing exporter dumps its whole graph from C++
+    and logs through handlers bound to the original streams, which redirect_stdout cannot catch."""
+    import logging
+    import sys
+    import tempfile
+
+    saved = []
+    with tempfile.TemporaryFile() as sink:
+        for stream in (sys.stdout, sys.stderr):
+            with contextlib.suppress(AttributeError, ValueError, OSError):
+                stream.flush()
+            with contextlib.suppress(AttributeError, ValueError, OSError):
+                fd = stream.fileno()
+                saved.append((fd, os.dup(fd)))
+                os.dup2(sink.fileno(), fd)
+        logging.disable(logging.WARNING)
+        try:
+            with contextlib.redirect_stdout(io.StringIO()), contextlib.redirect_stderr(io.StringIO()):
+                yield
+        finally:
+            logging.disable(logging.NOTSET)
+            for fd, copy in saved:
+                os.dup2(copy, fd)
+                os.close(copy)
+
+
 def _simplify(proto: Any) -> Any:
     try:
         import onnxslim
@@ -215,13 +254,25 @@ def parity(
     *,
     ref_first: np.ndarray | None = None,
     n: int = 4,
+    opset: int | None = None,
+    name: str | os.PathLike | None = None,
 ) -> dict[str, Any]:
-    """Max abs difference and argmax agreement between ONNX Runtime and PyTorch on random inputs."""
+    """Max abs difference and argmax agreement between ONNX Runtime and PyTorch on random inputs.
+
+    Raises ModelError when onnxruntime cannot load or run the file, or its outputs are not finite.
+    """
     import onnxruntime as ort
 
     from ..deploy.runtime import session_options
 
-    sess = ort.InferenceSession(str(path), session_options(), providers=["CPUExecutionProvider"])
+    at = f" at opset {opset}" if opset is not None else ""
+    try:
+        sess = ort.InferenceSession(str(path), session_options(), providers=["CPUExecutionProvider"])
+    except Exception as e:  # noqa: BLE001 - onnxruntime raises several unrelated types
+        why = _first_line(e).replace(str(path), str(name or path))
+        raise ModelError(
+            f"the exported ONNX{at} does not load in onnxruntime: {why}; nothing was written"
+        ) from None
     g = torch.Generator().manual_seed(0)
     max_diff, agree, total = 0.0, 0, 0
     for _ in range(n):
@@ -229,6 +280,8 @@ def parity(
         with torch.no_grad():
             ref = wrapper(x).numpy()
         got = sess.run(None, {"pixel_values": x.numpy()})[0]
+        if not np.isfinite(got).all():
+            raise ModelError(f"the exported ONNX{at} produces NaN or infinite outputs; nothing was written")
         max_diff = max(max_diff, float(np.abs(got - ref).max()))
         a, b = got.argmax(1), ref.argmax(1)
         agree += int((a == b).sum())
@@ -244,6 +297,11 @@ def _hf_config(net: nn.Module) -> dict[str, Any] | None:
         return json.loads(cfg.to_json_string(use_diff=False))
     except (TypeError, ValueError):  # configs holding non-JSON values: the folder format is unavailable
         return None
+
+
+def _first_line(e: BaseException) -> str:
+    text = str(e).strip()
+    return " ".join(text.splitlines()[0].split())[:300] if text else type(e).__name__
 
 
 def export(
@@ -262,9 +320,8 @@ def export(
     `config.json`, `preprocessor_config.json`, `vitshrink.json`); "auto" picks "dir" when `out` does not
     end in .onnx.
     """
-    import tempfile
-
     from ..onnx_folder import wants_folder, write_onnx_folder
+    from ..outputs import temp_dir
 
     try:
         folder = wants_folder(out, format)
@@ -274,7 +331,7 @@ def export(
         return export_onnx(
             model, out, opset=opset, dynamic_batch=dynamic_batch, simplify=simplify, quiet=True
         )
-    with tempfile.TemporaryDirectory(prefix="vitshrink-export-") as tmp:
+    with temp_dir("export") as tmp:
         path, rep = export_onnx(
             model,
             Path(tmp) / "model.onnx",

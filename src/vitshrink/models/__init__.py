@@ -35,6 +35,7 @@ __all__ = [
     "PRESETS",
     "Adapter",
     "adapter_for",
+    "check_finite",
     "build_model",
     "load_model",
     "save_model",
@@ -213,6 +214,13 @@ def save_model(
     return out
 
 
+def check_finite(model: nn.Module, where: str | os.PathLike) -> None:
+    """Raise ModelError when any parameter or buffer holds NaN/Inf (every output would be garbage)."""
+    for name, t in [*model.named_parameters(), *model.named_buffers()]:
+        if t.is_floating_point() and not bool(torch.isfinite(t).all()):
+            raise ModelError(f"model {where} has NaN or infinite values in {name}")
+
+
 def count_params(model: nn.Module) -> int:
     return sum(p.numel() for p in model.parameters())
 
@@ -256,10 +264,18 @@ def _check_meta(meta: Any, where: Path) -> None:
 
 
 def _verify_checksums(path: Path, meta: dict[str, Any]) -> None:
+    from ..safeio import inside
+
     for name, digest in (meta.get("checksums") or {}).items():
         f = path / name
+        if not inside(f, path) or f.resolve() == path.resolve():  # "../x" or "/etc/x" in a hostile sidecar
+            raise ModelError(
+                f"invalid {path / META_NAME}: checksum entry {name!r} is outside the model directory"
+            )
         if not f.exists():
             raise ModelError(f"model file missing: {f}")
+        if not f.is_file():
+            raise ModelError(f"model file {f} is not a regular file")
         if sha256_file(f) != digest:
             raise ModelError(f"checksum mismatch for {f}: the file is corrupt or was modified")
 

@@ -20,6 +20,7 @@ from typing import Any
 import torch
 
 from ..errors import VitshrinkError
+from ..outputs import temp_dir
 from .axes import choose_axes
 from .core import IMPORTANCES, count_macs, count_params, prune_model, prune_to_config, pruned_config
 from .depth import drop_blocks
@@ -80,15 +81,13 @@ def _latency_ms(model: torch.nn.Module, x: torch.Tensor, runs: int = 20) -> floa
     per-op overhead ranks shapes differently: at Swin-T 0.25 the eager probe kept width alone, while
     on onnxruntime depth 0.5 + width at the same size runs 20% faster (benchmarks/prune_speed.py).
     """
-    import tempfile
-
     import numpy as np
 
     from ..export import export_onnx
     from ..quantize._common import latencies_ms
 
     meta = {"preprocess": {"channels": int(x.shape[1]), "size": [int(x.shape[2]), int(x.shape[3])]}}
-    with tempfile.TemporaryDirectory(prefix="vitshrink-probe-") as tmp:
+    with temp_dir("probe") as tmp:
         path = Path(tmp) / "probe.onnx"
         try:
             export_onnx(model, path, meta=meta, check=False)
@@ -169,7 +168,7 @@ def prune(
     width: each of depth 0, 0.25, 0.5 gets the width ratio meeting the same budget, and the fastest
     measured here wins (`prune.shape`).
     """
-    from ..models import load_model, save_model
+    from ..models import check_finite, load_model, save_model
 
     out = Path(out)
     budgets = {"ratio": ratio, "target_params": target_params, "target_macs": target_macs}
@@ -201,6 +200,7 @@ def prune(
         raise VitshrinkError(f"depth ratio must be in [0, 1) or 'auto', got {depth_ratio!r}")
 
     net, meta = load_model(model)
+    check_finite(net, model)  # importance scores of NaN weights rank nothing; the output would be garbage
     family = family_for(net)
     pre = meta["preprocess"]
     gen = torch.Generator().manual_seed(seed)
@@ -356,6 +356,7 @@ def prune(
         options["axes"] = {"granularity": "auto", **asked}
     if auto_shape:
         options["shape"] = {"depth_ratio": "auto", **asked}
+    check_finite(net, f"pruned from {model}")  # recovery training can diverge
     save_model(net, meta, out, stage="prune", options=options, metrics=metrics, parent=model)
     if not quiet:
         print(

@@ -7,11 +7,9 @@ copies: same shapes, same MACs, same latency, no weight copies and no graph surg
 
 from __future__ import annotations
 
-import json
 import math
 import os
 from collections.abc import Callable, Mapping, Sequence
-from pathlib import Path
 
 import torch
 from transformers import PreTrainedModel
@@ -41,13 +39,10 @@ def pruned_architecture(
 def load_latency_table(table: LatencyTable) -> list[tuple[float, float]]:
     """(ratio, latency_ms) pairs sorted by ratio, from a JSON file or a mapping {"0.5": 12.3, ...}."""
     if not isinstance(table, Mapping):
-        path = Path(table)
-        try:
-            table = json.loads(path.read_text())
-        except FileNotFoundError:
-            raise VitshrinkError(f"latency table not found: {path}") from None
-        except json.JSONDecodeError as e:
-            raise VitshrinkError(f"latency table {path} is not valid JSON: {e}") from None
+        from ..safeio import read_json_limited
+
+        # bounded: a regular file of at most 1 MiB (`--latency-table /dev/zero` must fail, not fill memory)
+        table = read_json_limited(table, what="latency table", max_bytes=1 << 20)
     try:
         pts = sorted((float(r), float(ms)) for r, ms in table.items())
     except (TypeError, ValueError, AttributeError):

@@ -10,12 +10,12 @@
 from __future__ import annotations
 
 import os
-import tempfile
 from pathlib import Path
 from typing import Any
 
 from ..cpu import TARGET_CPUS
 from ..errors import VitshrinkError
+from ..outputs import temp_dir
 from .onnx_quant import CALIB_METHODS, DEFAULT_MAX_DROP, MODES, Mode, quantize_onnx
 from .smooth import smooth_layernorm_outliers
 from .torch_quant import quantize_torch
@@ -71,7 +71,7 @@ def quantize(
     except ValueError as e:
         raise VitshrinkError(str(e)) from None
     final = Path(out)
-    with tempfile.TemporaryDirectory(prefix="vitshrink-quant-export-") as tmp:
+    with temp_dir("quant-export") as tmp:
         if folder:
             out = Path(tmp) / "quantized.onnx"
         if path.is_dir():

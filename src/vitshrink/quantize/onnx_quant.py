@@ -22,7 +22,6 @@ import json
 import os
 import re
 import shutil
-import tempfile
 from collections.abc import Callable, Iterable
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -34,6 +33,7 @@ import onnx
 from ..artifacts import atomic_path
 from ..cpu import TARGET_CPUS, int8_note, reduce_range_for, resolve_target_cpu
 from ..errors import DataError, ModelError, VitshrinkError
+from ..outputs import temp_dir
 from ..progress import progress
 from ._common import (
     META_KEY,
@@ -612,6 +612,7 @@ def quantize_onnx(
     say = make_say(quiet)
     original = load_onnx(src)
     _check_float_model(original, src)
+    _check_finite_initializers(original, src)
     batches = prepare_calib(calib, input_spec(original)[1])
     if mode in ("int8-static", "int8-mixed") and not batches:
         raise DataError(f"mode '{mode}' needs calibration data; 'int8-dynamic' and 'fp16' work without")
@@ -633,7 +634,7 @@ def quantize_onnx(
         max_drop = DEFAULT_MAX_DROP
     cpu = resolve_target_cpu(target_cpu)
 
-    with tempfile.TemporaryDirectory(prefix="vitshrink-quant-") as tmp:
+    with temp_dir("quant") as tmp:
         work = Path(tmp)
         pre = work / "pre.onnx"
         say("pre-processing (shape inference, graph optimisation)")
@@ -727,6 +728,7 @@ def quantize_onnx(
             _record_int8_target(out_model, cpu)
         with atomic_path(dst) as tmp_out:
             onnx.save(out_model, str(tmp_out))
+            _check_finite_outputs(tmp_out, ctx.sample, original, dst)  # before the rename
     report["size_after"] = file_size(dst)
     report["size_ratio"] = report["size_after"] / report["size_before"]
     report["path"] = str(dst)
@@ -736,6 +738,32 @@ def quantize_onnx(
         f"{report['chosen']}: {report['size_before'] / 2**20:.2f} MB -> {report['size_after'] / 2**20:.2f} MB"
     )
     return report
+
+
+def _check_finite_initializers(model: onnx.ModelProto, src: str | os.PathLike) -> None:
+    from onnx import numpy_helper
+
+    for init in model.graph.initializer:
+        floating = init.data_type in (
+            onnx.TensorProto.FLOAT,
+            onnx.TensorProto.FLOAT16,
+            onnx.TensorProto.DOUBLE,
+        )
+        if floating and not np.isfinite(numpy_helper.to_array(init)).all():
+            raise ModelError(f"model {src} has NaN or infinite values in {init.name}")
+
+
+def _check_finite_outputs(
+    path: Path, sample: np.ndarray | None, original: onnx.ModelProto, dst: str | os.PathLike
+) -> None:
+    """The quantized model must give finite outputs (an overflowing scale would not), or nothing is written."""
+    if sample is None:
+        dims = input_spec(original)[1]
+        sample = np.random.default_rng(0).standard_normal([d or 1 for d in dims]).astype(np.float32)
+    if not np.isfinite(run(path, [sample])).all():
+        raise ModelError(
+            f"the quantized model for {dst} produces NaN or infinite outputs; nothing was written"
+        )
 
 
 def _fp16(pre: Path, ctx: _Ctx) -> tuple[Path, dict[str, Any]]:

@@ -16,6 +16,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
+from ..safeio import MAX_IMAGE_BYTES, read_limited
 from .analysis import Comparison
 from .plots import class_order
 from .results import EXAMPLE_ROLES, Example, Results, Stage
@@ -397,7 +398,8 @@ CSP = "default-src 'none'; img-src data:; style-src 'unsafe-inline'"
 
 def data_uri(path: Path) -> str:
     mime = mimetypes.guess_type(path.name)[0] or "image/png"
-    return f"data:{mime};base64," + base64.b64encode(path.read_bytes()).decode("ascii")
+    raw = read_limited(path, what="image", max_bytes=MAX_IMAGE_BYTES)  # regular files only, bounded
+    return f"data:{mime};base64," + base64.b64encode(raw).decode("ascii")
 
 
 def _esc(text: str) -> str:

@@ -13,6 +13,7 @@ from typing import Any
 
 from vitshrink.artifacts import read_json
 from vitshrink.errors import DataError, VitshrinkError
+from vitshrink.safeio import inside
 
 RESULTS_NAME = "results.json"
 TASK_METRIC = {"classification": "accuracy", "segmentation": "miou"}
@@ -130,7 +131,10 @@ def _example(i: int, raw: Any, run_dir: Path) -> Example:
         rel = raw.get(role)
         if rel:
             p = Path(rel)
-            paths[role] = p if p.is_absolute() else run_dir / p
+            p = p if p.is_absolute() else run_dir / p
+            if not inside(p, run_dir):  # the report embeds these files: never /etc/hostname & co
+                raise DataError(f"results.json: example {i} {role} {rel} is outside the run directory")
+            paths[role] = p
     labels = raw.get("labels") or {}
     if not isinstance(labels, dict):
         raise DataError(f"results.json: example {i} 'labels' must be an object")

@@ -10,11 +10,11 @@ import contextlib
 import os
 import shutil
 import subprocess
-import tempfile
 from pathlib import Path
 
 from vitshrink.artifacts import atomic_path
 from vitshrink.errors import VitshrinkError
+from vitshrink.outputs import temp_dir
 
 BROWSERS = ("chromium", "chromium-browser", "google-chrome", "google-chrome-stable")
 # Offline, no profile state, no background traffic: the page must render from the file alone.
@@ -49,7 +49,7 @@ def _run(html: Path, extra: list[str]) -> subprocess.CompletedProcess[str]:
         raise VitshrinkError(
             "no Chromium found (install it, e.g. `apt install chromium`, or set VITSHRINK_CHROMIUM)"
         )
-    with tempfile.TemporaryDirectory(prefix="vitshrink-chromium-") as profile:
+    with temp_dir("chromium") as profile:
         cmd = [browser, *FLAGS, f"--user-data-dir={profile}", *extra, html.as_uri()]
         try:
             proc = subprocess.run(cmd, capture_output=True, text=True, timeout=TIMEOUT_S, check=False)
