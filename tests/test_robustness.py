@@ -1181,3 +1181,21 @@ def test_compress_cache_key_covers_the_data_folder_content(assets: dict[str, Pat
     assert root_key("t", str(data), {}) == k0
     Image.new("L", (16, 16)).save(data / "top" / "extra.png")
     assert root_key("t", str(data), {}) != k0
+
+
+def test_disk_full_inside_safetensors_is_one_line_and_leaves_nothing(
+    assets: dict[str, Path], tmp_path: Path, capsys: pytest.CaptureFixture, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    # safetensors reports ENOSPC as its own SafetensorError (was: "unexpected SafetensorError", exit 1).
+    import transformers.modeling_utils as mu
+    from safetensors import SafetensorError
+
+    def full(*args: object, **kwargs: object) -> None:
+        raise SafetensorError("Error while serializing: I/O error: No space left on device (os error 28)")
+
+    monkeypatch.setattr(mu, "safe_save_file", full)
+    out = tmp_path / "pruned"
+    rc = main(["prune", str(assets["model"]), "--out", str(out), "--ratio", "0.25", "--quiet"])
+    err = capsys.readouterr().err
+    assert rc == 2 and err.count("\n") == 1 and "No space left on device" in err and "unexpected" not in err
+    assert sorted(p.name for p in tmp_path.iterdir()) == []

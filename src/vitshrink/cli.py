@@ -655,6 +655,15 @@ def _sigterm_as_interrupt() -> Iterator[None]:
         signal.signal(signal.SIGTERM, before)
 
 
+def _disk_full(e: BaseException) -> bool:
+    while e is not None:
+        text = str(e)
+        if "No space left on device" in text or "StorageFull" in text or "os error 28" in text:
+            return True
+        e = e.__cause__ or e.__context__
+    return False
+
+
 def _run(args: argparse.Namespace) -> int:
     from .errors import VitshrinkError
 
@@ -692,6 +701,9 @@ def _run(args: argparse.Namespace) -> int:
     except Exception as e:  # noqa: BLE001 - one line for users; --debug for developers
         if args.debug:
             raise
+        if _disk_full(e):  # safetensors/protobuf report ENOSPC as their own error types
+            _error("No space left on device (nothing was written; free some space and run again)")
+            return EXIT_USER
         msg = str(e).splitlines()[0] if str(e) else ""
         _error(f"unexpected {type(e).__name__}: {msg} (run with --debug for the traceback)")
         return EXIT_BUG
