@@ -204,3 +204,78 @@ def test_time_budget_stops_after_the_first_candidate(teacher, tmp_path):
 def test_time_budget_is_for_budget_mode(tmp_path):
     with pytest.raises(VitshrinkError, match="budget mode only"):
         compress(tmp_path, "fashion-mnist", out=tmp_path / "o", recipe=[{"export": None}], time_budget="5m")
+
+
+@pytest.mark.parametrize("name", ["asha", "hyperband"])
+def test_pruner_judges_a_trial_against_candidates_no_larger(name):
+    import optuna
+
+    from vitshrink.compress.search import _pruner
+
+    optuna.logging.set_verbosity(optuna.logging.ERROR)
+    study = optuna.create_study(direction="maximize", pruner=_pruner(name))
+
+    def trial(mb: float, value: float) -> bool:
+        t = study.ask()
+        t.set_user_attr("predicted_mb", mb)
+        for step in (1, 2, 3):  # 1-based epochs, as the search reports them
+            t.report(value, step)
+            if t.should_prune():
+                study.tell(t, state=optuna.trial.TrialState.PRUNED)
+                return True
+        study.tell(t, value)
+        return False
+
+    assert not trial(4.0, 0.90)  # a large accurate candidate
+    assert not trial(1.0, 0.70)  # smaller: not judged against the larger one
+    assert trial(1.2, 0.60) or name == "hyperband"  # trails a smaller candidate at the same step
+    assert trial(5.0, 0.50) or name == "hyperband"  # larger and worse than everything
+
+
+def test_cli_rejects_a_bad_time_budget_in_one_line(tmp_path, capsys):
+    from vitshrink.cli import main
+
+    argv = ["compress", str(tmp_path), "--data", "fashion-mnist", "--out", str(tmp_path / "o")]
+    assert main([*argv, "--budget", "size_mb=1", "--time-budget", "soon"]) == 2
+    err = capsys.readouterr().err.strip()
+    assert err.count("\n") == 0 and "time budget must be a duration like 30m" in err
+
+
+@needs_fmnist
+def test_prune_recovery_reads_the_teacher_logits_distillation_cached(teacher, tmp_path, monkeypatch):
+    import vitshrink.train as tr
+    from vitshrink.distill import distill
+    from vitshrink.prune import prune
+
+    shared = tmp_path / "logits"
+    kw = {"limit": 300, "quiet": True, "batch_size": 64}
+    student, _ = distill(
+        teacher,
+        "vit-micro",
+        "fashion-mnist",
+        out=tmp_path / "s",
+        cache_teacher=True,
+        teacher_cache_dir=shared,
+        val_limit=50,
+        **TINY_VIT,
+        **kw,
+    )
+    assert len(list(shared.glob("teacher-*.safetensors"))) == 1  # kept for the next stage
+
+    def no_teacher(*a, **k):
+        raise AssertionError("recovery ran the teacher instead of reading its cached logits")
+
+    monkeypatch.setattr(tr, "teacher_forward", no_teacher)
+    epochs: list[int] = []
+    _, m = prune(
+        student,
+        tmp_path / "p",
+        ratio=0.5,
+        recover_epochs=1,
+        teacher=str(teacher),
+        data="fashion-mnist",
+        teacher_cache_dir=shared,
+        on_epoch_end=lambda e, rec: epochs.append(rec["epoch"]),
+        **kw,
+    )
+    assert epochs == [1] and m["recovery_history"][0]["epoch"] == 1

@@ -301,7 +301,8 @@ class _Clock:
 
 class _SmallerPeers:
     """Optuna pruner wrapper: a trial competes only with candidates predicted no larger than itself,
-    so a small student is never stopped for trailing a bigger model that may miss the size budget."""
+    so a small student is never stopped for trailing a bigger model that may miss the size budget.
+    (Hyperband builds its bracket studies from the storage, so there every trial of the bracket competes.)"""
 
     def __init__(self, inner: Any) -> None:
         self.inner = inner
@@ -537,7 +538,9 @@ def search_budget(
             clock.save()
             if value is None:
                 return
-            step = rec["epoch"] - 1 + (distill_steps if kind != "distill" else 0)
+            # 1-based: successive halving's first rung is at step min_resource=1, i.e. right after the
+            # first distillation epoch; recovery epochs follow the distillation epochs.
+            step = rec["epoch"] + (distill_steps if kind != "distill" else 0)
             trial.report(value, step)
             if bar is not None:
                 bar.set_postfix_str(
@@ -718,7 +721,7 @@ def _binding(
     elif summary["trials_run"] < requested_trials and plan.trials < requested_trials:
         why.append(f"planned {plan.trials} of {requested_trials} trials")
     if planned_subset and plan.subset < plan.n_train:
-        why.append(f"distilled on {plan.subset} of {plan.n_train} training images")
+        why.append(f"trained on {plan.subset} of {plan.n_train} training images")
     if why:
         out["time_budget"] = "; ".join(why)
     return out
