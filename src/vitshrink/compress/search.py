@@ -401,11 +401,9 @@ def search_budget(
     split: str = "val",
     time_budget: float = 1800.0,
     t_start: float | None = None,
-    stop_after: int | None = None,
 ) -> dict[str, Any]:
     """Run (or resume) the Optuna search within `time_budget` seconds (counted from `t_start`, plus
-    what earlier runs of the same study spent); returns {"chosen", "met", "summary"} (see compress).
-    stop_after: end this run after that many trials (tests; a later run resumes the study)."""
+    what earlier runs of the same study spent); returns {"chosen", "met", "summary"} (see compress)."""
     import optuna
 
     from ..bench import bench_many
@@ -514,6 +512,15 @@ def search_budget(
         took = [t.user_attrs["seconds"] for t in counted() if "seconds" in t.user_attrs][-3:]
         return statistics.fmean(took) if took else plan.per_trial_s
 
+    def took(t0: float) -> str:
+        """This trial's time, the search's so far, and the ETA of the whole run (search + final)."""
+        left_trials = max(0, cap - len(counted()) - 1)
+        eta = min(max(0.0, time_budget - reserve - clock.elapsed()), left_trials * estimate()) + reserve
+        return (
+            f"{fmt_minutes(time.time() - t0)} (search {clock.elapsed() / 60:.1f}/{time_budget / 60:.1f} min, "
+            f"ETA ~{fmt_minutes(eta)})"
+        )
+
     def objective(trial: optuna.Trial) -> float:
         t0 = time.time()
         params = {
@@ -572,13 +579,13 @@ def search_budget(
             )[0]
         except optuna.TrialPruned as e:
             trial.set_user_attr("seconds", round(time.time() - t0, 1))
-            say(f"{label}  pruned: {e}  {_took(t0, clock, time_budget)}")
+            say(f"{label}  pruned: {e}  {took(t0)}")
             raise
         except Exception as e:  # noqa: BLE001 - one failed candidate must not end the search; it is recorded
             msg = str(e).splitlines()[0] if str(e) else type(e).__name__
             trial.set_user_attr("error", f"{type(e).__name__}: {msg}")
             trial.set_user_attr("seconds", round(time.time() - t0, 1))
-            say(f"{label}  failed: {msg}  {_took(t0, clock, time_budget)}")
+            say(f"{label}  failed: {msg}  {took(t0)}")
             raise
         measured = {
             "metric": metric,
@@ -593,18 +600,14 @@ def search_budget(
         write_json(tdir / "trial.json", {"params": params, "measured": measured, "violations": v})
         ok = all(x <= 0 for x in v.values())
         say(
-            f"{label}  done  {_took(t0, clock, time_budget)}  {ctx.metric} {metric:.4f}  "
+            f"{label}  done  {took(t0)}  {ctx.metric} {metric:.4f}  "
             f"{measured['size_mb']:.2f} MB  p50 {measured['p50']:.2f} ms  {'feasible' if ok else 'over budget'}"
         )
         return metric
 
     stopped = "trials"
     try:
-        ran = 0
         while len(counted()) < cap:
-            if stop_after is not None and ran >= stop_after:
-                stopped = "stopped"
-                break
             left = time_budget - reserve - clock.elapsed()
             if has_candidate() and estimate() > left:
                 stopped = "time"
@@ -614,7 +617,6 @@ def search_budget(
                 )
                 break
             study.optimize(objective, n_trials=1, catch=(Exception,))
-            ran += 1
             clock.save()
             if bar is not None:
                 bar.update(1)
@@ -655,8 +657,9 @@ def _make_plan(
     }
     worst_eval = max(tp.eval_s.values(), default=tp.teacher_s)
     teacher_eval = tp.eval_s.get("none", tp.teacher_s)
-    # Final measurement: teacher and chosen candidate on the test split, one interleaved bench, report.
-    final_s = min(n["test"], eval_limit or n["test"]) * (teacher_eval + worst_eval) + 30.0
+    # Final measurement: the teacher and the chosen recipe's (up to 3) stages on the test split, one
+    # interleaved bench of them all, the report.
+    final_s = min(n["test"], eval_limit or n["test"]) * (teacher_eval + 3 * worst_eval) + 60.0
     recover = int(space.prune.get("recover_epochs", 0)) if any(r > 0 for r in space.prune_ratios) else 0
     fixed = user.get("distill", {})
     plan = plan_search(
@@ -690,10 +693,6 @@ def _bar(total: int, initial: int, *, quiet: bool) -> Any:
 
 def _params_label(p: dict[str, Any]) -> str:
     return f"[{p['student']}, prune {p['prune_ratio']:g}, {p['quant']}]"
-
-
-def _took(t0: float, clock: _Clock, budget: float) -> str:
-    return f"{fmt_minutes(time.time() - t0)} (search {clock.elapsed() / 60:.1f}/{budget / 60:.1f} min)"
 
 
 def _binding(
