@@ -7,6 +7,7 @@ The planner is pure (fake throughput in, plan out); the search tests reuse one t
 from __future__ import annotations
 
 import json
+import shutil
 import sqlite3
 from pathlib import Path
 
@@ -172,6 +173,15 @@ def test_resume_after_a_kill_continues_the_same_study(teacher, tmp_path, monkeyp
         attrs = dict(db.execute("SELECT key, value_json FROM study_user_attributes").fetchall())
     before, plan = json.loads(attrs["elapsed_s"]), json.loads(attrs["plan"])
     assert before > 0
+
+    # Resumed with less time than the killed run already spent: the clock carried over stops it at
+    # once, with the candidate it has.
+    late = tmp_path / "late"
+    shutil.copytree(out, late)
+    _search(teacher, late, time_budget="1s")
+    summary = json.loads((late / "search.json").read_text())
+    assert summary["time"]["stopped"] == "time" and summary["trials_run"] == 1
+    assert summary["time"]["elapsed_s"] > before and summary["chosen_trial"] == 0
 
     calls.clear()
     res = _search(teacher, out)

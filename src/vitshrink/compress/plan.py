@@ -272,17 +272,20 @@ def measure_throughput(
     train_s: dict[str, float] = {}
     eval_s: dict[str, float] = {}
     for label, opts in students.items():
-        if opts is None:
-            model, meta = load_model(ctx.teacher, verify=False)
-        else:
-            model, meta = resolve_model(
-                opts["student"],
-                ctx.data,
-                image_size=opts.get("image_size") or pre["size"][0],
-                channels=pre["channels"],
-                data_options=ctx.data_options,
-                overrides=opts.get("student_options"),
-            )
+        try:
+            if opts is None:
+                model, meta = load_model(ctx.teacher, verify=False)
+            else:
+                model, meta = resolve_model(
+                    opts["student"],
+                    ctx.data,
+                    image_size=opts.get("image_size") or pre["size"][0],
+                    channels=pre["channels"],
+                    data_options=ctx.data_options,
+                    overrides=opts.get("student_options"),
+                )
+        except Exception:  # noqa: BLE001 - a student that cannot be built fails its own trials, with the reason
+            model, meta = load_model(ctx.teacher, verify=False)  # planned at the teacher's rates meanwhile
         model.to(device)
         opt = torch.optim.AdamW(model.parameters(), lr=1e-4)
 
