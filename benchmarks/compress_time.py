@@ -207,7 +207,7 @@ def main(argv: list[str] | None = None) -> int:
     )
     if res.get("plan"):
         print(
-            f"plan: {res['plan']['trials']} trials, distil on {res['plan']['subset']} images x {res['plan']['epochs']}"
+            f"plan: {res['plan']['trials']} trials, distil on {res['plan']['subset']} images x {res['plan']['epochs']} epochs"
         )
     print(f"bound by: {res['binding']}")
     for text, ok in checks.items():
