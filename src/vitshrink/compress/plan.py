@@ -18,10 +18,14 @@ from __future__ import annotations
 import math
 import re
 import time
+from collections.abc import Callable
 from dataclasses import asdict, dataclass
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 from ..errors import VitshrinkError
+
+if TYPE_CHECKING:
+    from .runner import Context
 
 DEFAULT_TIME_BUDGET = "30m"
 DEFAULT_EPOCHS = 2  # distillation epochs the plan starts from (grown only once the whole split fits)
@@ -211,7 +215,7 @@ def plan_search(
     )
 
 
-def _largest(ok: Any, lo: int, hi: int) -> int:
+def _largest(ok: Callable[[int], bool], lo: int, hi: int) -> int:
     """Largest n in [lo, hi] with ok(n) (ok(lo) holds, ok is monotone), rounded down to 2 digits."""
     while lo < hi:
         mid = (lo + hi + 1) // 2
@@ -229,7 +233,7 @@ def _largest(ok: Any, lo: int, hi: int) -> int:
 
 
 def measure_throughput(
-    ctx: Any,
+    ctx: Context,
     students: dict[str, dict[str, Any] | None],
     *,
     batch_size: int,

@@ -13,6 +13,7 @@ from __future__ import annotations
 
 import hashlib
 import os
+from collections.abc import Callable
 from pathlib import Path
 from typing import Any
 
@@ -172,7 +173,7 @@ def distill(
     augment: bool = True,
     cache_teacher: bool = False,
     teacher_cache_dir: str | os.PathLike | None = None,
-    on_epoch_end: Any = None,
+    on_epoch_end: Callable[[int, dict[str, Any]], None] | None = None,
     resume: bool = False,
     seed: int = 0,
     quiet: bool = False,

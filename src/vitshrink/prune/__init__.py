@@ -13,7 +13,7 @@ import copy
 import os
 import statistics
 import time
-from collections.abc import Sequence
+from collections.abc import Callable, Sequence
 from pathlib import Path
 from typing import Any
 
@@ -151,7 +151,7 @@ def prune(
     depth_ratio: float | str = 0.0,
     recover_temperature: float | None = None,
     teacher_cache_dir: str | os.PathLike | None = None,
-    on_epoch_end: Any = None,
+    on_epoch_end: Callable[[int, dict[str, Any]], None] | None = None,
 ) -> tuple[Path, dict[str, Any]]:
     """Prune the model directory MODEL and save the result to OUT; returns (OUT, metrics).
 
