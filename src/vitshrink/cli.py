@@ -294,6 +294,7 @@ def cmd_compress(a: argparse.Namespace) -> None:
         trials=a.trials,
         quiet=a.quiet,
         data_options=a.data_opt,
+        time_budget=a.time_budget,
     )
     print(f"final artifact: {res.get('final')}")
 
@@ -585,7 +586,9 @@ def build_parser() -> argparse.ArgumentParser:
     # passed through as text: compress.parse_budget validates keys and values with one-line errors
     g.add_argument("--budget", help="latency_ms=..,size_mb=..,max_drop=..")
     sp.add_argument("--device", default="cpu", choices=["cpu", "cuda", "jetson-nano"])
-    sp.add_argument("--trials", type=_POS_INT, default=8)
+    sp.add_argument("--trials", type=_POS_INT, default=8, help="at most this many trials (budget mode)")
+    # text: compress.parse_duration validates it (one-line errors), default 30m printed at start
+    sp.add_argument("--time-budget", help="budget mode: wall time for the whole run, e.g. 30m, 2h, 90s")
 
     sp = add("report", cmd_report, "Write report.md and report.html for a run directory.")
     sp.add_argument("dir")

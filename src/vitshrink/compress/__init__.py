@@ -3,9 +3,11 @@
 - recipe mode: `compress(MODEL, DATA, out=DIR, recipe="recipe.yaml")` runs the stages in order
   (distill, prune, quantize, export; see `recipe`), each writing its artifact under DIR/stages and
   recording it in DIR/state.json, so an interrupted run resumes after the last finished stage.
-- budget mode: `compress(..., budget="latency_ms=20,size_mb=5,max_drop=0.01")` searches students,
-  prune ratios and quant modes with Optuna (`search`), measuring every candidate, and keeps the
-  Pareto-optimal ones that meet the budget; BudgetNotMetError names the closest otherwise.
+- budget mode: `compress(..., budget="latency_ms=20,size_mb=5,max_drop=0.01", time_budget="30m")`
+  searches students, prune ratios and quant modes with Optuna (`search`), measuring every candidate,
+  and keeps the Pareto-optimal ones that meet the budget; BudgetNotMetError names the closest
+  otherwise. The search is planned from throughput measured here to end within the time budget
+  (`plan`), stops weak trials early, and resumes a killed search on the same clock.
 
 Both end with DIR/results.json (teacher first; the last stage's artifact is the deployable ONNX),
 DIR/report.md/.html, and for `device="jetson-nano"` an fp16 TensorRT recipe in DIR/trt.
@@ -21,6 +23,7 @@ from typing import Any
 from ..artifacts import read_json
 from ..errors import VitshrinkError
 from .devices import PROFILES, DeviceProfile, get_profile, threads_for
+from .plan import DEFAULT_TIME_BUDGET, Plan, Throughput, fmt_minutes, parse_duration, plan_search
 from .recipe import SCHEMA, Recipe, RecipeError, Stage, load_recipe, parse_recipe, validate_stage
 from .runner import STAGE_RUNNERS, Context, finish, measure, run_stages
 from .search import BudgetNotMetError, describe_miss, parse_budget, search_budget
@@ -29,16 +32,21 @@ __all__ = [
     "PROFILES",
     "SCHEMA",
     "STAGE_RUNNERS",
+    "DEFAULT_TIME_BUDGET",
     "BudgetNotMetError",
     "DeviceProfile",
+    "Plan",
     "Recipe",
     "RecipeError",
     "Stage",
+    "Throughput",
     "compress",
     "get_profile",
     "load_recipe",
     "parse_budget",
+    "parse_duration",
     "parse_recipe",
+    "plan_search",
     "validate_stage",
 ]
 
@@ -85,13 +93,17 @@ def compress(
     search: dict[str, Any] | None = None,
     bench_runs: int = 20,
     bench_rounds: int = 3,
+    time_budget: str | float | None = None,
 ) -> dict[str, Any]:
     """Compress MODEL (the teacher, a model directory) on DATA into OUT; exactly one of recipe / budget.
 
     threads: intra-op threads for evaluation and benchmarks (capped by the device profile).
     eval_limit: score each artifact on this many samples (default: the whole split).
     search: budget mode only: {"students": [...], "prune_ratios": [...], "quant_modes": [...],
-    "distill": {...}, "prune": {...}, "quantize": {...}} (stage options as in a recipe).
+    "distill": {...}, "prune": {...}, "quantize": {...}, "pruner": "asha" | "hyperband" | "none"}
+    (stage options as in a recipe; distill limit/epochs given here are kept, not planned).
+    time_budget: budget mode only: the whole run's wall time, "30m", "2h", "90s" or seconds
+    (default 30m); a resumed search counts the time earlier runs spent.
     Returns {"final": deployable ONNX, "results": results.json, "report": report.html, "trt": dir or
     None, "stages": results.json stages, "met": budget met (budget mode)}.
     """
@@ -99,6 +111,8 @@ def compress(
         raise VitshrinkError("compress needs exactly one of --recipe or --budget")
     if recipe is not None and search:
         raise VitshrinkError("search options apply to budget mode only (a recipe fixes every stage)")
+    if recipe is not None and time_budget is not None:
+        raise VitshrinkError("--time-budget applies to budget mode only (a recipe fixes every stage)")
     t_start = time.time()
     profile = get_profile(device)
     threads = threads_for(profile, threads)
@@ -139,7 +153,12 @@ def compress(
         return res
 
     bud = parse_budget(budget)  # type: ignore[arg-type]
+    seconds = parse_duration(DEFAULT_TIME_BUDGET if time_budget is None else time_budget)
     ctx = _context(model, data, dict(data_options or {}), quiet)
+    ctx.log(
+        f"time budget {fmt_minutes(seconds)}"
+        + (" (the default; set it with --time-budget)" if time_budget is None else "")
+    )
     out.mkdir(parents=True, exist_ok=True)
     found = search_budget(
         ctx,
@@ -152,6 +171,8 @@ def compress(
         eval_limit=eval_limit,
         bench_runs=bench_runs,
         bench_rounds=bench_rounds,
+        time_budget=seconds,
+        t_start=t_start,
     )
     chosen, summary = found["chosen"], found["summary"]
     root = Path(chosen["root"])

@@ -45,6 +45,11 @@ class Context:
     data_options: dict[str, Any]
     meta: dict[str, Any]  # the teacher's meta (task, class names, preprocessing)
     quiet: bool = False
+    # Budget search only: where teacher logits are shared between stages and trials, and a callback
+    # fed each training epoch's record (stage kind, {"epoch", "val"}) so weak trials can stop early;
+    # stages reused from the cache replay their stored epochs through it.
+    logits_dir: Path | None = None
+    epoch_hook: Callable[[str, dict[str, Any]], None] | None = None
 
     def log(self, *msg: Any) -> None:
         if not self.quiet:
@@ -161,6 +166,8 @@ def run_distill(stage: Stage, ctx: Context, cur: Current, sdir: Path) -> StageRe
         resume=True,  # an interrupted distillation continues from its last epoch
         quiet=ctx.quiet,
         data_options=ctx.data_options,
+        teacher_cache_dir=ctx.logits_dir if opts.get("cache_teacher") else None,
+        on_epoch_end=_epoch_hook(ctx, "distill"),
         **opts,
     )
     return {"model_dir": out, "artifact": _export(out, sdir / "model.onnx"), "train_metrics": m}
@@ -181,8 +188,26 @@ def run_prune(stage: Stage, ctx: Context, cur: Current, sdir: Path) -> StageResu
     if opts.get("recover_epochs") or opts.get("importance") == "taylor" or opts.get("depth_ratio"):
         # depth pruning ranks blocks on real images when it has them
         opts.update(data=ctx.data, data_options=ctx.data_options)
+    if opts.get("recover_epochs"):
+        opts.update(teacher_cache_dir=ctx.logits_dir, on_epoch_end=_epoch_hook(ctx, "prune"))
     out, m = prune(cur.model_dir, sdir / "model", quiet=ctx.quiet, **opts)
     return {"model_dir": Path(out), "artifact": _export(Path(out), sdir / "model.onnx"), "train_metrics": m}
+
+
+def _epoch_hook(ctx: Context, kind: str) -> Callable[[int, dict[str, Any]], None] | None:
+    hook = ctx.epoch_hook
+    if hook is None:
+        return None
+    return lambda epoch, rec: hook(kind, {k: rec[k] for k in ("epoch", "val") if k in rec})
+
+
+def replay_epochs(ctx: Context, rec: dict[str, Any]) -> None:
+    """Feed a reused stage's stored epochs to ctx.epoch_hook, as if it had just trained them."""
+    if ctx.epoch_hook is None:
+        return
+    m = rec.get("train_metrics") or {}
+    for r in m.get("history") or m.get("recovery_history") or []:
+        ctx.epoch_hook(rec["kind"], r)
 
 
 def run_quantize(stage: Stage, ctx: Context, cur: Current, sdir: Path) -> StageResult:
@@ -314,6 +339,7 @@ def run_stages(
         if ok and prev is not None:
             ctx.log(f"stage {i} ({label}): finished earlier, skipping")
             rec = dict(prev)
+            replay_epochs(ctx, rec)
         else:
             old = []  # after a re-run stage, nothing later can be reused
             rec = _run_one(stage, i, label, key, ctx, cur, sdir, cache_dir, root)

@@ -13,6 +13,7 @@ from __future__ import annotations
 
 import hashlib
 import os
+from collections.abc import Callable
 from pathlib import Path
 from typing import Any
 
@@ -36,7 +37,14 @@ from ..train import (
 )
 from .losses import LOSSES, build_losses, resize_map
 
-__all__ = ["distill", "LOSSES", "build_losses", "cached_teacher_logits", "teacher_logits_cache"]
+__all__ = [
+    "distill",
+    "LOSSES",
+    "build_losses",
+    "cached_teacher_logits",
+    "teacher_logits_cache",
+    "teacher_cache_path",
+]
 
 
 CACHE_BUDGET_BYTES = 512 * 2**20
@@ -65,9 +73,15 @@ def teacher_logits_cache(
     from safetensors.torch import load_file, save_file
 
     views = 2 if flipped else 1
+    fingerprint = _fingerprint(ds.images)
     if path.exists():
+        from safetensors import safe_open
+
+        with safe_open(str(path), "pt") as f:
+            same = (f.metadata() or {}).get("fingerprint") == fingerprint
         cached = load_file(path)["logits"]
-        if cached.shape[:2] == (views, len(ds)):
+        # Shared across runs (budget search): the same file must hold logits of these very images.
+        if same and cached.shape[:2] == (views, len(ds)):
             return cached
     device = device or default_device()
     teacher.to(device).eval()
@@ -87,8 +101,30 @@ def teacher_logits_cache(
             parts[v].append(y.half().cpu())
     logits = torch.stack([torch.cat(p) for p in parts])
     with atomic_path(path) as tmp:
-        save_file({"logits": logits.contiguous()}, str(tmp))
+        save_file({"logits": logits.contiguous()}, str(tmp), metadata={"fingerprint": fingerprint})
     return logits
+
+
+def _fingerprint(images: torch.Tensor) -> str:
+    return hashlib.sha1(images.contiguous().numpy().tobytes()).hexdigest()[:16] + f"-{len(images)}"
+
+
+def teacher_cache_path(
+    cache_dir: str | os.PathLike,
+    teacher: str | os.PathLike,
+    data: str,
+    limit: int | None,
+    seed: int,
+    load_size: int,
+    data_options: dict[str, Any],
+    augment: bool,
+) -> Path:
+    """Where the teacher's logits on one training subset live: one file per (teacher, data, subset,
+    resolution, views), so distillation and prune recovery on the same subset share it."""
+    key = hashlib.sha1(
+        f"{teacher}|{data}|{limit}|{seed}|{load_size}|{sorted(data_options.items())}|{augment}".encode()
+    ).hexdigest()[:12]
+    return Path(cache_dir) / f"teacher-{key}.safetensors"
 
 
 def _cache_map_size(hw: tuple[int, int], bytes_per_pixel: int, budget_bytes: int) -> tuple[int, int]:
@@ -136,13 +172,20 @@ def distill(
     image_size: int | None = None,
     augment: bool = True,
     cache_teacher: bool = False,
+    teacher_cache_dir: str | os.PathLike | None = None,
+    on_epoch_end: Callable[[int, dict[str, Any]], None] | None = None,
     resume: bool = False,
     seed: int = 0,
     quiet: bool = False,
     data_options: dict[str, Any] | None = None,
     **student_overrides: Any,
 ) -> tuple[Path, dict[str, Any]]:
-    """Distil TEACHER (model directory) into STUDENT (preset or directory) on DATA; saves to OUT."""
+    """Distil TEACHER (model directory) into STUDENT (preset or directory) on DATA; saves to OUT.
+
+    cache_teacher: compute the teacher's logits once (all views) instead of every epoch; kept in
+    `teacher_cache_dir` when given (shared with other runs on the same subset), else beside OUT until
+    the run ends. on_epoch_end(epoch, record): called after each epoch (see train.fit).
+    """
     data_options = dict(data_options or {})
     out = Path(out)
     if not is_model_dir(teacher):
@@ -199,11 +242,12 @@ def distill(
                 "--cache-teacher caches logits only; it cannot serve feature/attention losses"
             )
         # Beside the checkpoint (which is replaced whole on every save); kept until the run ends so
-        # --resume does not recompute it.
-        key = hashlib.sha1(
-            f"{teacher}|{data}|{limit}|{seed}|{load_size}|{sorted(data_options.items())}|{augment}".encode()
-        ).hexdigest()[:12]
-        cache_path = out.with_name(f"{out.name}.teacher-{key}.safetensors")
+        # --resume does not recompute it. A shared directory keeps it for other runs too.
+        cache_path = teacher_cache_path(
+            teacher_cache_dir or out.parent, teacher, data, limit, seed, load_size, data_options, augment
+        )
+        if teacher_cache_dir is None:
+            cache_path = out.with_name(f"{out.name}.{cache_path.name}")
         cache = teacher_logits_cache(
             t_model,
             t_meta,
@@ -251,15 +295,17 @@ def distill(
         seed=seed,
         quiet=quiet,
         desc="distill",
+        on_epoch_end=on_epoch_end,
     )
     metrics = {
         **res["val"],
         "epochs": epochs,
+        "history": [{k: r[k] for k in ("epoch", "val") if k in r} for r in res["history"]],
         "teacher_params": count_params(t_model),
         "student_params": count_params(s_model),
     }
     if dist_info()[0] == 0:
-        if cache is not None:
+        if cache is not None and teacher_cache_dir is None:
             cache_path.unlink(missing_ok=True)
         save_model(
             s_model.cpu(),

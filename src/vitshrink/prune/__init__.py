@@ -13,7 +13,7 @@ import copy
 import os
 import statistics
 import time
-from collections.abc import Sequence
+from collections.abc import Callable, Sequence
 from pathlib import Path
 from typing import Any
 
@@ -149,6 +149,8 @@ def prune(
     recover_losses: str | dict[str, float] = "kd",
     depth_ratio: float | str = 0.0,
     recover_temperature: float | None = None,
+    teacher_cache_dir: str | os.PathLike | None = None,
+    on_epoch_end: Callable[[int, dict[str, Any]], None] | None = None,
 ) -> tuple[Path, dict[str, Any]]:
     """Prune the model directory MODEL and save the result to OUT; returns (OUT, metrics).
 
@@ -166,7 +168,10 @@ def prune(
     one-shot candidates meeting the same parameter budget (`prune.axes`). `depth_ratio="auto"` splits
     the budget (the parameters `ratio` leaves, or `target_params` / `target_macs`) between depth and
     width: each of depth 0, 0.25, 0.5 gets the width ratio meeting the same budget, and the fastest
-    measured here wins (`prune.shape`).
+    measured here wins (`prune.shape`). `teacher_cache_dir`: recovery from `teacher` with logit
+    losses reads the teacher's logits from the cache there (`distill.teacher_cache_path`, shared
+    with distillation on the same subset) instead of running the teacher every step.
+    `on_epoch_end(epoch, record)` is called after each recovery epoch (see train.fit).
     """
     from ..models import check_finite, load_model, save_model
 
@@ -287,6 +292,8 @@ def prune(
     if recover_temperature is None:
         recover_temperature = SEG_RECOVER_TEMPERATURE if meta.get("task") == "segmentation" else 4.0
     kd = _KD(unpruned, meta, teacher, recover_losses, recover_temperature) if recover_epochs > 0 else None
+    if kd is not None and teacher is not None and teacher_cache_dir is not None and train_ds is not None:
+        kd.use_cache(teacher_cache_dir, teacher, data, limit, seed, data_options, augment, quiet)
 
     base_config = copy.deepcopy(net.config)
     recovery: list[dict[str, Any]] = []
@@ -314,6 +321,7 @@ def prune(
                     quiet,
                     f"recover {k}/{steps}",
                     augment,
+                    on_epoch_end,
                 )
             )
     net.cpu().eval()
@@ -331,6 +339,7 @@ def prune(
         metrics["latency_ms_after"] = _latency_ms(net, x)
     if recovery:
         metrics["recovery"] = recovery[-1]
+        metrics["recovery_history"] = kd.history if kd is not None else []
     if unstructured:
         metrics["unstructured"] = unstructured_sparsity(net, unstructured)
     options = {
@@ -426,10 +435,49 @@ class _KD:
             self.teacher, self.t_meta = copy.deepcopy(unpruned), meta
         self.teacher.eval().requires_grad_(False)
         self.meta = meta
+        self.cache: torch.Tensor | None = None
+        self.history: list[dict[str, Any]] = []
+
+    def use_cache(self, cache_dir, teacher, data, limit, seed, data_options, augment, quiet) -> None:
+        """Teacher logits on the recovery subset from (or into) the shared cache, where the losses
+        need logits only."""
+        from ..distill.losses import build_losses
+
+        losses = build_losses(self.losses, **_temperature_option(self.losses, self.temperature))
+        if {"features", "attentions"} & losses.requires:
+            return  # feature / attention losses need the live teacher
+        self._cache_args = (cache_dir, teacher, data, limit, seed, dict(data_options or {}), augment, quiet)
+
+    def _cached(self, train_ds) -> torch.Tensor | None:
+        from ..distill import teacher_cache_path, teacher_logits_cache
+
+        args = getattr(self, "_cache_args", None)
+        if args is None:
+            return None
+        if self.cache is None or self.cache.shape[1] != len(train_ds):
+            cache_dir, teacher, data, limit, seed, data_options, augment, quiet = args
+            size = self.meta["preprocess"]["size"][0]
+            path = teacher_cache_path(cache_dir, teacher, data, limit, seed, size, data_options, augment)
+            self.cache = teacher_logits_cache(
+                self.teacher, self.t_meta, train_ds, path, quiet=quiet, flipped=augment
+            )
+        return self.cache
 
     def recover(
-        self, net, train_ds, val_ds, epochs, batch_size, lr, seed, quiet, desc, augment=True
+        self,
+        net,
+        train_ds,
+        val_ds,
+        epochs,
+        batch_size,
+        lr,
+        seed,
+        quiet,
+        desc,
+        augment=True,
+        on_epoch_end=None,
     ) -> dict[str, Any]:
+        from ..distill import cached_teacher_logits
         from ..distill.losses import build_losses
         from ..models import adapter_for
         from ..train import default_device, fit, prepare, teacher_forward
@@ -439,9 +487,17 @@ class _KD:
         combined = build_losses(self.losses, **_temperature_option(self.losses, self.temperature)).to(device)
         s_adapter = adapter_for(net)
         labels_only = set(combined.losses) == {"ce"}
+        cache = None if labels_only else self._cached(train_ds)
+
+        def teacher_out(xb, idx, aug):
+            if labels_only:
+                return {}
+            if cache is not None:
+                return {"logits": cached_teacher_logits(cache, idx, aug, xb.shape[-2:]).to(device)}
+            return teacher_forward(self.teacher, prepare(xb, self.t_meta, device))
 
         def loss_fn(model, x, xb, y, idx, aug):
-            t_out = {} if labels_only else teacher_forward(self.teacher, prepare(xb, self.t_meta, device))
+            t_out = teacher_out(xb, idx, aug)
             total, _ = combined(s_adapter.forward_kd(model, x), t_out, y)
             return total
 
@@ -459,7 +515,9 @@ class _KD:
             device=device,
             desc=desc,
             do_augment=augment,
+            on_epoch_end=on_epoch_end,
         )
+        self.history += [{k: r[k] for k in ("epoch", "val") if k in r} for r in res["history"]]
         return res["val"]
 
 

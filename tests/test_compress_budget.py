@@ -1,0 +1,291 @@
+"""Budget search under a time budget: the planner's arithmetic, pruned trials, resume after a kill.
+
+The planner is pure (fake throughput in, plan out); the search tests reuse one tiny vit-micro teacher
+(1 epoch on 2,000 Fashion-MNIST images) and students of hidden size 32, a few seconds per trial.
+"""
+
+from __future__ import annotations
+
+import json
+import shutil
+import sqlite3
+from pathlib import Path
+
+import pytest
+import torch
+
+from vitshrink.compress import STAGE_RUNNERS, BudgetNotMetError, compress
+from vitshrink.compress.plan import MAX_EPOCHS, Plan, Throughput, parse_duration, plan_search
+from vitshrink.errors import VitshrinkError
+
+from .conftest import needs_fmnist
+
+TINY_VIT = {"hidden_size": 32, "num_hidden_layers": 2, "intermediate_size": 64}
+FAST = {"threads": 1, "eval_limit": 200, "bench_runs": 3, "bench_rounds": 1, "quiet": True}
+SEARCH = {
+    "students": ["none", {"student": "vit-micro", "student_options": TINY_VIT, "label": "vit-h32"}],
+    "prune_ratios": [0.0, 0.5],
+    "quant_modes": ["none", "int8-dynamic"],
+    "distill": {"epochs": 1, "limit": 600, "val_limit": 100, "batch_size": 64},
+    "prune": {"recover_epochs": 0},
+}
+# Rates per image: teacher forward 1 ms; training steps 4 ms (the teacher, for recovery) and 2 ms.
+TP = Throughput(
+    teacher_s=0.001,
+    train_s={"none": 0.004, "s": 0.002},
+    eval_s={"none": 0.001, "s": 0.0005},
+    trial_overhead_s=10.0,
+)
+KW = {"n_train": 50000, "n_val": 5000, "max_trials": 4, "eval_limit": 1000}
+
+
+# ------------------------------------------------------------------------------------ the planner
+
+
+def test_parse_duration():
+    assert parse_duration("30m") == 1800 and parse_duration("2h") == 7200 and parse_duration("90s") == 90
+    assert parse_duration("1h30m") == 5400 and parse_duration("45") == 45 and parse_duration(12.5) == 12.5
+    for bad in ("", "soon", "30x", "-5m", "0s", "1h30", True):
+        with pytest.raises(VitshrinkError, match="time budget"):
+            parse_duration(bad)
+
+
+def test_plan_fits_the_subset_to_the_budget():
+    # per image: teacher logits 2 views x 1 ms; one student x 2 epochs x 2 ms; 4 trials x (1 recovery
+    # epoch at the mean 3 ms + N/4 validation at 0.75 ms) = 18.75 ms, plus 2 s distillation validation
+    # (2000 images) and 4 x (0.75 s scoring + 10 s overhead) = 43 s; 90 % of 600 s = 540 s -> N = 26,400
+    p = plan_search(600, TP, **KW)
+    assert (p.trials, p.epochs, p.subset, p.val_limit, p.recover_epochs, p.views) == (4, 2, 26000, 2000, 1, 2)
+    assert p.total_s == pytest.approx(0.01875 * 26000 + 2 + 43) and p.fits
+    assert p.teacher_cache_s == pytest.approx(52.0) and p.distill_s == pytest.approx(2 * (52 + 1))
+    assert p.line().startswith("4 trials, ~") and "distil on 26k images x 2 epochs" in p.line()
+    assert Plan.from_json(json.loads(json.dumps(p.to_json()))) == p  # stored in the study and read back
+
+
+def test_plan_grows_epochs_once_the_whole_split_fits():
+    p = plan_search(3 * 3600, TP, **KW)
+    assert (p.trials, p.subset, p.epochs) == (4, 50000, MAX_EPOCHS) and p.fits
+
+
+def test_plan_drops_epochs_then_trials_then_marks_a_miss():
+    # 54 s usable: 4 and 3 trials do not fit even at 2,000 images x 1 epoch; 2 trials x 2 epochs
+    # cost 12.375 ms per image + 0.2 ms x N/5 + 21.5 s -> N = 2,584 -> 2,500
+    p = plan_search(60, TP, **KW)
+    assert (p.trials, p.epochs, p.subset) == (2, 2, 2500) and p.fits
+    tight = plan_search(30, TP, **KW)
+    assert not tight.fits and (tight.trials, tight.epochs, tight.subset) == (2, 1, 2000)
+    assert "too short" in tight.line()
+
+
+def test_plan_keeps_what_the_user_fixed():
+    p = plan_search(600, TP, **KW, epochs=1, subset=1000, val_limit=100)
+    assert (p.epochs, p.subset, p.val_limit, p.trials) == (1, 1000, 100, 4)
+    # nothing to train: no teacher logits, no distillation
+    none = Throughput(teacher_s=0.001, train_s={"none": 0.004}, eval_s={"none": 0.001})
+    q = plan_search(600, none, **KW, recover_epochs=0)
+    assert q.teacher_cache_s == 0 and q.distill_s == 0 and q.trials == 4
+
+
+# ------------------------------------------------------------------------------------ the search
+
+
+@pytest.fixture(scope="module", autouse=True)
+def _one_thread():
+    torch.set_num_threads(1)
+
+
+@pytest.fixture(scope="module")
+def teacher(tmp_path_factory) -> Path:
+    from vitshrink.train import train
+
+    out = tmp_path_factory.mktemp("budget") / "teacher"
+    train(
+        "vit-micro",
+        "fashion-mnist",
+        out=out,
+        epochs=1,
+        limit=2000,
+        val_limit=300,
+        lr=2e-3,
+        batch_size=64,
+        quiet=True,
+    )
+    return out
+
+
+def _trials(out: Path) -> dict[int, str]:
+    with sqlite3.connect(out / "search.db") as db:
+        return dict(db.execute("SELECT number, state FROM trials ORDER BY number").fetchall())
+
+
+def _search(teacher: Path, out: Path, **kw):
+    kw = {"budget": "max_drop=0.5", "trials": 3, "search": SEARCH, "time_budget": "10m", **FAST, **kw}
+    try:
+        return compress(teacher, "fashion-mnist", out=out, **kw)
+    except BudgetNotMetError as e:
+        return e.result
+
+
+@needs_fmnist
+def test_a_pruned_trial_is_recorded_as_pruned(teacher, tmp_path, monkeypatch):
+    import optuna
+
+    import vitshrink.compress.search as search
+
+    class PruneAllButFirst(optuna.pruners.BasePruner):
+        def prune(self, study, trial):
+            return trial.number > 0
+
+    monkeypatch.setattr(search, "_pruner", lambda name: PruneAllButFirst())
+    out = tmp_path / "pruned"
+    _search(teacher, out, trials=2)
+    summary = json.loads((out / "search.json").read_text())
+    # trial 1 reuses trial 0's distilled student: its stored epoch is replayed to the pruner
+    assert [t["number"] for t in summary["trials"]] == [0]
+    (p,) = summary["pruned_trials"]
+    assert p["number"] == 1 and p["state"] == "pruned" and p["stage"] == "distill" and p["epoch"] == 1
+    assert "below smaller candidates" in p["reason"] and summary["trials_run"] == 2
+    assert _trials(out) == {0: "COMPLETE", 1: "PRUNED"}
+    assert summary["time"]["plan"]["subset"] == 600 and summary["pareto_front"][0]["number"] == 0
+
+
+class _Killed(BaseException):
+    """Not an Exception: escapes Optuna like SIGKILL would, leaving the trial RUNNING in search.db."""
+
+
+@needs_fmnist
+def test_resume_after_a_kill_continues_the_same_study(teacher, tmp_path, monkeypatch):
+    out = tmp_path / "killed"
+    calls: list[str] = []
+    for kind, fn in list(STAGE_RUNNERS.items()):
+
+        def wrapped(stage, ctx, cur, sdir, _fn=fn, _kind=kind):
+            calls.append(_kind)
+            if _kind == "quantize" and calls.count("quantize") == 2:
+                raise _Killed  # killed inside the second trial
+            return _fn(stage, ctx, cur, sdir)
+
+        monkeypatch.setitem(STAGE_RUNNERS, kind, wrapped)
+    with pytest.raises(_Killed):
+        _search(teacher, out)
+    assert _trials(out) == {0: "COMPLETE", 1: "RUNNING"}
+    with sqlite3.connect(out / "search.db") as db:
+        attrs = dict(db.execute("SELECT key, value_json FROM study_user_attributes").fetchall())
+    before, plan = json.loads(attrs["elapsed_s"]), json.loads(attrs["plan"])
+    assert before > 0
+
+    # Resumed with less time than the killed run already spent: the clock carried over stops it at
+    # once, with the candidate it has.
+    late = tmp_path / "late"
+    shutil.copytree(out, late)
+    _search(teacher, late, time_budget="1s")
+    summary = json.loads((late / "search.json").read_text())
+    assert summary["time"]["stopped"] == "time" and summary["trials_run"] == 1
+    assert summary["time"]["elapsed_s"] > before and summary["chosen_trial"] == 0
+
+    calls.clear()
+    res = _search(teacher, out)
+    summary = json.loads((out / "search.json").read_text())
+    assert summary["interrupted_trials"] == [1] and summary["trials_run"] == 3  # 3 counted, the kill excluded
+    states = _trials(out)
+    assert (
+        states[1] == "FAIL"
+        and list(states.values()).count("COMPLETE") + list(states.values()).count("PRUNED") == 3
+    )
+    # the killed candidate was queued again (trial 2 = trial 1's params) and the student was not re-distilled
+    t = {r["number"]: r["params"] for r in summary["trials"] + summary["pruned_trials"]}
+    assert t[2] == {"student": "vit-h32", "prune_ratio": 0.5, "quant": "int8-dynamic"}
+    assert "distill" not in calls
+    assert summary["time"]["plan"] == plan and summary["time"]["elapsed_s"] > before
+    assert Path(res["final"]).is_file()
+
+
+@needs_fmnist
+def test_time_budget_stops_after_the_first_candidate(teacher, tmp_path):
+    out = tmp_path / "short"
+    search = {"students": ["none"], "prune_ratios": [0.0], "quant_modes": ["none", "fp16"]}
+    res = _search(teacher, out, search=search, time_budget="1s")
+    summary = json.loads((out / "search.json").read_text())
+    assert summary["time"]["stopped"] == "time" and summary["trials_run"] == 1
+    assert not summary["time"]["plan"]["fits"] and "time_budget" in summary["binding"]
+    assert Path(res["final"]).is_file()
+
+
+def test_time_budget_is_for_budget_mode(tmp_path):
+    with pytest.raises(VitshrinkError, match="budget mode only"):
+        compress(tmp_path, "fashion-mnist", out=tmp_path / "o", recipe=[{"export": None}], time_budget="5m")
+
+
+@pytest.mark.parametrize("name", ["asha", "hyperband"])
+def test_pruner_judges_a_trial_against_candidates_no_larger(name):
+    import optuna
+
+    from vitshrink.compress.search import _pruner
+
+    optuna.logging.set_verbosity(optuna.logging.ERROR)
+    study = optuna.create_study(direction="maximize", pruner=_pruner(name))
+
+    def trial(mb: float, value: float) -> bool:
+        t = study.ask()
+        t.set_user_attr("predicted_mb", mb)
+        for step in (1, 2, 3):  # 1-based epochs, as the search reports them
+            t.report(value, step)
+            if t.should_prune():
+                study.tell(t, state=optuna.trial.TrialState.PRUNED)
+                return True
+        study.tell(t, value)
+        return False
+
+    assert not trial(4.0, 0.90)  # a large accurate candidate
+    assert not trial(1.0, 0.70)  # smaller: not judged against the larger one
+    assert trial(1.2, 0.60) or name == "hyperband"  # trails a smaller candidate at the same step
+    assert trial(5.0, 0.50) or name == "hyperband"  # larger and worse than everything
+
+
+def test_cli_rejects_a_bad_time_budget_in_one_line(tmp_path, capsys):
+    from vitshrink.cli import main
+
+    argv = ["compress", str(tmp_path), "--data", "fashion-mnist", "--out", str(tmp_path / "o")]
+    assert main([*argv, "--budget", "size_mb=1", "--time-budget", "soon"]) == 2
+    err = capsys.readouterr().err.strip()
+    assert err.count("\n") == 0 and "time budget must be a duration like 30m" in err
+
+
+@needs_fmnist
+def test_prune_recovery_reads_the_teacher_logits_distillation_cached(teacher, tmp_path, monkeypatch):
+    import vitshrink.train as tr
+    from vitshrink.distill import distill
+    from vitshrink.prune import prune
+
+    shared = tmp_path / "logits"
+    kw = {"limit": 300, "quiet": True, "batch_size": 64}
+    student, _ = distill(
+        teacher,
+        "vit-micro",
+        "fashion-mnist",
+        out=tmp_path / "s",
+        cache_teacher=True,
+        teacher_cache_dir=shared,
+        val_limit=50,
+        **TINY_VIT,
+        **kw,
+    )
+    assert len(list(shared.glob("teacher-*.safetensors"))) == 1  # kept for the next stage
+
+    def no_teacher(*a, **k):
+        raise AssertionError("recovery ran the teacher instead of reading its cached logits")
+
+    monkeypatch.setattr(tr, "teacher_forward", no_teacher)
+    epochs: list[int] = []
+    _, m = prune(
+        student,
+        tmp_path / "p",
+        ratio=0.5,
+        recover_epochs=1,
+        teacher=str(teacher),
+        data="fashion-mnist",
+        teacher_cache_dir=shared,
+        on_epoch_end=lambda e, rec: epochs.append(rec["epoch"]),
+        **kw,
+    )
+    assert epochs == [1] and m["recovery_history"][0]["epoch"] == 1
