@@ -218,7 +218,10 @@ def test_recipe_end_to_end(recipe_run, teacher):
     names = [s["name"] for s in results["stages"]]
     assert names[0] == "teacher" and names[1] == "distill" and names[-1] == "quantize-int8-dynamic"
     final = Path(results["stages"][-1]["artifact"])
-    assert final.suffix == ".onnx" and final.is_file() and final == Path(res["final"])
+    assert final.suffix == ".onnx" and final.is_file()
+    # The deployable model sits at a fixed, obvious place: OUT/model.onnx (a copy of the last stage's).
+    assert Path(res["final"]) == out / "model.onnx" == Path(results["final"])
+    assert (out / "model.onnx").read_bytes() == final.read_bytes()
     logits = ort.InferenceSession(str(final)).run(
         None, {"pixel_values": np.zeros((1, 1, 28, 28), np.float32)}
     )[0]
@@ -233,6 +236,9 @@ def test_recipe_end_to_end(recipe_run, teacher):
     t, d, q = results["stages"][0], results["stages"][1], results["stages"][-1]
     assert d["params"] < t["params"] / 3 and q["size_mb"] < d["size_mb"]
     assert (out / "report.md").is_file() and (out / "report.html").is_file()
+    # The report shows example predictions of the teacher and the final model.
+    assert len(results["examples"]) == 3 and all((out / e["image"]).is_file() for e in results["examples"])
+    assert "## Examples" in (out / "report.md").read_text()
     state = json.loads((out / "state.json").read_text())
     assert [r["name"] for r in state["stages"]] == names
 
@@ -295,7 +301,10 @@ def test_budget_search_finds_a_recipe_then_reports_the_closest(teacher, tmp_path
     results = json.loads((out / "results.json").read_text())
     assert results["stages"][0]["name"] == "teacher" and results["search"]["met"]
     final = results["stages"][-1]
-    assert final["artifact"] == str(res["final"]) and final["artifact"].endswith(".onnx")
+    assert str(res["final"]) == str(out / "model.onnx") and final["artifact"].endswith(".onnx")
+    assert Path(res["final"]).read_bytes() == Path(final["artifact"]).read_bytes()
+    md = (out / "report.md").read_text()
+    assert "## Budget search" in md and "budget met: yes" in md and "Pareto: trial" in md
     assert final["size_mb"] <= budget["size_mb"]  # measured on the file itself
     chosen = results["search"]["chosen_trial"]
     assert chosen in results["search"]["pareto_trials"]

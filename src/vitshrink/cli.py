@@ -331,7 +331,10 @@ def _trt_out(a: argparse.Namespace) -> str:
 def _onnx_kind(a: argparse.Namespace) -> str:
     from .onnx_folder import wants_folder
 
-    return "model" if wants_folder(a.out, a.format) else "file"  # an ONNX folder holds vitshrink.json
+    try:
+        return "model" if wants_folder(a.out, a.format) else "file"  # an ONNX folder holds vitshrink.json
+    except ValueError:
+        return "file"  # the command itself refuses the name, in one line
 
 
 # command -> the outputs it writes: [(path, kind, into)] and the inputs none of them may be or contain

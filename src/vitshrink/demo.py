@@ -293,6 +293,8 @@ def run_task(cfg: TaskConfig, out: Path, *, quick: bool, quiet: bool, threads: i
     )
     for s, b in zip(stages, bench):
         s.update(stage_fields(b))
+    from .report.examples import publish_final, write_examples
+
     results = {
         "task": cfg.task,
         "metric": "accuracy" if cfg.task == "classification" else "miou",
@@ -302,7 +304,9 @@ def run_task(cfg: TaskConfig, out: Path, *, quick: bool, quiet: bool, threads: i
         "config": asdict(cfg),
         "quick": quick,
         "stages": stages,
-        "examples": _examples(cfg, out, stages, quiet=quiet),
+        "examples": write_examples(out, cfg.data, cfg.data_options, cfg.task, stages),
+        "final": str(publish_final(out, stages[-1]["artifact"])),
+        "final_source": stages[-1]["artifact"],
         "seconds": round(time.time() - t_start, 1),
     }
     write_json(out / "results.json", results)
@@ -342,67 +346,6 @@ def _device_info(threads: int | None) -> dict[str, Any]:
         "onnxruntime": ort.__version__,
         "runtime": "onnxruntime CPU, batch 1",
     }
-
-
-def _examples(
-    cfg: TaskConfig, out: Path, stages: list[dict[str, Any]], *, quiet: bool, n: int = 3
-) -> list[dict[str, Any]]:
-    """A few test images with ground truth, the teacher's and the final model's predictions."""
-    import numpy as np
-    import torch
-
-    from .data import load_dataset
-    from .deploy.runtime import OnnxModel
-    from .evaluate import onnx_model_meta
-    from .train import prepare
-
-    ds = load_dataset(cfg.data, "test", limit=n, seed=1, data_options=cfg.data_options)
-    ex_dir = out / "examples"
-    ex_dir.mkdir(exist_ok=True)
-    first, last = OnnxModel(stages[0]["artifact"]), OnnxModel(stages[-1]["artifact"])
-    names = list(first.class_names)
-    examples = []
-    for i in range(len(ds)):
-        img_u8 = ds.images[i : i + 1]
-        preds = {}
-        for key, m in (("teacher", first), ("compressed", last)):
-            x = prepare(img_u8, onnx_model_meta(m), torch.device("cpu")).numpy()
-            preds[key] = m.run(x.astype(np.float32))[0].argmax(0)
-        img = img_u8[0].permute(1, 2, 0).numpy()
-        if cfg.task == "segmentation":
-            from .data.aerial import PALETTE
-            from .report import save_example_panel
-
-            path = ex_dir / f"{i}.png"
-            masks = {
-                "ground truth": ds.targets[i].numpy(),
-                "teacher": preds["teacher"].astype(np.uint8),
-                f"compressed ({stages[-1]['name']})": preds["compressed"].astype(np.uint8),
-            }
-            save_example_panel(path, img, masks, PALETTE, class_names=names)
-            examples.append(
-                {
-                    "image": f"examples/{path.name}",
-                    "caption": f"test image {i}: image, ground truth, teacher, {stages[-1]['name']}",
-                }
-            )
-        else:
-            from PIL import Image
-
-            path = ex_dir / f"{i}.png"
-            with atomic_file(path) as f:
-                Image.fromarray(img[:, :, 0]).resize((112, 112), Image.NEAREST).save(f, format="PNG")
-            examples.append(
-                {
-                    "image": f"examples/{path.name}",
-                    "labels": {
-                        "ground_truth": names[int(ds.targets[i])],
-                        "teacher": names[int(preds["teacher"])],
-                        "compressed": names[int(preds["compressed"])],
-                    },
-                }
-            )
-    return examples
 
 
 def _write_summary(out: Path, results: dict[str, Any]) -> None:

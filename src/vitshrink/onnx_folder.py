@@ -27,10 +27,15 @@ def onnx_file(path: str | os.PathLike) -> Path:
 
 
 def wants_folder(out: str | os.PathLike, fmt: str = "auto") -> bool:
-    """'dir', or 'auto' with an output that does not end in .onnx."""
+    """'dir', or 'auto' with an output without extension; 'auto' refuses other extensions (x.txt)."""
     if fmt not in FORMATS:
         raise ValueError(f"unknown format '{fmt}' (choose from {', '.join(FORMATS)})")
-    return fmt == "dir" or (fmt == "auto" and Path(out).suffix != ".onnx")
+    suffix = Path(out).suffix
+    if fmt == "auto" and suffix not in ("", ".onnx"):
+        raise ValueError(
+            f"output must end in .onnx (one file) or have no extension (an optimum-style folder): {out}"
+        )
+    return fmt == "dir" or (fmt == "auto" and suffix == "")
 
 
 def preprocessor_config(meta: dict[str, Any]) -> dict[str, Any]:

@@ -30,6 +30,7 @@ from typing import Any
 
 from ..artifacts import read_json, sha256_file, write_json
 from ..errors import ModelError, VitshrinkError
+from ..report.examples import publish_final, write_examples
 from .devices import DeviceProfile, device_info
 from .recipe import Stage, stage_key
 
@@ -533,8 +534,9 @@ def finish(
         "class_names": ctx.meta["class_names"],
         "device": device,
         "stages": stages,
-        "final": final["artifact"],
-        "examples": [],
+        "final": str(publish_final(out, final["artifact"])),
+        "final_source": final["artifact"],
+        "examples": _examples(out, ctx, stages),
         "notes": notes,
         **(extra or {}),
     }
@@ -545,12 +547,25 @@ def finish(
 
     rep = report(out, quiet=True)
     return {
-        "final": Path(final["artifact"]),
+        "final": Path(results["final"]),
         "results": out / "results.json",
         "report": rep.get("html"),
         "trt": trt_dir,
         "stages": stages,
     }
+
+
+def _examples(out: Path, ctx: Context, stages: list[dict[str, Any]]) -> list[dict[str, Any]]:
+    """Example predictions for the report; a report without them beats no report at all."""
+    if len(stages) < 2 or not all(
+        str(s.get("artifact", "")).endswith(".onnx") for s in (stages[0], stages[-1])
+    ):
+        return []
+    try:
+        return write_examples(out, ctx.data, ctx.data_options, ctx.meta["task"], stages)
+    except VitshrinkError as e:
+        ctx.log(f"warning: no example predictions in the report ({e})")
+        return []
 
 
 def jetson_recipe(out: Path, model_dir: Path, profile: DeviceProfile, ctx: Context) -> Path:

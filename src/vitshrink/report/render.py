@@ -86,6 +86,7 @@ class Content:
     examples: list[ExampleView]
     artifacts: list[tuple[str, str, str]]  # (stage, artifact, notes)
     notes: list[str]
+    search: list[tuple[str, str]] = field(default_factory=list)  # budget search summary rows
 
 
 def fmt_pct(v: float | None) -> str:
@@ -218,7 +219,54 @@ def build_content(
         examples=examples,
         artifacts=artifacts,
         notes=notes,
+        search=_search_rows(res.search, mlabel),
     )
+
+
+def _search_rows(s: dict[str, Any], mlabel: str) -> list[tuple[str, str]]:
+    """compress --budget: the budget, whether it was met, the trials, what bound the result, the front."""
+    if not s:
+        return []
+    rows: list[tuple[str, str]] = []
+    budget = s.get("budget") or {}
+    if isinstance(budget, dict) and budget:
+        rows.append(
+            (
+                "budget",
+                ", ".join(
+                    f"{k} = {v:g}" if isinstance(v, (int, float)) else f"{k} = {v}" for k, v in budget.items()
+                ),
+            )
+        )
+    if "met" in s:
+        rows.append(("budget met", "yes" if s["met"] else "NO (the closest candidate was kept)"))
+    t = s.get("time") or {}
+    counts = [f"{s.get('trials_run', DASH)} run", f"{len(s.get('trials') or [])} measured"]
+    counts += [
+        f"{len(s.get('pruned_trials') or [])} stopped early",
+        f"{len(s.get('failed_trials') or [])} failed",
+    ]
+    rows.append(("trials", ", ".join(counts)))
+    if isinstance(t, dict) and t.get("budget_s"):
+        took = f"{t.get('elapsed_s', 0) / 60:.1f} of {t['budget_s'] / 60:.1f} min"
+        rows.append(("time", took + ("; stopped by the time budget" if t.get("stopped") == "time" else "")))
+    if "chosen_trial" in s:
+        rows.append(("chosen", f"trial {s['chosen_trial']} {s.get('chosen_params', '')}"))
+    binding = s.get("binding") or {}
+    if isinstance(binding, dict):
+        rows.append(
+            ("bound by", "; ".join(f"{k}: {v}" for k, v in binding.items()) or "nothing (all limits slack)")
+        )
+    for r in s.get("pareto_front") or []:
+        if isinstance(r, dict):
+            rows.append(
+                (
+                    f"Pareto: trial {r.get('number')}",
+                    f"{mlabel} {r.get('metric', 0):.4f}, {r.get('p50', 0):.2f} ms, {r.get('size_mb', 0):.2f} MB"
+                    + ("" if r.get("feasible") else " (over budget)"),
+                )
+            )
+    return rows
 
 
 def _per_class(res: Results, png: Path | None) -> tuple[Table | None, Image | None]:
@@ -304,6 +352,8 @@ def to_markdown(c: Content) -> str:
     out += ["## Stages", ""] + _md_table(c.stages) + [""]
     out += ["## Compared with the original", ""] + _md_table(c.versus) + [""]
     out += [f"- {n}" for n in c.notes] + [""]
+    if c.search:
+        out += ["## Budget search", ""] + [f"- {_md_escape(k)}: {_md_escape(v)}" for k, v in c.search] + [""]
     out += ["## Pareto plot", "", _md_image(c.pareto), ""]
     if c.per_class is not None:
         out += ["## Per-class IoU", ""]
@@ -454,6 +504,10 @@ def to_html(c: Content) -> str:
     parts += ["<h2>Stages</h2>", _html_table(c.stages)]
     parts += ["<h2>Compared with the original</h2>", _html_table(c.versus)]
     parts.append('<ul class="notes">' + "".join(f"<li>{_esc(n)}</li>" for n in c.notes) + "</ul>")
+    if c.search:
+        parts.append('<h2>Budget search</h2><dl class="device">')
+        parts += [f"<dt>{_esc(k)}</dt><dd>{_esc(v)}</dd>" for k, v in c.search]
+        parts.append("</dl>")
     parts += ["<h2>Pareto plot</h2>", f'<figure class="plot">{_html_img(c.pareto)}</figure>']
     if c.per_class is not None:
         parts.append("<h2>Per-class IoU</h2>")

@@ -54,6 +54,7 @@ class Results:
     class_names: list[str] = field(default_factory=list)
     device: dict[str, Any] = field(default_factory=dict)
     examples: list[Example] = field(default_factory=list)
+    search: dict[str, Any] = field(default_factory=dict)  # compress --budget's summary (search.json)
 
 
 def _where(i: int, name: str | None) -> str:
@@ -183,4 +184,5 @@ def load_results(run_dir: str | Path) -> Results:
         class_names=[str(c) for c in class_names] if isinstance(class_names, list) else [],
         device=device if isinstance(device, dict) else {"info": str(device)},
         examples=[_example(i, e, run_dir) for i, e in enumerate(examples_raw)],
+        search=raw["search"] if isinstance(raw.get("search"), dict) else {},
     )

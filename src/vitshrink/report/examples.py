@@ -1,0 +1,104 @@
+"""Example predictions for a run's report: a few test images, ground truth, first and last stage.
+
+Shared by `demo` and `compress`, so both reports show what the compressed model actually predicts.
+"""
+
+from __future__ import annotations
+
+import os
+import shutil
+from pathlib import Path
+from typing import Any
+
+from ..artifacts import atomic_file
+
+
+def write_examples(
+    out: Path,
+    data: str,
+    data_options: dict[str, Any] | None,
+    task: str,
+    stages: list[dict[str, Any]],
+    *,
+    n: int = 3,
+) -> list[dict[str, Any]]:
+    """Write `out/examples/*.png` and return results.json's `examples` entries.
+
+    `stages[0]` is the original (teacher) and `stages[-1]` the final model; both must be ONNX files.
+    """
+    import numpy as np
+    import torch
+
+    from ..data import load_dataset
+    from ..deploy.runtime import OnnxModel
+    from ..evaluate import onnx_model_meta
+    from ..train import prepare
+
+    ds = load_dataset(data, "test", limit=n, seed=1, data_options=data_options or {})
+    ex_dir = out / "examples"
+    ex_dir.mkdir(exist_ok=True)
+    first, last = OnnxModel(stages[0]["artifact"]), OnnxModel(stages[-1]["artifact"])
+    names = list(first.class_names)
+    examples = []
+    for i in range(len(ds)):
+        img_u8 = ds.images[i : i + 1]
+        preds = {}
+        for key, m in (("teacher", first), ("compressed", last)):
+            x = prepare(img_u8, onnx_model_meta(m), torch.device("cpu")).numpy()
+            preds[key] = m.run(x.astype(np.float32))[0].argmax(0)
+        img = img_u8[0].permute(1, 2, 0).numpy()
+        path = ex_dir / f"{i}.png"
+        if task == "segmentation":
+            from . import save_example_panel
+
+            masks = {
+                "ground truth": ds.targets[i].numpy(),
+                "teacher": preds["teacher"].astype(np.uint8),
+                f"compressed ({stages[-1]['name']})": preds["compressed"].astype(np.uint8),
+            }
+            save_example_panel(path, img, masks, _palette(data, len(names)), class_names=names)
+            examples.append(
+                {
+                    "image": f"examples/{path.name}",
+                    "caption": f"test image {i}: image, ground truth, teacher, {stages[-1]['name']}",
+                }
+            )
+        else:
+            from PIL import Image
+
+            pil = Image.fromarray(img[:, :, 0] if img.shape[2] == 1 else img)
+            scale = max(1, 112 // max(pil.size))
+            with atomic_file(path) as f:
+                pil.resize((pil.width * scale, pil.height * scale), Image.NEAREST).save(f, format="PNG")
+            examples.append(
+                {
+                    "image": f"examples/{path.name}",
+                    "labels": {
+                        "ground_truth": names[int(ds.targets[i])],
+                        "teacher": names[int(preds["teacher"])],
+                        "compressed": names[int(preds["compressed"])],
+                    },
+                }
+            )
+    return examples
+
+
+def _palette(data: str, classes: int) -> list[tuple[int, int, int]]:
+    from ..data.aerial import PALETTE
+
+    if data == "aerial" and classes <= len(PALETTE):
+        return list(PALETTE)
+    from ..deploy.predict import PALETTE as GENERIC
+
+    return [tuple(int(v) for v in c) for c in GENERIC[:classes]]
+
+
+def publish_final(out: Path, artifact: str | os.PathLike) -> Path:
+    """Copy the final deployable ONNX to `out/model.onnx`, the fixed place users look for it."""
+    src = Path(artifact)
+    dst = out / "model.onnx"
+    if src.suffix != ".onnx" or src.resolve() == dst.resolve():
+        return src
+    with atomic_file(dst) as f, open(src, "rb") as g:
+        shutil.copyfileobj(g, f)
+    return dst
