@@ -53,8 +53,9 @@ class Context:
     epoch_hook: Callable[[str, dict[str, Any]], None] | None = None
 
     def log(self, *msg: Any) -> None:
-        if not self.quiet:
-            print("[compress]", *msg, file=sys.stderr, flush=True)
+        # Stage lines and summaries print even under --quiet, which silences progress bars and the
+        # per-trial progress lines only: a quiet run still says what it did.
+        print("[compress]", *msg, file=sys.stderr, flush=True)
 
     @property
     def metric(self) -> str:
