@@ -9,6 +9,7 @@ from __future__ import annotations
 import hashlib
 import os
 import sys
+import time
 from pathlib import Path
 from typing import Any
 
@@ -19,6 +20,7 @@ from .._proc import peak_rss_mb
 from ..artifacts import atomic_file, write_json
 from ..errors import DataError
 from .runtime import OnnxModel
+from .tiling import DEFAULT_OVERLAP
 
 IMAGE_EXTENSIONS = frozenset({".png", ".jpg", ".jpeg", ".bmp", ".webp"})
 # Only raster formats a camera or dataset produces. Pillow would otherwise also open EPS (which runs
@@ -208,6 +210,10 @@ def predict(
     quiet: bool = False,
     *,
     low_memory: bool = False,
+    mode: str = "auto",
+    tile: int | tuple[int, int] | None = None,
+    overlap: float = DEFAULT_OVERLAP,
+    tile_batch: int = 4,
 ) -> dict[str, Any]:
     """Predict every image in `images` (files and/or folders) with an exported ONNX model.
 
@@ -216,6 +222,10 @@ def predict(
     out/predictions.json (file -> per-class pixel fractions). Returns a JSON-serialisable report:
     {"task", "results": [...], "errors": [{"file", "error"}...], "peak_rss_mb"}.
     `low_memory` trades 25-40% speed for ~40% less peak memory (see OnnxModel).
+    Segmentation `mode`: "auto" (sliding-window tiles when a frame is >= 2x the model input both ways,
+    else resize), "tile" (tiles of `tile` px overlapping by `overlap`, `tile_batch` per run) or
+    "resize" (the whole frame at the model input). Each result says which ran ("inference") and its
+    "latency_ms" (inference and post-processing, not decoding or writing).
     """
     if isinstance(images, (str, os.PathLike)):
         images = [images]
@@ -234,7 +244,12 @@ def predict(
     for path in files:
         try:
             img = load_image(path)
-            (res,) = net.predict([img])
+            t0 = time.perf_counter()
+            if net.task == "segmentation":
+                res = net.segment(img, mode, tile=tile, overlap=overlap, batch_size=tile_batch)
+            else:
+                (res,) = net.predict([img])
+            latency_ms = (time.perf_counter() - t0) * 1000
         except DataError as e:
             errors.append({"file": str(path), "error": str(e)})
             if not quiet:
@@ -249,6 +264,7 @@ def predict(
             mask = res["mask"]
             entry["size"] = [img.width, img.height]
             entry["class_fractions"] = res["class_fractions"]
+            entry["inference"] = res["inference"]
             if out_dir is not None:
                 stem = _unique_stem(path, used_stems)
                 mask_path, overlay_path = out_dir / f"{stem}_mask.png", out_dir / f"{stem}_overlay.png"
@@ -258,6 +274,7 @@ def predict(
             if not quiet:
                 top = ", ".join(f"{k} {v:.0%}" for k, v in list(res["class_fractions"].items())[:3])
                 print(f"{path}: {top}")
+        entry["latency_ms"] = round(latency_ms, 2)
         results.append(entry)
 
     if out_dir is not None:
@@ -268,7 +285,10 @@ def predict(
             }
         else:
             preds = {
-                r["file"]: {k: r[k] for k in ("mask", "overlay", "size", "class_fractions")} for r in results
+                r["file"]: {
+                    k: r[k] for k in ("mask", "overlay", "size", "class_fractions", "inference", "latency_ms")
+                }
+                for r in results
             }
         write_json(
             out_dir / "predictions.json",
