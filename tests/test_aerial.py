@@ -180,3 +180,20 @@ def test_colorize_and_preview(tmp_path: Path) -> None:
     _, m0 = aerial.render_sample(0, 32)
     np.testing.assert_array_equal(arr[36:68, 2:34], aerial.colorize(m0))
     assert [p.name for p in tmp_path.iterdir()] == ["p.png"]
+
+
+def test_large_frames_are_mosaics_of_scenes(tmp_path: Path) -> None:
+    img, mask = aerial.render_frame(3, (80, 48), scene=32)  # 3 x 2 cells, the last column cropped
+    assert img.shape == (48, 80, 3) and mask.shape == (48, 80) and img.dtype == mask.dtype == np.uint8
+    first, first_mask = aerial.render_sample(aerial._seed_for(3, 0), 32)
+    np.testing.assert_array_equal(img[:32, :32], first)
+    np.testing.assert_array_equal(mask[:32, :32], first_mask)
+    again, _ = aerial.render_frame(3, (80, 48), scene=32)
+    np.testing.assert_array_equal(img, again)
+    assert aerial.parse_frame_size("2048x1536") == (2048, 1536) and aerial.parse_frame_size(64) == 64
+    with pytest.raises(VitshrinkError, match="WxH"):
+        aerial.parse_frame_size("2048xbig")
+    paths = aerial.ensure(tmp_path, n_train=1, n_val=1, n_test=1, size="300x260")
+    assert paths["val"].parent.name.startswith("aerial-300x260-")
+    assert Image.open(paths["val"] / "images" / "00000.png").size == (300, 260)
+    assert Image.open(paths["val"] / "masks" / "00000.png").size == (300, 260)

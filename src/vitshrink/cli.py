@@ -61,6 +61,17 @@ _NONNEG_FLOAT = _number(float, 0)
 _UNIT = _number(float, 0, hi=1)
 
 
+def _image_size(text: str) -> tuple[int, int]:
+    """--image-size H or HxW (height x width)."""
+    from .deploy._meta import parse_image_size  # torch-free
+    from .errors import ModelError
+
+    try:
+        return parse_image_size(text)
+    except ModelError as e:
+        raise argparse.ArgumentTypeError(str(e)) from None
+
+
 def _unit_or_auto(v: str) -> float | str:
     return "auto" if v == "auto" else _UNIT(v)
 
@@ -154,6 +165,7 @@ def cmd_bench(a: argparse.Namespace) -> None:
         rounds=a.rounds,
         device=a.device,
         json_out=a.json,
+        image_size=a.image_size,
         quiet=a.quiet,
     )
     print(format_table(rep["results"]))
@@ -165,11 +177,19 @@ def cmd_export(a: argparse.Namespace) -> None:
     from .export import export
 
     out, r = export(
-        a.model, a.out, opset=a.opset, dynamic_batch=a.dynamic_batch, format=a.format, quiet=a.quiet
+        a.model,
+        a.out,
+        opset=a.opset,
+        dynamic_batch=a.dynamic_batch,
+        image_size=a.image_size,
+        dynamic_size=a.dynamic_size,
+        format=a.format,
+        quiet=a.quiet,
     )
     print(f"wrote {out} ({r['size_mb']:.2f} MB, {r['params']:,} params, {r['macs'] / 1e6:.1f}M MACs)")
     print(
         f"parity vs PyTorch: max abs diff {r['max_abs_diff']:.2e}, argmax agreement {r['argmax_agreement']:.4f}"
+        + (f" (at {', '.join(r['parity_sizes'])})" if r.get("parity_sizes") else "")
     )
 
 
@@ -251,6 +271,8 @@ def cmd_quantize(a: argparse.Namespace) -> None:
         data_options=a.data_opt,
         target_cpu=a.target_cpu,
         format=a.format,
+        image_size=a.image_size,
+        dynamic_size=a.dynamic_size,
         quiet=a.quiet,
     )
     print(f"wrote {out}")
@@ -262,7 +284,44 @@ def cmd_predict(a: argparse.Namespace) -> None:
     from .errors import DataError
 
     # predict() itself stays quiet: the CLI prints one JSON line per result and one line per skipped file.
-    rep = predict(a.model, a.images, out=a.out, threads=a.threads, quiet=True, overwrite=a.overwrite)
+    mode = "resize" if a.resize else ("tile" if a.tile or a.overlap is not None else "auto")
+    overlap = 0.25 if a.overlap is None else a.overlap
+    from .deploy.video import is_video
+
+    videos = [i for i in a.images if is_video(i) or (a.frames and os.path.isdir(i))]
+    if videos:
+        from .deploy import predict_video
+
+        if len(videos) != len(a.images) or not a.out:
+            raise DataError("video: give video files (or --frames folders) only, and --out")
+        for v in videos:
+            summary = predict_video(
+                a.model,
+                v,
+                a.out,
+                threads=a.threads,
+                mode=mode,
+                tile=a.tile,
+                overlap=overlap,
+                every=a.every,
+                max_fps=a.max_fps,
+                fps=a.fps,
+                quiet=a.quiet,
+                overwrite=a.overwrite,
+            )
+            print(json.dumps(summary))
+        return
+    rep = predict(
+        a.model,
+        a.images,
+        out=a.out,
+        threads=a.threads,
+        quiet=True,
+        overwrite=a.overwrite,
+        mode=mode,
+        tile=a.tile,
+        overlap=overlap,
+    )
     for r in rep["results"]:
         print(json.dumps(r, default=str))
     errors = rep["errors"]
@@ -409,6 +468,21 @@ def build_parser() -> argparse.ArgumentParser:
             "never an input of this run)",
         )
 
+    def size_args(sp: argparse.ArgumentParser, dynamic: bool = True) -> None:
+        sp.add_argument(
+            "--image-size",
+            type=_image_size,
+            metavar="H[xW]",
+            help="input size to export/run at (default: the model's preprocess size)",
+        )
+        if dynamic:
+            sp.add_argument(
+                "--dynamic-size",
+                action="store_true",
+                help="dynamic height/width axes (SegFormer; MobileViT and UperNet-MobileViT at multiples "
+                "of 32 x patch); parity is checked at two sizes",
+            )
+
     def data_args(sp: argparse.ArgumentParser, required: bool = True) -> None:
         sp.add_argument("--data", required=required, help="fashion-mnist | aerial | FOLDER")
         sp.add_argument(
@@ -457,12 +531,14 @@ def build_parser() -> argparse.ArgumentParser:
     sp.add_argument("--rounds", type=_POS_INT, default=3)
     sp.add_argument("--device", default="cpu", choices=["cpu", "cuda"])
     sp.add_argument("--json", help="write results to this JSON file")
+    size_args(sp, dynamic=False)
 
     sp = add("export", cmd_export, "Export a model directory to ONNX (simplified, parity-checked).")
     sp.add_argument("model")
     sp.add_argument("--out", required=True)
     sp.add_argument("--opset", type=_number(int, 7), default=17)
     sp.add_argument("--dynamic-batch", action="store_true")
+    size_args(sp)
     format_arg(sp)
 
     sp = add("demo", cmd_demo, "Run the whole pipeline on embedded data.")
@@ -566,6 +642,7 @@ def build_parser() -> argparse.ArgumentParser:
         help="CPU the int8 model will run on (auto = this one); avx2 = x86 without VNNI: 7-bit weights, "
         "because onnxruntime's AVX2 int8 kernels saturate with full 8-bit weights",
     )
+    size_args(sp)
     format_arg(sp)
 
     sp = add("predict", cmd_predict, "Run an ONNX model on images (numpy + Pillow + onnxruntime only).")
@@ -573,6 +650,28 @@ def build_parser() -> argparse.ArgumentParser:
     sp.add_argument("images", nargs="+", help="image files or folders")
     sp.add_argument("--out")
     sp.add_argument("--threads", type=_POS_INT)
+    g = sp.add_mutually_exclusive_group()
+    g.add_argument(
+        "--tile",
+        type=_image_size,
+        metavar="N[xM]",
+        help="segmentation: sliding-window tiles of N px (default: the model input) at the frame's own "
+        "resolution, logits averaged where tiles overlap; by default tiles are used when a frame is "
+        ">= 2x the model input both ways",
+    )
+    g.add_argument(
+        "--resize", action="store_true", help="segmentation: always resize the frame to the model input"
+    )
+    sp.add_argument(
+        "--overlap",
+        type=_number(float, 0, hi=0.9),
+        help="fraction of a tile shared with its neighbour (default 0.25)",
+    )
+    v = sp.add_argument_group("video (FILE.mp4 / .mov / .avi / .mkv, or folders with --frames)")
+    v.add_argument("--frames", action="store_true", help="each folder is one video's frames, in name order")
+    v.add_argument("--every", type=_POS_INT, default=1, help="keep every Nth frame")
+    v.add_argument("--max-fps", type=_POS_FLOAT, help="keep at most this many frames per second of video")
+    v.add_argument("--fps", type=_POS_FLOAT, help="frame rate of a --frames folder (default 10)")
 
     sp = add("trt-recipe", cmd_trt, "Write a TensorRT build command and runner for a Jetson.")
     sp.add_argument("model")

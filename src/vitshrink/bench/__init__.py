@@ -129,6 +129,7 @@ def bench_many(
     device: str = "cpu",
     memory: bool = True,
     timeout: float = 900,
+    image_size: tuple[int, int] | None = None,
     quiet: bool = True,
 ) -> list[dict[str, Any]]:
     """Benchmark several models comparably: one interleaved latency process + one memory process each."""
@@ -146,6 +147,7 @@ def bench_many(
         "rounds": rounds,
         "warmup": warmup,
         "device": device,
+        "image_size": list(image_size) if image_size else None,
     }
     lat = _worker({**spec, "progress": not quiet}, timeout)
     out = []
@@ -172,9 +174,14 @@ def bench(
     warmup: int = 5,
     device: str = "cpu",
     json_out: str | os.PathLike | None = None,
+    image_size: tuple[int, int] | None = None,
     quiet: bool = False,
 ) -> dict[str, Any]:
-    """Benchmark one model (or several, compared in one run); optionally write JSON."""
+    """Benchmark one model (or several, compared in one run); optionally write JSON.
+
+    image_size (H, W): input size for model directories and dynamic-size ONNX graphs (a fixed-size
+    graph must already take it); default: each model's own size.
+    """
     models = model if isinstance(model, list) else [model]
     results = bench_many(
         models,
@@ -184,6 +191,7 @@ def bench(
         rounds=rounds,
         warmup=warmup,
         device=device,
+        image_size=image_size,
         quiet=quiet,
     )
     if len(results) > 1:

@@ -19,7 +19,9 @@ from vitshrink.progress import progress  # tqdm only: no torch in the ONNX worke
 
 
 class _Runner:
-    def __init__(self, path: str, threads: int | None, device: str) -> None:
+    def __init__(
+        self, path: str, threads: int | None, device: str, image_size: list[int] | None = None
+    ) -> None:
         self.path = path
         if path.endswith(".onnx"):
             import onnxruntime as ort
@@ -38,6 +40,16 @@ class _Runner:
             inp = self.sess.get_inputs()[0]
             self.input_name = inp.name
             self.shape = [d if isinstance(d, int) else None for d in inp.shape]
+            if len(self.shape) == 4:
+                # Symbolic height/width (a dynamic-size export): run at --image-size, else at the size
+                # recorded in the metadata, never at 1x1.
+                meta = json.loads(self.sess.get_modelmeta().custom_metadata_map.get("vitshrink") or "{}")
+                want = image_size or (meta.get("preprocess") or {}).get("size") or [224, 224]
+                for axis, v in zip((2, 3), want):
+                    if self.shape[axis] is None:
+                        self.shape[axis] = int(v)
+                    elif image_size and self.shape[axis] != v:
+                        raise ValueError(f"{path} takes {self.shape[2]}x{self.shape[3]} only, not {v}")
             self.dtype = np.float16 if "float16" in inp.type else np.float32
             self.dynamic_batch = self.shape[0] is None
             self.kind = "onnx"
@@ -53,7 +65,7 @@ class _Runner:
             model, meta = load_model(path, device=self.dev)
             self.fn = adapter_for(model).export_wrapper(model).eval()
             pre = meta["preprocess"]
-            self.shape = [None, pre["channels"], *pre["size"]]
+            self.shape = [None, pre["channels"], *(image_size or pre["size"])]
             self.dtype = np.float32
             self.dynamic_batch = True
             self.kind = "torch"
@@ -82,7 +94,10 @@ def _time(fn: _Runner, x: np.ndarray, n: int) -> list[float]:
 
 
 def run(spec: dict[str, Any]) -> dict[str, Any]:
-    runners = [_Runner(p, spec.get("threads"), spec.get("device", "cpu")) for p in spec["models"]]
+    runners = [
+        _Runner(p, spec.get("threads"), spec.get("device", "cpu"), spec.get("image_size"))
+        for p in spec["models"]
+    ]
     x1 = [r.input(1) for r in runners]
     for r, x in zip(runners, x1):
         _time(r, x, spec.get("warmup", 5))

@@ -64,6 +64,7 @@ __all__ = [
     "ensure",
     "generate",
     "preview",
+    "render_frame",
     "render_sample",
 ]
 
@@ -826,6 +827,51 @@ def render_sample(seed: int, size: int = 128) -> tuple[np.ndarray, np.ndarray]:
     return img, c.mask
 
 
+# Side of the scenes a large frame is assembled from: at 256 px a vehicle is 6-10 px and a person
+# 1-2 px, what a 12 MP camera sees from ~100 m.
+FRAME_SCENE = 256
+
+
+def parse_frame_size(size: object) -> int | tuple[int, int]:
+    """A square side (int) or a large frame's (width, height) from "WxH" / (w, h)."""
+    if isinstance(size, str) and "x" in size.lower():
+        try:
+            w, h = (int(v) for v in size.lower().split("x"))
+        except ValueError:
+            raise VitshrinkError(f"aerial: size must be N or WxH in pixels, got {size!r}") from None
+        size = (w, h)
+    if isinstance(size, (tuple, list)) and len(size) == 2:
+        w, h = (_check_int("frame width/height", v, _MIN_SIZE) for v in size)
+        return (w, h)
+    return _check_int("size", size, _MIN_SIZE)
+
+
+def render_frame(
+    seed: int, size: tuple[int, int] = (2048, 1536), scene: int = FRAME_SCENE
+) -> tuple[np.ndarray, np.ndarray]:
+    """A large drone frame (width, height): (image uint8 (H, W, 3), mask uint8 (H, W)).
+
+    Assembled from a grid of independent `scene`-px scenes (edge cells cropped), so objects keep the
+    pixel size they have in a `scene`-px render: small in the frame, as from a camera flying high over
+    a wide area. Scene borders are visible seams; ground truth is exact everywhere. Deterministic in
+    `seed`; cell k uses scene seed `seed * 1_000_003 + k`.
+    """
+    w, h = parse_frame_size(tuple(size))  # type: ignore[misc]
+    scene = _check_int("scene", scene, _MIN_SIZE)
+    seed = _check_int("seed", seed, 0)
+    img = np.empty((h, w, 3), np.uint8)
+    mask = np.empty((h, w), np.uint8)
+    cols = -(-w // scene)
+    for r in range(-(-h // scene)):
+        for c in range(cols):
+            cell_img, cell_mask = render_sample(_seed_for(seed, r * cols + c), scene)
+            y0, x0 = r * scene, c * scene
+            ch, cw = min(scene, h - y0), min(scene, w - x0)
+            img[y0 : y0 + ch, x0 : x0 + cw] = cell_img[:ch, :cw]
+            mask[y0 : y0 + ch, x0 : x0 + cw] = cell_mask[:ch, :cw]
+    return img, mask
+
+
 def colorize(mask: np.ndarray) -> np.ndarray:
     """Mask of class ids -> uint8 RGB using PALETTE (ignore / unknown ids are drawn dark grey)."""
     lut = np.full((256, 3), 60, np.uint8)
@@ -845,25 +891,31 @@ def _progress(n: int, quiet: bool, desc: str) -> Iterator[int]:
     return iter(tqdm(range(n), desc=desc, unit="img"))
 
 
-def generate(root: str | Path, n: int, size: int = 128, seed: int = 0, quiet: bool = True) -> Path:
+def generate(
+    root: str | Path, n: int, size: int | str | tuple[int, int] = 128, seed: int = 0, quiet: bool = True
+) -> Path:
     """Write `n` samples to `root/images/{i:05d}.png`, `root/masks/{i:05d}.png` (mode "L" ids),
     `root/classes.json` and `root/aerial.json`. Sample i uses seed `seed * 1_000_003 + i`.
+    `size` N renders N x N scenes; "WxH" (e.g. "2048x1536") large frames (`render_frame`).
 
     The split is built in a temp dir beside `root` and renamed into place when complete (an existing
     `root` is replaced), so an interrupted run leaves nothing half-written.
     """
-    n, size, seed = _check_int("n", n, 1), _check_int("size", size, _MIN_SIZE), _check_int("seed", seed, 0)
+    n, size, seed = _check_int("n", n, 1), parse_frame_size(size), _check_int("seed", seed, 0)
     root = Path(root)
     with atomic_dir(root) as tmp:
         (tmp / "images").mkdir()
         (tmp / "masks").mkdir()
         for i in _progress(n, quiet, f"aerial {root.name}"):
-            img, mask = render_sample(_seed_for(seed, i), size)
+            if isinstance(size, tuple):  # "WxH": a large frame of FRAME_SCENE-px scenes
+                img, mask = render_frame(_seed_for(seed, i), size)
+            else:
+                img, mask = render_sample(_seed_for(seed, i), size)
             # noisy RGB barely compresses; a low level keeps writing fast
             Image.fromarray(img, "RGB").save(tmp / "images" / f"{i:05d}.png", compress_level=1)
             Image.fromarray(mask, "L").save(tmp / "masks" / f"{i:05d}.png")
         write_json(tmp / "classes.json", list(CLASSES))
-        write_json(tmp / "aerial.json", {"n": n, "size": size, "seed": seed, "version": VERSION})
+        write_json(tmp / "aerial.json", _info(n, size, seed))
     return root
 
 
@@ -872,7 +924,7 @@ def _default_cache() -> Path:
     return Path(env).expanduser() if env else Path.home() / ".cache" / "vitshrink"
 
 
-def _is_complete(path: Path, n: int, size: int, seed: int) -> bool:
+def _is_complete(path: Path, n: int, size: int | tuple[int, int], seed: int) -> bool:
     info = path / "aerial.json"
     if not info.is_file():
         return False
@@ -880,7 +932,13 @@ def _is_complete(path: Path, n: int, size: int, seed: int) -> bool:
         meta = read_json(info)
     except VitshrinkError:
         return False
-    return meta == {"n": n, "size": size, "seed": seed, "version": VERSION}
+    return meta == _info(n, size, seed)
+
+
+def _info(n: int, size: int | tuple[int, int], seed: int) -> dict[str, object]:
+    if isinstance(size, tuple):
+        return {"n": n, "size": list(size), "scene": FRAME_SCENE, "seed": seed, "version": VERSION}
+    return {"n": n, "size": size, "seed": seed, "version": VERSION}
 
 
 @contextlib.contextmanager
@@ -906,7 +964,7 @@ def ensure(
     n_train: int = 800,
     n_val: int = 100,
     n_test: int = 100,
-    size: int = 128,
+    size: int | str | tuple[int, int] = 128,
     seed: int = 0,
     quiet: bool = True,
 ) -> dict[str, Path]:
@@ -915,12 +973,14 @@ def ensure(
     Cache layout: `cache_dir` (default $VITSHRINK_CACHE or ~/.cache/vitshrink) /
     `aerial-{size}-s{seed}-v{VERSION}/{split}-{n}`. Splits use disjoint sample seeds.
     """
-    seed, size = _check_int("seed", seed, 0), _check_int("size", size, _MIN_SIZE)
+    seed, size = _check_int("seed", seed, 0), parse_frame_size(size)
     counts = {
         s: _check_int(f"n_{s}", n, 1) for s, n in (("train", n_train), ("val", n_val), ("test", n_test))
     }
     base = (Path(cache_dir).expanduser() if cache_dir is not None else _default_cache()) / (
         f"aerial-{size}-s{seed}-v{VERSION}"
+        if isinstance(size, int)
+        else f"aerial-{size[0]}x{size[1]}-s{seed}-v{VERSION}"
     )
     out: dict[str, Path] = {}
     for k, (split, n) in enumerate(counts.items()):

@@ -10,5 +10,6 @@ from __future__ import annotations
 from .predict import PALETTE, load_image, predict
 from .runtime import OnnxModel
 from .trt import trt_recipe
+from .video import predict_video
 
-__all__ = ["PALETTE", "OnnxModel", "load_image", "predict", "trt_recipe"]
+__all__ = ["PALETTE", "OnnxModel", "load_image", "predict", "predict_video", "trt_recipe"]

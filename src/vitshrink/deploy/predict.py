@@ -12,6 +12,7 @@ import os
 import shutil
 import sys
 import tempfile
+import time
 from collections.abc import Iterator
 from pathlib import Path
 from typing import Any
@@ -24,6 +25,7 @@ from ..artifacts import _UMASK, atomic_file, write_json
 from ..errors import DataError
 from ..outputs import PNG_SOFTWARE, check_file_target
 from .runtime import OnnxModel
+from .tiling import DEFAULT_OVERLAP
 
 IMAGE_EXTENSIONS = frozenset({".png", ".jpg", ".jpeg", ".bmp", ".webp"})
 # Only raster formats a camera or dataset produces. Pillow would otherwise also open EPS (which runs
@@ -259,6 +261,10 @@ def predict(
     *,
     low_memory: bool = False,
     overwrite: bool = False,
+    mode: str = "auto",
+    tile: int | tuple[int, int] | None = None,
+    overlap: float = DEFAULT_OVERLAP,
+    tile_batch: int = 4,
 ) -> dict[str, Any]:
     """Predict every image in `images` (files and/or folders) with an exported ONNX model.
 
@@ -268,6 +274,10 @@ def predict(
     {"task", "results": [...], "errors": [{"file", "error"}...], "peak_rss_mb"}.
     `low_memory` trades 25-40% speed for ~40% less peak memory (see OnnxModel). Existing files in
     `out` are replaced only when vitshrink wrote them (or with `overwrite`), never an input image.
+    Segmentation `mode`: "auto" (sliding-window tiles when a frame is >= 2x the model input both ways,
+    else resize), "tile" (tiles of `tile` px overlapping by `overlap`, `tile_batch` per run) or
+    "resize" (the whole frame at the model input). Each result says which ran ("inference") and its
+    "latency_ms" (inference and post-processing, not decoding or writing).
     """
     if isinstance(images, (str, os.PathLike)):
         images = [images]
@@ -281,12 +291,13 @@ def predict(
         for e in errors:
             print(f"skipped {e['file']}: {e['error']}", file=sys.stderr)
     stems: dict[Path, str] = {}
+    how = {"mode": mode, "tile": tile, "overlap": overlap, "batch_size": tile_batch}
     with contextlib.ExitStack() as stack:
         stage = None
         if out_dir is not None:
             stems = _plan_outputs(out_dir, files, net.task, [Path(model), *files], overwrite)
             stage = stack.enter_context(_staging(out_dir))
-        results = _predict_files(net, files, errors, stems, stage, quiet)
+        results = _predict_files(net, files, errors, stems, stage, quiet, how)
         if stage is not None and results:  # nothing predicted: the CLI fails and nothing is written
             _write_summary(stage, model, net.task, results, errors)
     if errors and not quiet:
@@ -306,12 +317,20 @@ def _predict_files(
     stems: dict[Path, str],
     out_dir: Path | None,
     quiet: bool,
+    how: dict[str, Any],
 ) -> list[dict[str, Any]]:
     results: list[dict[str, Any]] = []
     for path in files:
         try:
             img = load_image(path)
-            (res,) = net.predict([img])
+            t0 = time.perf_counter()
+            if net.task == "segmentation":
+                res = net.segment(
+                    img, how["mode"], tile=how["tile"], overlap=how["overlap"], batch_size=how["batch_size"]
+                )
+            else:
+                (res,) = net.predict([img])
+            latency_ms = (time.perf_counter() - t0) * 1000
         except DataError as e:
             errors.append({"file": str(path), "error": str(e)})
             if not quiet:
@@ -326,6 +345,7 @@ def _predict_files(
             mask = res["mask"]
             entry["size"] = [img.width, img.height]
             entry["class_fractions"] = res["class_fractions"]
+            entry["inference"] = res["inference"]
             if out_dir is not None:
                 stem = stems[path]
                 mask_path, overlay_path = out_dir / f"{stem}_mask.png", out_dir / f"{stem}_overlay.png"
@@ -335,6 +355,7 @@ def _predict_files(
             if not quiet:
                 top = ", ".join(f"{k} {v:.0%}" for k, v in list(res["class_fractions"].items())[:3])
                 print(f"{path}: {top}")
+        entry["latency_ms"] = round(latency_ms, 2)
         results.append(entry)
     return results
 
@@ -348,9 +369,8 @@ def _write_summary(
             for r in results
         }
     else:
-        preds = {
-            r["file"]: {k: r[k] for k in ("mask", "overlay", "size", "class_fractions")} for r in results
-        }
+        keys = ("mask", "overlay", "size", "class_fractions", "inference", "latency_ms")
+        preds = {r["file"]: {k: r[k] for k in keys} for r in results}
     write_json(
         out_dir / "predictions.json",
         {"model": str(model), "task": task, "predictions": preds, "errors": errors},

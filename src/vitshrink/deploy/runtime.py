@@ -20,6 +20,7 @@ from PIL import Image
 from ..cpu import runs_exactly_here
 from ..errors import DataError, ModelError
 from ..onnx_folder import onnx_file
+from . import tiling
 from ._meta import parse_meta, resolve_class_names, resolve_preprocess, resolve_task
 
 # onnxruntime raises its own pybind11 exception classes (not RuntimeError subclasses) for bad models and
@@ -157,6 +158,11 @@ class OnnxModel:
         self.channels, self.size, mean, std = resolve_preprocess(
             self.meta, _static(shape[1]), (_static(shape[2]), _static(shape[3])), where
         )
+        # A dynamic-size export records the step its sizes must keep (1 = any); such a graph also runs
+        # at tile sizes and frame sizes other than self.size.
+        dyn_hw = _static(shape[2]) is None and _static(shape[3]) is None
+        multiple = (self.meta.get("preprocess") or {}).get("size_multiple") if dyn_hw else None
+        self.size_multiple: int | None = int(multiple) if isinstance(multiple, int) and multiple > 0 else None
         self.mean = np.asarray(mean, np.float32).reshape(-1, 1, 1)
         self.std = np.asarray(std, np.float32).reshape(-1, 1, 1)
         num_classes = _static(out_shape[1]) if out_shape and len(out_shape) > 1 else None
@@ -196,7 +202,13 @@ class OnnxModel:
         batch = np.asarray(batch)
         want = (self._batch or "N", self.channels, *self.size)
         if batch.ndim != 4 or tuple(batch.shape[1:]) != (self.channels, *self.size):
-            raise DataError(f"input has shape {tuple(batch.shape)}; {self.path.name} takes {want}")
+            m = self.size_multiple
+            if not (
+                m and batch.ndim == 4 and batch.shape[1] == self.channels and self.takes(batch.shape[2:])
+            ):
+                if m:
+                    want = f"(N, {self.channels}, H, W) with H and W multiples of {m}"
+                raise DataError(f"input has shape {tuple(batch.shape)}; {self.path.name} takes {want}")
         if self._batch is not None and batch.shape[0] != self._batch:
             raise DataError(f"input batch is {batch.shape[0]}; {self.path.name} takes exactly {self._batch}")
         try:
@@ -207,12 +219,102 @@ class OnnxModel:
             raise DataError(f"inference failed on {self.path.name}: {_ort_message(e)}") from None
         return logits
 
+    def takes(self, hw: Sequence[int]) -> bool:
+        """Whether the graph runs at height/width `hw` (its own size, or a multiple for dynamic-size)."""
+        h, w = (int(v) for v in hw)
+        if (h, w) == tuple(self.size):
+            return True
+        m = self.size_multiple
+        return bool(m) and h > 0 and w > 0 and h % m == 0 and w % m == 0
+
+    def _pixels(self, img: Image.Image) -> np.ndarray:
+        """The frame as (H, W[, C]) uint8, or float32 in [0, 1] for 16-bit grey, at its own size."""
+        if img.mode in _HIGH_DEPTH_MODES:
+            px = np.asarray(img, np.float32) / 65535.0
+            return np.repeat(px[..., None], self.channels, axis=2) if self.channels == 3 else px
+        return np.asarray(img.convert("RGB" if self.channels == 3 else "L"))
+
+    def _normalise(self, crop: np.ndarray) -> np.ndarray:
+        """A (h, w[, C]) crop of _pixels -> (C, h, w) float32 input; the same arithmetic as preprocess."""
+        x = crop.astype(np.float32) / 255.0 if crop.dtype == np.uint8 else crop.astype(np.float32)
+        x = x.transpose(2, 0, 1) if x.ndim == 3 else x[None]
+        return ((x - self.mean) / self.std).astype(np.float32, copy=False)
+
+    def _run_padded(self, batch: np.ndarray) -> np.ndarray:
+        """run() for any number of samples: a fixed-batch graph gets zero padding (and is split)."""
+        if self._batch is None:
+            return self.run(batch)
+        outs = []
+        for i in range(0, len(batch), self._batch):
+            part = batch[i : i + self._batch]
+            n = len(part)
+            if n < self._batch:
+                part = np.concatenate([part, np.zeros((self._batch - n, *part.shape[1:]), np.float32)])
+            outs.append(self.run(part)[:n])
+        return np.concatenate(outs)
+
+    def segment(
+        self,
+        img: Image.Image,
+        mode: str = "auto",
+        tile: int | tuple[int, int] | None = None,
+        overlap: float = tiling.DEFAULT_OVERLAP,
+        batch_size: int = 4,
+    ) -> dict[str, Any]:
+        """Segment one frame at its full resolution: {"mask", "class_fractions", "inference"}.
+
+        mode "resize": the whole frame resized to the model input (ids upsampled back); "tile":
+        sliding-window inference (`tiling`), tiles of `tile` px (default: the model input) overlapping
+        by `overlap`, `batch_size` tiles per run; "auto": "tile" when the frame is at least 2x the model
+        input on both axes. "inference" says which mode ran, and why.
+        """
+        if self.task != "segmentation":
+            raise ModelError(f"{self.path.name} is a {self.task} model; only segmentation can be tiled")
+        if mode not in ("auto", "resize", "tile"):
+            raise ModelError(f"unknown inference mode {mode!r} (auto, resize or tile)")
+        frame = (img.height, img.width)
+        th, tw = (tile, tile) if isinstance(tile, int) else tuple(tile or self.size)
+        if tile is not None and not self.takes((th, tw)):
+            step = f"multiples of {self.size_multiple} px" if self.size_multiple else "its own size only"
+            raise ModelError(
+                f"{self.path.name} cannot run {th}x{tw} tiles: it takes {self.size[0]}x{self.size[1]} "
+                f"({step}); re-export with --image-size or --dynamic-size"
+            )
+        auto = mode == "auto"
+        if auto:
+            mode = "tile" if tiling.should_tile(frame, (th, tw)) else "resize"
+        if mode == "resize":
+            res = self._segment(self.run(self.preprocess(img))[0], img)
+            res["inference"] = {"mode": "resized", "input": list(self.size)}
+            if auto:
+                res["inference"]["reason"] = (
+                    f"frame {img.width}x{img.height} is within {tiling.AUTO_TILE_FACTOR:g}x of the "
+                    f"model input {self.size[1]}x{self.size[0]}"
+                )
+            return res
+        tp = tiling.plan(frame, (th, tw), overlap, self.size_multiple or 1)
+        ids, k = tiling.slide(
+            self._pixels(img), self._run_padded, self._normalise, tp, batch=max(1, int(batch_size))
+        )
+        names = self._names(k)
+        reason = (
+            f"frame {img.width}x{img.height} is >= {tiling.AUTO_TILE_FACTOR:g}x the model input {tw}x{th}"
+            if auto
+            else "requested"
+        )
+        return {
+            "mask": ids,
+            "class_fractions": _fractions(ids, names),
+            "inference": tiling.describe(tp, overlap, reason),
+        }
+
     def predict(self, images: Sequence[Image.Image], batch_size: int = 1) -> list[dict[str, Any]]:
         """Predict each image; results in input order.
 
         classification: {"label", "index", "score", "top5": [{"label", "index", "probability"}...]}
         segmentation:   {"mask": uint8 (H, W) class ids at the image's own size, "class_fractions": {...}}
         batch_size 1 keeps peak memory lowest, which is what a Nano needs; a fixed-batch graph sets its own.
+        Every image is resized to the model input; `segment` tiles large frames instead.
         """
         if isinstance(images, Image.Image):
             images = [images]
@@ -273,6 +375,11 @@ class OnnxModel:
         # 12 MP photo first would cost K x 48 MB, more than a Nano can spare.
         ids = logits.argmax(axis=0).astype(np.uint8)
         mask = np.asarray(Image.fromarray(ids).resize(img.size, Image.Resampling.NEAREST))
-        counts = np.bincount(mask.ravel(), minlength=len(names))[: len(names)]
-        fractions = {names[i]: float(c) / mask.size for i, c in enumerate(counts) if c}
-        return {"mask": mask, "class_fractions": dict(sorted(fractions.items(), key=lambda kv: -kv[1]))}
+        return {"mask": mask, "class_fractions": _fractions(mask, names)}
+
+
+def _fractions(mask: np.ndarray, names: list[str]) -> dict[str, float]:
+    """Pixel fraction per class present in `mask`, largest first."""
+    counts = np.bincount(mask.ravel(), minlength=len(names))[: len(names)]
+    fractions = {names[i]: float(c) / mask.size for i, c in enumerate(counts) if c}
+    return dict(sorted(fractions.items(), key=lambda kv: -kv[1]))

@@ -24,6 +24,7 @@ from torch import nn
 
 from .. import __version__
 from ..artifacts import atomic_path
+from ..deploy._meta import parse_image_size  # noqa: F401 - torch-free, re-exported
 from ..errors import ModelError, VitshrinkError
 
 DEFAULT_OPSET = 17
@@ -61,6 +62,36 @@ class StaticAdaptiveAvgPool2d(nn.Module):
         return torch.cat(rows, dim=-2)
 
 
+class ShapeAgnosticAdaptiveAvgPool2d(nn.Module):
+    """Adaptive average pooling as two pooling-matrix products built from the input's shape at run time.
+
+    StaticAdaptiveAvgPool2d freezes its bin edges at the traced size; a dynamic-size graph needs the
+    edges (PyTorch's floor(i*H/b) .. ceil((i+1)*H/b)) computed in the graph. Same bins, so the same
+    result up to float summation order.
+    """
+
+    def __init__(self, output_size: int | tuple[int, int]) -> None:
+        super().__init__()
+        self.output_size = (output_size, output_size) if isinstance(output_size, int) else tuple(output_size)
+
+    @staticmethod
+    def _matrix(line: torch.Tensor, bins: int) -> torch.Tensor:
+        # positions 0..n-1 and n from tensor ops on the input, so the tracer keeps them symbolic
+        ones = torch.ones_like(line)
+        pos, n = ones.cumsum(0) - 1, ones.sum()
+        i = torch.arange(bins, dtype=line.dtype, device=line.device)
+        start = torch.floor(i * n / bins)
+        end = torch.ceil((i + 1) * n / bins)
+        m = ((pos[None] >= start[:, None]) & (pos[None] < end[:, None])).to(line.dtype)
+        return m / m.sum(1, keepdim=True)  # (bins, n)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        oh, ow = self.output_size
+        ph = self._matrix(x[0, 0, :, 0], oh)
+        pw = self._matrix(x[0, 0, 0, :], ow)
+        return torch.matmul(torch.matmul(ph, x), pw.transpose(0, 1))
+
+
 # Swin's shifted-window mask is -100 in transformers; after softmax those weights are ~e^-100 ~ 4e-44,
 # float32 subnormals, and x86 subnormal arithmetic is microcoded: on onnxruntime CPU the probs @ V
 # MatMul of every shifted block ran 10-35x slower than the same MatMul in a plain block (Swin-T: 13 of
@@ -74,8 +105,12 @@ def _zero_underflow_mask(self: nn.Module, *args: Any, **kwargs: Any) -> torch.Te
     return None if mask is None else mask.masked_fill(mask < 0, SHIFT_MASK_FILL)
 
 
-def make_exportable(model: nn.Module) -> nn.Module:
-    """Swap modules the exporters cannot handle, or run slowly, for exact equivalents (in place)."""
+def make_exportable(model: nn.Module, *, dynamic_size: bool = False) -> nn.Module:
+    """Swap modules the exporters cannot handle, or run slowly, for exact equivalents (in place).
+
+    dynamic_size: adaptive pools compute their bins in the graph (any input size) instead of unrolled.
+    """
+    pool_cls = ShapeAgnosticAdaptiveAvgPool2d if dynamic_size else StaticAdaptiveAvgPool2d
     swapped: dict[int, nn.Module] = {}
     for mod in list(model.modules()):
         # Swin-family blocks (Swin, Swin V2, Donut, MaskFormer-Swin) build their shift mask here
@@ -84,7 +119,7 @@ def make_exportable(model: nn.Module) -> nn.Module:
             mod.get_attn_mask = types.MethodType(_zero_underflow_mask, mod)
         for cname, child in list(mod.named_children()):
             if isinstance(child, nn.AdaptiveAvgPool2d):
-                new = swapped.setdefault(id(child), StaticAdaptiveAvgPool2d(child.output_size))
+                new = swapped.setdefault(id(child), pool_cls(child.output_size))
                 setattr(mod, cname, new)
         # UperNet's PSP blocks also keep their layers in a plain list that forward() iterates.
         for attr, val in list(vars(mod).items()):
@@ -95,7 +130,7 @@ def make_exportable(model: nn.Module) -> nn.Module:
                     mod,
                     attr,
                     [
-                        swapped.setdefault(id(v), StaticAdaptiveAvgPool2d(v.output_size))
+                        swapped.setdefault(id(v), pool_cls(v.output_size))
                         if isinstance(v, nn.AdaptiveAvgPool2d)
                         else v
                         for v in val
@@ -113,6 +148,76 @@ def count_macs(module: Callable[[torch.Tensor], Any], example: torch.Tensor) -> 
     return int(fc.get_total_flops() // 2)
 
 
+# Parity a dynamic-size graph must reach at its second check size; beyond this a shape-dependent value
+# was frozen at the traced size and the graph is only right at that one size.
+DYNAMIC_TOLERANCE = 1e-3
+
+
+def size_multiple(net: nn.Module) -> int | None:
+    """The multiple of which every height/width must be for a dynamic-size graph of `net` to be exact;
+    None for families whose traced graphs keep the export size (reshapes, masks, position embeddings).
+
+    SegFormer is fully convolutional plus reduced attention: any size. MobileViT unfolds patch_size
+    patches on maps down to stride 32, and interpolates (a size frozen by tracing) otherwise. Swin's
+    window partition and shift mask and ViT/DeiT's position embeddings are frozen at the traced size.
+    """
+    cfg = getattr(net, "config", None)
+    mt = getattr(cfg, "model_type", None)
+    if mt == "upernet":
+        cfg = cfg.backbone_config
+        mt = cfg.model_type
+    if mt == "segformer":
+        return 1
+    if mt is not None and "mobilevit" in mt:
+        return 32 * int(getattr(cfg, "patch_size", 2))
+    return None
+
+
+def _family(net: nn.Module) -> str:
+    cfg = getattr(net, "config", None)
+    mt = getattr(cfg, "model_type", "model")
+    bb = getattr(cfg, "backbone_config", None)
+    return f"{mt}-{bb.model_type}" if bb is not None else str(mt)
+
+
+def _resolve_size(
+    meta: dict[str, Any], image_size: Any, net: nn.Module, dynamic_size: bool, where: str
+) -> tuple[int, int]:
+    pre = meta["preprocess"]
+    # A plain HF directory straight from its import (nothing trained at a size since) may only have
+    # the 224 default: refuse to guess instead of writing a graph that takes nothing else.
+    history = meta.get("history") or []
+    guessed = (
+        len(history) == 1
+        and history[0].get("stage") == "import"
+        and (history[0].get("options") or {}).get("size_from", "") is None
+    )
+    if image_size is None and guessed:
+        raise ModelError(
+            f"{where}: no input size known (no preprocessor_config.json, no image_size in config.json): "
+            "pass --image-size H[xW]"
+        )
+    size = parse_image_size(image_size) if image_size is not None else tuple(pre["size"])
+    if dynamic_size:
+        m = size_multiple(net)
+        if m is None:
+            raise ModelError(
+                f"{where}: --dynamic-size is not supported for {_family(net)} (its graph keeps the traced "
+                "size): export one file per deployed size with --image-size"
+            )
+        if size[0] % m or size[1] % m:
+            raise ModelError(
+                f"{where}: a dynamic-size {_family(net)} graph is exact at multiples of {m} px; "
+                f"{size[0]}x{size[1]} is not"
+            )
+    return size
+
+
+def _second_size(size: tuple[int, int], m: int) -> tuple[int, int]:
+    """A second, larger size for the dynamic parity check: 1.5x, rounded up to the multiple."""
+    return tuple(-(-(s * 3 // 2) // m) * m for s in size)  # type: ignore[return-value]
+
+
 def export_onnx(
     model: str | os.PathLike | nn.Module,
     out: str | os.PathLike,
@@ -120,11 +225,18 @@ def export_onnx(
     meta: dict[str, Any] | None = None,
     opset: int = DEFAULT_OPSET,
     dynamic_batch: bool = False,
+    image_size: str | int | tuple[int, int] | None = None,
+    dynamic_size: bool = False,
     simplify: bool = True,
     check: bool = True,
     quiet: bool = True,
 ) -> tuple[Path, dict[str, Any]]:
-    """Export a model directory (or in-memory model + meta) to ONNX; returns (path, parity metrics)."""
+    """Export a model directory (or in-memory model + meta) to ONNX; returns (path, parity metrics).
+
+    image_size: H, (H, W) or "HxW" to export at instead of the model's preprocess size (needed for a
+    plain HF directory that records no size). dynamic_size: symbolic height/width axes, for families
+    whose graphs allow it (see `size_multiple`); parity is then checked at two sizes.
+    """
     from ..models import adapter_for, count_params, load_model
 
     if isinstance(model, nn.Module):
@@ -141,19 +253,39 @@ def export_onnx(
     from ..models import check_finite
 
     check_finite(net, model if not isinstance(model, nn.Module) else "the model")
-    pre = meta["preprocess"]
+    size = _resolve_size(
+        meta, image_size, net, dynamic_size, str(model if not isinstance(model, nn.Module) else "model")
+    )
+    pre = {**meta["preprocess"], "size": list(size)}
+    if dynamic_size:
+        pre["size_multiple"] = size_multiple(net)  # the runtime accepts any multiple (tiles, full frames)
+    else:
+        pre.pop("size_multiple", None)
+    meta = {**meta, "preprocess": pre}
     example = torch.randn(1, pre["channels"], *pre["size"])
     adapter = adapter_for(net)
-    wrapper = make_exportable(adapter.export_wrapper(net)).eval().cpu()
+    wrapper = make_exportable(adapter.export_wrapper(net), dynamic_size=dynamic_size).eval().cpu()
     with torch.no_grad():
-        ref = wrapper(example).numpy()
+        try:
+            ref = wrapper(example).numpy()
+        except (ValueError, RuntimeError) as e:  # e.g. ViT position embeddings made for another size
+            msg = str(e).strip().splitlines()[0] if str(e).strip() else type(e).__name__
+            raise ModelError(f"{_family(net)} cannot run at {size[0]}x{size[1]}: {msg}") from None
     if not np.isfinite(ref).all():
         raise ModelError("the model produces NaN or infinite outputs; refusing to export it")
     stats = {"params": count_params(net), "macs": count_macs(wrapper, example)}
     # The HF config rides along so the ONNX file alone can become an optimum-style folder (onnx_folder).
     full_meta = {**meta, "stats": stats, "vitshrink_version": __version__, "hf_config": _hf_config(net)}
     with atomic_path(out) as tmp:
-        _torch_export(wrapper, example, tmp, opset=opset, dynamic_batch=dynamic_batch, quiet=quiet)
+        _torch_export(
+            wrapper,
+            example,
+            tmp,
+            opset=opset,
+            dynamic_batch=dynamic_batch,
+            dynamic_size=dynamic_size,
+            quiet=quiet,
+        )
         import onnx
 
         proto = onnx.load(str(tmp))
@@ -164,17 +296,41 @@ def export_onnx(
         entry.key, entry.value = "vitshrink", json.dumps(full_meta)
         onnx.save(proto, str(tmp))
         # Validate the temporary file, not the destination: a file that does not load or disagrees
-        # never replaces a good one.
+        # (at either size, for a dynamic-size graph) never replaces a good one.
         result: dict[str, Any] = {"artifact": str(out), **stats, "size_mb": tmp.stat().st_size / 2**20}
         if check:
             result.update(parity(tmp, wrapper, example.shape, ref_first=ref, opset=opset, name=out))
+            if dynamic_size:
+                other = _second_size(size, pre["size_multiple"])
+                second = parity(tmp, wrapper, (1, pre["channels"], *other), n=2, opset=opset, name=out)
+                result["parity_sizes"] = {
+                    f"{size[0]}x{size[1]}": {k: result[k] for k in ("max_abs_diff", "argmax_agreement")},
+                    f"{other[0]}x{other[1]}": second,
+                }
+                if second["max_abs_diff"] > DYNAMIC_TOLERANCE:
+                    raise ModelError(
+                        f"dynamic-size {_family(net)} graph differs from PyTorch at {other[0]}x{other[1]} "
+                        f"(max abs diff {second['max_abs_diff']:.2e}): export at a fixed --image-size instead"
+                    )
+                result["max_abs_diff"] = max(result["max_abs_diff"], second["max_abs_diff"])
+                result["argmax_agreement"] = min(result["argmax_agreement"], second["argmax_agreement"])
+    result["image_size"] = list(size)
+    result["dynamic_size"] = bool(dynamic_size)
     return out, result
 
 
 def _torch_export(
-    wrapper: nn.Module, example: torch.Tensor, path: Path, *, opset: int, dynamic_batch: bool, quiet: bool
+    wrapper: nn.Module,
+    example: torch.Tensor,
+    path: Path,
+    *,
+    opset: int,
+    dynamic_batch: bool,
+    quiet: bool,
+    dynamic_size: bool = False,
 ) -> None:
-    dyn = {"pixel_values": {0: "batch"}, "logits": {0: "batch"}} if dynamic_batch else None
+    axes = {**({0: "batch"} if dynamic_batch else {}), **({2: "height", 3: "width"} if dynamic_size else {})}
+    dyn = {"pixel_values": axes, "logits": dict(axes)} if axes else None
     with warnings.catch_warnings(), _silenced() if quiet else contextlib.nullcontext():
         warnings.simplefilter("ignore")
         try:
@@ -191,7 +347,10 @@ def _torch_export(
             )
         except Exception as legacy_err:  # noqa: BLE001 - fall back to the dynamo exporter, report both
             try:
-                dshapes = {"x": {0: torch.export.Dim("batch", min=1, max=1024)}} if dynamic_batch else None
+                dims = {0: torch.export.Dim("batch", min=1, max=1024)} if dynamic_batch else {}
+                if dynamic_size:
+                    dims.update({2: torch.export.Dim("height", min=16), 3: torch.export.Dim("width", min=16)})
+                dshapes = {"x": dims} if dims else None
                 torch.onnx.export(
                     wrapper,
                     (example,),
@@ -310,6 +469,8 @@ def export(
     *,
     opset: int = DEFAULT_OPSET,
     dynamic_batch: bool = False,
+    image_size: str | int | tuple[int, int] | None = None,
+    dynamic_size: bool = False,
     simplify: bool = True,
     format: str = "auto",
     quiet: bool = False,
@@ -329,7 +490,14 @@ def export(
         raise VitshrinkError(str(e)) from None
     if not folder:
         return export_onnx(
-            model, out, opset=opset, dynamic_batch=dynamic_batch, simplify=simplify, quiet=True
+            model,
+            out,
+            opset=opset,
+            dynamic_batch=dynamic_batch,
+            image_size=image_size,
+            dynamic_size=dynamic_size,
+            simplify=simplify,
+            quiet=True,
         )
     with temp_dir("export") as tmp:
         path, rep = export_onnx(
@@ -337,6 +505,8 @@ def export(
             Path(tmp) / "model.onnx",
             opset=opset,
             dynamic_batch=dynamic_batch,
+            image_size=image_size,
+            dynamic_size=dynamic_size,
             simplify=simplify,
             quiet=True,
         )

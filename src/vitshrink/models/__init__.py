@@ -290,7 +290,11 @@ def _meta_from_hf(path: Path, cfg: dict[str, Any]) -> dict[str, Any]:
     )
     bb = cfg.get("backbone_config") or {}
     channels = int(cfg.get("num_channels", bb.get("num_channels", 3)))
-    size = cfg.get("image_size", bb.get("image_size", 224))
+    # Only a top-level image_size fixes the input (ViT position embeddings, MobileViT); a backbone's
+    # (Swin's serialised default 224) says nothing about the size an UperNet was trained at.
+    size = cfg.get("image_size")
+    size_from = "config" if size is not None else None
+    size = size if size is not None else bb.get("image_size", 224)
     mean, std = [0.5] * channels, [0.5] * channels
     pp = path / "preprocessor_config.json"
     if pp.exists():
@@ -298,13 +302,14 @@ def _meta_from_hf(path: Path, cfg: dict[str, Any]) -> dict[str, Any]:
         mean = _per_channel(pre.get("image_mean", mean), channels)
         std = _per_channel(pre.get("image_std", std), channels)
         s = pre.get("size") or pre.get("crop_size")
-        if isinstance(s, dict):
+        if isinstance(s, dict) and any(k in s for k in ("height", "width", "shortest_edge")):
             size = [
                 s.get("height", s.get("shortest_edge", size)),
                 s.get("width", s.get("shortest_edge", size)),
             ]
+            size_from = "preprocessor_config"
         elif isinstance(s, int):
-            size = s
+            size, size_from = s, "preprocessor_config"
         if pre.get("do_normalize") is False:
             mean, std = [0.0] * channels, [1.0] * channels
     if isinstance(size, int):
@@ -319,7 +324,8 @@ def _meta_from_hf(path: Path, cfg: dict[str, Any]) -> dict[str, Any]:
         "family": adapter_for(cfg.get("model_type", "")).family,
         "class_names": names,
         "preprocess": {"mean": mean, "std": std, "size": [int(size[0]), int(size[1])], "channels": channels},
-        "history": [{"stage": "import", "options": {"source": str(path)}}],
+        # size_from None: the size above is a guess that export refuses to use without --image-size
+        "history": [{"stage": "import", "options": {"source": str(path), "size_from": size_from}}],
     }
 
 

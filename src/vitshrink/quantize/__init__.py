@@ -47,6 +47,8 @@ def quantize(
     data_options: dict[str, Any] | None = None,
     target_cpu: str = "auto",
     format: str = "auto",
+    image_size: str | int | tuple[int, int] | None = None,
+    dynamic_size: bool = False,
 ) -> tuple[Path, dict[str, Any]]:
     """Quantize a model directory (or Hub id), ONNX file or ONNX folder into `out`; returns (path, report).
 
@@ -58,6 +60,9 @@ def quantize(
     (x86 without VNNI gets 7-bit weights; see `vitshrink.cpu`).
     format: "file" (`out` is one .onnx file), "dir" (an optimum-style folder: model.onnx, config.json,
     preprocessor_config.json) or "auto" ("dir" when `out` does not end in .onnx).
+    image_size / dynamic_size: a model directory is exported at this size (see `export_onnx`), so
+    calibration runs at the deployed size; an ONNX input must already take it (fixed size) or be
+    dynamic-size, which is then calibrated at `image_size`.
     """
     from ..hub import resolve_model
     from ..onnx_folder import onnx_file, wants_folder, write_onnx_folder
@@ -77,10 +82,18 @@ def quantize(
         if path.is_dir():
             from ..export import export_onnx
 
-            src, _ = export_onnx(path, Path(tmp) / "model.onnx", quiet=quiet)
+            src, _ = export_onnx(
+                path,
+                Path(tmp) / "model.onnx",
+                image_size=image_size,
+                dynamic_size=dynamic_size,
+                quiet=quiet,
+            )
         else:
             src = path
-        meta = read_meta(load_onnx(src)) if calib_data is not None else None
+        meta = read_meta(load_onnx(src)) if calib_data is not None or image_size is not None else None
+        if image_size is not None and not path.is_dir():
+            meta = _onnx_at_size(meta, image_size, src)
         calib, eval_fn = (None, None)
         if calib_data is not None:
             if meta is None:
@@ -106,6 +119,25 @@ def quantize(
         report["metric_name"] = "accuracy" if meta["task"] == "classification" else "miou"
         report["data"] = calib_data
     return final, report
+
+
+def _onnx_at_size(meta: dict[str, Any] | None, image_size: Any, src: Path) -> dict[str, Any] | None:
+    """Meta with the size calibration runs at; an ONNX file cannot be re-exported, so it must take it."""
+    from ..export import parse_image_size
+
+    size = list(parse_image_size(image_size))
+    pre = (meta or {}).get("preprocess") or {}
+    if pre.get("size") == size:
+        return meta
+    m = pre.get("size_multiple")
+    if not m:
+        raise VitshrinkError(
+            f"{src} takes {pre.get('size', 'its fixed size')} only: re-export the model with --image-size "
+            f"{size[0]}x{size[1]} (or --dynamic-size)"
+        )
+    if size[0] % m or size[1] % m:
+        raise VitshrinkError(f"{src} runs at multiples of {m} px; {size[0]}x{size[1]} is not")
+    return {**meta, "preprocess": {**pre, "size": size}}  # type: ignore[dict-item]
 
 
 def _data(
