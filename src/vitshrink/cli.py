@@ -9,7 +9,6 @@ from __future__ import annotations
 import argparse
 import contextlib
 import json
-import math
 import os
 import signal
 import sys
@@ -19,7 +18,18 @@ from collections.abc import Callable, Iterator
 from typing import Any, NoReturn
 
 from . import __version__
-from .cpu import TARGET_CPUS
+from .options import (
+    NONNEG_FLOAT,
+    POS_FLOAT,
+    POS_INT,
+    PRUNE,
+    QUANTIZE,
+    UNIT,
+    add_options,
+    key_values,
+    number,
+    unit_or_auto,
+)
 
 EXIT_USER, EXIT_BUG = 2, 1
 
@@ -35,30 +45,9 @@ def _one_line(text: str) -> str:
     return " ".join(str(text).split()) or "(no message)"
 
 
-def _number(kind: type, lo: float, *, lo_ok: bool = True, hi: float | None = None) -> Callable[[str], Any]:
-    """An argparse type: an int/float within [lo, hi] (lo excluded unless lo_ok), NaN/inf refused."""
-
-    def parse(text: str) -> Any:
-        try:
-            v = kind(text)
-        except ValueError:
-            raise argparse.ArgumentTypeError(
-                f"expected {'an integer' if kind is int else 'a number'}, got '{text}'"
-            ) from None
-        low_ok = v >= lo if lo_ok else v > lo
-        if not math.isfinite(v) or not low_ok or (hi is not None and v > hi):
-            rng = f"{'>=' if lo_ok else '>'} {lo:g}" + (f" and <= {hi:g}" if hi is not None else "")
-            raise argparse.ArgumentTypeError(f"must be {rng}, got '{text}'")
-        return v
-
-    parse.__name__ = kind.__name__  # argparse names the type in its own messages
-    return parse
-
-
-_POS_INT = _number(int, 1)
-_POS_FLOAT = _number(float, 0, lo_ok=False)
-_NONNEG_FLOAT = _number(float, 0)
-_UNIT = _number(float, 0, hi=1)
+# argparse types are declared with the options (vitshrink.options); short aliases for this module
+_number, _POS_INT, _POS_FLOAT, _NONNEG_FLOAT, _UNIT = number, POS_INT, POS_FLOAT, NONNEG_FLOAT, UNIT
+_unit_or_auto, _kv = unit_or_auto, key_values
 
 
 def _image_size(text: str) -> tuple[int, int]:
@@ -72,29 +61,9 @@ def _image_size(text: str) -> tuple[int, int]:
         raise argparse.ArgumentTypeError(str(e)) from None
 
 
-def _unit_or_auto(v: str) -> float | str:
-    return "auto" if v == "auto" else _UNIT(v)
-
-
 def _is_rank0() -> bool:
     """Under torchrun only rank 0 reports results (every rank runs the same command)."""
     return os.environ.get("RANK", "0") == "0"
-
-
-def _kv(text: str) -> dict[str, Any]:
-    """Parse `k=v,k=v` (numbers become numbers)."""
-    out: dict[str, Any] = {}
-    if not text:
-        return out
-    for part in text.split(","):
-        if "=" not in part:
-            raise argparse.ArgumentTypeError(f"expected key=value, got '{part}'")
-        k, v = part.split("=", 1)
-        try:
-            out[k.strip()] = json.loads(v)
-        except json.JSONDecodeError:
-            out[k.strip()] = v.strip()
-    return out
 
 
 def _print_json(obj: Any) -> None:
@@ -231,46 +200,22 @@ def cmd_distill(a: argparse.Namespace) -> None:
 
 
 def cmd_prune(a: argparse.Namespace) -> None:
+    from .options import PRUNE, collect
     from .prune import prune
 
-    out, m = prune(
-        a.model,
-        a.out,
-        ratio=a.ratio,
-        target_params=a.target_params,
-        target_latency_ms=a.target_latency_ms,
-        target_macs=a.target_macs,
-        importance=a.importance,
-        granularity=tuple(a.granularity.split(",")),
-        round_to=a.round_to,
-        steps=a.steps,
-        recover_epochs=a.recover_epochs,
-        teacher=a.teacher,
-        data=a.data,
-        unstructured=a.unstructured,
-        latency_table=a.latency_table,
-        recover_losses=a.recover_loss,
-        recover_temperature=a.recover_temperature,
-        depth_ratio=a.depth_ratio,
-        quiet=a.quiet,
-    )
+    out, m = prune(a.model, a.out, **collect(a, PRUNE), quiet=a.quiet)
     print(f"saved {out}")
     _print_json({k: v for k, v in m.items() if not isinstance(v, dict | list)})
 
 
 def cmd_quantize(a: argparse.Namespace) -> None:
+    from .options import QUANTIZE, collect
     from .quantize import quantize
 
     out, r = quantize(
         a.model,
         a.out,
-        mode=a.mode,
-        calib_data=a.calib_data,
-        calib_method=a.calib_method,
-        max_drop=a.max_drop,
-        data_options=a.data_opt,
-        target_cpu=a.target_cpu,
-        format=a.format,
+        **collect(a, QUANTIZE),
         image_size=a.image_size,
         dynamic_size=a.dynamic_size,
         quiet=a.quiet,
@@ -576,74 +521,13 @@ def build_parser() -> argparse.ArgumentParser:
     sp = add("prune", cmd_prune, "Structured pruning that physically removes heads/neurons/dims/channels.")
     sp.add_argument("model")
     sp.add_argument("--out", required=True)
-    g = sp.add_mutually_exclusive_group()
-    g.add_argument("--ratio", type=_UNIT)
-    g.add_argument("--target-params", type=_POS_INT)
-    g.add_argument("--target-latency-ms", type=_POS_FLOAT)
-    g.add_argument("--target-macs", type=_POS_INT)
-    sp.add_argument("--importance", default="magnitude")
-    sp.add_argument(
-        "--granularity",
-        default="heads,mlp,embed,channels",
-        help="axes to prune, or 'auto': the subset whose one-shot pruning changes the outputs least",
-    )
-    sp.add_argument("--round-to", type=_POS_INT, default=8)
-    sp.add_argument("--steps", type=_POS_INT, default=1)
-    sp.add_argument("--recover-epochs", type=_number(int, 0), default=0)
-    sp.add_argument("--teacher")
-    sp.add_argument("--data")
-    sp.add_argument(
-        "--unstructured",
-        type=_UNIT,
-        help="global magnitude sparsity S in [0,1) (shrinks compressed files, not dense latency)",
-    )
-    sp.add_argument("--latency-table", help="JSON {ratio: ms} measured on another device")
-    sp.add_argument(
-        "--depth-ratio",
-        type=_unit_or_auto,
-        default=0.0,
-        help="first remove this fraction of the transformer blocks per stage, least influential first "
-        "(ViT, DeiT, Swin, SegFormer): latency then follows MACs where narrow widths would not; 'auto': "
-        "split the budget between depth (0, 0.25, 0.5) and width, fastest measured here wins",
-    )
-    sp.add_argument(
-        "--recover-loss",
-        default="kd",
-        help="recovery loss spec: kd (distil from the unpruned model or --teacher), ce (labels only), or e.g. kd:1,ce:1",
-    )
-    sp.add_argument(
-        "--recover-temperature",
-        type=_POS_FLOAT,
-        help="KD temperature during recovery (default: 1 for segmentation, 4 for classification)",
-    )
+    add_options(sp, PRUNE)
 
     sp = add("quantize", cmd_quantize, "fp16 / int8 quantization (ONNX) with ViT-aware fallbacks.")
-    sp.add_argument("model", help="model directory or ONNX file")
+    sp.add_argument("model", help="model directory, Hub id, ONNX file or ONNX folder")
     sp.add_argument("--out", required=True)
-    sp.add_argument(
-        "--mode", required=True, choices=["fp16", "int8", "int8-dynamic", "int8-static", "int8-mixed"]
-    )
-    sp.add_argument("--calib-data", help="data SPEC whose validation split calibrates and scores int8")
-    sp.add_argument(
-        "--data-opt",
-        type=_kv,
-        default={},
-        metavar="K=V,..",
-        help="options of the calibration dataset, e.g. size=256 for aerial",
-    )
-    sp.add_argument(
-        "--calib-method", default="percentile", choices=["minmax", "percentile", "entropy", "distribution"]
-    )
-    sp.add_argument("--max-drop", type=_NONNEG_FLOAT)
-    sp.add_argument(
-        "--target-cpu",
-        default="auto",
-        choices=list(TARGET_CPUS),
-        help="CPU the int8 model will run on (auto = this one); avx2 = x86 without VNNI: 7-bit weights, "
-        "because onnxruntime's AVX2 int8 kernels saturate with full 8-bit weights",
-    )
+    add_options(sp, QUANTIZE)
     size_args(sp)
-    format_arg(sp)
 
     sp = add("predict", cmd_predict, "Run an ONNX model on images (numpy + Pillow + onnxruntime only).")
     sp.add_argument("model")

@@ -27,13 +27,9 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
-from ..cpu import TARGET_CPUS
 from ..errors import VitshrinkError
+from ..options import CALIB_METHODS, GRANULARITIES, IMPORTANCES, QUANT_MODES, TARGET_CPUS
 
-QUANT_MODES = ("fp16", "int8-dynamic", "int8-static", "int8-mixed", "int8")
-CALIB_METHODS = ("minmax", "percentile", "entropy", "distribution")
-IMPORTANCES = ("magnitude", "taylor", "random")
-GRANULARITIES = ("heads", "mlp", "embed", "channels")
 PRUNE_TARGETS = ("ratio", "target_params", "target_latency_ms", "target_macs")
 TOP_LEVEL = ("stages", "description", "data_options", "eval_limit")
 

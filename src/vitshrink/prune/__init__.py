@@ -193,8 +193,15 @@ def prune(
         raise VitshrinkError(f"unstructured sparsity must be in [0, 1), got {unstructured}")
     if importance not in IMPORTANCES:
         raise VitshrinkError(f"unknown importance '{importance}' (choose from {', '.join(IMPORTANCES)})")
+    if isinstance(granularity, str):  # "heads,mlp" from the CLI or a recipe
+        granularity = tuple(p.strip() for p in granularity.split(",") if p.strip())
+    bad = [g for g in granularity if g not in (*GRANULARITIES, "auto")]
+    if bad or not granularity:
+        raise VitshrinkError(
+            f"unknown granularity {bad or granularity!r} (choose from {', '.join(GRANULARITIES)}, or auto)"
+        )
     auto_shape = depth_ratio == "auto"
-    auto_axes = granularity == "auto" or tuple(granularity) == ("auto",)
+    auto_axes = tuple(granularity) == ("auto",)
     if auto_axes and (auto_shape or target_latency_ms is not None or target_macs is not None):
         raise VitshrinkError(
             "granularity 'auto' needs ratio or target_params (and cannot be combined with depth ratio 'auto')"

@@ -33,6 +33,7 @@ import onnx
 from ..artifacts import atomic_path
 from ..cpu import TARGET_CPUS, int8_note, reduce_range_for, resolve_target_cpu
 from ..errors import DataError, ModelError, VitshrinkError
+from ..options import CALIB_METHODS, QUANT_MODES
 from ..outputs import temp_dir
 from ..progress import progress
 from ._common import (
@@ -55,8 +56,7 @@ from .fp16 import to_fp16
 from .smooth import smooth_model
 
 Mode = Literal["fp16", "int8-dynamic", "int8-static", "int8-mixed", "int8"]
-MODES = ("fp16", "int8-dynamic", "int8-static", "int8-mixed", "int8")
-CALIB_METHODS = ("minmax", "percentile", "entropy", "distribution")
+MODES = QUANT_MODES  # declared once in vitshrink.options
 TARGETS = ("cpu", "tensorrt")
 DEFAULT_MAX_DROP = 0.005
 MAX_SENSITIVITY_UNITS = 32  # above this many weight nodes, rank and fall back whole block parts
