@@ -34,7 +34,7 @@ from .data import (
     sample_augment,
 )
 from .errors import VitshrinkError
-from .models import adapter_for, build_model, is_model_dir, load_model, save_model
+from .models import build_model, family_for, is_model_dir, load_model, save_model
 from .progress import progress
 
 STATE_FILE = "trainer_state.pt"
@@ -129,10 +129,10 @@ def floats(obj: Any) -> Any:
 
 @torch.no_grad()
 def teacher_forward(teacher: nn.Module, x: torch.Tensor, **kw: Any) -> dict[str, Any]:
-    """A frozen teacher's distillation outputs (`Adapter.forward_kd`): no gradients, mixed precision
+    """A frozen teacher's distillation outputs (`Family.forward_kd`): no gradients, mixed precision
     where it is native (`inference_autocast`), float32 out."""
     with inference_autocast(x.device):
-        return floats(adapter_for(teacher).forward_kd(teacher, x, **kw))
+        return floats(family_for(teacher).forward_kd(teacher, x, **kw))
 
 
 def all_reduce_sum(t: torch.Tensor) -> torch.Tensor:

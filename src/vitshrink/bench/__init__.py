@@ -29,7 +29,7 @@ def model_stats(path: str | os.PathLike) -> dict[str, Any]:
         import torch
 
         from ..export import count_macs
-        from ..models import adapter_for, count_params, load_model
+        from ..models import count_params, family_for, load_model
 
         model, meta = load_model(path)
         pre = meta["preprocess"]
@@ -38,7 +38,7 @@ def model_stats(path: str | os.PathLike) -> dict[str, Any]:
         return {
             "size_mb": size / 2**20,
             "params": count_params(model),
-            "macs": count_macs(adapter_for(model).export_wrapper(model), example),
+            "macs": count_macs(family_for(model).export_wrapper(model), example),
             "format": "hf-dir",
         }
     meta = onnx_meta(path)

@@ -44,14 +44,14 @@ class _Runner:
         else:
             import torch
 
-            from vitshrink.models import adapter_for, load_model
+            from vitshrink.models import family_for, load_model
 
             if threads:
                 torch.set_num_threads(threads)
             self.torch = torch
             self.dev = torch.device("cuda" if device == "cuda" and torch.cuda.is_available() else "cpu")
             model, meta = load_model(path, device=self.dev)
-            self.fn = adapter_for(model).export_wrapper(model).eval()
+            self.fn = family_for(model).export_wrapper(model).eval()
             pre = meta["preprocess"]
             self.shape = [None, pre["channels"], *pre["size"]]
             self.dtype = np.float32

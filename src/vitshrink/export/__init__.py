@@ -11,7 +11,6 @@ import contextlib
 import io
 import json
 import os
-import types
 import warnings
 from collections.abc import Callable
 from pathlib import Path
@@ -19,85 +18,33 @@ from typing import Any
 
 import numpy as np
 import torch
-import torch.nn.functional as F
 from torch import nn
 
 from ..artifacts import atomic_path
 from ..errors import ModelError, VitshrinkError
+from .patches import SHIFT_MASK_FILL, StaticAdaptiveAvgPool2d
+
+__all__ = [
+    "SHIFT_MASK_FILL",
+    "StaticAdaptiveAvgPool2d",
+    "count_macs",
+    "export",
+    "export_onnx",
+    "make_exportable",
+    "parity",
+]
 
 DEFAULT_OPSET = 17
 
 
-class StaticAdaptiveAvgPool2d(nn.Module):
-    """Adaptive average pooling unrolled for a fixed input size.
-
-    Hand-written because neither torch exporter handles adaptive pooling to bins that do not divide
-    the map (UperNet's PSP module pools a 16x16 map to 1/2/3/6 bins at 512 px). With the input size
-    known at trace time, PyTorch's own bin edges (floor(i*H/b), ceil((i+1)*H/b)) become constant
-    slices, so the result is bit-for-bit the same operation.
-    """
-
-    def __init__(self, output_size: int | tuple[int, int]) -> None:
-        super().__init__()
-        self.output_size = (output_size, output_size) if isinstance(output_size, int) else tuple(output_size)
-
-    def forward(self, x: torch.Tensor) -> torch.Tensor:
-        h, w = int(x.shape[-2]), int(x.shape[-1])
-        oh, ow = self.output_size
-        if h % oh == 0 and w % ow == 0:
-            return F.avg_pool2d(x, kernel_size=(h // oh, w // ow))
-        rows = []
-        for i in range(oh):
-            y0, y1 = (i * h) // oh, -(-((i + 1) * h) // oh)
-            cols = [
-                x[..., y0:y1, (j * w) // ow : -(-((j + 1) * w) // ow)].mean(dim=(-2, -1), keepdim=True)
-                for j in range(ow)
-            ]
-            rows.append(torch.cat(cols, dim=-1))
-        return torch.cat(rows, dim=-2)
-
-
-# Swin's shifted-window mask is -100 in transformers; after softmax those weights are ~e^-100 ~ 4e-44,
-# float32 subnormals, and x86 subnormal arithmetic is microcoded: on onnxruntime CPU the probs @ V
-# MatMul of every shifted block ran 10-35x slower than the same MatMul in a plain block (Swin-T: 13 of
-# 59 ms). At -1e4 they underflow to exact zeros; the kept weights differ by < 1e-40 (and -1e4 still
-# fits float16 for TensorRT / fp16 exports).
-SHIFT_MASK_FILL = -1e4
-
-
-def _zero_underflow_mask(self: nn.Module, *args: Any, **kwargs: Any) -> torch.Tensor | None:
-    mask = type(self).get_attn_mask(self, *args, **kwargs)
-    return None if mask is None else mask.masked_fill(mask < 0, SHIFT_MASK_FILL)
-
-
 def make_exportable(model: nn.Module) -> nn.Module:
-    """Swap modules the exporters cannot handle, or run slowly, for exact equivalents (in place)."""
-    swapped: dict[int, nn.Module] = {}
-    for mod in list(model.modules()):
-        # Swin-family blocks (Swin, Swin V2, Donut, MaskFormer-Swin) build their shift mask here
-        # (bound per instance, so deepcopy and pickle follow the module).
-        if callable(getattr(type(mod), "get_attn_mask", None)) and "get_attn_mask" not in vars(mod):
-            mod.get_attn_mask = types.MethodType(_zero_underflow_mask, mod)
-        for cname, child in list(mod.named_children()):
-            if isinstance(child, nn.AdaptiveAvgPool2d):
-                new = swapped.setdefault(id(child), StaticAdaptiveAvgPool2d(child.output_size))
-                setattr(mod, cname, new)
-        # UperNet's PSP blocks also keep their layers in a plain list that forward() iterates.
-        for attr, val in list(vars(mod).items()):
-            if isinstance(val, list) and any(
-                id(v) in swapped or isinstance(v, nn.AdaptiveAvgPool2d) for v in val
-            ):
-                setattr(
-                    mod,
-                    attr,
-                    [
-                        swapped.setdefault(id(v), StaticAdaptiveAvgPool2d(v.output_size))
-                        if isinstance(v, nn.AdaptiveAvgPool2d)
-                        else v
-                        for v in val
-                    ],
-                )
-    return model
+    """Swap modules the exporters cannot handle, or run slowly, for exact equivalents (in place).
+
+    Which swaps a model needs is its family's call (`Family.make_exportable`, tools in `patches`).
+    """
+    from ..models import family_for
+
+    return family_for(model).make_exportable(model)
 
 
 def count_macs(module: Callable[[torch.Tensor], Any], example: torch.Tensor) -> int:
@@ -121,7 +68,7 @@ def export_onnx(
     quiet: bool = True,
 ) -> tuple[Path, dict[str, Any]]:
     """Export a model directory (or in-memory model + meta) to ONNX; returns (path, parity metrics)."""
-    from ..models import adapter_for, count_params, load_model
+    from ..models import count_params, family_for, load_model
 
     if isinstance(model, nn.Module):
         if meta is None:
@@ -134,8 +81,8 @@ def export_onnx(
         raise VitshrinkError(f"output must end in .onnx: {out}")
     pre = meta["preprocess"]
     example = torch.randn(1, pre["channels"], *pre["size"])
-    adapter = adapter_for(net)
-    wrapper = make_exportable(adapter.export_wrapper(net)).eval().cpu()
+    family = family_for(net)
+    wrapper = family.export_wrapper(family.make_exportable(net)).eval().cpu()
     with torch.no_grad():
         ref = wrapper(example).numpy()
     stats = {"params": count_params(net), "macs": count_macs(wrapper, example)}

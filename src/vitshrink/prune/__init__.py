@@ -21,9 +21,18 @@ import torch
 
 from ..errors import VitshrinkError
 from .axes import choose_axes
-from .core import IMPORTANCES, count_macs, count_params, prune_model, prune_to_config, pruned_config
+from .core import (
+    GRANULARITIES,
+    IMPORTANCES,
+    count_macs,
+    count_params,
+    family_for,
+    prune_model,
+    prune_to_config,
+    pruned_config,
+    supported_families,
+)
 from .depth import drop_blocks
-from .families import GRANULARITIES, family_for, supported_families
 from .shape import choose_shape
 from .sparsity import unstructured_sparsity
 from .target import fill_budget, pruned_architecture, ratio_for_target, ratio_from_latency_table
@@ -430,18 +439,18 @@ class _KD:
         self, net, train_ds, val_ds, epochs, batch_size, lr, seed, quiet, desc, augment=True
     ) -> dict[str, Any]:
         from ..distill.losses import build_losses
-        from ..models import adapter_for
+        from ..models import family_for
         from ..train import default_device, fit, prepare, teacher_forward
 
         device = default_device()
         self.teacher.to(device)
         combined = build_losses(self.losses, **_temperature_option(self.losses, self.temperature)).to(device)
-        s_adapter = adapter_for(net)
+        s_family = family_for(net)
         labels_only = set(combined.losses) == {"ce"}
 
         def loss_fn(model, x, xb, y, idx, aug):
             t_out = {} if labels_only else teacher_forward(self.teacher, prepare(xb, self.t_meta, device))
-            total, _ = combined(s_adapter.forward_kd(model, x), t_out, y)
+            total, _ = combined(s_family.forward_kd(model, x), t_out, y)
             return total
 
         res = fit(
