@@ -29,7 +29,7 @@ import torch_pruning as tp
 from torch import nn
 from transformers import PreTrainedConfig, PreTrainedModel
 
-from ..errors import ModelError, VitshrinkError
+from ..errors import ModelError, UnsupportedFamilyError, VitshrinkError
 from ..export import count_macs as _count_macs
 from ..models import (
     count_params as count_params,
@@ -44,12 +44,15 @@ _QKV_NAMES = (("q_proj", "k_proj", "v_proj"), ("query", "key", "value"))
 def family_for(model_or_config: nn.Module | PreTrainedConfig) -> Family:
     """The family whose rules prune this model (or config); UnsupportedFamilyError if it cannot be."""
     family = _family_for(model_or_config, "prune")
+    if not family.width_pruning:
+        raise UnsupportedFamilyError(family.name, "prune", supported_families())
     family.check_prunable(getattr(model_or_config, "config", model_or_config))  # e.g. UperNet's backbone
     return family
 
 
 def supported_families() -> list[str]:
-    return sorted(family_names())
+    """Families whose widths can be pruned."""
+    return sorted(family_names(lambda f: f.width_pruning))
 
 
 # -- measuring ------------------------------------------------------------------------------------------

@@ -22,6 +22,7 @@ from .base import (
     family_names,
     find_family,
     register_family,
+    unregister_family,
 )
 
 _BUILTIN = ("vit", "swin", "mobilevit", "segformer", "upernet")
@@ -50,4 +51,5 @@ __all__ = [
     "family_names",
     "find_family",
     "register_family",
+    "unregister_family",
 ]

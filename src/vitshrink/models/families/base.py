@@ -17,7 +17,7 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from ...errors import ModelError, UnsupportedFamilyError, VitshrinkError
+from ...errors import UnsupportedFamilyError, VitshrinkError
 
 GRANULARITIES = ("heads", "mlp", "embed", "channels")
 
@@ -43,7 +43,9 @@ class Family:
     presets: ClassVar[dict[str, Preset]] = {}
     # tasks for which `compress` tries this family as a student beside the teacher's own
     efficient_for: ClassVar[tuple[str, ...]] = ()
-    # width pruning: heads and embed dims can only shrink together (head size derived from the width)
+    # width pruning: whether `rewrite` is implemented, and whether heads and embed dims can only shrink
+    # together (head size derived from the width)
+    width_pruning: ClassVar[bool] = False
     coupled_heads_embed: ClassVar[bool] = False
     # depth pruning: whether `depth_stages` is implemented, and whether blocks go in (plain, shifted) pairs
     depth_pruning: ClassVar[bool] = False
@@ -201,6 +203,7 @@ class LogitsWrapper(nn.Module):
 # -- registry -----------------------------------------------------------------------------------------
 _BY_NAME: dict[str, Family] = {}  # family name -> instance, in registration order
 _BY_TYPE: dict[str, Family] = {}  # config.model_type -> instance
+_PRESETS: dict[str, Preset] = {}  # every family's presets, in registration order
 
 _FamilyT = TypeVar("_FamilyT", bound=type[Family])
 
@@ -210,16 +213,26 @@ def register_family(cls: _FamilyT) -> _FamilyT:
     if not cls.name:
         raise TypeError(f"{cls.__name__} needs a `name`")
     taken = [t for t in (cls.name, *cls.model_types) if t in _BY_NAME or t in _BY_TYPE]
+    taken += [p for p in cls.presets if p in _PRESETS]
     if taken:
         raise ValueError(f"family {cls.name!r}: {taken} already registered")
+    wrong = [p for p, preset in cls.presets.items() if preset.family != cls.name]
+    if wrong:
+        raise ValueError(f"family {cls.name!r}: presets {wrong} name another family")
     inst = cls()
     _BY_NAME[cls.name] = inst
-    for t in cls.model_types:
-        _BY_TYPE[t] = inst
-    for preset in cls.presets:
-        if cls.presets[preset].family != cls.name:
-            raise ValueError(f"preset {preset!r} of {cls.name!r} names family {cls.presets[preset].family!r}")
+    _BY_TYPE.update(dict.fromkeys(cls.model_types, inst))
+    _PRESETS.update(cls.presets)
     return cls
+
+
+def unregister_family(name: str) -> None:
+    """Remove a family, its model types and its presets (for tests and plugins)."""
+    fam = _BY_NAME.pop(name)
+    for t in fam.model_types:
+        _BY_TYPE.pop(t, None)
+    for p in fam.presets:
+        _PRESETS.pop(p, None)
 
 
 def families() -> list[Family]:
@@ -262,11 +275,5 @@ def family_for(obj: Any, stage: str = "vitshrink") -> Family:
 
 
 def all_presets() -> dict[str, Preset]:
-    """Every family's presets, in registration order."""
-    out: dict[str, Preset] = {}
-    for fam in _BY_NAME.values():
-        for name, preset in fam.presets.items():
-            if name in out:
-                raise ModelError(f"preset {name!r} is defined twice")
-            out[name] = preset
-    return out
+    """Every registered family's presets, in registration order (a live view: later families join it)."""
+    return _PRESETS

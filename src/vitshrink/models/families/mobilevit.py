@@ -66,6 +66,7 @@ def reset_batchnorm(model: nn.Module) -> nn.Module:
 class MobileViTFamily(Family):
     name = "mobilevit"
     model_types = ("mobilevit", BACKBONE_MODEL_TYPE)
+    width_pruning = True
     classes = {
         "classification": T.MobileViTForImageClassification,
         "segmentation": T.MobileViTForSemanticSegmentation,

@@ -20,6 +20,7 @@ _MICRO = {"hidden_sizes": [16, 32, 64, 96], "depths": [1, 1, 1, 1], "num_attenti
 class SegformerFamily(Family):
     name = "segformer"
     model_types = ("segformer",)
+    width_pruning = True
     classes = {
         "segmentation": T.SegformerForSemanticSegmentation,
         "classification": T.SegformerForImageClassification,

@@ -20,6 +20,7 @@ SWIN_MICRO = {"embed_dim": 32, "depths": [2, 2, 2], "num_heads": [1, 2, 4], "win
 class SwinFamily(Family):
     name = "swin"
     model_types = ("swin",)
+    width_pruning = True
     classes = {"classification": T.SwinForImageClassification}
     presets = {
         "swin-micro": Preset("swin", ("classification",), dict(SWIN_MICRO)),

@@ -21,6 +21,7 @@ _SEG = ("segmentation",)
 class UperNetFamily(Family):
     name = "upernet"
     model_types = ("upernet",)
+    width_pruning = True
     classes = {"segmentation": T.UperNetForSemanticSegmentation}
     presets = {
         "upernet-swin-micro": Preset(

@@ -39,6 +39,7 @@ _CLS = ("classification",)
 class ViTFamily(Family):
     name = "vit"
     model_types = ("vit",)
+    width_pruning = True
     classes = {"classification": T.ViTForImageClassification}
     config_cls: type = T.ViTConfig
     depth_pruning = True
