@@ -72,10 +72,9 @@ def onnx_meta(path: str | os.PathLike) -> dict[str, Any] | None:
         proto = onnx.load(str(path), load_external_data=False)
     except Exception as e:  # noqa: BLE001 - any parse failure means a corrupt file
         raise ModelError(f"not a valid ONNX file: {path} ({type(e).__name__})") from None
-    for p in proto.metadata_props:
-        if p.key == "vitshrink":
-            return json.loads(p.value)
-    return None
+    from ..deploy._meta import read_meta_props
+
+    return read_meta_props(proto.metadata_props, str(path)) or None
 
 
 def _worker(spec: dict[str, Any], timeout: float) -> dict[str, Any]:

@@ -9,12 +9,12 @@ from __future__ import annotations
 
 import json
 import sys
-import time
 from typing import Any
 
 import numpy as np
 
 from vitshrink._proc import peak_rss_mb
+from vitshrink.bench.timing import time_ms
 from vitshrink.progress import progress  # tqdm only: no torch in the ONNX worker
 
 
@@ -73,12 +73,7 @@ class _Runner:
 
 
 def _time(fn: _Runner, x: np.ndarray, n: int) -> list[float]:
-    out = []
-    for _ in range(n):
-        t = time.perf_counter()
-        fn(x)
-        out.append((time.perf_counter() - t) * 1000)
-    return out
+    return time_ms(lambda: fn(x), n)
 
 
 def run(spec: dict[str, Any]) -> dict[str, Any]:

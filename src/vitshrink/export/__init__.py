@@ -9,7 +9,6 @@ from __future__ import annotations
 
 import contextlib
 import io
-import json
 import os
 import warnings
 from collections.abc import Callable
@@ -21,6 +20,7 @@ import torch
 from torch import nn
 
 from ..artifacts import atomic_path
+from ..deploy._meta import write_meta_props
 from ..errors import ModelError, VitshrinkError
 from .patches import SHIFT_MASK_FILL, StaticAdaptiveAvgPool2d
 
@@ -95,8 +95,7 @@ def export_onnx(
         if simplify:
             proto = _simplify(proto)
         del proto.metadata_props[:]
-        entry = proto.metadata_props.add()
-        entry.key, entry.value = "vitshrink", json.dumps(full_meta)
+        write_meta_props(proto.metadata_props, full_meta)
         onnx.save(proto, str(tmp))
     result: dict[str, Any] = {"artifact": str(out), **stats, "size_mb": out.stat().st_size / 2**20}
     if check:
