@@ -18,7 +18,7 @@ from typing import Any
 
 from .analysis import Comparison
 from .plots import class_order
-from .results import EXAMPLE_ROLES, Example, Results, Stage
+from .results import EXAMPLE_ROLES, Example, Results, StageResult
 
 METRIC_LABELS = {"accuracy": "Accuracy", "miou": "mIoU"}
 ROLE_TITLES = {
@@ -221,7 +221,7 @@ def build_content(
 
 
 def _per_class(res: Results, png: Path | None) -> tuple[Table | None, Image | None]:
-    with_iou: list[Stage] = [s for s in res.stages if s.per_class_iou]
+    with_iou: list[StageResult] = [s for s in res.stages if s.per_class_iou]
     if not with_iou:
         return None, None
     classes = class_order(with_iou, res.class_names)  # same order as the plot
