@@ -66,7 +66,7 @@ class _Scorer:
 
     def result(self, distributed: bool = False) -> dict[str, Any]:
         if distributed:
-            from .train import all_reduce_sum
+            from .batch import all_reduce_sum
 
             all_reduce_sum(self.correct)
             all_reduce_sum(self.cm)
@@ -92,8 +92,8 @@ def evaluate_model(
     distributed: bool = False,
 ) -> dict[str, Any]:
     """Score an in-memory model; with `distributed`, each rank scores its shard and counts are summed."""
+    from .batch import default_device, dist_info, prepare
     from .models import family_for
-    from .train import default_device, dist_info, prepare
 
     device = torch.device(device) if device is not None else default_device()
     family = family_for(model)
@@ -128,8 +128,8 @@ def evaluate_onnx(
     quiet: bool = False,
 ) -> dict[str, Any]:
     """Score an ONNX file with onnxruntime, preprocessing as its embedded metadata says."""
+    from .batch import prepare
     from .deploy.runtime import OnnxModel
-    from .train import prepare
 
     m = OnnxModel(path, threads=threads)
     meta = onnx_model_meta(m)

@@ -29,6 +29,7 @@ import torch_pruning as tp
 from torch import nn
 from transformers import PreTrainedConfig, PreTrainedModel
 
+from ..batch import segmentation_ce
 from ..errors import ModelError, UnsupportedFamilyError, VitshrinkError
 from ..export import count_macs as _count_macs
 from ..models import (
@@ -196,9 +197,7 @@ def _logits(model: nn.Module, x: torch.Tensor) -> torch.Tensor:
 
 def _default_loss(logits: torch.Tensor, target: torch.Tensor) -> torch.Tensor:
     if logits.dim() == 4:  # segmentation: maps at the model's resolution, masks at the input's
-        if logits.shape[-2:] != target.shape[-2:]:
-            logits = F.interpolate(logits, size=target.shape[-2:], mode="bilinear", align_corners=False)
-        return F.cross_entropy(logits, target.long(), ignore_index=255)
+        return segmentation_ce(logits, target)
     return F.cross_entropy(logits, target)
 
 
