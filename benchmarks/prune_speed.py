@@ -49,10 +49,10 @@ from torch import nn
 
 from vitshrink.deploy.runtime import session_options
 from vitshrink.export import make_exportable
+from vitshrink.models.families.swin import SwinPatchMergingPruner
 from vitshrink.prune import _latency_ms
 from vitshrink.prune.core import count_macs, count_params, prune_model
 from vitshrink.prune.depth import drop_blocks
-from vitshrink.prune.families import SwinPatchMergingPruner
 from vitshrink.prune.shape import choose_shape
 from vitshrink.prune.target import fill_budget, ratio_for_target
 

@@ -42,7 +42,7 @@ def train_student(out: Path, seconds: float, threads: int) -> Path:
 
     from vitshrink.data import aerial
     from vitshrink.export import export_onnx
-    from vitshrink.models import adapter_for, build_model
+    from vitshrink.models import build_model, family_for
 
     torch.manual_seed(0)
     torch.set_num_threads(threads)
@@ -55,7 +55,7 @@ def train_student(out: Path, seconds: float, threads: int) -> Path:
     )
     meta["class_names"] = list(aerial.CLASSES)
     meta["preprocess"].update(mean=list(aerial.MEAN), std=list(aerial.STD))
-    adapter = adapter_for(model)
+    adapter = family_for(model)
     scenes = [aerial.render_sample(10_000 + i, 256) for i in range(96)]
     imgs = torch.from_numpy(np.stack([s[0] for s in scenes])).permute(0, 3, 1, 2).float() / 255.0
     masks = torch.from_numpy(np.stack([s[1] for s in scenes])).long()

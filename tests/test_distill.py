@@ -140,7 +140,7 @@ def test_cached_teacher_logits_follow_flips_and_shifts(tmp_path):
     from vitshrink.data import AugParams, apply_augment, load_dataset
     from vitshrink.distill import cached_teacher_logits, teacher_logits_cache
     from vitshrink.distill.losses import resize_map
-    from vitshrink.models import adapter_for
+    from vitshrink.models import family_for
     from vitshrink.train import prepare
 
     torch.manual_seed(0)
@@ -156,7 +156,7 @@ def test_cached_teacher_logits_follow_flips_and_shifts(tmp_path):
     got = cached_teacher_logits(cache, idx, aug, (64, 64))
     with torch.no_grad():
         x = apply_augment(ds.images[idx], AugParams(aug.flip, 0, 0), 0)
-        want = adapter_for(teacher).forward_kd(teacher, prepare(x, tmeta, torch.device("cpu")))["logits"]
+        want = family_for(teacher).forward_kd(teacher, prepare(x, tmeta, torch.device("cpu")))["logits"]
     want = apply_augment(resize_map(want.float(), (64, 64)), AugParams(aug.flip, 2, -1), 0.0, flip=False)
     assert torch.allclose(got, want, atol=2e-2)  # fp16 storage
     # no augmentation: the plain view; a tight budget stores maps at a lower resolution

@@ -7,7 +7,7 @@ import torch
 import transformers as T
 
 from vitshrink.errors import ModelError
-from vitshrink.models import adapter_for, build_model, load_model, save_model
+from vitshrink.models import build_model, family_for, load_model, save_model
 
 CASES = [
     ("vit-micro", "classification", 28, 1),
@@ -26,7 +26,7 @@ def test_build_save_reload_through_transformers(tmp_path, preset, task, size, ch
     model, meta = build_model(preset, task=task, image_size=size, num_channels=ch, num_labels=5)
     x = torch.randn(2, ch, size, size)
     with torch.no_grad():
-        y = adapter_for(model).logits(model, x)
+        y = family_for(model).logits(model, x)
     assert y.shape == ((2, 5) if task == "classification" else (2, 5, size, size))
     save_model(model, meta, tmp_path / "m", stage="test")
     auto = (

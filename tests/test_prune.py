@@ -13,8 +13,8 @@ import transformers as T
 from torch import nn
 
 from vitshrink.errors import UnsupportedFamilyError, VitshrinkError
+from vitshrink.models.families.widths import kept_heads, kept_width
 from vitshrink.prune.core import count_macs, count_params, prune_model, pruned_config
-from vitshrink.prune.families import kept_heads, kept_width
 from vitshrink.prune.sparsity import unstructured_sparsity
 from vitshrink.prune.target import pruned_architecture, ratio_for_target, ratio_from_latency_table
 

@@ -21,7 +21,7 @@ from torch import nn
 from vitshrink.deploy import OnnxModel, predict, tiling
 from vitshrink.errors import ModelError
 from vitshrink.export import export_onnx
-from vitshrink.models import adapter_for, build_model, save_model
+from vitshrink.models import build_model, family_for, save_model
 
 torch.set_num_threads(1)
 
@@ -49,7 +49,7 @@ def test_dynamic_size_export_matches_pytorch_at_two_sizes(segformer_dir, tmp_pat
     m = OnnxModel(out, threads=1)
     assert m.size == (256, 256) and m.size_multiple == 1
     model, _ = __import__("vitshrink.models", fromlist=["load_model"]).load_model(segformer_dir)
-    wrapper = adapter_for(model).export_wrapper(model).eval()
+    wrapper = family_for(model).export_wrapper(model).eval()
     for hw in ((256, 256), (384, 384), (192, 320)):
         x = np.random.default_rng(1).standard_normal((1, 3, *hw)).astype(np.float32)
         with torch.no_grad():

@@ -65,7 +65,7 @@ class _Scorer:
 
     def result(self, distributed: bool = False) -> dict[str, Any]:
         if distributed:
-            from .train import all_reduce_sum
+            from .batch import all_reduce_sum
 
             all_reduce_sum(self.correct)
             all_reduce_sum(self.cm)
@@ -91,11 +91,11 @@ def evaluate_model(
     distributed: bool = False,
 ) -> dict[str, Any]:
     """Score an in-memory model; with `distributed`, each rank scores its shard and counts are summed."""
-    from .models import adapter_for
-    from .train import default_device, dist_info, prepare
+    from .batch import default_device, dist_info, prepare
+    from .models import family_for
 
     device = torch.device(device) if device is not None else default_device()
-    adapter = adapter_for(model)
+    family = family_for(model)
     was_training = model.training
     model.eval()
     rank, world = dist_info() if distributed else (0, 1)
@@ -104,7 +104,7 @@ def evaluate_model(
     for i in progress(range(0, len(idx_all), batch_size), desc="eval", disable=quiet):
         idx = idx_all[i : i + batch_size]
         x = prepare(ds.images[idx], meta, device)
-        logits = adapter.logits(model, x).float()
+        logits = family.logits(model, x).float()
         tgt = ds.targets[idx]
         if meta["task"] == "segmentation" and logits.shape[-2:] != tgt.shape[-2:]:
             logits = torch.nn.functional.interpolate(
@@ -127,8 +127,8 @@ def evaluate_onnx(
     quiet: bool = False,
 ) -> dict[str, Any]:
     """Score an ONNX file with onnxruntime, preprocessing as its embedded metadata says."""
+    from .batch import prepare
     from .deploy.runtime import OnnxModel
-    from .train import prepare
 
     m = OnnxModel(path, threads=threads)
     meta = onnx_model_meta(m)

@@ -22,20 +22,19 @@ from torch import nn
 from torch.utils.data import DistributedSampler
 
 from .artifacts import atomic_dir, read_json, write_json
+from .batch import all_reduce_sum, default_device, dist_info, prepare, segmentation_ce
 from .data import (
-    IGNORE_INDEX,
     AugParams,
     VisionDataset,
     align_classes,
     augment,
     describe,
     load_dataset,
-    normalize,
-    resize_images,
     sample_augment,
 )
 from .errors import VitshrinkError
-from .models import adapter_for, build_model, is_model_dir, load_model, save_model
+from .evaluate import evaluate_model
+from .models import build_model, family_for, is_model_dir, load_model, save_model
 from .progress import progress
 
 STATE_FILE = "trainer_state.pt"
@@ -48,12 +47,6 @@ def checkpoint_dir(out: str | os.PathLike) -> Path:
     """Where a stage writing OUT keeps its per-epoch checkpoint: OUT.ckpt beside it."""
     out = Path(out)
     return out.with_name(out.name + ".ckpt")
-
-
-def dist_info() -> tuple[int, int]:
-    if torch.distributed.is_available() and torch.distributed.is_initialized():
-        return torch.distributed.get_rank(), torch.distributed.get_world_size()
-    return 0, 1
 
 
 def maybe_init_distributed() -> tuple[int, int]:
@@ -130,53 +123,18 @@ def floats(obj: Any) -> Any:
 
 @torch.no_grad()
 def teacher_forward(teacher: nn.Module, x: torch.Tensor, **kw: Any) -> dict[str, Any]:
-    """A frozen teacher's distillation outputs (`Adapter.forward_kd`): no gradients, mixed precision
+    """A frozen teacher's distillation outputs (`Family.forward_kd`): no gradients, mixed precision
     where it is native (`inference_autocast`), float32 out."""
     with inference_autocast(x.device):
-        return floats(adapter_for(teacher).forward_kd(teacher, x, **kw))
-
-
-def all_reduce_sum(t: torch.Tensor) -> torch.Tensor:
-    if dist_info()[1] > 1:
-        torch.distributed.all_reduce(t, op=torch.distributed.ReduceOp.SUM)
-    return t
-
-
-def default_device() -> torch.device:
-    if torch.cuda.is_available():
-        return torch.device("cuda", int(os.environ.get("LOCAL_RANK", "0")))
-    return torch.device("cpu")
+        return floats(family_for(teacher).forward_kd(teacher, x, **kw))
 
 
 # ------------------------------------------------------------------------------------------ input
 
 
-def prepare(images: torch.Tensor, meta: dict[str, Any], device: torch.device) -> torch.Tensor:
-    """uint8 batch → the float input a model with this `meta` expects (size, channels, mean/std)."""
-    pre = meta["preprocess"]
-    x = images.to(device, non_blocking=True)
-    c = pre["channels"]
-    if x.shape[1] != c:
-        if x.shape[1] == 1 and c == 3:
-            x = x.expand(-1, 3, -1, -1)
-        elif x.shape[1] == 3 and c == 1:
-            x = (
-                (x.float() * torch.tensor([0.299, 0.587, 0.114], device=device).view(1, 3, 1, 1))
-                .sum(1, keepdim=True)
-                .round()
-                .to(torch.uint8)
-            )
-        else:
-            raise VitshrinkError(f"model expects {c} input channels, data has {x.shape[1]}")
-    x = resize_images(x, tuple(pre["size"]))
-    return normalize(x, pre["mean"], pre["std"])
-
-
 def task_loss(logits: torch.Tensor, targets: torch.Tensor, task: str) -> torch.Tensor:
     if task == "segmentation":
-        if logits.shape[-2:] != targets.shape[-2:]:
-            logits = F.interpolate(logits, size=targets.shape[-2:], mode="bilinear", align_corners=False)
-        return F.cross_entropy(logits, targets.long(), ignore_index=IGNORE_INDEX)
+        return segmentation_ce(logits, targets)
     return F.cross_entropy(logits, targets, label_smoothing=0.1)
 
 
@@ -216,8 +174,6 @@ def fit(
 
     Returns {"history": [...per-epoch metrics...], "val": last validation metrics}.
     """
-    from .evaluate import evaluate_model
-
     rank, world = maybe_init_distributed()
     device = device or default_device()
     model.to(device)

@@ -31,7 +31,7 @@ def model_stats(path: str | os.PathLike) -> dict[str, Any]:
         import torch
 
         from ..export import count_macs
-        from ..models import adapter_for, count_params, load_model
+        from ..models import count_params, family_for, load_model
 
         model, meta = load_model(path)
         pre = meta["preprocess"]
@@ -40,7 +40,7 @@ def model_stats(path: str | os.PathLike) -> dict[str, Any]:
         return {
             "size_mb": size / 2**20,
             "params": count_params(model),
-            "macs": count_macs(adapter_for(model).export_wrapper(model), example),
+            "macs": count_macs(family_for(model).export_wrapper(model), example),
             "format": "hf-dir",
         }
     meta = onnx_meta(path)
@@ -74,10 +74,9 @@ def onnx_meta(path: str | os.PathLike) -> dict[str, Any] | None:
         proto = onnx.load(str(path), load_external_data=False)
     except Exception as e:  # noqa: BLE001 - any parse failure means a corrupt file
         raise ModelError(f"not a valid ONNX file: {path} ({type(e).__name__})") from None
-    for p in proto.metadata_props:
-        if p.key == "vitshrink":
-            return json.loads(p.value)
-    return None
+    from ..deploy._meta import read_meta_props
+
+    return read_meta_props(proto.metadata_props, str(path)) or None
 
 
 def _worker(spec: dict[str, Any], timeout: float) -> dict[str, Any]:

@@ -9,12 +9,12 @@ from __future__ import annotations
 
 import json
 import sys
-import time
 from typing import Any
 
 import numpy as np
 
 from vitshrink._proc import peak_rss_mb
+from vitshrink.bench.timing import time_ms
 from vitshrink.progress import progress  # tqdm only: no torch in the ONNX worker
 
 
@@ -56,14 +56,14 @@ class _Runner:
         else:
             import torch
 
-            from vitshrink.models import adapter_for, load_model
+            from vitshrink.models import family_for, load_model
 
             if threads:
                 torch.set_num_threads(threads)
             self.torch = torch
             self.dev = torch.device("cuda" if device == "cuda" and torch.cuda.is_available() else "cpu")
             model, meta = load_model(path, device=self.dev)
-            self.fn = adapter_for(model).export_wrapper(model).eval()
+            self.fn = family_for(model).export_wrapper(model).eval()
             pre = meta["preprocess"]
             self.shape = [None, pre["channels"], *(image_size or pre["size"])]
             self.dtype = np.float32
@@ -85,12 +85,7 @@ class _Runner:
 
 
 def _time(fn: _Runner, x: np.ndarray, n: int) -> list[float]:
-    out = []
-    for _ in range(n):
-        t = time.perf_counter()
-        fn(x)
-        out.append((time.perf_counter() - t) * 1000)
-    return out
+    return time_ms(lambda: fn(x), n)
 
 
 def run(spec: dict[str, Any]) -> dict[str, Any]:

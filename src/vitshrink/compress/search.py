@@ -49,8 +49,6 @@ QUANT_BYTES = {"none": 4.0, "fp16": 2.0}  # bytes per parameter of the final fil
 DEFAULT_DISTILL: dict[str, Any] = {"epochs": 2}
 DEFAULT_PRUNE: dict[str, Any] = {"recover_epochs": 1}
 DEFAULT_RATIOS = (0.0, 0.25, 0.5)
-# Families worth trying as students, beyond the teacher's own: the efficient ones for each task.
-EFFICIENT = {"classification": ("mobilevit",), "segmentation": ("segformer", "upernet")}
 MAX_AUTO_STUDENTS = 2
 
 
@@ -133,12 +131,13 @@ def auto_students(ctx: Context) -> dict[str, dict[str, Any] | None]:
     import torch
 
     from ..models import build_model, count_params, load_model
+    from ..models.families import efficient_families
     from ..models.presets import PRESETS
 
     task, pre = ctx.meta["task"], ctx.meta["preprocess"]
     teacher, _ = load_model(ctx.teacher, verify=False)
     t_params = count_params(teacher)
-    families = {ctx.meta.get("family")} | set(EFFICIENT[task])
+    families = {ctx.meta.get("family")} | set(efficient_families(task))
     sized = []
     for name, p in PRESETS.items():
         if task not in p.tasks or p.family not in families or name == ctx.meta.get("preset"):

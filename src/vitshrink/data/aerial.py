@@ -51,6 +51,8 @@ from PIL import Image, ImageDraw, ImageFilter
 
 from ..artifacts import atomic_dir, atomic_file, read_json, write_json
 from ..errors import VitshrinkError
+from ..labels import IGNORE_INDEX
+from ..labels import colorize as _colorize
 
 __all__ = [
     "CLASSES",
@@ -88,7 +90,6 @@ CLASSES: tuple[str, ...] = (
     "water_vehicle_person",
 )
 NUM_CLASSES = len(CLASSES)
-IGNORE_INDEX = 255
 
 # Fixed colours for visualising masks (one per class id, in CLASSES order).
 PALETTE: tuple[tuple[int, int, int], ...] = (
@@ -873,10 +874,8 @@ def render_frame(
 
 
 def colorize(mask: np.ndarray) -> np.ndarray:
-    """Mask of class ids -> uint8 RGB using PALETTE (ignore / unknown ids are drawn dark grey)."""
-    lut = np.full((256, 3), 60, np.uint8)
-    lut[:NUM_CLASSES] = np.asarray(PALETTE, np.uint8)
-    return lut[np.asarray(mask, np.uint8)]
+    """Mask of class ids -> uint8 RGB using PALETTE (`labels.colorize`: ignore drawn as everywhere)."""
+    return _colorize(mask, PALETTE)
 
 
 def _seed_for(seed: int, i: int) -> int:

@@ -1,13 +1,16 @@
-"""The "vitshrink" metadata of an ONNX model, parsed and checked without onnx, onnxruntime or torch.
+"""The "vitshrink" metadata of an ONNX model, read, written and checked without onnx, onnxruntime or torch.
 
-Shared by the runtime (which reads it through onnxruntime) and the TensorRT recipe (which reads it
-through onnx), so both preprocess identically.
+The one owner of that entry: export writes it, quantize updates it, bench, the runtime (through
+onnxruntime's map) and the TensorRT recipe (through onnx's protobuf) read it, so all of them preprocess
+identically and fail alike: absent -> {}, corrupt -> ModelError.
 """
 
 from __future__ import annotations
 
 import json
 import math
+from collections.abc import Iterable, Mapping
+from pathlib import Path
 from typing import Any
 
 from ..errors import ModelError
@@ -35,6 +38,33 @@ def parse_meta(text: str | None, where: str) -> dict[str, Any]:
     if not isinstance(meta, dict):
         raise ModelError(f"{where}: 'vitshrink' metadata is not a JSON object")
     return meta
+
+
+def read_meta_props(props: Iterable[Any] | Mapping[str, str], where: str) -> dict[str, Any]:
+    """The vitshrink metadata among an ONNX model's metadata_props (onnx protobuf entries, or
+    onnxruntime's key -> value map); {} when absent, ModelError when corrupt."""
+    if isinstance(props, Mapping):
+        return parse_meta(props.get(META_KEY), where)
+    return parse_meta(next((p.value for p in props if p.key == META_KEY), None), where)
+
+
+def write_meta_props(props: Any, meta: dict[str, Any]) -> None:
+    """Store `meta` as the vitshrink entry of an onnx model's metadata_props, replacing any."""
+    text = json.dumps(meta, default=_json_default)
+    for p in props:
+        if p.key == META_KEY:
+            p.value = text
+            return
+    entry = props.add()
+    entry.key, entry.value = META_KEY, text
+
+
+def _json_default(o: Any) -> Any:
+    if hasattr(o, "item") and callable(o.item):  # numpy scalars, without importing numpy
+        return o.item()
+    if isinstance(o, Path):
+        return str(o)
+    raise TypeError(type(o).__name__)
 
 
 def resolve_preprocess(

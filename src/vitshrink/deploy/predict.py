@@ -79,11 +79,14 @@ _BASE_COLOURS = [
 
 
 def _palette() -> np.ndarray:
+    from ..labels import IGNORE_COLOUR, IGNORE_INDEX
+
     pal = np.zeros((256, 3), np.uint8)
     pal[: len(_BASE_COLOURS)] = _BASE_COLOURS
-    for i in range(len(_BASE_COLOURS), 255):
+    for i in range(len(_BASE_COLOURS), IGNORE_INDEX):
         pal[i] = list(hashlib.sha256(f"vitshrink-class-{i}".encode()).digest()[:3])
-    return pal  # id 255 ("ignore") stays black
+    pal[IGNORE_INDEX] = IGNORE_COLOUR
+    return pal
 
 
 PALETTE: np.ndarray = _palette()  # (256, 3) uint8, indexed by class id

@@ -21,7 +21,7 @@ from ..cpu import runs_exactly_here
 from ..errors import DataError, ModelError
 from ..onnx_folder import onnx_file
 from . import tiling
-from ._meta import parse_meta, resolve_class_names, resolve_preprocess, resolve_task
+from ._meta import read_meta_props, resolve_class_names, resolve_preprocess, resolve_task
 
 # onnxruntime raises its own pybind11 exception classes (not RuntimeError subclasses) for bad models and
 # bad inputs; collect the ones this build has so they can be turned into one-line errors.
@@ -99,6 +99,15 @@ def session_options(threads: int | None = None) -> ort.SessionOptions:
     return opts
 
 
+def cpu_session(model: str | os.PathLike | bytes, threads: int | None = 1) -> ort.InferenceSession:
+    """A CPU session with `session_options`; ModelError (one line) if onnxruntime cannot load the model."""
+    src = model if isinstance(model, bytes) else str(model)
+    try:
+        return ort.InferenceSession(src, session_options(threads), providers=["CPUExecutionProvider"])
+    except Exception as e:  # noqa: BLE001 - ORT raises its own exception types
+        raise ModelError(f"onnxruntime cannot load the model: {str(e).splitlines()[0][:300]}") from None
+
+
 class OnnxModel:
     """An exported vitshrink model: preprocessing, inference and post-processing from its metadata."""
 
@@ -153,7 +162,7 @@ class OnnxModel:
         self.output_name = out.name
         out_shape = list(out.shape) if out.shape is not None else None
 
-        self.meta = parse_meta(self.session.get_modelmeta().custom_metadata_map.get("vitshrink"), where)
+        self.meta = read_meta_props(self.session.get_modelmeta().custom_metadata_map, where)
         self.task = resolve_task(self.meta, len(out_shape) if out_shape else None, where)
         self.channels, self.size, mean, std = resolve_preprocess(
             self.meta, _static(shape[1]), (_static(shape[2]), _static(shape[3])), where

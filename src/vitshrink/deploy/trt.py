@@ -16,7 +16,7 @@ from typing import Any
 
 from ..artifacts import atomic_file
 from ..errors import ModelError, VitshrinkError
-from ._meta import META_KEY, parse_meta, resolve_class_names, resolve_preprocess, resolve_task
+from ._meta import read_meta_props, resolve_class_names, resolve_preprocess, resolve_task
 
 TRTEXEC = "/usr/src/tensorrt/bin/trtexec"  # where JetPack installs it; it is not on PATH
 
@@ -205,8 +205,7 @@ def trt_recipe(
         raise ModelError(f"not a valid ONNX model (empty graph): {onnx_path}")
 
     where = str(onnx_path)
-    props = {p.key: p.value for p in model.metadata_props}
-    meta = parse_meta(props.get(META_KEY), where)
+    meta = read_meta_props(model.metadata_props, where)
     input_name, dims = _input_dims(model)
     outs = list(model.graph.output)
     out = next((o for o in outs if o.name == "logits"), outs[0])

@@ -18,12 +18,11 @@ from pathlib import Path
 from typing import Any
 
 import torch
-import transformers as T
 
 from ..artifacts import atomic_path
 from ..data import AugParams, apply_augment, load_dataset
 from ..errors import VitshrinkError
-from ..models import adapter_for, count_params, is_model_dir, load_model, save_model
+from ..models import count_params, family_for, is_model_dir, load_model, save_model
 from ..progress import progress
 from ..train import (
     _check_compatible,
@@ -215,15 +214,8 @@ def distill(
         s_model.config.id2label = dict(enumerate(t_meta["class_names"]))
         s_model.config.label2id = {n: i for i, n in enumerate(t_meta["class_names"])}
     _check_compatible(s_meta, train_ds)
-    if (
-        {"dist-token", "hard"} & set(weights)
-        and s_model.config.model_type == "deit"
-        and not isinstance(s_model, T.DeiTForImageClassificationWithTeacher)
-    ):
-        # A distillation token needs DeiT's two-head model; its embeddings already carry the token.
-        two_head = T.DeiTForImageClassificationWithTeacher(s_model.config)
-        two_head.deit.load_state_dict(s_model.deit.state_dict())
-        s_model = two_head.eval()
+    s_family = family_for(s_model)
+    s_model = s_family.distillation_student(s_model, set(weights))  # e.g. DeiT's two heads
 
     device = default_device()
     t_model.to(device).eval().requires_grad_(False)
@@ -234,7 +226,6 @@ def distill(
     if need_a:
         for m in (t_model, s_model):
             m.set_attn_implementation("eager")  # attention maps are only returned by eager attention
-    s_adapter = adapter_for(s_model)
     cache = None
     if cache_teacher:
         if need_f:
@@ -264,8 +255,8 @@ def distill(
         return teacher_forward(t_model, prepare(xb, t_meta, device), features=need_f, attentions=need_a)
 
     def loss_fn(model, x, xb, y, idx, aug):
-        # Under DDP the wrapped module must be called for gradient sync; adapters call model(...).
-        s_out = s_adapter.forward_kd(model, x, features=need_f, attentions=need_a)
+        # Under DDP the wrapped module must be called for gradient sync; families call model(...).
+        s_out = s_family.forward_kd(model, x, features=need_f, attentions=need_a)
         total, _ = combined(s_out, teacher_out(xb, idx, aug), y)
         return total
 
@@ -274,7 +265,7 @@ def distill(
     s_model.eval()
     with torch.no_grad():
         combined.prepare(
-            s_adapter.forward_kd(s_model, prepare(xb0, s_meta, device), features=need_f, attentions=need_a),
+            s_family.forward_kd(s_model, prepare(xb0, s_meta, device), features=need_f, attentions=need_a),
             teacher_out(xb0, torch.arange(2)),
             yb0.to(device),
         )

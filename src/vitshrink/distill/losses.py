@@ -35,9 +35,10 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor, nn
 
+from vitshrink.batch import segmentation_ce
 from vitshrink.errors import VitshrinkError
+from vitshrink.labels import IGNORE_INDEX
 
-IGNORE_INDEX = 255
 Outputs = Mapping[str, Any]
 
 __all__ = [
@@ -175,10 +176,7 @@ def _ce(logits: Tensor, targets: Tensor) -> Tensor:
     logits = _as_float(logits)
     if logits.dim() == 2:
         return F.cross_entropy(logits, targets if targets.is_floating_point() else targets.long())
-    targets = _seg_targets(targets, logits)
-    up = resize_map(logits, targets.shape[-2:])
-    ce = F.cross_entropy(up, targets, ignore_index=IGNORE_INDEX, reduction="sum")
-    return ce / (targets != IGNORE_INDEX).sum().clamp_min(1)
+    return segmentation_ce(logits, _seg_targets(targets, logits))
 
 
 def _distill_logits(out: Outputs, loss: str) -> Tensor:

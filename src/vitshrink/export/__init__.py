@@ -11,7 +11,6 @@ import contextlib
 import io
 import json
 import os
-import types
 import warnings
 from collections.abc import Callable
 from pathlib import Path
@@ -19,13 +18,26 @@ from typing import Any
 
 import numpy as np
 import torch
-import torch.nn.functional as F
 from torch import nn
 
 from .. import __version__
 from ..artifacts import atomic_path
-from ..deploy._meta import parse_image_size  # noqa: F401 - torch-free, re-exported
+from ..deploy._meta import (
+    parse_image_size,  # noqa: F401 - torch-free, re-exported
+    write_meta_props,
+)
 from ..errors import ModelError, VitshrinkError
+from .patches import SHIFT_MASK_FILL, StaticAdaptiveAvgPool2d
+
+__all__ = [
+    "SHIFT_MASK_FILL",
+    "StaticAdaptiveAvgPool2d",
+    "count_macs",
+    "export",
+    "export_onnx",
+    "make_exportable",
+    "parity",
+]
 
 DEFAULT_OPSET = 17
 # The oldest opset with scaled_dot_product_attention in the exporter (every family's attention needs
@@ -33,110 +45,15 @@ DEFAULT_OPSET = 17
 MIN_OPSET = 14
 
 
-class StaticAdaptiveAvgPool2d(nn.Module):
-    """Adaptive average pooling unrolled for a fixed input size.
-
-    Hand-written because neither torch exporter handles adaptive pooling to bins that do not divide
-    the map (UperNet's PSP module pools a 16x16 map to 1/2/3/6 bins at 512 px). With the input size
-    known at trace time, PyTorch's own bin edges (floor(i*H/b), ceil((i+1)*H/b)) become constant
-    slices, so the result is bit-for-bit the same operation.
-    """
-
-    def __init__(self, output_size: int | tuple[int, int]) -> None:
-        super().__init__()
-        self.output_size = (output_size, output_size) if isinstance(output_size, int) else tuple(output_size)
-
-    def forward(self, x: torch.Tensor) -> torch.Tensor:
-        h, w = int(x.shape[-2]), int(x.shape[-1])
-        oh, ow = self.output_size
-        if h % oh == 0 and w % ow == 0:
-            return F.avg_pool2d(x, kernel_size=(h // oh, w // ow))
-        rows = []
-        for i in range(oh):
-            y0, y1 = (i * h) // oh, -(-((i + 1) * h) // oh)
-            cols = [
-                x[..., y0:y1, (j * w) // ow : -(-((j + 1) * w) // ow)].mean(dim=(-2, -1), keepdim=True)
-                for j in range(ow)
-            ]
-            rows.append(torch.cat(cols, dim=-1))
-        return torch.cat(rows, dim=-2)
-
-
-class ShapeAgnosticAdaptiveAvgPool2d(nn.Module):
-    """Adaptive average pooling as two pooling-matrix products built from the input's shape at run time.
-
-    StaticAdaptiveAvgPool2d freezes its bin edges at the traced size; a dynamic-size graph needs the
-    edges (PyTorch's floor(i*H/b) .. ceil((i+1)*H/b)) computed in the graph. Same bins, so the same
-    result up to float summation order.
-    """
-
-    def __init__(self, output_size: int | tuple[int, int]) -> None:
-        super().__init__()
-        self.output_size = (output_size, output_size) if isinstance(output_size, int) else tuple(output_size)
-
-    @staticmethod
-    def _matrix(line: torch.Tensor, bins: int) -> torch.Tensor:
-        # positions 0..n-1 and n from tensor ops on the input, so the tracer keeps them symbolic
-        ones = torch.ones_like(line)
-        pos, n = ones.cumsum(0) - 1, ones.sum()
-        i = torch.arange(bins, dtype=line.dtype, device=line.device)
-        start = torch.floor(i * n / bins)
-        end = torch.ceil((i + 1) * n / bins)
-        m = ((pos[None] >= start[:, None]) & (pos[None] < end[:, None])).to(line.dtype)
-        return m / m.sum(1, keepdim=True)  # (bins, n)
-
-    def forward(self, x: torch.Tensor) -> torch.Tensor:
-        oh, ow = self.output_size
-        ph = self._matrix(x[0, 0, :, 0], oh)
-        pw = self._matrix(x[0, 0, 0, :], ow)
-        return torch.matmul(torch.matmul(ph, x), pw.transpose(0, 1))
-
-
-# Swin's shifted-window mask is -100 in transformers; after softmax those weights are ~e^-100 ~ 4e-44,
-# float32 subnormals, and x86 subnormal arithmetic is microcoded: on onnxruntime CPU the probs @ V
-# MatMul of every shifted block ran 10-35x slower than the same MatMul in a plain block (Swin-T: 13 of
-# 59 ms). At -1e4 they underflow to exact zeros; the kept weights differ by < 1e-40 (and -1e4 still
-# fits float16 for TensorRT / fp16 exports).
-SHIFT_MASK_FILL = -1e4
-
-
-def _zero_underflow_mask(self: nn.Module, *args: Any, **kwargs: Any) -> torch.Tensor | None:
-    mask = type(self).get_attn_mask(self, *args, **kwargs)
-    return None if mask is None else mask.masked_fill(mask < 0, SHIFT_MASK_FILL)
-
-
 def make_exportable(model: nn.Module, *, dynamic_size: bool = False) -> nn.Module:
     """Swap modules the exporters cannot handle, or run slowly, for exact equivalents (in place).
 
+    Which swaps a model needs is its family's call (`Family.make_exportable`, tools in `patches`);
     dynamic_size: adaptive pools compute their bins in the graph (any input size) instead of unrolled.
     """
-    pool_cls = ShapeAgnosticAdaptiveAvgPool2d if dynamic_size else StaticAdaptiveAvgPool2d
-    swapped: dict[int, nn.Module] = {}
-    for mod in list(model.modules()):
-        # Swin-family blocks (Swin, Swin V2, Donut, MaskFormer-Swin) build their shift mask here
-        # (bound per instance, so deepcopy and pickle follow the module).
-        if callable(getattr(type(mod), "get_attn_mask", None)) and "get_attn_mask" not in vars(mod):
-            mod.get_attn_mask = types.MethodType(_zero_underflow_mask, mod)
-        for cname, child in list(mod.named_children()):
-            if isinstance(child, nn.AdaptiveAvgPool2d):
-                new = swapped.setdefault(id(child), pool_cls(child.output_size))
-                setattr(mod, cname, new)
-        # UperNet's PSP blocks also keep their layers in a plain list that forward() iterates.
-        for attr, val in list(vars(mod).items()):
-            if isinstance(val, list) and any(
-                id(v) in swapped or isinstance(v, nn.AdaptiveAvgPool2d) for v in val
-            ):
-                setattr(
-                    mod,
-                    attr,
-                    [
-                        swapped.setdefault(id(v), pool_cls(v.output_size))
-                        if isinstance(v, nn.AdaptiveAvgPool2d)
-                        else v
-                        for v in val
-                    ],
-                )
-    return model
+    from ..models import family_for
+
+    return family_for(model).make_exportable(model, dynamic_size=dynamic_size)
 
 
 def count_macs(module: Callable[[torch.Tensor], Any], example: torch.Tensor) -> int:
@@ -155,22 +72,10 @@ DYNAMIC_TOLERANCE = 1e-3
 
 def size_multiple(net: nn.Module) -> int | None:
     """The multiple of which every height/width must be for a dynamic-size graph of `net` to be exact;
-    None for families whose traced graphs keep the export size (reshapes, masks, position embeddings).
+    None for families whose traced graphs keep the export size (the family decides: `size_multiple`)."""
+    from ..models import family_for
 
-    SegFormer is fully convolutional plus reduced attention: any size. MobileViT unfolds patch_size
-    patches on maps down to stride 32, and interpolates (a size frozen by tracing) otherwise. Swin's
-    window partition and shift mask and ViT/DeiT's position embeddings are frozen at the traced size.
-    """
-    cfg = getattr(net, "config", None)
-    mt = getattr(cfg, "model_type", None)
-    if mt == "upernet":
-        cfg = cfg.backbone_config
-        mt = cfg.model_type
-    if mt == "segformer":
-        return 1
-    if mt is not None and "mobilevit" in mt:
-        return 32 * int(getattr(cfg, "patch_size", 2))
-    return None
+    return family_for(net).size_multiple(net.config)
 
 
 def _family(net: nn.Module) -> str:
@@ -237,7 +142,7 @@ def export_onnx(
     plain HF directory that records no size). dynamic_size: symbolic height/width axes, for families
     whose graphs allow it (see `size_multiple`); parity is then checked at two sizes.
     """
-    from ..models import adapter_for, count_params, load_model
+    from ..models import count_params, family_for, load_model
 
     if isinstance(model, nn.Module):
         if meta is None:
@@ -263,8 +168,8 @@ def export_onnx(
         pre.pop("size_multiple", None)
     meta = {**meta, "preprocess": pre}
     example = torch.randn(1, pre["channels"], *pre["size"])
-    adapter = adapter_for(net)
-    wrapper = make_exportable(adapter.export_wrapper(net), dynamic_size=dynamic_size).eval().cpu()
+    family = family_for(net)
+    wrapper = family.export_wrapper(family.make_exportable(net, dynamic_size=dynamic_size)).eval().cpu()
     with torch.no_grad():
         try:
             ref = wrapper(example).numpy()
@@ -292,8 +197,7 @@ def export_onnx(
         if simplify:
             proto = _simplify(proto)
         del proto.metadata_props[:]
-        entry = proto.metadata_props.add()
-        entry.key, entry.value = "vitshrink", json.dumps(full_meta)
+        write_meta_props(proto.metadata_props, full_meta)
         onnx.save(proto, str(tmp))
         # Validate the temporary file, not the destination: a file that does not load or disagrees
         # (at either size, for a dynamic-size graph) never replaces a good one.

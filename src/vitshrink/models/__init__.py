@@ -24,7 +24,7 @@ from .. import __version__
 from ..artifacts import META_FORMAT, META_NAME, atomic_dir, read_json, sha256_file, write_json
 from ..errors import ModelError
 from ..hub import resolve_model
-from .adapters import ADAPTERS, Adapter, adapter_for
+from .families import Family, family_for
 from .presets import PRESETS, get_preset
 
 # transformers' own progress bars and load reports would interleave with ours on every save/load.
@@ -33,8 +33,8 @@ transformers.utils.logging.disable_progress_bar()
 
 __all__ = [
     "PRESETS",
-    "Adapter",
-    "adapter_for",
+    "Family",
+    "family_for",
     "check_finite",
     "build_model",
     "load_model",
@@ -44,14 +44,6 @@ __all__ = [
 ]
 
 DEFAULT_MEAN, DEFAULT_STD = 0.5, 0.5
-
-
-def _register_custom() -> None:
-    # UperNet + MobileViT uses our registered backbone; registering before any load lets plain
-    # `from_pretrained` resolve it.
-    from .mobilevit_backbone import register
-
-    register()
 
 
 def build_model(
@@ -77,11 +69,9 @@ def build_model(
             raise ModelError("build_model needs num_labels or class_names")
         class_names = [f"class_{i}" for i in range(num_labels)]
     num_labels = len(class_names)
-    if p.family == "upernet" and p.backbone == "mobilevit":
-        _register_custom()
     if seed is not None:
         torch.manual_seed(seed)
-    model = ADAPTERS[p.family].build(p, task, image_size, num_channels, num_labels, **overrides).eval()
+    model = family_for(p.family).build(p, task, image_size, num_channels, num_labels, **overrides).eval()
     model.config.id2label = dict(enumerate(class_names))
     model.config.label2id = {n: i for i, n in enumerate(class_names)}
     meta = {
@@ -128,11 +118,9 @@ def load_model(
         meta = _meta_from_hf(path, cfg)
     if verify:
         _verify_checksums(path, meta)
-    model_type = cfg.get("model_type", "")
-    adapter = adapter_for(model_type)
-    if model_type == "upernet":
-        _register_custom()
-    cls = adapter.model_class(meta["task"])
+    family = family_for(cfg.get("model_type", ""))
+    family.before_load()
+    cls = family.model_class(meta["task"])
     arch = (cfg.get("architectures") or [None])[0]
     if (
         arch
@@ -149,7 +137,7 @@ def load_model(
     except (OSError, ValueError, RuntimeError, KeyError, TypeError, SafetensorError) as e:
         msg = str(e).splitlines()[0] if str(e) else type(e).__name__
         raise ModelError(f"cannot load model from {path}: {msg}") from None
-    meta.setdefault("family", adapter.family)
+    meta.setdefault("family", family.name)
     return model.to(device).eval(), meta
 
 
@@ -282,12 +270,8 @@ def _verify_checksums(path: Path, meta: dict[str, Any]) -> None:
 
 def _meta_from_hf(path: Path, cfg: dict[str, Any]) -> dict[str, Any]:
     """Meta for a plain transformers directory, honouring its preprocessor_config.json."""
-    archs = cfg.get("architectures") or []
-    task = (
-        "segmentation"
-        if any("Segmentation" in a for a in archs) or cfg.get("model_type") == "upernet"
-        else "classification"
-    )
+    family = family_for(cfg.get("model_type", ""))
+    task = family.task_of(cfg)
     bb = cfg.get("backbone_config") or {}
     channels = int(cfg.get("num_channels", bb.get("num_channels", 3)))
     # Only a top-level image_size fixes the input (ViT position embeddings, MobileViT); a backbone's
@@ -321,7 +305,7 @@ def _meta_from_hf(path: Path, cfg: dict[str, Any]) -> dict[str, Any]:
     return {
         "format": META_FORMAT,
         "task": task,
-        "family": adapter_for(cfg.get("model_type", "")).family,
+        "family": family.name,
         "class_names": names,
         "preprocess": {"mean": mean, "std": std, "size": [int(size[0]), int(size[1])], "channels": channels},
         # size_from None: the size above is a guess that export refuses to use without --image-size

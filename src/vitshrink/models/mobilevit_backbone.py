@@ -41,6 +41,7 @@ from transformers.models.mobilevit.modeling_mobilevit import (
 from transformers.utils import can_return_tuple
 
 from vitshrink.errors import ModelError
+from vitshrink.models.families.mobilevit import BACKBONE_MODEL_TYPE, MOBILEVIT_WIDTHS
 
 __all__ = [
     "MODEL_TYPE",
@@ -52,7 +53,7 @@ __all__ = [
     "register",
 ]
 
-MODEL_TYPE = "vitshrink_mobilevit_backbone"
+MODEL_TYPE = BACKBONE_MODEL_TYPE
 STAGE_NAMES = ("stem", "stage1", "stage2", "stage3", "stage4", "stage5")
 _DEFAULT_OUT_FEATURES = ["stage2", "stage3", "stage4", "stage5"]
 
@@ -151,39 +152,18 @@ def register() -> None:
         AutoBackbone.register(VitshrinkMobileViTBackboneConfig, VitshrinkMobileViTBackbone, exist_ok=True)
 
 
-# Widths are MobileViT's published ones (Mehta & Rastegari 2022; HF apple/mobilevit-* configs), including
-# expand_ratio 2 for XXS. "micro" is ours: a few hundred K params so tests/demos run on a 2-core CPU.
-# decoder_hidden_size is UperNet's head width; upstream's 512 would dwarf these backbones.
+# Widths come from the one MobileViT table (families/mobilevit.py); what UperNet's backbone adds is its
+# head count, a little dropout for XXS and decoder_hidden_size, UperNet's head width (upstream's 512
+# would dwarf these backbones).
+_UPERNET_EXTRAS: dict[str, dict[str, Any]] = {
+    "micro": {"decoder_hidden_size": 32},
+    "xxs": {"hidden_dropout_prob": 0.05, "decoder_hidden_size": 128},
+    "xs": {"decoder_hidden_size": 128},
+    "s": {"decoder_hidden_size": 256},
+}
 UPERNET_MOBILEVIT_PRESETS: dict[str, dict[str, Any]] = {
-    "micro": {
-        "hidden_sizes": [32, 48, 64],
-        "neck_hidden_sizes": [8, 16, 24, 32, 48, 64, 128],
-        "expand_ratio": 2.0,
-        "num_attention_heads": 4,
-        "decoder_hidden_size": 32,
-    },
-    "xxs": {
-        "hidden_sizes": [64, 80, 96],
-        "neck_hidden_sizes": [16, 16, 24, 48, 64, 80, 320],
-        "expand_ratio": 2.0,
-        "num_attention_heads": 4,
-        "hidden_dropout_prob": 0.05,
-        "decoder_hidden_size": 128,
-    },
-    "xs": {
-        "hidden_sizes": [96, 120, 144],
-        "neck_hidden_sizes": [16, 32, 48, 64, 80, 96, 384],
-        "expand_ratio": 4.0,
-        "num_attention_heads": 4,
-        "decoder_hidden_size": 128,
-    },
-    "s": {
-        "hidden_sizes": [144, 192, 240],
-        "neck_hidden_sizes": [16, 32, 64, 96, 128, 160, 640],
-        "expand_ratio": 4.0,
-        "num_attention_heads": 4,
-        "decoder_hidden_size": 256,
-    },
+    size: {**MOBILEVIT_WIDTHS[size], "num_attention_heads": 4, **extras}
+    for size, extras in _UPERNET_EXTRAS.items()
 }
 
 

@@ -11,8 +11,6 @@ from __future__ import annotations
 
 import copy
 import os
-import statistics
-import time
 from collections.abc import Callable, Sequence
 from pathlib import Path
 from typing import Any
@@ -22,9 +20,18 @@ import torch
 from ..errors import VitshrinkError
 from ..outputs import temp_dir
 from .axes import choose_axes
-from .core import IMPORTANCES, count_macs, count_params, prune_model, prune_to_config, pruned_config
+from .core import (
+    GRANULARITIES,
+    IMPORTANCES,
+    count_macs,
+    count_params,
+    family_for,
+    prune_model,
+    prune_to_config,
+    pruned_config,
+    supported_families,
+)
 from .depth import drop_blocks
-from .families import GRANULARITIES, family_for, supported_families
 from .shape import choose_shape
 from .sparsity import unstructured_sparsity
 from .target import fill_budget, pruned_architecture, ratio_for_target, ratio_from_latency_table
@@ -53,26 +60,6 @@ _CALIB_BATCHES, _CALIB_BATCH_SIZE = 8, 32
 SEG_RECOVER_TEMPERATURE = 1.0
 
 
-def _torch_latency_ms(model: torch.nn.Module, x: torch.Tensor, runs: int = 10) -> float:
-    """Median single-batch latency of `model` here (PyTorch eager): the fallback latency probe.
-
-    Subnormals are flushed while timing, as the exported model and vitshrink's onnxruntime sessions
-    do, so Swin's shifted-window blocks are not timed on x86's subnormal slow path.
-    """
-    torch.set_flush_denormal(True)
-    try:
-        with torch.no_grad():
-            model(pixel_values=x)
-            times = []
-            for _ in range(runs):
-                t0 = time.perf_counter()
-                model(pixel_values=x)
-                times.append((time.perf_counter() - t0) * 1e3)
-    finally:
-        torch.set_flush_denormal(False)
-    return statistics.median(times)
-
-
 def _latency_ms(model: torch.nn.Module, x: torch.Tensor, runs: int = 20) -> float:
     """Median single-batch latency of `model` exported to ONNX and run with onnxruntime here, as
     `vitshrink bench` runs the exported artifact; PyTorch eager if the export fails.
@@ -83,8 +70,8 @@ def _latency_ms(model: torch.nn.Module, x: torch.Tensor, runs: int = 20) -> floa
     """
     import numpy as np
 
+    from ..bench.timing import onnx_latencies_ms, torch_latency_ms
     from ..export import export_onnx
-    from ..quantize._common import latencies_ms
 
     meta = {"preprocess": {"channels": int(x.shape[1]), "size": [int(x.shape[2]), int(x.shape[3])]}}
     with temp_dir("probe") as tmp:
@@ -92,9 +79,9 @@ def _latency_ms(model: torch.nn.Module, x: torch.Tensor, runs: int = 20) -> floa
         try:
             export_onnx(model, path, meta=meta, check=False)
         except VitshrinkError:
-            return _torch_latency_ms(model, x)
+            return torch_latency_ms(model, x)
         sample = x.cpu().numpy().astype(np.float32)
-        return latencies_ms([path], sample, runs=runs, budget_s=float("inf"), threads=None)[0]
+        return onnx_latencies_ms([path], sample, runs=runs, budget_s=float("inf"), threads=None)[0]
 
 
 def _widths(config: Any) -> dict[str, Any]:
@@ -486,13 +473,13 @@ class _KD:
     ) -> dict[str, Any]:
         from ..distill import cached_teacher_logits
         from ..distill.losses import build_losses
-        from ..models import adapter_for
+        from ..models import family_for
         from ..train import default_device, fit, prepare, teacher_forward
 
         device = default_device()
         self.teacher.to(device)
         combined = build_losses(self.losses, **_temperature_option(self.losses, self.temperature)).to(device)
-        s_adapter = adapter_for(net)
+        s_adapter = family_for(net)
         labels_only = set(combined.losses) == {"ce"}
         cache = None if labels_only else self._cached(train_ds)
 

@@ -22,8 +22,7 @@ import torch.nn.functional as F
 from transformers import PreTrainedModel
 
 from ..errors import VitshrinkError
-from .core import count_params, prune_model
-from .families import GRANULARITIES, family_for
+from .core import GRANULARITIES, count_params, family_for, prune_model
 from .target import ratio_for_target
 
 OVERSHOOT = 0.85  # a subset may remove at most 15% more parameters than the budget asks

@@ -2,7 +2,7 @@
 
 How it works (config first, surgery second):
 
-1. the family rules (``families.py``) write the pruned config: uniform widths per layer/stage, whole
+1. the model's family (``models/families/<name>.py``) writes the pruned config: uniform widths per layer/stage, whole
    heads, head size kept, widths rounded to ``round_to``;
 2. that config is instantiated once: its layer widths are the targets;
 3. Torch-Pruning's DependencyGraph finds every coupled group (residual stream, heads, MLP, convs...)
@@ -29,15 +29,31 @@ import torch_pruning as tp
 from torch import nn
 from transformers import PreTrainedConfig, PreTrainedModel
 
-from ..errors import ModelError, VitshrinkError
+from ..batch import segmentation_ce
+from ..errors import ModelError, UnsupportedFamilyError, VitshrinkError
 from ..export import count_macs as _count_macs
 from ..models import (
     count_params as count_params,
 )  # re-exported: prune.core is where pruning code looks for it
-from .families import GRANULARITIES, Family, family_for
+from ..models.families import GRANULARITIES, Family, family_names
+from ..models.families import family_for as _family_for
 
 IMPORTANCES = ("magnitude", "taylor", "random")
 _QKV_NAMES = (("q_proj", "k_proj", "v_proj"), ("query", "key", "value"))
+
+
+def family_for(model_or_config: nn.Module | PreTrainedConfig) -> Family:
+    """The family whose rules prune this model (or config); UnsupportedFamilyError if it cannot be."""
+    family = _family_for(model_or_config, "prune")
+    if not family.width_pruning:
+        raise UnsupportedFamilyError(family.name, "prune", supported_families())
+    family.check_prunable(getattr(model_or_config, "config", model_or_config))  # e.g. UperNet's backbone
+    return family
+
+
+def supported_families() -> list[str]:
+    """Families whose widths can be pruned."""
+    return sorted(family_names(lambda f: f.width_pruning))
 
 
 # -- measuring ------------------------------------------------------------------------------------------
@@ -181,9 +197,7 @@ def _logits(model: nn.Module, x: torch.Tensor) -> torch.Tensor:
 
 def _default_loss(logits: torch.Tensor, target: torch.Tensor) -> torch.Tensor:
     if logits.dim() == 4:  # segmentation: maps at the model's resolution, masks at the input's
-        if logits.shape[-2:] != target.shape[-2:]:
-            logits = F.interpolate(logits, size=target.shape[-2:], mode="bilinear", align_corners=False)
-        return F.cross_entropy(logits, target.long(), ignore_index=255)
+        return segmentation_ce(logits, target)
     return F.cross_entropy(logits, target)
 
 

@@ -19,7 +19,7 @@ can finally lose blocks: Swin-T at 2.4-2.9M params runs 1.5x faster with depths 
 
 from __future__ import annotations
 
-from collections.abc import Callable, Iterable
+from collections.abc import Iterable
 
 import torch
 import torch.nn.functional as F
@@ -27,22 +27,21 @@ from torch import nn
 from transformers import PreTrainedModel
 
 from ..errors import UnsupportedFamilyError, VitshrinkError
+from ..models.families import BlockStage, Family, family_names, find_family
 
-Setter = Callable[[nn.ModuleList], None]
 
-
-def _stages(model: PreTrainedModel) -> tuple[list[tuple[nn.ModuleList, Setter]], bool]:
+def _stages(model: PreTrainedModel) -> tuple[list[BlockStage], bool]:
     """(block list, setter replacing it) per stage of `model`, and whether blocks come in shift pairs."""
-    kind = model.config.model_type
-    base = model.base_model
-    if kind in ("vit", "deit"):  # transformers 5 keeps the blocks in `layers`, 4.x in `encoder.layer`
-        owner, name = (base, "layers") if hasattr(base, "layers") else (base.encoder, "layer")
-        return [(getattr(owner, name), lambda m: setattr(owner, name, m))], False
-    stages = {"swin": lambda: base.encoder.layers, "segformer": lambda: base.stages}.get(kind)
-    if stages is not None:
-        paired = kind == "swin"
-        return [(st.blocks, lambda m, st=st: setattr(st, "blocks", m)) for st in stages()], paired
-    raise UnsupportedFamilyError(kind, "depth pruning", ("vit", "deit", "swin", "segformer"))
+    family = _depth_family(model)
+    return family.depth_stages(model), family.paired_blocks
+
+
+def _depth_family(model: PreTrainedModel) -> Family:
+    family = find_family(model)
+    if family is None or not family.depth_pruning:
+        supported = family_names(lambda f: f.depth_pruning)
+        raise UnsupportedFamilyError(model.config.model_type, "depth pruning", supported)
+    return family
 
 
 def kept_depth(depth: int, ratio: float) -> int:
@@ -124,8 +123,4 @@ def drop_blocks(
 
 
 def _rewrite_depths(model: PreTrainedModel, depths: list[int]) -> None:
-    cfg = model.config
-    if cfg.model_type in ("vit", "deit"):
-        cfg.num_hidden_layers = depths[0]
-    else:
-        cfg.depths = list(depths)
+    _depth_family(model).set_depths(model.config, depths)

@@ -19,9 +19,9 @@ import torch
 from transformers import PreTrainedModel
 
 from ..errors import VitshrinkError
+from ..models.families import GRANULARITIES
 from .core import count_macs, count_params
 from .depth import drop_blocks
-from .families import GRANULARITIES
 from .target import fill_budget, pruned_architecture, ratio_for_target
 
 DEPTH_CANDIDATES = (0.0, 0.25, 0.5)

@@ -15,8 +15,8 @@ import torch
 from transformers import PreTrainedModel
 
 from ..errors import VitshrinkError
+from ..models.families import GRANULARITIES
 from .core import count_macs, count_params, pruned_config
-from .families import GRANULARITIES
 
 LatencyTable = str | os.PathLike | Mapping[str | float, float]
 

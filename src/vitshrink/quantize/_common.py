@@ -4,12 +4,9 @@ from __future__ import annotations
 
 import contextlib
 import io
-import json
 import logging
 import os
-import statistics
 import sys
-import time
 import warnings
 from collections.abc import Callable, Iterable, Iterator, Sequence
 from pathlib import Path
@@ -20,9 +17,9 @@ import onnx
 import onnxruntime as ort
 
 from .. import __version__
+from ..deploy._meta import read_meta_props, write_meta_props
 from ..errors import DataError, ModelError
 
-META_KEY = "vitshrink"
 CALIB_MAX_SAMPLES = 256  # enough for stable activation ranges; bounds memory (ViT-B: ~150 MB of inputs)
 
 
@@ -41,34 +38,21 @@ def load_onnx(path: str | os.PathLike) -> onnx.ModelProto:
 
 
 def read_meta(model: onnx.ModelProto) -> dict[str, Any] | None:
-    for prop in model.metadata_props:
-        if prop.key == META_KEY:
-            with contextlib.suppress(json.JSONDecodeError):
-                return json.loads(prop.value)
-    return None
+    """The vitshrink metadata (deploy._meta decides: ModelError when corrupt); None when absent."""
+    return read_meta_props(model.metadata_props, "model") or None
 
 
 def copy_metadata(src: onnx.ModelProto, dst: onnx.ModelProto, history: dict[str, Any] | None = None) -> None:
     """Copy all metadata_props from src to dst; append `history` to the vitshrink meta when present."""
     del dst.metadata_props[:]
     for prop in src.metadata_props:
-        value = prop.value
-        if prop.key == META_KEY and history is not None:
-            with contextlib.suppress(json.JSONDecodeError, AttributeError):
-                meta = json.loads(value)
-                meta.setdefault("history", []).append({**history, "version": __version__})
-                meta["vitshrink_version"] = __version__
-                value = json.dumps(meta, default=_json_default)
         entry = dst.metadata_props.add()
-        entry.key, entry.value = prop.key, value
-
-
-def _json_default(o: Any) -> Any:
-    if isinstance(o, np.generic):
-        return o.item()
-    if isinstance(o, Path):
-        return str(o)
-    raise TypeError(type(o).__name__)
+        entry.key, entry.value = prop.key, prop.value
+    meta = read_meta(src)
+    if meta is not None and history is not None:
+        meta.setdefault("history", []).append({**history, "version": __version__})
+        meta["vitshrink_version"] = __version__
+        write_meta_props(dst.metadata_props, meta)
 
 
 def input_spec(model: onnx.ModelProto) -> tuple[str, list[int | None]]:
@@ -120,14 +104,9 @@ def prepare_calib(calib: Iterable[np.ndarray] | None, shape: Sequence[int | None
 
 
 def session(model: str | os.PathLike | bytes, threads: int | None = 1) -> ort.InferenceSession:
-    from ..deploy.runtime import session_options
+    from ..deploy.runtime import cpu_session
 
-    so = session_options(threads)
-    src = model if isinstance(model, bytes) else str(model)
-    try:
-        return ort.InferenceSession(src, so, providers=["CPUExecutionProvider"])
-    except Exception as e:  # noqa: BLE001 - ORT raises its own exception types
-        raise ModelError(f"onnxruntime cannot load the model: {str(e).splitlines()[0][:300]}") from None
+    return cpu_session(model, threads)
 
 
 def run(model: str | os.PathLike | bytes | ort.InferenceSession, batches: Sequence[np.ndarray]) -> np.ndarray:
@@ -144,34 +123,6 @@ def agreement(ref: np.ndarray, out: np.ndarray) -> float:
 
 def rel_error(ref: np.ndarray, out: np.ndarray) -> float:
     return float(np.linalg.norm(out - ref) / max(float(np.linalg.norm(ref)), 1e-12))
-
-
-def latencies_ms(
-    paths: Sequence[str | os.PathLike],
-    sample: np.ndarray,
-    *,
-    runs: int = 30,
-    budget_s: float = 4.0,
-    threads: int | None = 1,
-) -> list[float]:
-    """Median latency (ms) of one batch for each model, ORT CPU, `threads` intra-op threads (None:
-    onnxruntime's default).
-
-    Runs are interleaved round-robin so that load changes on a shared machine hit every model alike.
-    """
-    sessions = [session(p, threads=threads) for p in paths]
-    feeds = [{s.get_inputs()[0].name: sample} for s in sessions]
-    for s, f in zip(sessions, feeds):
-        for _ in range(3):
-            s.run(None, f)
-    times: list[list[float]] = [[] for _ in sessions]
-    start = time.perf_counter()
-    while len(times[0]) < runs and (len(times[0]) < 5 or time.perf_counter() - start < budget_s):
-        for s, f, t in zip(sessions, feeds, times):
-            t0 = time.perf_counter()
-            s.run(None, f)
-            t.append(time.perf_counter() - t0)
-    return [1e3 * statistics.median(t) for t in times]
 
 
 def channel_absmax(

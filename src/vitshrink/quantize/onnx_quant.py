@@ -31,18 +31,18 @@ import numpy as np
 import onnx
 
 from ..artifacts import atomic_path
+from ..bench.timing import onnx_latencies_ms
 from ..cpu import TARGET_CPUS, int8_note, reduce_range_for, resolve_target_cpu
+from ..deploy._meta import write_meta_props
 from ..errors import DataError, ModelError, VitshrinkError
 from ..options import CALIB_METHODS, QUANT_MODES
 from ..outputs import temp_dir
 from ..progress import progress
 from ._common import (
-    META_KEY,
     agreement,
     copy_metadata,
     file_size,
     input_spec,
-    latencies_ms,
     load_onnx,
     make_say,
     ort_quiet,
@@ -708,7 +708,7 @@ def quantize_onnx(
                 )
             )
         if ctx.sample is not None:
-            fp32_ms, q_ms = latencies_ms([pre, final], ctx.sample)
+            fp32_ms, q_ms = onnx_latencies_ms([pre, final], ctx.sample)
             report["latency_ms"] = {"fp32": fp32_ms, report["chosen"]: q_ms}
             if q_ms > fp32_ms * (1 + SPEED_TIE):
                 report.setdefault("warnings", []).append(
@@ -822,7 +822,7 @@ def _int8(mode: str, pre: Path, ctx: _Ctx, max_drop: float | None) -> tuple[Path
     # Fastest variant wins; among near-equal speeds the more accurate, then the smaller file.
     best = candidates[0]
     if len(candidates) > 1:
-        for c, ms in zip(candidates, latencies_ms([c["path"] for c in candidates], ctx.sample)):
+        for c, ms in zip(candidates, onnx_latencies_ms([c["path"] for c in candidates], ctx.sample)):
             c["latency_ms"] = ms
         fastest = min(c["latency_ms"] for c in candidates)
         pool = [c for c in candidates if c["latency_ms"] <= fastest * (1 + SPEED_TIE)]
@@ -870,12 +870,7 @@ def _int8(mode: str, pre: Path, ctx: _Ctx, max_drop: float | None) -> tuple[Path
 
 def _record_int8_target(model: onnx.ModelProto, target_cpu: str) -> None:
     """Top-level `int8` entry of the vitshrink metadata: deploy checks it against the CPU it runs on."""
-    for prop in model.metadata_props:
-        if prop.key == META_KEY:
-            try:
-                meta = json.loads(prop.value)
-            except json.JSONDecodeError:
-                return
-            meta["int8"] = {"target_cpu": target_cpu, "reduce_range": reduce_range_for(target_cpu)}
-            prop.value = json.dumps(meta)
-            return
+    meta = read_meta(model)
+    if meta is not None:
+        meta["int8"] = {"target_cpu": target_cpu, "reduce_range": reduce_range_for(target_cpu)}
+        write_meta_props(model.metadata_props, meta)

@@ -18,13 +18,13 @@ from .analysis import Comparison, compare, lpcvc_score, pareto_front
 from .panel import colorize, default_palette, save_example_panel
 from .plots import plot_pareto, plot_per_class_iou
 from .render import METRIC_LABELS, build_content, to_html, to_markdown
-from .results import Results, Stage, load_results
+from .results import Results, StageResult, load_results
 from .screenshot import screenshot
 
 __all__ = [
     "Comparison",
     "Results",
-    "Stage",
+    "StageResult",
     "colorize",
     "compare",
     "default_palette",

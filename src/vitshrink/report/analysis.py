@@ -5,7 +5,7 @@ from __future__ import annotations
 from collections.abc import Sequence
 from dataclasses import dataclass
 
-from .results import Stage
+from .results import StageResult
 
 
 @dataclass(frozen=True)
@@ -46,7 +46,7 @@ def pareto_front(points: Sequence[tuple[float, float]]) -> list[int]:
     return sorted(front, key=lambda i: (points[i][0], -points[i][1]))
 
 
-def compare(stages: Sequence[Stage]) -> list[Comparison]:
+def compare(stages: Sequence[StageResult]) -> list[Comparison]:
     """Compare every stage (the first included, all ratios 1) with the first stage."""
     ref = stages[0]
     ref_score = lpcvc_score(ref.metric, ref.p50)

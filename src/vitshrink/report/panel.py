@@ -12,43 +12,22 @@ from matplotlib.figure import Figure
 from matplotlib.patches import Patch
 
 from vitshrink.errors import DataError
+from vitshrink.labels import IGNORE_INDEX, colorize
 
 from .plots import save_figure
 
-IGNORE_INDEX = 255
+__all__ = ["colorize", "default_palette", "save_example_panel"]
 
 
 def default_palette(n: int) -> list[tuple[int, int, int]]:
     """`n` distinct RGB colours: matplotlib's tab20 (saturated half first), then golden-ratio hues.
 
-    Avoids pure black, which `colorize` reserves for the ignore index.
+    Avoids pure black, which `colorize` reserves for the ignore index (labels.IGNORE_COLOUR).
     """
     tab20 = matplotlib.colormaps["tab20"].colors
     base = [tab20[i] for i in (*range(0, 20, 2), *range(1, 20, 2))]
     extra = [colorsys.hsv_to_rgb((i * 0.618034) % 1.0, 0.7, 0.9) for i in range(max(n - len(base), 0))]
     return [(round(r * 255), round(g * 255), round(b * 255)) for r, g, b in (base + extra)[:n]]
-
-
-def colorize(mask: np.ndarray, palette: Sequence[tuple[int, int, int]]) -> np.ndarray:
-    """Map an (H, W) class-id mask to an (H, W, 3) uint8 RGB image; 255 (ignore) becomes black."""
-    mask = np.asarray(mask)
-    if mask.ndim != 2:
-        raise DataError(f"mask must be 2-D (H, W), got shape {mask.shape}")
-    if not (np.issubdtype(mask.dtype, np.integer) or mask.dtype == bool):
-        raise DataError(f"mask must hold integer class ids, got dtype {mask.dtype}")
-    pal = np.asarray(palette, dtype=np.int64)
-    if pal.ndim != 2 or pal.shape[1] != 3 or pal.size == 0:
-        raise DataError(f"palette must be a non-empty list of (r, g, b) triples, got shape {pal.shape}")
-    ids = mask.astype(np.int64)
-    valid = ids[ids != IGNORE_INDEX]
-    n = min(len(pal), IGNORE_INDEX)  # a 256-colour palette must not recolour the ignore index
-    if valid.size and (valid.min() < 0 or valid.max() >= n):
-        bad = int(valid.min() if valid.min() < 0 else valid.max())
-        raise DataError(f"mask has class id {bad} but the palette has only {n} colours")
-    # Look-up table indexing colours every pixel in one vectorised step.
-    lut = np.zeros((IGNORE_INDEX + 1, 3), np.uint8)
-    lut[:n] = np.clip(pal[:n], 0, 255)
-    return lut[np.clip(ids, 0, IGNORE_INDEX)]
 
 
 def _display_image(image: np.ndarray) -> np.ndarray:

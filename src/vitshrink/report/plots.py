@@ -20,7 +20,7 @@ from matplotlib.transforms import Bbox
 from vitshrink.artifacts import atomic_path
 
 from .analysis import pareto_front
-from .results import Stage
+from .results import StageResult
 
 FRONT_COLOUR = "#d1495b"
 OTHER_COLOUR = "#8d99ae"
@@ -37,7 +37,7 @@ def save_figure(fig: Figure, path: str | Path, dpi: int = 110) -> Path:
     return path
 
 
-def plot_pareto(stages: Sequence[Stage], metric_label: str, path: str | Path) -> Path:
+def plot_pareto(stages: Sequence[StageResult], metric_label: str, path: str | Path) -> Path:
     """Metric (%) against p50 latency; marker area proportional to file size; Pareto front as steps."""
     lat = np.array([s.p50 for s in stages])
     met = np.array([s.metric * 100 for s in stages])
@@ -151,7 +151,7 @@ def _overlap(a: Bbox, b: Bbox) -> float:
     return max(w, 0.0) * max(h, 0.0)
 
 
-def per_class_series(stages: Sequence[Stage], n_classes: int = 0) -> list[Stage]:
+def per_class_series(stages: Sequence[StageResult], n_classes: int = 0) -> list[StageResult]:
     """Stages whose per-class IoU is plotted: all if few (stages and classes), else the first and last."""
     with_iou = [s for s in stages if s.per_class_iou]
     if len(with_iou) <= MAX_SERIES and n_classes <= MAX_VERTICAL_CLASSES:
@@ -159,14 +159,16 @@ def per_class_series(stages: Sequence[Stage], n_classes: int = 0) -> list[Stage]
     return [with_iou[0], with_iou[-1]] if len(with_iou) > 1 else with_iou
 
 
-def class_order(stages: Sequence[Stage], class_names: Sequence[str]) -> list[str]:
+def class_order(stages: Sequence[StageResult], class_names: Sequence[str]) -> list[str]:
     """Classes in dataset order, then any extra names found only in the results."""
     seen = {c for s in stages for c in s.per_class_iou}
     ordered = [c for c in class_names if c in seen]
     return ordered + sorted(seen - set(ordered))
 
 
-def plot_per_class_iou(stages: Sequence[Stage], class_names: Sequence[str], path: str | Path) -> Path | None:
+def plot_per_class_iou(
+    stages: Sequence[StageResult], class_names: Sequence[str], path: str | Path
+) -> Path | None:
     """Grouped IoU bars per class (vertical; horizontal for many classes); None if nothing to plot."""
     classes = class_order(stages, class_names)
     series = per_class_series(stages, len(classes))

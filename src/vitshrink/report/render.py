@@ -19,7 +19,7 @@ from typing import Any
 from ..safeio import MAX_IMAGE_BYTES, read_limited
 from .analysis import Comparison
 from .plots import class_order
-from .results import EXAMPLE_ROLES, Example, Results, Stage
+from .results import EXAMPLE_ROLES, Example, Results, StageResult
 
 METRIC_LABELS = {"accuracy": "Accuracy", "miou": "mIoU"}
 ROLE_TITLES = {
@@ -270,7 +270,7 @@ def _search_rows(s: dict[str, Any], mlabel: str) -> list[tuple[str, str]]:
 
 
 def _per_class(res: Results, png: Path | None) -> tuple[Table | None, Image | None]:
-    with_iou: list[Stage] = [s for s in res.stages if s.per_class_iou]
+    with_iou: list[StageResult] = [s for s in res.stages if s.per_class_iou]
     if not with_iou:
         return None, None
     classes = class_order(with_iou, res.class_names)  # same order as the plot

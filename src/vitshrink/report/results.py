@@ -21,7 +21,7 @@ EXAMPLE_ROLES = ("image", "ground_truth", "teacher", "compressed")
 
 
 @dataclass(frozen=True)
-class Stage:
+class StageResult:
     name: str
     metric: float  # the run's headline metric (accuracy or mIoU), a fraction in [0, 1]
     p50: float
@@ -50,7 +50,7 @@ class Results:
     run_dir: Path
     task: str
     metric: str
-    stages: list[Stage]
+    stages: list[StageResult]
     class_names: list[str] = field(default_factory=list)
     device: dict[str, Any] = field(default_factory=dict)
     examples: list[Example] = field(default_factory=list)
@@ -89,7 +89,7 @@ def _int(value: Any, what: str) -> int | None:
     return None if v is None else int(v)
 
 
-def _stage(i: int, raw: Any, metric: str) -> Stage:
+def _stage(i: int, raw: Any, metric: str) -> StageResult:
     if not isinstance(raw, dict):
         raise DataError(f"{_where(i, None)} must be an object, got {type(raw).__name__}")
     name = raw.get("name")
@@ -104,7 +104,7 @@ def _stage(i: int, raw: Any, metric: str) -> Stage:
         raise DataError(f"{where}: 'per_class_iou' must be an object")
     notes = raw.get("notes") or ""
     artifact = raw.get("artifact")
-    return Stage(
+    return StageResult(
         name=name,
         metric=_fraction(raw.get(metric), f"{where} {metric}", required=True),
         p50=_number(lat.get("p50"), f"{where} latency_ms.p50", required=True, positive=True),

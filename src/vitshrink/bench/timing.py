@@ -1,0 +1,79 @@
+"""Latency timing, one owner: how vitshrink times a model for `bench`, `quantize` and `prune`.
+
+Medians of single-batch calls (wall clock, `time.perf_counter`); several models are timed round-robin
+so that load changes on a shared machine hit every model alike. numpy and onnxruntime only at import:
+the bench worker times ONNX models without torch.
+"""
+
+from __future__ import annotations
+
+import os
+import statistics
+import time
+from collections.abc import Callable, Sequence
+from typing import Any
+
+import numpy as np
+
+
+def time_ms(fn: Callable[[], Any], n: int) -> list[float]:
+    """Wall-clock milliseconds of `n` calls of `fn`."""
+    out = []
+    for _ in range(n):
+        t = time.perf_counter()
+        fn()
+        out.append((time.perf_counter() - t) * 1000)
+    return out
+
+
+def round_robin_ms(
+    fns: Sequence[Callable[[], Any]], *, runs: int, budget_s: float, warmup: int = 3, min_runs: int = 5
+) -> list[list[float]]:
+    """Per function, the milliseconds of up to `runs` calls made in turn with the others.
+
+    Stops early once every function has `min_runs` calls and `budget_s` seconds have passed.
+    """
+    for fn in fns:
+        time_ms(fn, warmup)
+    times: list[list[float]] = [[] for _ in fns]
+    start = time.perf_counter()
+    while len(times[0]) < runs and (len(times[0]) < min_runs or time.perf_counter() - start < budget_s):
+        for fn, t in zip(fns, times):
+            t.extend(time_ms(fn, 1))
+    return times
+
+
+def onnx_latencies_ms(
+    paths: Sequence[str | os.PathLike],
+    sample: np.ndarray,
+    *,
+    runs: int = 30,
+    budget_s: float = 4.0,
+    threads: int | None = 1,
+) -> list[float]:
+    """Median latency (ms) of one batch for each ONNX model, onnxruntime CPU, `threads` intra-op threads
+    (None: onnxruntime's default)."""
+    from ..deploy.runtime import cpu_session
+
+    sessions = [cpu_session(p, threads=threads) for p in paths]
+    calls = [
+        (lambda s=s, f={s.get_inputs()[0].name: sample}: s.run(None, f))  # noqa: B008
+        for s in sessions
+    ]
+    return [statistics.median(t) for t in round_robin_ms(calls, runs=runs, budget_s=budget_s)]
+
+
+def torch_latency_ms(model: Any, x: Any, runs: int = 10) -> float:
+    """Median single-batch latency of a transformers model here (PyTorch eager).
+
+    Subnormals are flushed while timing, as the exported model and vitshrink's onnxruntime sessions
+    do, so Swin's shifted-window blocks are not timed on x86's subnormal slow path.
+    """
+    import torch
+
+    torch.set_flush_denormal(True)
+    try:
+        with torch.no_grad():
+            return statistics.median(time_ms(lambda: model(pixel_values=x), runs + 1)[1:])
+    finally:
+        torch.set_flush_denormal(False)

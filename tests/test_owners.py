@@ -1,0 +1,93 @@
+"""Shared concepts with one owner each: ONNX metadata, latency timing, ignore index / colours, batch helpers."""
+
+from __future__ import annotations
+
+import json
+import subprocess
+import sys
+
+import numpy as np
+import onnx
+import pytest
+import torch
+import torch.nn.functional as F
+from onnx import TensorProto, helper
+
+from vitshrink.batch import segmentation_ce
+from vitshrink.bench import onnx_meta
+from vitshrink.bench.timing import round_robin_ms, time_ms
+from vitshrink.deploy._meta import read_meta_props, write_meta_props
+from vitshrink.errors import ModelError
+from vitshrink.labels import IGNORE_COLOUR, IGNORE_INDEX
+from vitshrink.quantize._common import copy_metadata, read_meta
+
+
+def _identity(meta_value: str | None) -> onnx.ModelProto:
+    x = helper.make_tensor_value_info("pixel_values", TensorProto.FLOAT, [1, 3])
+    y = helper.make_tensor_value_info("logits", TensorProto.FLOAT, [1, 3])
+    model = helper.make_model(
+        helper.make_graph([helper.make_node("Identity", ["pixel_values"], ["logits"])], "g", [x], [y])
+    )
+    if meta_value is not None:
+        entry = model.metadata_props.add()
+        entry.key, entry.value = "vitshrink", meta_value
+    return model
+
+
+def test_metadata_has_one_reader_and_one_error_behaviour(tmp_path):
+    model = _identity(None)
+    assert read_meta_props(model.metadata_props, "m") == {} and read_meta(model) is None
+    write_meta_props(model.metadata_props, {"task": "classification", "n": np.int64(3)})
+    write_meta_props(model.metadata_props, {"task": "classification", "n": np.int64(4)})  # replaces
+    assert [p.key for p in model.metadata_props] == ["vitshrink"]
+    assert read_meta(model) == {"task": "classification", "n": 4}
+    copy = _identity(None)
+    copy_metadata(model, copy, history={"stage": "quantize"})
+    assert read_meta(copy)["history"] == [{"stage": "quantize"}] and "history" not in read_meta(model)
+    path = tmp_path / "m.onnx"
+    onnx.save(model, str(path))
+    assert onnx_meta(path)["n"] == 4
+    # corrupt metadata: the same ModelError from every reader (it used to be None, or a bare JSONDecodeError)
+    bad = _identity("{not json")
+    onnx.save(bad, str(path))
+    for read in (
+        lambda: read_meta(bad),
+        lambda: onnx_meta(path),
+        lambda: read_meta_props({"vitshrink": "[1"}, "x"),
+    ):
+        with pytest.raises(ModelError, match="metadata"):
+            read()
+    assert json.loads(json.dumps(read_meta_props({}, "x"))) == {}
+
+
+def test_timing_helpers():
+    calls = []
+    assert len(time_ms(lambda: calls.append(1), 4)) == 4 and len(calls) == 4
+    times = round_robin_ms([lambda: None, lambda: None], runs=6, budget_s=0.0, warmup=1, min_runs=3)
+    assert [len(t) for t in times] == [3, 3] and all(v >= 0 for t in times for v in t)
+
+
+def test_segmentation_ce_is_the_one_seg_loss():
+    logits = torch.randn(2, 4, 4, 4)
+    masks = torch.randint(0, 4, (2, 8, 8))
+    masks[0, :2] = IGNORE_INDEX
+    up = F.interpolate(logits, size=(8, 8), mode="bilinear", align_corners=False)
+    want = F.cross_entropy(up, masks, ignore_index=IGNORE_INDEX)
+    torch.testing.assert_close(segmentation_ce(logits, masks), want)
+    assert float(segmentation_ce(logits, torch.full((2, 8, 8), IGNORE_INDEX))) == 0.0  # not NaN
+
+
+def test_ignore_label_is_drawn_alike_everywhere():
+    from vitshrink.data import aerial
+    from vitshrink.deploy.predict import PALETTE
+    from vitshrink.report import colorize
+
+    mask = np.array([[0, IGNORE_INDEX]], np.uint8)
+    assert colorize(mask, [(10, 20, 30)])[0, 1].tolist() == list(IGNORE_COLOUR)
+    assert aerial.colorize(mask)[0, 1].tolist() == list(IGNORE_COLOUR)
+    assert PALETTE[IGNORE_INDEX].tolist() == list(IGNORE_COLOUR)
+
+
+def test_evaluate_does_not_import_train():
+    code = "import sys, vitshrink.evaluate; sys.exit('vitshrink.train' in sys.modules)"
+    assert subprocess.run([sys.executable, "-c", code], check=False).returncode == 0
