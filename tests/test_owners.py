@@ -13,6 +13,7 @@ import torch
 import torch.nn.functional as F
 from onnx import TensorProto, helper
 
+import vitshrink
 from vitshrink.batch import segmentation_ce
 from vitshrink.bench import onnx_meta
 from vitshrink.bench.timing import round_robin_ms, time_ms
@@ -43,7 +44,8 @@ def test_metadata_has_one_reader_and_one_error_behaviour(tmp_path):
     assert read_meta(model) == {"task": "classification", "n": 4}
     copy = _identity(None)
     copy_metadata(model, copy, history={"stage": "quantize"})
-    assert read_meta(copy)["history"] == [{"stage": "quantize"}] and "history" not in read_meta(model)
+    stamped = {"stage": "quantize", "version": vitshrink.__version__}  # every history entry names the version
+    assert read_meta(copy)["history"] == [stamped] and "history" not in read_meta(model)
     path = tmp_path / "m.onnx"
     onnx.save(model, str(path))
     assert onnx_meta(path)["n"] == 4
