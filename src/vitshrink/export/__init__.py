@@ -392,28 +392,18 @@ def export(
         folder = wants_folder(out, format)
     except ValueError as e:
         raise VitshrinkError(str(e)) from None
+    kwargs = dict(
+        opset=opset,
+        dynamic_batch=dynamic_batch,
+        image_size=image_size,
+        dynamic_size=dynamic_size,
+        simplify=simplify,
+        quiet=True,
+    )
     if not folder:
-        return export_onnx(
-            model,
-            out,
-            opset=opset,
-            dynamic_batch=dynamic_batch,
-            image_size=image_size,
-            dynamic_size=dynamic_size,
-            simplify=simplify,
-            quiet=True,
-        )
+        return export_onnx(model, out, **kwargs)
     with temp_dir("export") as tmp:
-        path, rep = export_onnx(
-            model,
-            Path(tmp) / "model.onnx",
-            opset=opset,
-            dynamic_batch=dynamic_batch,
-            image_size=image_size,
-            dynamic_size=dynamic_size,
-            simplify=simplify,
-            quiet=True,
-        )
+        path, rep = export_onnx(model, Path(tmp) / "model.onnx", **kwargs)
         write_onnx_folder(path, out)
     rep["artifact"] = str(out)
     return Path(out), rep
