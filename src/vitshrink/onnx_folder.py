@@ -9,7 +9,6 @@ Dependency-free apart from `onnx` (imported only when writing): the deploy path 
 
 from __future__ import annotations
 
-import json
 import os
 from pathlib import Path
 from typing import Any
@@ -70,12 +69,12 @@ def write_onnx_folder(src: str | os.PathLike, folder: str | os.PathLike) -> Path
     from .errors import ModelError
 
     src = Path(src)
+    from .deploy._meta import read_meta_props
+
     proto = onnx.load(str(src), load_external_data=False)
-    props = {p.key: p.value for p in proto.metadata_props}
-    try:
-        meta = json.loads(props.get("vitshrink", ""))
-    except json.JSONDecodeError:
-        raise ModelError(f"{src} has no vitshrink metadata, so its config.json cannot be written") from None
+    meta = read_meta_props(proto.metadata_props, str(src))
+    if not meta:
+        raise ModelError(f"{src} has no vitshrink metadata, so its config.json cannot be written")
     config = meta.get("hf_config")
     if not isinstance(config, dict):
         raise ModelError(
