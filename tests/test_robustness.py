@@ -427,6 +427,23 @@ def _nan_onnx(a: dict[str, Path], d: Path) -> None:
     Image.new("L", (16, 16), 40).save(d / "a.png")
 
 
+def _nan_seg_onnx(a: dict[str, Path], d: Path) -> None:
+    # Segmentation predicts through OnnxModel.segment (resize or tiles), not OnnxModel.predict.
+    import onnx
+    from onnx import numpy_helper
+
+    proto = onnx.load(str(a["seg_onnx"]))
+    for init in proto.graph.initializer:
+        arr = numpy_helper.to_array(init)
+        if arr.dtype == np.float32 and arr.size > 16:
+            arr = arr.copy()
+            arr.flat[:] = np.nan
+            init.CopyFrom(numpy_helper.from_array(arr, init.name))
+            break
+    onnx.save(proto, str(d / "nan_seg.onnx"))
+    Image.new("RGB", (32, 32), (40, 80, 120)).save(d / "a.png")
+
+
 def _alias_bomb(a: dict[str, Path], d: Path) -> None:
     rows = ['a: &a ["x","x","x","x","x","x","x","x","x"]']
     for prev, name in zip("abcdefgh", "bcdefghi"):
@@ -989,6 +1006,12 @@ CASES = [
         lambda a, d: ["predict", str(d / "nan.onnx"), str(d / "a.png")],
         r"nan\.onnx: the model produced NaN or infinite outputs",
         _nan_onnx,
+    ),
+    Case(
+        "nan-outputs-predict-segmentation",
+        lambda a, d: ["predict", str(d / "nan_seg.onnx"), str(d / "a.png"), "--out", str(d / "p")],
+        r"nan_seg\.onnx: the model produced NaN or infinite outputs",
+        _nan_seg_onnx,
     ),
 ]
 

@@ -226,6 +226,12 @@ class OnnxModel:
             )
         except _ORT_ERRORS as e:
             raise DataError(f"inference failed on {self.path.name}: {_ort_message(e)}") from None
+        # Every path (predict, tiles, video, eval) goes through here: argmax/softmax of NaN would still
+        # give a confident answer.
+        if not np.isfinite(logits).all():
+            raise ModelError(
+                f"{self.path}: the model produced NaN or infinite outputs (corrupt or non-finite weights?)"
+            )
         return logits
 
     def takes(self, hw: Sequence[int]) -> bool:
@@ -337,10 +343,6 @@ class OnnxModel:
                     [batch, np.zeros((self._batch - len(chunk), *batch.shape[1:]), np.float32)]
                 )
             logits = self.run(batch)[: len(chunk)]
-            if not np.isfinite(logits).all():  # argmax/softmax of NaN would still give a confident answer
-                raise ModelError(
-                    f"{self.path}: the model produced NaN or infinite outputs (corrupt or non-finite weights?)"
-                )
             for im, out in zip(chunk, logits):
                 results.append(
                     self._classify(out) if self.task == "classification" else self._segment(out, im)
