@@ -19,6 +19,7 @@ from typing import Any, NoReturn
 
 from . import __version__
 from .options import (
+    FORMAT,
     NONNEG_FLOAT,
     POS_FLOAT,
     POS_INT,
@@ -26,6 +27,7 @@ from .options import (
     QUANTIZE,
     UNIT,
     add_options,
+    collect,
     key_values,
     number,
     unit_or_auto,
@@ -200,7 +202,6 @@ def cmd_distill(a: argparse.Namespace) -> None:
 
 
 def cmd_prune(a: argparse.Namespace) -> None:
-    from .options import PRUNE, collect
     from .prune import prune
 
     out, m = prune(a.model, a.out, **collect(a, PRUNE), quiet=a.quiet)
@@ -209,7 +210,6 @@ def cmd_prune(a: argparse.Namespace) -> None:
 
 
 def cmd_quantize(a: argparse.Namespace) -> None:
-    from .options import QUANTIZE, collect
     from .quantize import quantize
 
     out, r = quantize(
@@ -396,15 +396,6 @@ def build_parser() -> argparse.ArgumentParser:
         sp.add_argument("--debug", action="store_true", default=argparse.SUPPRESS, help=argparse.SUPPRESS)
         return sp
 
-    def format_arg(sp: argparse.ArgumentParser) -> None:
-        sp.add_argument(
-            "--format",
-            default="auto",
-            choices=["auto", "file", "dir"],
-            help="file: one .onnx; dir: optimum-style folder (model.onnx, config.json, "
-            "preprocessor_config.json); auto: dir unless --out ends in .onnx",
-        )
-
     def overwrite_arg(sp: argparse.ArgumentParser) -> None:
         sp.add_argument(
             "--overwrite",
@@ -484,7 +475,7 @@ def build_parser() -> argparse.ArgumentParser:
     sp.add_argument("--opset", type=_number(int, 7), default=17)
     sp.add_argument("--dynamic-batch", action="store_true")
     size_args(sp)
-    format_arg(sp)
+    add_options(sp, [FORMAT])
 
     sp = add("demo", cmd_demo, "Run the whole pipeline on embedded data.")
     sp.add_argument("--task", default="all", choices=["classification", "segmentation", "all"])

@@ -13,8 +13,9 @@ import os
 from pathlib import Path
 from typing import Any
 
+from .options import ONNX_FORMATS as FORMATS
+
 MODEL_FILE = "model.onnx"
-FORMATS = ("auto", "file", "dir")
 
 
 def onnx_file(path: str | os.PathLike) -> Path:

@@ -28,6 +28,7 @@ AMP_MODES = ("auto", "on", "off")
 __all__ = [
     "AMP_MODES",
     "CALIB_METHODS",
+    "FORMAT",
     "GRANULARITIES",
     "IMPORTANCES",
     "ONNX_FORMATS",
@@ -186,6 +187,16 @@ PRUNE: tuple[Option, ...] = (
     ),
 )
 
+# export and quantize both write ONNX: one declaration for both
+FORMAT = Option(
+    "format",
+    "auto",
+    "file: one .onnx; dir: optimum-style folder (model.onnx, config.json, preprocessor_config.json); "
+    "auto: dir unless --out ends in .onnx",
+    choices=ONNX_FORMATS,
+    recipe=False,
+)
+
 QUANTIZE: tuple[Option, ...] = (
     Option(
         "mode",
@@ -216,14 +227,7 @@ QUANTIZE: tuple[Option, ...] = (
         "onnxruntime's AVX2 int8 kernels saturate with full 8-bit weights",
         choices=TARGET_CPUS,
     ),
-    Option(
-        "format",
-        "auto",
-        "file: one .onnx; dir: optimum-style folder (model.onnx, config.json, preprocessor_config.json); "
-        "auto: dir unless --out ends in .onnx",
-        choices=ONNX_FORMATS,
-        recipe=False,
-    ),
+    FORMAT,
 )
 
 

@@ -18,7 +18,6 @@ calibrators and calibration cache). vitshrink adds what ViTs need on top:
 from __future__ import annotations
 
 import inspect
-import json
 import os
 import re
 import shutil
@@ -443,30 +442,24 @@ def _generated_inputs(model: onnx.ModelProto, n: int = GENERATED_SAMPLES) -> lis
     """Image-like probe inputs, normalised as the runtime would, to compare int8 with fp32 when the
     user gives no calibration data: smooth random colour fields plus fine texture, so activations
     span ranges like real photos do (white noise would not exercise the saturating pair sums)."""
-    from ..deploy._meta import parse_meta, resolve_preprocess
+    from ..deploy._meta import resolve_preprocess
 
     dims = input_spec(model)[1]
     if len(dims) != 4:
         return None
     meta = read_meta(model) or {}
     try:
-        channels, (h, w), mean, std = resolve_preprocess(
-            parse_meta(json.dumps(meta), "model"), dims[1], (dims[2], dims[3]), "model"
-        )
+        channels, (h, w), mean, std = resolve_preprocess(meta, dims[1], (dims[2], dims[3]), "model")
     except VitshrinkError:
         return None
-    batch = dims[0] or 1
+    step = dims[0] or 8  # a fixed-batch graph gets its batch, a dynamic one batches of 8
+    count = max(n // step, 1) * step
     rng = np.random.default_rng(0)
-    count = max(n // batch, 1) * batch
     coarse = rng.random((count, channels, 4, 4))
     field = np.kron(coarse, np.ones((1, 1, -(-h // 4), -(-w // 4))))[:, :, :h, :w]
     img = np.clip(field + 0.15 * rng.standard_normal(field.shape), 0.0, 1.0)
     x = ((img - np.asarray(mean)[:, None, None]) / np.asarray(std)[:, None, None]).astype(np.float32)
-    return (
-        [x[i : i + batch] for i in range(0, count, batch)]
-        if dims[0]
-        else [x[i : i + 8] for i in range(0, count, 8)]
-    )
+    return [x[i : i + step] for i in range(0, count, step)]
 
 
 def _random_input(model: onnx.ModelProto) -> list[np.ndarray] | None:
