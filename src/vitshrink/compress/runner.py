@@ -17,6 +17,7 @@ mode) reuse it.
 
 from __future__ import annotations
 
+import functools
 import hashlib
 import json
 import os
@@ -57,6 +58,13 @@ class Context:
         # per-trial progress lines only: a quiet run still says what it did.
         print("[compress]", *msg, file=sys.stderr, flush=True)
 
+    @functools.cached_property
+    def data_fingerprint(self) -> str:
+        """The data folder's content key (names, sizes, mtimes), walked once per run, not per trial."""
+        from ..data import fingerprint
+
+        return fingerprint(self.data)
+
     @property
     def metric(self) -> str:
         return TASK_METRIC[self.meta["task"]]
@@ -85,11 +93,14 @@ def teacher_key(teacher: Path) -> str:
     return h.hexdigest()[:16]
 
 
-def root_key(tkey: str, data: str, data_options: dict[str, Any]) -> str:
-    from ..data import fingerprint
+def root_key(tkey: str, data: str, data_options: dict[str, Any], data_fingerprint: str | None = None) -> str:
+    """Cache key of a run's first stage; `data_fingerprint` (default: walked now) is the data folder's
+    content (names, sizes, mtimes): a changed data folder must not reuse old stages."""
+    if data_fingerprint is None:
+        from ..data import fingerprint
 
-    # the folder's content too (names, sizes, mtimes): a changed data folder must not reuse old stages
-    blob = json.dumps([tkey, str(data), data_options, fingerprint(data)], sort_keys=True, default=str)
+        data_fingerprint = fingerprint(data)
+    blob = json.dumps([tkey, str(data), data_options, data_fingerprint], sort_keys=True, default=str)
     return hashlib.sha256(blob.encode()).hexdigest()[:16]
 
 
@@ -324,7 +335,9 @@ def run_stages(
         _write_state(state_path, ctx, records + old[1:])
 
     cur = Current(
-        ctx.teacher, _abs(root, trec["artifact"]), root_key(trec["key"], ctx.data, ctx.data_options)
+        ctx.teacher,
+        _abs(root, trec["artifact"]),
+        root_key(trec["key"], ctx.data, ctx.data_options, ctx.data_fingerprint),
     )
     for i, stage in enumerate(stages, start=1):
         key = stage_key(cur.key, stage)
