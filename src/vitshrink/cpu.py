@@ -12,6 +12,7 @@ kernels (SDOT/UDOT or widening multiplies) accumulate in 32 bits and need no suc
 
 from __future__ import annotations
 
+import functools
 import os
 import platform
 from pathlib import Path
@@ -25,6 +26,7 @@ REDUCED_WEIGHT_MAX = 64  # onnxruntime's reduce_range int8 weights lie in [-64, 
 ENV_OVERRIDE = "VITSHRINK_CPU"
 
 
+@functools.lru_cache(maxsize=4)  # the CPU does not change under a running process
 def cpu_flags(cpuinfo: str | os.PathLike = "/proc/cpuinfo") -> frozenset[str]:
     """The feature flags of the first CPU in /proc/cpuinfo (empty where there is none)."""
     try:
@@ -78,5 +80,6 @@ def int8_note(target_cpu: str) -> str:
 
 def runs_exactly_here(quantized_for: str | None, here: str | None = None) -> bool:
     """False when a model with full-range int8 weights (made for VNNI / ARM64) runs on an AVX2 x86 CPU."""
-    here = here or detect_cpu()
-    return not (here == "avx2" and quantized_for in ("vnni", "arm64"))
+    if quantized_for not in ("vnni", "arm64"):
+        return True  # float models and 7-bit (avx2) int8 run exactly anywhere; no need to probe the CPU
+    return (here or detect_cpu()) != "avx2"
