@@ -90,6 +90,29 @@ def test_dynamic_size_refused_where_the_graph_freezes_it(tmp_path):
         export_onnx(tmp_path / "vit", tmp_path / "v.onnx", image_size=48)
 
 
+def test_dynamic_size_swin_at_window_multiples(tmp_path):
+    """UperNet-Swin (the paper's teacher family): exact at multiples of patch x window x 2^(stages-1)
+    from two multiples up (below that transformers clamps the last stage's window); refused elsewhere."""
+    torch.manual_seed(0)
+    model, meta = build_model("upernet-swin-micro", task="segmentation", image_size=128, num_labels=5)
+    fam = family_for(model)
+    assert fam.size_multiple(model.config) == 64 and fam.size_floor(model.config) == 128
+    save_model(model, meta, tmp_path / "m")
+    with pytest.raises(ModelError, match="exact from 128 px") as e:
+        export_onnx(tmp_path / "m", tmp_path / "small.onnx", image_size=64, dynamic_size=True)
+    assert "\n" not in str(e.value) and not (tmp_path / "small.onnx").exists()
+    with pytest.raises(ModelError, match="multiples of 64"):
+        export_onnx(tmp_path / "m", tmp_path / "odd.onnx", image_size=160, dynamic_size=True)
+    out, r = export_onnx(tmp_path / "m", tmp_path / "d.onnx", dynamic_size=True)
+    assert set(r["parity_sizes"]) == {"128x128", "192x192"}
+    assert all(v["max_abs_diff"] < 1e-4 for v in r["parity_sizes"].values())
+    m = OnnxModel(out)
+    assert m.takes((128, 256)) and m.takes((192, 192))
+    assert not m.takes((64, 64)) and not m.takes((160, 128))
+    with pytest.raises(Exception, match="at least 128"):
+        m.run(np.zeros((1, 3, 64, 64), np.float32))
+
+
 # ----------------------------------------------------------------------------------------------- tiling
 
 

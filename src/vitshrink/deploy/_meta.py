@@ -171,3 +171,18 @@ def parse_image_size(text: str | int | tuple[int, int] | list[int]) -> tuple[int
     if h < 1 or w < 1:
         raise ModelError(f"image size must be positive, got {text!r}")
     return h, w
+
+
+def dynamic_size_problem(pre: Mapping[str, Any], hw: Iterable[int]) -> str | None:
+    """Why a dynamic-size graph (preprocess with `size_multiple`, optional `size_min`) cannot run at
+    height/width `hw`, or None when it can. One rule for the runtime, tiling and calibration."""
+    m = pre.get("size_multiple")
+    if not isinstance(m, int) or m <= 0:
+        return "the graph has a fixed size"
+    h, w = (int(v) for v in hw)
+    lo = pre.get("size_min") if isinstance(pre.get("size_min"), int) else 1
+    if h % m or w % m:
+        return f"height and width must be multiples of {m} px; {h}x{w} is not"
+    if min(h, w) < max(lo, 1):
+        return f"height and width must be at least {lo} px; {h}x{w} is smaller"
+    return None

@@ -21,7 +21,13 @@ from ..cpu import runs_exactly_here
 from ..errors import DataError, ModelError
 from ..onnx_folder import onnx_file
 from . import tiling
-from ._meta import read_meta_props, resolve_class_names, resolve_preprocess, resolve_task
+from ._meta import (
+    dynamic_size_problem,
+    read_meta_props,
+    resolve_class_names,
+    resolve_preprocess,
+    resolve_task,
+)
 
 # onnxruntime raises its own pybind11 exception classes (not RuntimeError subclasses) for bad models and
 # bad inputs; collect the ones this build has so they can be turned into one-line errors.
@@ -172,6 +178,7 @@ class OnnxModel:
         dyn_hw = _static(shape[2]) is None and _static(shape[3]) is None
         multiple = (self.meta.get("preprocess") or {}).get("size_multiple") if dyn_hw else None
         self.size_multiple: int | None = int(multiple) if isinstance(multiple, int) and multiple > 0 else None
+        self._pre = self.meta.get("preprocess") or {}
         self.mean = np.asarray(mean, np.float32).reshape(-1, 1, 1)
         self.std = np.asarray(std, np.float32).reshape(-1, 1, 1)
         num_classes = _static(out_shape[1]) if out_shape and len(out_shape) > 1 else None
@@ -216,7 +223,9 @@ class OnnxModel:
                 m and batch.ndim == 4 and batch.shape[1] == self.channels and self.takes(batch.shape[2:])
             ):
                 if m:
-                    want = f"(N, {self.channels}, H, W) with H and W multiples of {m}"
+                    lo = self._pre.get("size_min")
+                    floor = f", at least {lo}" if isinstance(lo, int) and lo > m else ""
+                    want = f"(N, {self.channels}, H, W) with H and W multiples of {m}{floor}"
                 raise DataError(f"input has shape {tuple(batch.shape)}; {self.path.name} takes {want}")
         if self._batch is not None and batch.shape[0] != self._batch:
             raise DataError(f"input batch is {batch.shape[0]}; {self.path.name} takes exactly {self._batch}")
@@ -239,8 +248,9 @@ class OnnxModel:
         h, w = (int(v) for v in hw)
         if (h, w) == tuple(self.size):
             return True
-        m = self.size_multiple
-        return bool(m) and h > 0 and w > 0 and h % m == 0 and w % m == 0
+        return (
+            bool(self.size_multiple) and h > 0 and w > 0 and dynamic_size_problem(self._pre, (h, w)) is None
+        )
 
     def _pixels(self, img: Image.Image) -> np.ndarray:
         """The frame as (H, W[, C]) uint8, or float32 in [0, 1] for 16-bit grey, at its own size."""
@@ -290,10 +300,13 @@ class OnnxModel:
         frame = (img.height, img.width)
         th, tw = (tile, tile) if isinstance(tile, int) else tuple(tile or self.size)
         if tile is not None and not self.takes((th, tw)):
-            step = f"multiples of {self.size_multiple} px" if self.size_multiple else "its own size only"
+            if self.size_multiple:
+                raise ModelError(
+                    f"{self.path.name} cannot run {th}x{tw} tiles: {dynamic_size_problem(self._pre, (th, tw))}"
+                )
             raise ModelError(
                 f"{self.path.name} cannot run {th}x{tw} tiles: it takes {self.size[0]}x{self.size[1]} "
-                f"({step}); re-export with --image-size or --dynamic-size"
+                "(its own size only); re-export with --image-size or --dynamic-size"
             )
         auto = mode == "auto"
         if auto:

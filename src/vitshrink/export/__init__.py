@@ -78,6 +78,13 @@ def size_multiple(net: nn.Module) -> int | None:
     return family_for(net).size_multiple(net.config)
 
 
+def size_floor(net: nn.Module) -> int:
+    """The smallest height/width at which a dynamic-size graph of `net` is exact."""
+    from ..models import family_for
+
+    return family_for(net).size_floor(net.config)
+
+
 def _family(net: nn.Module) -> str:
     cfg = getattr(net, "config", None)
     mt = getattr(cfg, "model_type", "model")
@@ -114,6 +121,12 @@ def _resolve_size(
             raise ModelError(
                 f"{where}: a dynamic-size {_family(net)} graph is exact at multiples of {m} px; "
                 f"{size[0]}x{size[1]} is not"
+            )
+        lo = size_floor(net)
+        if min(size) < lo:
+            raise ModelError(
+                f"{where}: a dynamic-size {_family(net)} graph is exact from {lo} px (multiples of {m}); "
+                f"{size[0]}x{size[1]} is smaller: export at --image-size {lo} or a fixed size"
             )
     return size
 
@@ -164,8 +177,13 @@ def export_onnx(
     pre = {**meta["preprocess"], "size": list(size)}
     if dynamic_size:
         pre["size_multiple"] = size_multiple(net)  # the runtime accepts any multiple (tiles, full frames)
+        if size_floor(net) > pre["size_multiple"]:
+            pre["size_min"] = size_floor(net)
+        else:
+            pre.pop("size_min", None)
     else:
         pre.pop("size_multiple", None)
+        pre.pop("size_min", None)
     meta = {**meta, "preprocess": pre}
     example = torch.randn(1, pre["channels"], *pre["size"])
     family = family_for(net)

@@ -135,8 +135,11 @@ def _onnx_at_size(meta: dict[str, Any] | None, image_size: Any, src: Path) -> di
             f"{src} takes {pre.get('size', 'its fixed size')} only: re-export the model with --image-size "
             f"{size[0]}x{size[1]} (or --dynamic-size)"
         )
-    if size[0] % m or size[1] % m:
-        raise VitshrinkError(f"{src} runs at multiples of {m} px; {size[0]}x{size[1]} is not")
+    from ..deploy._meta import dynamic_size_problem
+
+    problem = dynamic_size_problem(pre, size)
+    if problem:
+        raise VitshrinkError(f"{src}: {problem}")
     return {**meta, "preprocess": {**pre, "size": size}}  # type: ignore[dict-item]
 
 

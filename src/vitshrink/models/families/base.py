@@ -134,6 +134,10 @@ class Family:
         None where traced graphs keep the export size (reshapes, masks, position embeddings)."""
         return None
 
+    def size_floor(self, config: Any) -> int:
+        """The smallest height/width a dynamic-size graph of this family is exact at (export and run)."""
+        return self.size_multiple(config) or 1
+
     # -- width pruning --------------------------------------------------------------------------------
     def check_prunable(self, config: Any) -> None:
         """Raise UnsupportedFamilyError when this particular config cannot be width-pruned."""

@@ -44,6 +44,17 @@ class SwinFamily(Family):
 
         return zero_underflow_shift_masks(model)
 
+    def size_multiple(self, config):
+        # The traced graph keeps the padding to whole windows it computed at the export size: exact
+        # only where no stage pads, i.e. at multiples of patch x window x the stages' 2x downsampling.
+        return int(config.patch_size) * int(config.window_size) * 2 ** (len(config.depths) - 1)
+
+    def size_floor(self, config):
+        # A stage no larger than its window drops the shift and shrinks the window (transformers'
+        # set_shift_and_window_size): a graph traced with or without that clamp is wrong on the other
+        # side of it, so every stage must be larger than its window, which two multiples guarantee.
+        return 2 * self.size_multiple(config)
+
     # -- width pruning --------------------------------------------------------------------------------
     def rewrite(self, cfg, ratio, gran, round_to, r_mlp):
         embed, heads = cfg.embed_dim, list(cfg.num_heads)

@@ -98,6 +98,11 @@ class UperNetFamily(Family):
         backbone = find_family(bb) if bb is not None else None
         return None if backbone is None or backbone is self else backbone.size_multiple(bb)
 
+    def size_floor(self, config):
+        bb = getattr(config, "backbone_config", None)
+        backbone = find_family(bb) if bb is not None else None
+        return 1 if backbone is None or backbone is self else backbone.size_floor(bb)
+
     # -- width pruning: the backbone by its own family's rules, the decoder channels by `ratio` ---------
     def _backbone(self, cfg: Any) -> Family:
         bt = getattr(_backbone_config(cfg), "model_type", None)
