@@ -56,6 +56,12 @@ def test_dynamic_size_export_matches_pytorch_at_two_sizes(segformer_dir, tmp_pat
             ref = wrapper(torch.from_numpy(x)).numpy()
         np.testing.assert_allclose(m.run(x), ref, atol=1e-4)
 
+    # MACs follow the size the graph is benchmarked at: the export's count holds only at 256
+    from vitshrink.bench import model_stats
+
+    at_384 = model_stats(out, (384, 384))["macs"]
+    assert at_384 == model_stats(segformer_dir, (384, 384))["macs"] > 2 * model_stats(out)["macs"]
+
     # a fixed-size export at another size
     out2, r2 = export_onnx(segformer_dir, tmp_path / "f.onnx", image_size="96x128")
     assert r2["image_size"] == [96, 128] and "parity_sizes" not in r2

@@ -22,8 +22,9 @@ from ..hub import resolve_model
 from ..onnx_folder import onnx_file
 
 
-def model_stats(path: str | os.PathLike) -> dict[str, Any]:
-    """Size on disk, params and MACs of a model directory (or Hub id) or ONNX file."""
+def model_stats(path: str | os.PathLike, image_size: tuple[int, int] | None = None) -> dict[str, Any]:
+    """Size on disk, params and MACs of a model directory (or Hub id) or ONNX file; MACs at
+    `image_size` (H, W) when given, else at the model's own size."""
     path = onnx_file(resolve_model(path))
     if not path.exists():
         raise ModelError(f"model not found: {path}")
@@ -35,7 +36,7 @@ def model_stats(path: str | os.PathLike) -> dict[str, Any]:
 
         model, meta = load_model(path)
         pre = meta["preprocess"]
-        example = torch.zeros(1, pre["channels"], *pre["size"])
+        example = torch.zeros(1, pre["channels"], *(image_size or pre["size"]))
         size = sum(f.stat().st_size for f in path.iterdir() if f.suffix in (".safetensors", ".bin"))
         return {
             "size_mb": size / 2**20,
@@ -45,6 +46,10 @@ def model_stats(path: str | os.PathLike) -> dict[str, Any]:
         }
     meta = onnx_meta(path)
     stats = meta.get("stats", {}) if meta else {}
+    macs = stats.get("macs")
+    pre = (meta or {}).get("preprocess") or {}
+    if image_size is not None and list(image_size) != pre.get("size"):
+        macs = _macs_at(meta or {}, image_size)
     params = stats.get("params")
     if params is None:
         import onnx
@@ -55,9 +60,35 @@ def model_stats(path: str | os.PathLike) -> dict[str, Any]:
     return {
         "size_mb": path.stat().st_size / 2**20,
         "params": params,
-        "macs": stats.get("macs"),
+        "macs": macs,
         "format": "onnx",
     }
+
+
+def _macs_at(meta: dict[str, Any], size: tuple[int, int]) -> int | None:
+    """MACs of a (dynamic-size) ONNX graph at another input size, counted by torch on a randomly
+    initialised model built from the HF config the export stored; None when no config rode along.
+    (Not on the meta device: there SDPA falls back to a path the FLOP counter counts differently.)
+
+    The export's own count holds only at its size: attention cost grows faster than the pixel count."""
+    cfg = meta.get("hf_config")
+    if not isinstance(cfg, dict) or "model_type" not in cfg:
+        return None
+    import torch
+
+    from ..export import count_macs
+    from ..models import family_for
+
+    try:
+        family = family_for(cfg["model_type"])
+        family.before_load()
+        cls = family.model_class(meta.get("task", "classification"))
+        config = cls.config_class.from_dict(cfg)
+        model = cls(config).eval()
+        example = torch.zeros(1, int((meta.get("preprocess") or {}).get("channels", 3)), *size)
+        return count_macs(family.export_wrapper(model), example)
+    except Exception:  # noqa: BLE001 - MACs are informative; an unbuildable config leaves them unknown
+        return None
 
 
 def _numel(dims: Any) -> int:
@@ -153,7 +184,7 @@ def bench_many(
     from ..progress import progress
 
     for p, r in progress(list(zip(paths, lat["results"])), desc="bench memory", disable=quiet):
-        res = {**r, **model_stats(p), "threads": threads, "device": device}
+        res = {**r, **model_stats(p, image_size), "threads": threads, "device": device}
         if memory:
             # Always its own batch-1 process: the same model gets the same figure alone or in a group,
             # and the latency process's batch-`batch` throughput run does not inflate it.
