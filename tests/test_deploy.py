@@ -518,6 +518,12 @@ def test_trt_scripts_match_runtime(models, tmp_path):
     np.testing.assert_array_equal(
         np.asarray(runner.postprocess(logits, img)["mask"]), m.predict([img])[0]["mask"]
     )
+    # a frame >= 2x the input is tiled on the device exactly as predict tiles it
+    big = _noise(131, 97, 10)
+    assert runner.should_tile(big) and not runner.should_tile(img)
+    for overlap in (0.25, 0.5):
+        ref = m.segment(big, mode="tile", overlap=overlap)["mask"]
+        np.testing.assert_array_equal(runner.segment_tiled(big, m.run, overlap), np.asarray(ref))
 
     builder = _load_script(d / "build_engine.py", "build_engine_under_test")
     assert builder.FP16 is True and builder.WORKSPACE_MB == 2048 and builder.PROFILE_SHAPE is None

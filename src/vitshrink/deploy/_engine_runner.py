@@ -7,6 +7,11 @@ python3-pil; `pip3 install pycuda`). Kept Python 3.6 compatible for JetPack 4.6,
 Jetson Nano (hence no `from __future__ import annotations`, dataclasses or 3.8+ syntax).
 
     python3 run_engine.py photo.jpg [--engine model_fp16.engine] [--runs 100] [--out mask.png]
+                          [--tile auto|on|off] [--overlap 0.25]
+
+Segmentation of a frame at least 2x the engine's input on both axes (a 4000x3000 drone photo) runs as
+sliding windows at the photo's own resolution, as vitshrink's `predict` does (`vitshrink.deploy.tiling`,
+mirrored here because that module needs Python 3.7+); `--tile off` resizes the frame instead.
 """
 
 import argparse
@@ -30,6 +35,8 @@ ENGINE_NAME = "model_fp16.engine"
 # --- end constants ---
 
 HIGH_DEPTH_MODES = ("I", "I;16", "I;16L", "I;16B", "I;16N")
+AUTO_TILE_FACTOR = 2.0  # vitshrink.deploy.tiling.AUTO_TILE_FACTOR
+DEFAULT_OVERLAP = 0.25  # vitshrink.deploy.tiling.DEFAULT_OVERLAP
 
 
 def preprocess(img):
@@ -46,6 +53,68 @@ def preprocess(img):
     mean = np.asarray(MEAN, np.float32).reshape(-1, 1, 1)
     std = np.asarray(STD, np.float32).reshape(-1, 1, 1)
     return np.ascontiguousarray(((x - mean) / std)[None], np.float32)
+
+
+def pixels(img):
+    """The frame at its own size: (H, W[, C]) uint8, or float32 in [0, 1] for 16-bit grey."""
+    if img.mode in HIGH_DEPTH_MODES:
+        px = np.asarray(img, np.float32) / 65535.0
+        return np.repeat(px[..., None], CHANNELS, axis=2) if CHANNELS == 3 else px
+    return np.asarray(img.convert("RGB" if CHANNELS == 3 else "L"))
+
+
+def normalise(crop):
+    """A (h, w[, C]) crop of pixels() -> (1, C, h, w) float32 input, the arithmetic of preprocess()."""
+    x = crop.astype(np.float32) / 255.0 if crop.dtype == np.uint8 else crop.astype(np.float32)
+    x = x.transpose(2, 0, 1) if x.ndim == 3 else x[None]
+    mean = np.asarray(MEAN, np.float32).reshape(-1, 1, 1)
+    std = np.asarray(STD, np.float32).reshape(-1, 1, 1)
+    return np.ascontiguousarray(((x - mean) / std)[None], np.float32)
+
+
+def tile_starts(length, tile, stride):
+    """Tile offsets along one axis (mmsegmentation's slide rule; the last tile ends at the edge)."""
+    if length <= tile:
+        return [0]
+    n = -(-(length - tile) // stride) + 1
+    return sorted(set(min(i * stride, length - tile) for i in range(n)))
+
+
+def should_tile(img):
+    return min(img.height / float(SIZE[0]), img.width / float(SIZE[1])) >= AUTO_TILE_FACTOR
+
+
+def segment_tiled(img, run, overlap=DEFAULT_OVERLAP):
+    """Class ids (H, W) uint8 of a frame by overlapping tiles of the engine's size, logits averaged where
+    tiles overlap; one tile-high strip of logit sums is kept (full-frame logits would not fit a Nano)."""
+    px = pixels(img)
+    H, W = px.shape[:2]
+    th, tw = SIZE
+    rows = tile_starts(H, th, max(1, int(round(th * (1 - overlap)))))
+    cols = tile_starts(W, tw, max(1, int(round(tw * (1 - overlap)))))
+    ids = np.empty((H, W), np.uint8)
+    acc = None
+    for r, y0 in enumerate(rows):
+        if acc is not None and r:
+            d = y0 - rows[r - 1]
+            acc[:, : th - d] = acc[:, d:]
+            acc[:, th - d :] = 0
+        for x0 in cols:
+            crop = px[y0 : y0 + th, x0 : x0 + tw]
+            vh, vw = crop.shape[:2]
+            if (vh, vw) != (th, tw):  # a frame smaller than the tile: edge padding, dropped below
+                crop = np.pad(crop, [(0, th - vh), (0, tw - vw)] + [(0, 0)] * (px.ndim - 2), mode="edge")
+            out = np.asarray(run(normalise(crop)), np.float32)[0]
+            if out.shape[1:] != (th, tw):  # logits at a lower resolution: bilinear per class
+                out = np.stack(
+                    [np.asarray(Image.fromarray(m, "F").resize((tw, th), Image.BILINEAR)) for m in out]
+                )
+            if acc is None:
+                acc = np.zeros((out.shape[0], th, W), np.float32)
+            acc[:, :vh, x0 : x0 + vw] += out[:, :vh, :vw]
+        end = min((rows[r + 1] if r + 1 < len(rows) else H) - y0, H - y0, th)
+        ids[y0 : y0 + end] = acc[:, :end].argmax(axis=0).astype(np.uint8)
+    return ids
 
 
 def load_image(path):
@@ -141,7 +210,10 @@ def postprocess(logits, img):
             "top5": [(CLASS_NAMES[int(i)], float(p[i])) for i in top],
         }
     ids = Image.fromarray(logits.argmax(axis=0).astype(np.uint8))
-    mask = ids.resize(img.size, Image.NEAREST)  # class ids at the photo's own size
+    return mask_result(ids.resize(img.size, Image.NEAREST))  # class ids at the photo's own size
+
+
+def mask_result(mask):
     counts = np.bincount(np.asarray(mask).ravel(), minlength=len(CLASS_NAMES))
     fractions = dict(
         (CLASS_NAMES[i], float(c) / counts.sum()) for i, c in enumerate(counts[: len(CLASS_NAMES)]) if c
@@ -158,13 +230,25 @@ def main(argv=None):
         "--runs", type=int, default=0, help="also time this many inferences (after 10 warm-up runs)"
     )
     ap.add_argument("--out", help="segmentation: where to write the class-id mask PNG")
+    ap.add_argument(
+        "--tile",
+        choices=("auto", "on", "off"),
+        default="auto",
+        help="segmentation: sliding windows at the photo's resolution (auto: frames >= 2x the input)",
+    )
+    ap.add_argument("--overlap", type=float, default=DEFAULT_OVERLAP, help="tile overlap fraction [0, 1)")
     args = ap.parse_args(argv)
+    if not 0 <= args.overlap < 1:
+        ap.error("--overlap must be in [0, 1)")
 
     img = load_image(args.image)
     x = preprocess(img)
     runner = TrtRunner(args.engine)
-    logits = runner.run(x)
-    result = postprocess(logits, img)
+    tiled = TASK == "segmentation" and (args.tile == "on" or (args.tile == "auto" and should_tile(img)))
+    if tiled:
+        result = mask_result(Image.fromarray(segment_tiled(img, runner.run, args.overlap)))
+    else:
+        result = postprocess(runner.run(x), img)
     if TASK == "classification":
         print(f"{args.image}: {result['label']} ({result['score']:.3f})")
         for label, p in result["top5"]:
@@ -174,7 +258,8 @@ def main(argv=None):
         tmp = out + ".tmp"  # a killed run never leaves half a PNG under the final name
         result["mask"].save(tmp, format="PNG")
         os.replace(tmp, out)
-        print(f"{args.image}: mask {img.size[0]}x{img.size[1]} -> {out}")
+        how = " (tiled)" if tiled else ""
+        print(f"{args.image}: mask {img.size[0]}x{img.size[1]}{how} -> {out}")
         for label, frac in sorted(result["class_fractions"].items(), key=lambda kv: -kv[1])[:5]:
             print(f"  {label:<24} {100 * frac:5.1f}%")
     if args.runs > 0:
