@@ -22,21 +22,23 @@ from pathlib import Path
 
 import torch
 
-from vitshrink.demo import configs, ensure_teacher
+from vitshrink.demo import configs, ensure_teacher, stage_dirs
 from vitshrink.distill import distill
 from vitshrink.evaluate import evaluate
 from vitshrink.train import train
 
 
-def _demo_student(demo_out: Path | None, task: str, cfg, common: dict) -> Path | None:
+def _demo_student(demo_out: Path | None, task: str, losses, common: dict) -> Path | None:
     """The demo's distilled student when it was trained exactly as this benchmark would train it."""
-    d = demo_out / task / "distill" if demo_out else None
+    if demo_out is None or not (demo_out / task / "results.json").exists():
+        return None
+    d = stage_dirs(demo_out / task)["distill"]["model_dir"]
     if d is None or not (d / "vitshrink.json").exists():
         return None
     meta = json.loads((d / "vitshrink.json").read_text())
     opts = meta["history"][-1]["options"]
     want = {k: common[k] for k in ("epochs", "limit", "lr", "seed", "batch_size")}
-    want |= {"losses": cfg.distill_losses, "augment": True}  # the benchmark's distill runs augmented
+    want |= {"losses": losses, "augment": True}  # the benchmark's distill runs augmented
     return d if all(opts.get(k) == v for k, v in want.items()) else None
 
 
@@ -50,32 +52,32 @@ def run(
 ) -> dict:
     cfg = configs(quick)[task]
     teacher = ensure_teacher(cfg, quiet=True)
+    dist = cfg.stage("distill")  # the demo's distillation settings
+    student, losses = dist["student"], dist["losses"]
     common = dict(
-        epochs=epochs or cfg.distill_epochs,
-        limit=cfg.distill_limit,
-        lr=cfg.distill_lr,
-        batch_size=cfg.batch_size,
+        epochs=epochs or dist["epochs"],
+        limit=dist.get("limit"),
+        lr=dist["lr"],
+        batch_size=dist["batch_size"],
         seed=seed,
         quiet=True,
         data_options=cfg.data_options,
-        **cfg.student_overrides,
+        **dist.get("student_options", {}),
     )
-    ev = dict(limit=cfg.test_limit, quiet=True, data_options=cfg.data_options)
+    ev = dict(limit=cfg.eval_limit, quiet=True, data_options=cfg.data_options)
     metric = "accuracy" if task == "classification" else "miou"
     t0 = time.time()
-    labels_dir, _ = train(cfg.student, cfg.data, out=tmp / f"{task}-labels", **common)
+    labels_dir, _ = train(student, cfg.data, out=tmp / f"{task}-labels", **common)
     t_labels = time.time() - t0
     t0 = time.time()
-    kd_dir = _demo_student(demo_out, task, cfg, common)
+    kd_dir = _demo_student(demo_out, task, losses, common)
     if kd_dir is None:
-        kd_dir, _ = distill(
-            teacher, cfg.student, cfg.data, out=tmp / f"{task}-kd", losses=cfg.distill_losses, **common
-        )
+        kd_dir, _ = distill(teacher, student, cfg.data, out=tmp / f"{task}-kd", losses=losses, **common)
     t_kd = time.time() - t0
     res = {
         "task": task,
         "metric": metric,
-        "student": cfg.student,
+        "student": student,
         "epochs": common["epochs"],
         "teacher": evaluate(teacher, cfg.data, **ev)[metric],
         "labels_only": evaluate(labels_dir, cfg.data, **ev)[metric],

@@ -1,6 +1,6 @@
 """Does prune + distillation recover better than one-shot pruning or Torch-Pruning + fine-tuning?
 
-On the demo's tasks, starting from the demo's distilled student (``demo-out/<task>/distill``) at the
+On the demo's tasks, starting from the demo's distilled student (its `distill` stage in ``demo-out/<task>``) at the
 demo's prune ratio (0.25; the full run also tries 0.5), with the demo's data, subset, batch, lr,
 augmentation and recovery epochs E for every variant:
 
@@ -47,7 +47,7 @@ from prune_speed import reload_check, tp_prune  # noqa: E402 - Torch-Pruning's r
 
 from vitshrink.artifacts import write_json  # noqa: E402
 from vitshrink.data import load_dataset  # noqa: E402
-from vitshrink.demo import TaskConfig, configs  # noqa: E402
+from vitshrink.demo import DemoSpec, configs, stage_dirs  # noqa: E402
 from vitshrink.errors import VitshrinkError  # noqa: E402
 from vitshrink.evaluate import evaluate_model  # noqa: E402
 from vitshrink.models import load_model  # noqa: E402
@@ -126,7 +126,7 @@ def score(model: nn.Module, meta: dict[str, Any], test_ds: Any, metric: str) -> 
 
 def run_task(
     task: str,
-    cfg: TaskConfig,
+    cfg: DemoSpec,
     model_dir: Path,
     teacher_dir: Path,
     ratios: list[float],
@@ -140,17 +140,16 @@ def run_task(
     """All variants of one task; every recovered variant gets the same budget and, per seed, the same
     training subset and shuffling (prune() draws its subset with its seed, so fine-tuning does too)."""
     metric = "accuracy" if task == "classification" else "miou"
-    epochs = int(cfg.prune_recover_epochs)
-    # the demo's prune stage settings, for every recovered variant
-    lr, bs, limit, aug = cfg.extra.get("prune_lr", 5e-4), cfg.batch_size, cfg.distill_limit, cfg.augment
+    opts = cfg.stage("prune")  # the demo's prune stage settings, for every recovered variant
+    epochs = int(opts["recover_epochs"])
+    lr, bs, limit, aug = opts["lr"], opts["batch_size"], opts.get("limit"), opts.get("augment", True)
     # ... and its pruning axes / recovery loss where the demo sets them (flags override)
-    names = (("prune_granularity", "granularity"), ("prune_recover_losses", "recover_losses"))
-    demo_kw = {arg: cfg.extra[key] for key, arg in names if key in cfg.extra}
+    demo_kw = {k: opts[k] for k in ("granularity", "recover_losses") if k in opts}
     net0, meta = load_model(model_dir)
     pre = meta["preprocess"]
     x = torch.randn(1, pre["channels"], *pre["size"], generator=torch.Generator().manual_seed(0))
     test_ds = load_dataset(
-        cfg.data, "test", size=pre["size"], limit=cfg.test_limit, data_options=cfg.data_options
+        cfg.data, "test", size=pre["size"], limit=cfg.eval_limit, data_options=cfg.data_options
     )
     rows: dict[tuple[float | None, str], dict[str, Any]] = {}
 
@@ -308,7 +307,9 @@ def main() -> None:
     ap.add_argument("--task", default="all", choices=[*TASKS, "all"])
     ap.add_argument("--quick", action="store_true", help="the quick demo's budgets, ratio 0.25, one seed")
     ap.add_argument("--ratio", type=float, help="one pruning ratio (default: the demo's, plus 0.5 in full)")
-    ap.add_argument("--model-dir", type=Path, help="unpruned student (default demo-out/<task>/distill)")
+    ap.add_argument(
+        "--model-dir", type=Path, help="unpruned student (default: the distill stage of demo-out/<task>)"
+    )
     ap.add_argument("--teacher", type=Path, help="recovery teacher (default demo-out/<task>/teacher)")
     ap.add_argument("--demo-out", type=Path, default=Path("demo-out"))
     ap.add_argument(
@@ -344,15 +345,16 @@ def main() -> None:
     cfgs = configs(a.quick)
     jobs = []
     for t in tasks:
-        model_dir = a.model_dir or a.demo_out / t / "distill"
+        done = (a.demo_out / t / "results.json").exists()
+        model_dir = a.model_dir or (stage_dirs(a.demo_out / t)["distill"]["model_dir"] if done else None)
         teacher = a.teacher or a.demo_out / t / "teacher"
         for what, path in (("student", model_dir), ("teacher", teacher)):
-            if not (path / "config.json").exists():
+            if path is None or not (path / "config.json").exists():
                 print(
                     f"{t}: no {what} model at {path}: run `vitshrink demo` first, or pass --model-dir/--teacher"
                 )
                 sys.exit(2)
-        ratios = [a.ratio] if a.ratio is not None else [cfgs[t].prune_ratio]
+        ratios = [a.ratio] if a.ratio is not None else [cfgs[t].stage("prune")["ratio"]]
         if a.ratio is None and not a.quick and 0.5 not in ratios:
             ratios.append(0.5)
         jobs.append((t, model_dir, teacher, ratios))

@@ -411,22 +411,25 @@ def demo_table(title: str, rows: list[dict[str, Any]]) -> str:
 
 
 def run_demo_models(demo: Path, work: Path, quick: bool) -> tuple[dict[str, Any], list[str]]:
-    from vitshrink.demo import configs
+    from vitshrink.demo import configs, stage_dirs
     from vitshrink.export import export_onnx
     from vitshrink.train import train as vs_train
 
     cfgs = configs(quick)
     results, md = {}, []
     for task in ("classification", "segmentation"):
-        src = demo / task / "teacher.onnx"
-        if not src.exists():
-            print(f"skipping {task}: {src} not found (run `vitshrink demo --out {demo}` first)")
+        done = (demo / task / "results.json").exists()
+        src = stage_dirs(demo / task)["teacher"]["artifact"] if done else None
+        if src is None or not src.exists():
+            print(
+                f"skipping {task}: no finished demo in {demo / task} (run `vitshrink demo --out {demo}` first)"
+            )
             continue
         cfg = cfgs[task]
         rows = demo_rows(src, cfg.data, cfg.data_options, work, 2000 if task == "classification" else None)
         results[f"demo_{task}_teacher"] = rows
         split = "first 2000 test images" if task == "classification" else "test split"
-        md.append(demo_table(f"demo {task} teacher ({cfg.teacher}), {cfg.data} {split}", rows))
+        md.append(demo_table(f"demo {task} teacher ({cfg.teacher.model}), {cfg.data} {split}", rows))
     if not quick:
         # DeiT-small shape (384-d, 12 layers, 6 heads), patch 7 on 28x28, a short real training run
         t = time.perf_counter()

@@ -114,7 +114,20 @@ BAD_RECIPES = [
         "option 'depth_ratio' must be a number in [0, 1) or 'auto'",
     ),
     ([{"prune": {"ratio": 0.2, "recover_losses": {"kd": "one"}}}], "must map loss names to numeric weights"),
+    ([{"quantize": {"mode": "fp16", "name": ""}}], "option 'name' must be a non-empty string"),
 ]
+
+
+def test_a_stage_name_labels_it_without_changing_its_key():
+    from vitshrink.compress.recipe import stage_key
+    from vitshrink.compress.runner import stage_label
+
+    named, plain = load_recipe(
+        [{"quantize": {"name": "int8", "mode": "int8"}}, {"quantize": {"mode": "int8"}}]
+    ).stages
+    assert (stage_label(named), stage_label(plain)) == ("int8", "quantize-int8")
+    assert named.options == plain.options and stage_key("k", named) == stage_key("k", plain)
+    assert load_recipe([named.to_json()]).stages[0] == named  # results.json's recipe reads back
 
 
 def test_prune_recipe_takes_depth_and_recovery_losses():

@@ -25,7 +25,7 @@ from ..errors import VitshrinkError
 from .devices import PROFILES, DeviceProfile, get_profile, threads_for
 from .plan import DEFAULT_TIME_BUDGET, Plan, Throughput, fmt_minutes, parse_duration, plan_search
 from .recipe import SCHEMA, Recipe, RecipeError, Stage, load_recipe, parse_recipe, validate_stage
-from .runner import STAGE_RUNNERS, Context, finish, measure, run_stages
+from .runner import STAGE_RUNNERS, finish, make_context, measure, run_stages
 from .search import BudgetNotMetError, describe_miss, parse_budget, search_budget
 
 __all__ = [
@@ -49,32 +49,6 @@ __all__ = [
     "plan_search",
     "validate_stage",
 ]
-
-
-def _context(model: str | os.PathLike, data: str, data_options: dict[str, Any], quiet: bool) -> Context:
-    """Check the teacher and the data agree before anything long starts."""
-    from ..data import describe
-    from ..hub import resolve_model
-    from ..models import is_model_dir, load_model
-
-    teacher = resolve_model(model)
-    if not is_model_dir(teacher):
-        if teacher.suffix == ".onnx":
-            raise VitshrinkError(
-                f"compress needs the teacher as a model directory, not an ONNX file: {teacher}"
-            )
-        raise VitshrinkError(f"teacher model directory not found (no config.json): {teacher}")
-    _, meta = load_model(teacher)  # also verifies checksums and honours preprocessor_config.json
-    info = describe(data, data_options=data_options)
-    if info["task"] != meta["task"]:
-        raise VitshrinkError(f"the teacher is a {meta['task']} model but data '{data}' is {info['task']}")
-    if len(info["class_names"]) != len(meta["class_names"]):
-        raise VitshrinkError(
-            f"the teacher has {len(meta['class_names'])} classes but data '{data}' has {len(info['class_names'])}"
-        )
-    return Context(
-        teacher=teacher.resolve(), data=str(data), data_options=data_options, meta=meta, quiet=quiet
-    )
 
 
 def compress(
@@ -123,7 +97,7 @@ def compress(
         rec = load_recipe(recipe)
         data_opts = {**rec.data_options, **(data_options or {})}
         limit = eval_limit if eval_limit is not None else rec.eval_limit
-        ctx = _context(model, data, data_opts, quiet)
+        ctx = make_context(model, data, data_opts, quiet)
         out.mkdir(parents=True, exist_ok=True)
         records = run_stages(
             rec.stages, ctx, out, evaluate={"split": "test", "limit": limit, "threads": threads}
@@ -154,7 +128,7 @@ def compress(
 
     bud = parse_budget(budget)  # type: ignore[arg-type]
     seconds = parse_duration(DEFAULT_TIME_BUDGET if time_budget is None else time_budget)
-    ctx = _context(model, data, dict(data_options or {}), quiet)
+    ctx = make_context(model, data, dict(data_options or {}), quiet)
     ctx.log(
         f"time budget {fmt_minutes(seconds)}"
         + (" (the default; set it with --time-budget)" if time_budget is None else "")

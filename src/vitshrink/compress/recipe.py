@@ -8,7 +8,9 @@ Two accepted shapes::
     - quantize: {mode: int8}                eval_limit: 500             # test samples per stage
                                             stages: [...]
 
-A stage is a one-key mapping `NAME: {options}` (or a bare `NAME` for no options). Validation is a small
+A stage is a one-key mapping `KIND: {options}` (or a bare `KIND` for no options); every kind also takes
+`name`, the stage's label in results and reports (default: the kind, `quantize-MODE` for quantize),
+which is not part of its cache key. Validation is a small
 table-driven checker rather than pydantic (not a dependency) so every mistake is one line naming the
 stage and option. Quantize stages always start from the latest full-precision model, so consecutive
 quantize stages are siblings (e.g. fp16 and int8 of the same pruned model) and nothing but another
@@ -144,9 +146,10 @@ SCHEMA: dict[str, dict[str, Opt]] = {
 class Stage:
     kind: str  # distill | prune | quantize | export
     options: dict[str, Any] = field(default_factory=dict)
+    name: str | None = None  # label in results (None: derived from the kind); not part of the key
 
     def to_json(self) -> dict[str, Any]:
-        return {self.kind: dict(self.options)}
+        return {self.kind: {**({"name": self.name} if self.name else {}), **self.options}}
 
 
 @dataclass(frozen=True)
@@ -220,11 +223,15 @@ def validate_stage(raw: Any, where: str) -> Stage:
     if not isinstance(opts, dict):
         raise RecipeError(f"{where}: options must be a mapping, got {opts!r}")
     schema = SCHEMA[kind]
+    opts = dict(opts)
+    label = opts.pop("name", None)
+    if label is not None and (not isinstance(label, str) or not label.strip()):
+        raise RecipeError(f"{where}: option 'name' must be a non-empty string, got {label!r}")
     out: dict[str, Any] = {}
     for name, value in opts.items():
         if name not in schema:
             raise RecipeError(
-                f"{where}: unknown option '{name}' ({_suggest(str(name), list(schema))}allowed: {', '.join(schema)})"
+                f"{where}: unknown option '{name}' ({_suggest(str(name), list(schema))}allowed: name, {', '.join(schema)})"
             )
         out[name] = _check_value(where, name, value, schema[name])
     missing = [n for n, o in schema.items() if o.required and n not in out]
@@ -238,7 +245,7 @@ def validate_stage(raw: Any, where: str) -> Stage:
             raise RecipeError(f"{where}: needs one of {', '.join(PRUNE_TARGETS)} (or 'unstructured')")
     if kind == "distill" and "student_options" in out and Path(out["student"]).exists():
         raise RecipeError(f"{where}: 'student_options' apply to a preset student, not a directory")
-    return Stage(kind, out)
+    return Stage(kind, out, label)
 
 
 def validate_stages(items: Any, source: str = "<recipe>") -> list[Stage]:

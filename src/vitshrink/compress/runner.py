@@ -13,6 +13,10 @@ match their checksums; otherwise it and everything after it run again. Within a 
 resumes from its per-epoch checkpoint. In budget search (`cache_dir` set) stage outputs live in
 CACHE/KIND-KEY instead, so trials that share a prefix (same student, different prune ratio or quant
 mode) reuse it.
+
+The same runner runs `vitshrink demo` (its recipes are vitshrink/recipes/demo-*.yaml). A new stage kind
+is its options in `recipe.SCHEMA` and its function in `STAGE_RUNNERS`; a kind whose output does not
+feed the next stage (quantize: siblings from the same fp32 model) is also listed in `BRANCH_KINDS`.
 """
 
 from __future__ import annotations
@@ -52,11 +56,15 @@ class Context:
     # stages reused from the cache replay their stored epochs through it.
     logits_dir: Path | None = None
     epoch_hook: Callable[[str, dict[str, Any]], None] | None = None
+    logger: Callable[..., None] | None = None  # where log() lines go (default: stderr, "[compress]")
 
     def log(self, *msg: Any) -> None:
         # Stage lines and summaries print even under --quiet, which silences progress bars and the
         # per-trial progress lines only: a quiet run still says what it did.
-        print("[compress]", *msg, file=sys.stderr, flush=True)
+        if self.logger is not None:
+            self.logger(*msg)
+        else:
+            print("[compress]", *msg, file=sys.stderr, flush=True)
 
     @functools.cached_property
     def data_fingerprint(self) -> str:
@@ -68,6 +76,32 @@ class Context:
     @property
     def metric(self) -> str:
         return TASK_METRIC[self.meta["task"]]
+
+
+def make_context(model: str | os.PathLike, data: str, data_options: dict[str, Any], quiet: bool) -> Context:
+    """Check the teacher and the data agree before anything long starts."""
+    from ..data import describe
+    from ..hub import resolve_model
+    from ..models import is_model_dir, load_model
+
+    teacher = resolve_model(model)
+    if not is_model_dir(teacher):
+        if teacher.suffix == ".onnx":
+            raise VitshrinkError(
+                f"compress needs the teacher as a model directory, not an ONNX file: {teacher}"
+            )
+        raise VitshrinkError(f"teacher model directory not found (no config.json): {teacher}")
+    _, meta = load_model(teacher)  # also verifies checksums and honours preprocessor_config.json
+    info = describe(data, data_options=data_options)
+    if info["task"] != meta["task"]:
+        raise VitshrinkError(f"the teacher is a {meta['task']} model but data '{data}' is {info['task']}")
+    if len(info["class_names"]) != len(meta["class_names"]):
+        raise VitshrinkError(
+            f"the teacher has {len(meta['class_names'])} classes but data '{data}' has {len(info['class_names'])}"
+        )
+    return Context(
+        teacher=teacher.resolve(), data=str(data), data_options=data_options, meta=meta, quiet=quiet
+    )
 
 
 @dataclass
@@ -234,6 +268,8 @@ def run_quantize(stage: Stage, ctx: Context, cur: Current, sdir: Path) -> StageR
         sdir / "model.onnx",
         mode=mode,
         calib_data=ctx.data if calibrate else None,
+        # calibrate on the run's data as configured (e.g. the aerial scenes' size and counts)
+        data_options=ctx.data_options if calibrate else None,
         quiet=ctx.quiet,
         **opts,
     )
@@ -253,7 +289,13 @@ STAGE_RUNNERS: dict[str, Callable[[Stage, Context, Current, Path], StageResult]]
 }
 
 
+# Kinds whose output is a leaf: the stage after one starts from the same full-precision model.
+BRANCH_KINDS: frozenset[str] = frozenset({"quantize"})
+
+
 def stage_label(stage: Stage) -> str:
+    if stage.name:
+        return stage.name
     return f"quantize-{stage.options['mode']}" if stage.kind == "quantize" else stage.kind
 
 
@@ -353,7 +395,7 @@ def run_stages(
             ok = _verified(prev, key, root)
         if ok and prev is not None:
             ctx.log(f"stage {i} ({label}): finished earlier, skipping")
-            rec = dict(prev)
+            rec = {**prev, "name": label}  # a renamed stage keeps its outputs
             replay_epochs(ctx, rec)
         else:
             old = []  # after a re-run stage, nothing later can be reused
@@ -362,7 +404,7 @@ def run_stages(
         records.append(rec)
         if rec != prev or cache_dir is not None:
             _write_state(state_path, ctx, records + old[len(records) :])
-        if rec.get("model_dir") and stage.kind != "quantize":
+        if rec.get("model_dir") and stage.kind not in BRANCH_KINDS:
             cur = Current(_abs(root, rec["model_dir"]), _abs(root, rec["artifact"]), key)
     if len(old) > len(records):
         _write_state(state_path, ctx, records)  # the recipe got shorter: forget stages it no longer has
@@ -502,7 +544,9 @@ def measure(
             "seconds": rec.get("seconds"),
         }
         if rec["kind"] == "quantize":
-            entry["notes"] = f"{rec['options']['mode']} ONNX"
+            chosen = (rec.get("train_metrics") or {}).get("chosen")
+            mode = rec["options"]["mode"]
+            entry["notes"] = f"{mode} ONNX" + (f" ({chosen})" if chosen and chosen != mode else "")
         out.append(entry)
     return out
 
