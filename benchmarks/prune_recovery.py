@@ -51,7 +51,8 @@ from vitshrink.demo import DemoSpec, configs, stage_dirs  # noqa: E402
 from vitshrink.errors import VitshrinkError  # noqa: E402
 from vitshrink.evaluate import evaluate_model  # noqa: E402
 from vitshrink.models import load_model  # noqa: E402
-from vitshrink.prune import _datasets, count_params, prune  # noqa: E402 - _datasets: prune()'s own subset
+from vitshrink.prune import count_params, prune  # noqa: E402
+from vitshrink.prune.recovery import recovery_datasets  # noqa: E402 - prune()'s own subset
 from vitshrink.train import fit  # noqa: E402
 
 TASKS = ("classification", "segmentation")
@@ -189,7 +190,7 @@ def run_task(
 
     def finetune(model: nn.Module, seed: int) -> nn.Module:
         """Label-only fine-tuning: the trainer, schedule and budget prune()'s recovery uses, no teacher."""
-        train_ds, val_ds = _datasets(cfg.data, meta, limit, seed, cfg.data_options)  # prune()'s subset
+        train_ds, val_ds = recovery_datasets(cfg.data, meta, limit, seed, cfg.data_options)
         fit(model, meta, train_ds, val_ds, epochs=epochs, batch_size=bs, lr=lr, do_augment=aug, seed=seed,
             quiet=quiet, device=torch.device("cpu"), desc="fine-tune")  # fmt: skip
         return model.eval()

@@ -83,7 +83,9 @@ def test_micro_builds_reloads_and_exports(tmp_path, name, task):
     x = torch.randn(2, 3, SIZE, SIZE)
     with torch.no_grad():
         y = fam.logits(model, x)
+        raw = fam.model_logits(model, x)  # what training and pruning use: the model's own resolution
     assert y.shape == ((2, 4) if task == "classification" else (2, 4, SIZE, SIZE))
+    assert raw.shape[:2] == y.shape[:2] and (task != "classification" or torch.equal(raw, y))
     save_model(model, meta, tmp_path / "m")
     back, back_meta = load_model(tmp_path / "m")
     assert type(back) is type(model) and back_meta["family"] == fam.name

@@ -1,4 +1,5 @@
-"""Options declared once: the Python signatures, the CLI and the recipe schema agree with vitshrink.options."""
+"""Options declared once: the Python signatures, the CLI and the recipe schema agree with vitshrink.options
+(train, eval, distill, prune, quantize)."""
 
 from __future__ import annotations
 
@@ -7,14 +8,36 @@ import inspect
 import pytest
 
 from vitshrink.cli import build_parser
-from vitshrink.compress.recipe import SCHEMA
-from vitshrink.options import PRUNE, QUANTIZE, Option
+from vitshrink.compress.recipe import SCHEMA, RecipeError, validate_stage
+from vitshrink.distill import distill
+from vitshrink.evaluate import evaluate
+from vitshrink.options import DISTILL, EVALUATE, PRUNE, QUANTIZE, TRAIN, Option
 from vitshrink.prune import prune
 from vitshrink.quantize import quantize
+from vitshrink.train import train
 
 # Keywords a stage function takes that are not user options (set by the CLI itself or by compress).
-NOT_OPTIONS = {"quiet", "teacher_cache_dir", "on_epoch_end", "image_size", "dynamic_size"}
-STAGES = [("prune", prune, PRUNE), ("quantize", quantize, QUANTIZE)]
+NOT_OPTIONS = {"quiet", "out", "teacher_cache_dir", "on_epoch_end", "dynamic_size"}
+# quantize's image_size is the export size (a CLI-only H[xW] argument shared with export)
+NOT_OPTIONS_OF = {"quantize": {"image_size"}}
+STAGES = [
+    ("train", train, TRAIN),
+    ("eval", evaluate, EVALUATE),
+    ("distill", distill, DISTILL),
+    ("prune", prune, PRUNE),
+    ("quantize", quantize, QUANTIZE),
+]
+IDS = [s[0] for s in STAGES]
+# the smallest valid command line of each subcommand (its required arguments)
+REQUIRED = {
+    "train": ["--model", "m", "--data", "d", "--out", "o"],
+    "eval": ["m", "--data", "d"],
+    "distill": ["--teacher", "t", "--student", "s", "--data", "d", "--out", "o"],
+    "prune": ["m", "--out", "o"],
+    "quantize": ["m", "--out", "o"],
+}
+# recipe keys of a stage that are not keywords of its function (positional inputs, compress-only keys)
+RECIPE_ONLY = {"distill": {"student", "student_options"}, "quantize": {"calibrate"}}
 
 
 def _subparser(name: str):
@@ -23,7 +46,7 @@ def _subparser(name: str):
     return sub.choices[name]
 
 
-@pytest.mark.parametrize("name, fn, options", STAGES, ids=[s[0] for s in STAGES])
+@pytest.mark.parametrize("name, fn, options", STAGES, ids=IDS)
 def test_every_keyword_is_declared_once_with_the_functions_default(
     name, fn, options: tuple[Option, ...]
 ) -> None:
@@ -32,12 +55,13 @@ def test_every_keyword_is_declared_once_with_the_functions_default(
     }
     declared = {o.name: o for o in options}
     assert len(declared) == len(options), "an option is declared twice"
-    assert set(params) - NOT_OPTIONS == set(declared), set(params) ^ set(declared)
+    skip = NOT_OPTIONS | NOT_OPTIONS_OF.get(name, set())
+    assert set(params) - skip == set(declared), set(params) ^ set(declared)
     for o in options:
         assert params[o.name].default == o.default, (o.name, params[o.name].default, o.default)
 
 
-@pytest.mark.parametrize("name, fn, options", STAGES, ids=[s[0] for s in STAGES])
+@pytest.mark.parametrize("name, fn, options", STAGES, ids=IDS)
 def test_the_cli_is_generated_from_the_declarations(name, fn, options: tuple[Option, ...]) -> None:
     sp = _subparser(name)
     actions = {a.dest: a for a in sp._actions}
@@ -50,23 +74,66 @@ def test_the_cli_is_generated_from_the_declarations(name, fn, options: tuple[Opt
         if o.choices is not None:
             assert list(a.choices) == list(o.choices)
     # parsing an empty command line gives exactly the function's defaults
-    args = sp.parse_args(["m", "--out", "o"])
+    args = sp.parse_args(REQUIRED[name])
     for o in options:
         if o.cli:
             assert getattr(args, o.name) == o.default, o.name
 
 
-@pytest.mark.parametrize("name, fn, options", STAGES, ids=[s[0] for s in STAGES])
+@pytest.mark.parametrize("name, fn, options", STAGES, ids=IDS)
 def test_the_recipe_schema_takes_the_same_options_and_choices(name, fn, options: tuple[Option, ...]) -> None:
-    schema = SCHEMA[name]
     recipe_opts = {o.name: o for o in options if o.recipe}
-    # compress-only recipe keys (e.g. quantize's `calibrate`) are allowed on top
+    if name not in SCHEMA:  # not a recipe stage: nothing may claim to be a recipe key
+        assert not recipe_opts
+        return
+    schema = SCHEMA[name]
     extra = set(schema) - set(recipe_opts)
-    assert extra <= {"calibrate"}, extra
+    assert extra <= RECIPE_ONLY.get(name, set()), extra
     assert set(recipe_opts) <= set(schema), set(recipe_opts) - set(schema)
     for k, o in recipe_opts.items():
         if o.choices is not None:
             assert tuple(schema[k].choices) == tuple(o.choices), k
+
+
+def _cli_accepts(o: Option, value: object) -> bool:
+    try:
+        o.parse(str(value))  # type: ignore[misc]
+    except Exception:  # noqa: BLE001 - argparse types raise ArgumentTypeError / ValueError
+        return False
+    return True
+
+
+MINIMAL_STAGE = {"distill": {"student": "vit-micro"}, "prune": {"ratio": 0.25}, "quantize": {"mode": "fp16"}}
+
+
+def _recipe_accepts(stage: str, name: str, value: object) -> bool:
+    opts = {**MINIMAL_STAGE[stage], name: value}
+    if stage == "prune" and name in ("target_params", "target_latency_ms", "target_macs"):
+        opts.pop("ratio")
+    try:
+        validate_stage({stage: opts}, "r")
+    except RecipeError:
+        return False
+    return True
+
+
+RECIPE_STAGES = [s for s in STAGES if s[0] in SCHEMA]
+
+
+@pytest.mark.parametrize("name, fn, options", RECIPE_STAGES, ids=[s[0] for s in RECIPE_STAGES])
+def test_cli_and_recipe_accept_the_same_numbers(name, fn, options: tuple[Option, ...]) -> None:
+    """Every numeric option allows the same range on the command line and in a recipe."""
+    probes = (-1, 0, 0.5, 1, 2, 21, 1e-3)
+    checked = 0
+    for o in options:
+        if not (o.cli and o.recipe and o.parse is not None and o.name in SCHEMA[name]):
+            continue
+        if not set(SCHEMA[name][o.name].types) & {int, float}:
+            continue
+        for v in probes:
+            assert _cli_accepts(o, v) == _recipe_accepts(name, o.name, v), (o.name, v)
+        checked += 1
+    assert checked >= 1
 
 
 def test_prune_cli_reaches_every_option_and_rejects_unknown_choices() -> None:
@@ -102,3 +169,27 @@ def test_prune_cli_reaches_every_option_and_rejects_unknown_choices() -> None:
     assert isinstance(args.recover_epochs, int)  # was parsed as a float and crashed prune()
     with pytest.raises(SystemExit):
         sp.parse_args(["m", "--out", "o", "--importance", "magnitud"])  # was silently random importance
+
+
+def test_distill_cli_reaches_every_option() -> None:
+    sp = _subparser("distill")
+    base = REQUIRED["distill"]
+    args = sp.parse_args(
+        [*base, "--loss", "kd", "feature", "--loss-weights", "1", "0.5", "--val-limit", "50"]
+    )
+    assert args.losses == ["kd", "feature"] and args.loss_weights == [1.0, 0.5] and args.val_limit == 50
+    args = sp.parse_args(
+        [*base, "--weight-decay", "0", "--image-size", "32", "--no-augment", "--cache-teacher"]
+    )
+    assert (args.weight_decay, args.image_size, args.augment, args.cache_teacher) == (0.0, 32, False, True)
+    with pytest.raises(SystemExit):
+        sp.parse_args([*base, "--alpha", "1.5"])  # the recipe refuses it too (alpha is a mixing weight)
+
+
+def test_distill_loss_weights_must_match_the_losses(tmp_path, capsys) -> None:
+    from vitshrink.cli import main
+
+    argv = ["distill", "--teacher", str(tmp_path / "t"), "--student", "vit-micro", "--data", "fashion-mnist"]
+    rc = main([*argv, "--out", str(tmp_path / "o"), "--loss", "kd", "ce", "--loss-weights", "1"])
+    assert rc == 2 and "--loss-weights gives 1 weights for 2 losses" in capsys.readouterr().err
+    assert not (tmp_path / "o").exists()

@@ -93,3 +93,56 @@ def test_ignore_label_is_drawn_alike_everywhere():
 def test_evaluate_does_not_import_train():
     code = "import sys, vitshrink.evaluate; sys.exit('vitshrink.train' in sys.modules)"
     assert subprocess.run([sys.executable, "-c", code], check=False).returncode == 0
+
+
+# -- stages ask the family ------------------------------------------------------------------------------
+_STAGES = ("prune", "distill", "compress", "export", "quantize", "train.py", "evaluate.py")
+
+
+def _stage_sources() -> list:
+    from pathlib import Path
+
+    root = Path(vitshrink.__file__).parent
+    files = []
+    for stage in _STAGES:
+        path = root / stage
+        files += sorted(path.rglob("*.py")) if path.is_dir() else [path]
+    return files
+
+
+def test_no_stage_names_a_family():
+    """Family knowledge lives in models/families: no stage holds a family's name, model type or preset."""
+    import io
+    import tokenize
+
+    from vitshrink.models.families import all_presets, families
+
+    names = {f.name for f in families()} | {t for f in families() for t in f.model_types}
+    presets = set(all_presets())
+    found = []
+    for path in _stage_sources():
+        for tok in tokenize.generate_tokens(io.StringIO(path.read_text()).readline):
+            if tok.type != tokenize.STRING or tok.string[:1] not in "'\"":
+                continue
+            text = tok.string.strip("'\"")
+            if text.lower() in names or text in presets:
+                found.append(f"{path.name}:{tok.start[0]} {tok.string}")
+    assert not found, found
+
+
+def test_stages_take_logits_from_the_family():
+    """`model(pixel_values=x).logits` is the family's hook (Family.model_logits / logits), nowhere else."""
+    import re
+
+    pattern = re.compile(r"pixel_values=[^()]*\)\s*\.logits")
+    found = [str(p) for p in _stage_sources() if pattern.search(p.read_text())]
+    assert not found, found
+
+
+def test_one_segmentation_cross_entropy():
+    """Cross-entropy with the ignore index is written once (batch.segmentation_ce)."""
+    from pathlib import Path
+
+    root = Path(vitshrink.__file__).parent
+    users = [str(p.relative_to(root)) for p in root.rglob("*.py") if "ignore_index=" in p.read_text()]
+    assert users == ["batch.py"], users

@@ -468,7 +468,8 @@ def test_stage_api_budget_and_errors(vit_dir, tmp_path):
 
 def test_recovery_distils_at_the_requested_temperature(vit_dir, tmp_path, monkeypatch):
     from vitshrink.distill import losses
-    from vitshrink.prune import _temperature_option, prune
+    from vitshrink.prune import prune
+    from vitshrink.prune.recovery import temperature_option as _temperature_option
 
     assert _temperature_option("kd:1,ce:1", 1.0) == {"temperature": 1.0}
     assert _temperature_option("ce", 1.0) == {}  # labels only: no loss takes a temperature

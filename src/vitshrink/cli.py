@@ -19,18 +19,19 @@ from typing import Any, NoReturn
 
 from . import __version__
 from .options import (
+    DISTILL,
+    EVALUATE,
     FORMAT,
     NONNEG_FLOAT,
     POS_FLOAT,
     POS_INT,
     PRUNE,
     QUANTIZE,
-    UNIT,
+    TRAIN,
     add_options,
     collect,
     key_values,
     number,
-    unit_or_auto,
 )
 
 EXIT_USER, EXIT_BUG = 2, 1
@@ -45,11 +46,6 @@ class _Parser(argparse.ArgumentParser):
 
 def _one_line(text: str) -> str:
     return " ".join(str(text).split()) or "(no message)"
-
-
-# argparse types are declared with the options (vitshrink.options); short aliases for this module
-_number, _POS_INT, _POS_FLOAT, _NONNEG_FLOAT, _UNIT = number, POS_INT, POS_FLOAT, NONNEG_FLOAT, UNIT
-_unit_or_auto, _kv = unit_or_auto, key_values
 
 
 def _image_size(text: str) -> tuple[int, int]:
@@ -83,23 +79,7 @@ def _metrics_line(m: dict[str, Any]) -> str:
 def cmd_train(a: argparse.Namespace) -> None:
     from .train import train
 
-    out, m = train(
-        a.model,
-        a.data,
-        out=a.out,
-        epochs=a.epochs,
-        batch_size=a.batch_size,
-        lr=a.lr,
-        image_size=a.image_size,
-        channels=a.channels,
-        limit=a.limit,
-        resume=a.resume,
-        seed=a.seed,
-        augment=not a.no_augment,
-        amp=a.amp,
-        quiet=a.quiet,
-        data_options=a.data_opt,
-    )
+    out, m = train(a.model, a.data, out=a.out, **collect(a, TRAIN), quiet=a.quiet)
     if _is_rank0():
         print(f"saved {out}  {_metrics_line(m)}")
 
@@ -107,16 +87,7 @@ def cmd_train(a: argparse.Namespace) -> None:
 def cmd_eval(a: argparse.Namespace) -> None:
     from .evaluate import evaluate
 
-    m = evaluate(
-        a.model,
-        a.data,
-        split=a.split,
-        batch_size=a.batch_size,
-        limit=a.limit,
-        threads=a.threads,
-        quiet=a.quiet,
-        data_options=a.data_opt,
-    )
+    m = evaluate(a.model, a.data, **collect(a, EVALUATE), quiet=a.quiet)
     if a.json:
         _print_json(m)
         return
@@ -174,29 +145,17 @@ def cmd_demo(a: argparse.Namespace) -> None:
 
 def cmd_distill(a: argparse.Namespace) -> None:
     from .distill import distill
+    from .errors import VitshrinkError
 
-    losses: Any = a.loss
+    kw = collect(a, DISTILL)
     if a.loss_weights:
-        losses = dict(zip(a.loss, a.loss_weights))
-    out, m = distill(
-        a.teacher,
-        a.student,
-        a.data,
-        out=a.out,
-        epochs=a.epochs,
-        losses=losses,
-        alpha=a.alpha,
-        temperature=a.temperature,
-        batch_size=a.batch_size,
-        lr=a.lr,
-        limit=a.limit,
-        seed=a.seed,
-        resume=a.resume,
-        augment=not a.no_augment,
-        cache_teacher=a.cache_teacher,
-        quiet=a.quiet,
-        data_options=a.data_opt,
-    )
+        names = [kw["losses"]] if isinstance(kw["losses"], str) else kw["losses"]
+        if len(a.loss_weights) != len(names):
+            raise VitshrinkError(
+                f"--loss-weights gives {len(a.loss_weights)} weights for {len(names)} losses ({' '.join(names)})"
+            )
+        kw["losses"] = dict(zip(names, a.loss_weights))
+    out, m = distill(a.teacher, a.student, a.data, out=a.out, **kw, quiet=a.quiet)
     if _is_rank0():
         print(f"saved {out}  {_metrics_line(m)}")
 
@@ -419,52 +378,29 @@ def build_parser() -> argparse.ArgumentParser:
                 "of 32 x patch); parity is checked at two sizes",
             )
 
-    def data_args(sp: argparse.ArgumentParser, required: bool = True) -> None:
-        sp.add_argument("--data", required=required, help="fashion-mnist | aerial | FOLDER")
-        sp.add_argument(
-            "--data-opt",
-            type=_kv,
-            default={},
-            metavar="K=V,..",
-            help="dataset options, e.g. size=256,n_train=400 for aerial",
-        )
-        sp.add_argument("--limit", type=_POS_INT, help="use a deterministic subset of N samples")
+    def data_arg(sp: argparse.ArgumentParser) -> None:
+        sp.add_argument("--data", required=True, help="fashion-mnist | aerial | FOLDER")
 
     sp = add("train", cmd_train, "Train a model (preset or directory) on a dataset.")
     sp.add_argument("--model", required=True, help="preset name (see `vitshrink presets`) or model directory")
-    data_args(sp)
-    sp.add_argument("--epochs", type=_POS_INT, default=1)
+    data_arg(sp)
     sp.add_argument("--out", required=True)
-    sp.add_argument("--batch-size", type=_POS_INT, default=128)
-    sp.add_argument("--lr", type=_POS_FLOAT, default=1e-3)
-    sp.add_argument("--image-size", type=_POS_INT)
-    sp.add_argument("--channels", type=_POS_INT)
-    sp.add_argument("--seed", type=_number(int, 0), default=0)
-    sp.add_argument("--resume", action="store_true", help="continue from OUT.ckpt")
-    sp.add_argument("--no-augment", action="store_true", help="no random flips/shifts")
-    sp.add_argument(
-        "--amp",
-        choices=["auto", "on", "off"],
-        default="auto",
-        help="mixed precision: auto = CUDA only; on = also bf16 on CPU (fast on AMX/AVX512-BF16 CPUs)",
-    )
+    add_options(sp, TRAIN)
 
     sp = add("eval", cmd_eval, "Evaluate a model directory or ONNX file.")
     sp.add_argument("model")
-    data_args(sp)
-    sp.add_argument("--split", default="test", choices=["train", "val", "test"])
-    sp.add_argument("--batch-size", type=_POS_INT, default=64)
-    sp.add_argument("--threads", type=_POS_INT)
+    data_arg(sp)
+    add_options(sp, EVALUATE)
     sp.add_argument("--json", action="store_true", help="print metrics as JSON")
 
     sp = add("bench", cmd_bench, "Latency p50/p90/p99, throughput, peak RSS, size, params, MACs.")
     sp.add_argument(
         "models", nargs="+", help="model directories and/or ONNX files (several are compared in one run)"
     )
-    sp.add_argument("--threads", type=_POS_INT, help="intra-op threads")
-    sp.add_argument("--batch", type=_POS_INT, default=8, help="batch size for throughput")
-    sp.add_argument("--runs", type=_POS_INT, default=30)
-    sp.add_argument("--rounds", type=_POS_INT, default=3)
+    sp.add_argument("--threads", type=POS_INT, help="intra-op threads")
+    sp.add_argument("--batch", type=POS_INT, default=8, help="batch size for throughput")
+    sp.add_argument("--runs", type=POS_INT, default=30)
+    sp.add_argument("--rounds", type=POS_INT, default=3)
     sp.add_argument("--device", default="cpu", choices=["cpu", "cuda"])
     sp.add_argument("--json", help="write results to this JSON file")
     size_args(sp, dynamic=False)
@@ -472,7 +408,7 @@ def build_parser() -> argparse.ArgumentParser:
     sp = add("export", cmd_export, "Export a model directory to ONNX (simplified, parity-checked).")
     sp.add_argument("model")
     sp.add_argument("--out", required=True)
-    sp.add_argument("--opset", type=_number(int, 7), default=17)
+    sp.add_argument("--opset", type=number(int, 7), default=17)
     sp.add_argument("--dynamic-batch", action="store_true")
     size_args(sp)
     add_options(sp, [FORMAT])
@@ -481,33 +417,15 @@ def build_parser() -> argparse.ArgumentParser:
     sp.add_argument("--task", default="all", choices=["classification", "segmentation", "all"])
     sp.add_argument("--out", default="demo-out")
     sp.add_argument("--quick", action="store_true", help="small budget: under 5 minutes on 2 cores")
-    sp.add_argument("--threads", type=_POS_INT)
+    sp.add_argument("--threads", type=POS_INT)
 
     sp = add("distill", cmd_distill, "Distil a teacher into a student.")
     sp.add_argument("--teacher", required=True)
     sp.add_argument("--student", required=True, help="preset name or model directory")
-    data_args(sp)
+    data_arg(sp)
     sp.add_argument("--out", required=True)
-    sp.add_argument("--epochs", type=_POS_INT, default=1)
-    sp.add_argument(
-        "--loss",
-        nargs="+",
-        default=["kd"],
-        help="kd | mse | dist-token | feature | attention | cwd (several combine)",
-    )
-    sp.add_argument("--loss-weights", nargs="+", type=_NONNEG_FLOAT, help="one weight per --loss")
-    sp.add_argument("--alpha", type=_UNIT, default=0.5, help="weight of distillation vs label loss")
-    sp.add_argument("--temperature", type=_POS_FLOAT, default=4.0)
-    sp.add_argument("--batch-size", type=_POS_INT, default=128)
-    sp.add_argument("--lr", type=_POS_FLOAT, default=1e-3)
-    sp.add_argument("--seed", type=_number(int, 0), default=0)
-    sp.add_argument("--resume", action="store_true", help="continue from OUT.ckpt")
-    sp.add_argument("--no-augment", action="store_true", help="no random flips/shifts")
-    sp.add_argument(
-        "--cache-teacher",
-        action="store_true",
-        help="compute teacher logits once (plain and flipped view) instead of every step; logit losses only",
-    )
+    add_options(sp, DISTILL)
+    sp.add_argument("--loss-weights", nargs="+", type=NONNEG_FLOAT, help="one weight per --loss")
 
     sp = add("prune", cmd_prune, "Structured pruning that physically removes heads/neurons/dims/channels.")
     sp.add_argument("model")
@@ -524,7 +442,7 @@ def build_parser() -> argparse.ArgumentParser:
     sp.add_argument("model")
     sp.add_argument("images", nargs="+", help="image files or folders")
     sp.add_argument("--out")
-    sp.add_argument("--threads", type=_POS_INT)
+    sp.add_argument("--threads", type=POS_INT)
     g = sp.add_mutually_exclusive_group()
     g.add_argument(
         "--tile",
@@ -539,31 +457,38 @@ def build_parser() -> argparse.ArgumentParser:
     )
     sp.add_argument(
         "--overlap",
-        type=_number(float, 0, hi=0.9),
+        type=number(float, 0, hi=0.9),
         help="fraction of a tile shared with its neighbour (default 0.25)",
     )
     v = sp.add_argument_group("video (FILE.mp4 / .mov / .avi / .mkv, or folders with --frames)")
     v.add_argument("--frames", action="store_true", help="each folder is one video's frames, in name order")
-    v.add_argument("--every", type=_POS_INT, default=1, help="keep every Nth frame")
-    v.add_argument("--max-fps", type=_POS_FLOAT, help="keep at most this many frames per second of video")
-    v.add_argument("--fps", type=_POS_FLOAT, help="frame rate of a --frames folder (default 10)")
+    v.add_argument("--every", type=POS_INT, default=1, help="keep every Nth frame")
+    v.add_argument("--max-fps", type=POS_FLOAT, help="keep at most this many frames per second of video")
+    v.add_argument("--fps", type=POS_FLOAT, help="frame rate of a --frames folder (default 10)")
 
     sp = add("trt-recipe", cmd_trt, "Write a TensorRT build command and runner for a Jetson.")
     sp.add_argument("model")
     sp.add_argument("--out")
     sp.add_argument("--no-fp16", action="store_true")
-    sp.add_argument("--workspace-mb", type=_POS_INT)
+    sp.add_argument("--workspace-mb", type=POS_INT)
 
     sp = add("compress", cmd_compress, "Run a recipe, or search recipes under a device budget.")
     sp.add_argument("model")
-    data_args(sp)
+    data_arg(sp)
+    sp.add_argument(
+        "--data-opt",
+        type=key_values,
+        default={},
+        metavar="K=V,..",
+        help="dataset options, e.g. size=256,n_train=400 for aerial",
+    )
     sp.add_argument("--out", required=True)
     g = sp.add_mutually_exclusive_group(required=True)
     g.add_argument("--recipe")
     # passed through as text: compress.parse_budget validates keys and values with one-line errors
     g.add_argument("--budget", help="latency_ms=..,size_mb=..,max_drop=..")
     sp.add_argument("--device", default="cpu", choices=["cpu", "cuda", "jetson-nano"])
-    sp.add_argument("--trials", type=_POS_INT, default=8, help="at most this many trials (budget mode)")
+    sp.add_argument("--trials", type=POS_INT, default=8, help="at most this many trials (budget mode)")
     # text: compress.parse_duration validates it (one-line errors), default 30m printed at start
     sp.add_argument("--time-budget", help="budget mode: wall time for the whole run, e.g. 30m, 2h, 90s")
 

@@ -13,6 +13,7 @@ import math
 import os
 import time
 from collections.abc import Callable
+from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
@@ -35,6 +36,7 @@ from .data import (
 from .errors import VitshrinkError
 from .evaluate import evaluate_model
 from .models import build_model, family_for, is_model_dir, load_model, save_model
+from .models.families import Family, find_family
 from .progress import progress
 
 STATE_FILE = "trainer_state.pt"
@@ -177,104 +179,44 @@ def fit(
     rank, world = maybe_init_distributed()
     device = device or default_device()
     model.to(device)
-    task = meta["task"]
     params = [p for p in model.parameters() if p.requires_grad] + list(extra_params or [])
-    opt = torch.optim.AdamW(params, lr=lr, weight_decay=weight_decay)
     steps_per_epoch = max(1, math.ceil(len(train_ds) / (batch_size * world)))
-    total = steps_per_epoch * epochs
-    warm = max(1, int(total * warmup))
-
-    def lr_at(step: int) -> float:
-        if step < warm:
-            return (step + 1) / warm
-        return 0.5 * (1 + math.cos(math.pi * (step - warm) / max(1, total - warm)))
-
-    sched = torch.optim.lr_scheduler.LambdaLR(opt, lr_at)
+    opt, sched = _optimizer(params, lr, weight_decay, steps_per_epoch * epochs, warmup)
     amp_dtype = amp_dtype_for(device, amp)
-    use_amp = amp_dtype is not None
     scaler = torch.amp.GradScaler("cuda", enabled=device.type == "cuda" and amp_dtype == torch.float16)
     train_model: nn.Module = model
     if world > 1:
         train_model = nn.parallel.DistributedDataParallel(
             model, device_ids=[device.index] if device.type == "cuda" else None, find_unused_parameters=True
         )
+    state = _TrainState(opt, sched, scaler, list(extra_params or []), params)
 
     start_epoch, history = 0, []
     ckpt = Path(ckpt_dir) if ckpt_dir else None
     if resume and ckpt is not None and (ckpt / STATE_FILE).exists():
-        _check_resumable(ckpt, model, meta)
-        start_epoch, history = _load_checkpoint(ckpt, model, opt, sched, scaler, extra_params, device)
-        if start_epoch > epochs:
-            raise VitshrinkError(
-                f"checkpoint {ckpt} has already trained {start_epoch} epochs but --epochs is {epochs}; "
-                f"pass --epochs {start_epoch} or more to continue (or drop --resume to start over)"
-            )
-        if rank == 0 and not quiet:
-            print(f"resuming from {ckpt} at epoch {start_epoch + 1}/{epochs}")
+        start_epoch, history = _resume(ckpt, model, meta, state, device, epochs, quiet=quiet or rank != 0)
+
+    if loss_fn is None:
+        loss_fn = _task_loss_fn(model, meta["task"])
 
     val_metrics: dict[str, Any] = history[-1].get("val", {}) if history else {}
     for epoch in range(start_epoch, epochs):
-        torch.manual_seed(seed * 1000 + epoch)  # dropout & friends: same stream on resume
-        gen = torch.Generator().manual_seed(seed * 1000 + epoch)
-        if world > 1:
-            # torch's DistributedSampler: one shuffled permutation per epoch (same seed on every rank),
-            # padded by wrapping so all ranks take the same number of steps (a rank with one batch more
-            # would wait forever in DDP's all-reduce), then every world-th index.
-            sampler = DistributedSampler(
-                range(len(train_ds)), num_replicas=world, rank=rank, shuffle=True, seed=seed
-            )
-            sampler.set_epoch(epoch)
-            perm = torch.tensor(list(sampler))
-        else:
-            perm = torch.randperm(len(train_ds), generator=gen)
-        train_model.train()
-        t0, seen, loss_sum = time.time(), 0, torch.zeros(2, dtype=torch.float64)
-        bar = progress(
-            range(0, len(perm), batch_size), desc=f"{desc} {epoch + 1}/{epochs}", disable=quiet or rank != 0
+        rec = _train_epoch(
+            train_model,
+            meta,
+            train_ds,
+            state,
+            loss_fn,
+            epoch=epoch,
+            epochs=epochs,
+            batch_size=batch_size,
+            do_augment=do_augment,
+            seed=seed,
+            device=device,
+            amp_dtype=amp_dtype,
+            desc=desc,
+            quiet=quiet,
         )
-        for i in bar:
-            idx = perm[i : i + batch_size]
-            xb, yb = train_ds.images[idx], train_ds.targets[idx]
-            aug: AugParams | None = None
-            if do_augment:
-                aug = sample_augment(len(idx), xb.shape[-2], gen)
-                xb, yb = augment(xb, yb, task, params=aug)
-            x = prepare(xb, meta, device)
-            y = yb.to(device)
-            with torch.autocast(device.type, dtype=amp_dtype or torch.float32, enabled=use_amp):
-                if loss_fn is None:
-                    # Through the (possibly DDP-wrapped) module so gradients are synchronised.
-                    loss = task_loss(train_model(pixel_values=x).logits, y, task)
-                else:
-                    loss = loss_fn(train_model, x, xb, y, idx, aug)
-            if not torch.isfinite(loss):
-                raise VitshrinkError(
-                    f"training diverged (loss {loss.item()}) at epoch {epoch + 1}; lower --lr"
-                )
-            opt.zero_grad(set_to_none=True)
-            scaler.scale(loss).backward()
-            if world > 1:
-                # DDP averages the wrapped model's gradients only; loss modules' own parameters
-                # (distillation projections) would otherwise drift apart between ranks.
-                for p in extra_params or []:
-                    if p.grad is None:
-                        p.grad = torch.zeros_like(p)
-                    all_reduce_sum(p.grad).div_(world)
-            scaler.unscale_(opt)
-            torch.nn.utils.clip_grad_norm_(params, 1.0)
-            scaler.step(opt)
-            scaler.update()
-            sched.step()
-            loss_sum += torch.tensor([loss.item() * len(idx), len(idx)], dtype=torch.float64)
-            seen += len(idx)
-            if hasattr(bar, "set_postfix"):
-                bar.set_postfix(loss=f"{loss.item():.3f}")
-        all_reduce_sum(loss_sum)
-        rec: dict[str, Any] = {
-            "epoch": epoch + 1,
-            "train_loss": float(loss_sum[0] / max(1, loss_sum[1])),
-            "seconds": round(time.time() - t0, 1),
-        }
         if val_ds is not None:
             val_metrics = evaluate_model(
                 model, meta, val_ds, batch_size=batch_size * 2, device=device, quiet=True, distributed=True
@@ -289,6 +231,146 @@ def fit(
         if on_epoch_end is not None:
             on_epoch_end(epoch, rec)
     return {"history": history, "val": val_metrics}
+
+
+def _task_loss_fn(model: nn.Module, task: str) -> Callable[..., torch.Tensor]:
+    """The plain training loss (labels only) in `fit`'s loss_fn signature."""
+    family = find_family(model) or Family()  # a model of no family: plain transformers outputs
+
+    def loss_fn(m: nn.Module, x: torch.Tensor, xb, y: torch.Tensor, idx, aug) -> torch.Tensor:
+        # `m` is the (possibly DDP-wrapped) module: calling it synchronises the gradients.
+        return task_loss(family.model_logits(m, x), y, task)
+
+    return loss_fn
+
+
+@dataclass
+class _TrainState:
+    """What a training step updates besides the model (and a checkpoint saves)."""
+
+    opt: torch.optim.Optimizer
+    sched: torch.optim.lr_scheduler.LRScheduler
+    scaler: torch.amp.GradScaler
+    extra_params: list[nn.Parameter]  # loss modules' own parameters (distillation projections)
+    params: list[nn.Parameter]  # everything the optimiser updates (gradient clipping)
+
+
+def _optimizer(
+    params: list[nn.Parameter], lr: float, weight_decay: float, total: int, warmup: float
+) -> tuple[torch.optim.Optimizer, torch.optim.lr_scheduler.LRScheduler]:
+    """AdamW with linear warm-up over `warmup` of the `total` steps, then cosine decay."""
+    opt = torch.optim.AdamW(params, lr=lr, weight_decay=weight_decay)
+    warm = max(1, int(total * warmup))
+
+    def lr_at(step: int) -> float:
+        if step < warm:
+            return (step + 1) / warm
+        return 0.5 * (1 + math.cos(math.pi * (step - warm) / max(1, total - warm)))
+
+    return opt, torch.optim.lr_scheduler.LambdaLR(opt, lr_at)
+
+
+def _resume(
+    ckpt: Path, model: nn.Module, meta: dict[str, Any], state: _TrainState, device, epochs: int, quiet: bool
+) -> tuple[int, list]:
+    """(epochs done, history) from the checkpoint, with model and optimiser state restored."""
+    _check_resumable(ckpt, model, meta)
+    start_epoch, history = _load_checkpoint(
+        ckpt, model, state.opt, state.sched, state.scaler, state.extra_params, device
+    )
+    if start_epoch > epochs:
+        raise VitshrinkError(
+            f"checkpoint {ckpt} has already trained {start_epoch} epochs but --epochs is {epochs}; "
+            f"pass --epochs {start_epoch} or more to continue (or drop --resume to start over)"
+        )
+    if not quiet:
+        print(f"resuming from {ckpt} at epoch {start_epoch + 1}/{epochs}")
+    return start_epoch, history
+
+
+def _epoch_order(n: int, epoch: int, seed: int) -> tuple[torch.Tensor, torch.Generator]:
+    """This epoch's sample order and augmentation generator (the same on resume)."""
+    rank, world = dist_info()
+    torch.manual_seed(seed * 1000 + epoch)  # dropout & friends: same stream on resume
+    gen = torch.Generator().manual_seed(seed * 1000 + epoch)
+    if world > 1:
+        # torch's DistributedSampler: one shuffled permutation per epoch (same seed on every rank),
+        # padded by wrapping so all ranks take the same number of steps (a rank with one batch more
+        # would wait forever in DDP's all-reduce), then every world-th index.
+        sampler = DistributedSampler(range(n), num_replicas=world, rank=rank, shuffle=True, seed=seed)
+        sampler.set_epoch(epoch)
+        return torch.tensor(list(sampler)), gen
+    return torch.randperm(n, generator=gen), gen
+
+
+def _train_epoch(
+    train_model: nn.Module,
+    meta: dict[str, Any],
+    train_ds: VisionDataset,
+    state: _TrainState,
+    loss_fn: Callable[..., torch.Tensor],
+    *,
+    epoch: int,
+    epochs: int,
+    batch_size: int,
+    do_augment: bool,
+    seed: int,
+    device: torch.device,
+    amp_dtype: torch.dtype | None,
+    desc: str,
+    quiet: bool,
+) -> dict[str, Any]:
+    """One pass over `train_ds`; returns the epoch's record (mean training loss, seconds)."""
+    rank, _ = dist_info()
+    perm, gen = _epoch_order(len(train_ds), epoch, seed)
+    train_model.train()
+    t0, loss_sum = time.time(), torch.zeros(2, dtype=torch.float64)
+    bar = progress(
+        range(0, len(perm), batch_size), desc=f"{desc} {epoch + 1}/{epochs}", disable=quiet or rank != 0
+    )
+    for i in bar:
+        idx = perm[i : i + batch_size]
+        xb, yb = train_ds.images[idx], train_ds.targets[idx]
+        aug: AugParams | None = None
+        if do_augment:
+            aug = sample_augment(len(idx), xb.shape[-2], gen)
+            xb, yb = augment(xb, yb, meta["task"], params=aug)
+        x = prepare(xb, meta, device)
+        y = yb.to(device)
+        with torch.autocast(device.type, dtype=amp_dtype or torch.float32, enabled=amp_dtype is not None):
+            loss = loss_fn(train_model, x, xb, y, idx, aug)
+        if not torch.isfinite(loss):
+            raise VitshrinkError(f"training diverged (loss {loss.item()}) at epoch {epoch + 1}; lower --lr")
+        _step(loss, state)
+        loss_sum += torch.tensor([loss.item() * len(idx), len(idx)], dtype=torch.float64)
+        if hasattr(bar, "set_postfix"):
+            bar.set_postfix(loss=f"{loss.item():.3f}")
+    all_reduce_sum(loss_sum)
+    return {
+        "epoch": epoch + 1,
+        "train_loss": float(loss_sum[0] / max(1, loss_sum[1])),
+        "seconds": round(time.time() - t0, 1),
+    }
+
+
+def _step(loss: torch.Tensor, state: _TrainState) -> None:
+    """Backward, gradient sync of the loss modules' parameters, clipping, optimiser and schedule."""
+    opt, scaler = state.opt, state.scaler
+    opt.zero_grad(set_to_none=True)
+    scaler.scale(loss).backward()
+    world = dist_info()[1]
+    if world > 1:
+        # DDP averages the wrapped model's gradients only; loss modules' own parameters
+        # (distillation projections) would otherwise drift apart between ranks.
+        for p in state.extra_params:
+            if p.grad is None:
+                p.grad = torch.zeros_like(p)
+            all_reduce_sum(p.grad).div_(world)
+    scaler.unscale_(opt)
+    torch.nn.utils.clip_grad_norm_(state.params, 1.0)
+    scaler.step(opt)
+    scaler.update()
+    state.sched.step()
 
 
 def _fmt_epoch(rec: dict[str, Any]) -> str:

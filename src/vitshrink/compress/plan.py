@@ -245,7 +245,7 @@ def measure_throughput(
     import torch
 
     from ..data import load_dataset
-    from ..models import load_model
+    from ..models import family_for, load_model
     from ..train import prepare, resolve_model, task_loss, teacher_forward
 
     device = torch.device("cpu") if not torch.cuda.is_available() else torch.device("cuda")
@@ -292,18 +292,21 @@ def measure_throughput(
             model, meta = load_model(ctx.teacher, verify=False)  # planned at the teacher's rates meanwhile
         model.to(device)
         opt = torch.optim.AdamW(model.parameters(), lr=1e-4)
+        family = family_for(model)
 
-        def step(xb: Any, yb: Any, model: Any = model, meta: Any = meta, opt: Any = opt) -> None:
+        def step(
+            xb: Any, yb: Any, model: Any = model, meta: Any = meta, opt: Any = opt, fam: Any = family
+        ) -> None:
             model.train()
-            loss = task_loss(model(pixel_values=prepare(xb, meta, device)).logits, yb.to(device), task)
+            loss = task_loss(fam.model_logits(model, prepare(xb, meta, device)), yb.to(device), task)
             opt.zero_grad(set_to_none=True)
             loss.backward()
             opt.step()
 
         @torch.no_grad()
-        def infer(xb: Any, yb: Any, model: Any = model, meta: Any = meta) -> None:
+        def infer(xb: Any, yb: Any, model: Any = model, meta: Any = meta, fam: Any = family) -> None:
             model.eval()
-            model(pixel_values=prepare(xb, meta, device))
+            fam.model_logits(model, prepare(xb, meta, device))
 
         train_s[label] = per_image(step)
         eval_s[label] = per_image(infer)

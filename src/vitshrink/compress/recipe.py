@@ -60,6 +60,10 @@ def _fraction(v: Any) -> str | None:
     return None if 0 <= v < 1 else "must be in [0, 1)"
 
 
+def _unit(v: Any) -> str | None:
+    return None if 0 <= v <= 1 else "must be in [0, 1]"
+
+
 def _depth_ratio(v: Any) -> str | None:
     if isinstance(v, str):
         return None if v == "auto" else "must be a number in [0, 1) or 'auto'"
@@ -94,7 +98,7 @@ SCHEMA: dict[str, dict[str, Opt]] = {
         "student_options": Opt(DICT),  # preset config overrides, e.g. {hidden_size: 32}
         "epochs": Opt(INT, check=_positive),
         "losses": Opt((str, list, dict), check=_losses),
-        "alpha": Opt(FLOAT, check=_non_negative),
+        "alpha": Opt(FLOAT, check=_unit),
         "temperature": Opt(FLOAT, check=_positive),
         "batch_size": Opt(INT, check=_positive),
         "lr": Opt(FLOAT, check=_positive),
@@ -104,7 +108,7 @@ SCHEMA: dict[str, dict[str, Opt]] = {
         "image_size": Opt(INT, check=_positive),
         "augment": Opt(BOOL),
         "cache_teacher": Opt(BOOL),
-        "seed": Opt(INT),
+        "seed": Opt(INT, check=_non_negative),
     },
     "prune": {
         "ratio": Opt(FLOAT, check=_fraction),
@@ -119,7 +123,7 @@ SCHEMA: dict[str, dict[str, Opt]] = {
         "batch_size": Opt(INT, check=_positive),
         "lr": Opt(FLOAT, check=_positive),
         "limit": Opt(INT, check=_positive),
-        "seed": Opt(INT),
+        "seed": Opt(INT, check=_non_negative),
         "unstructured": Opt(FLOAT, check=_fraction),
         "latency_table": Opt((str, dict)),
         "depth_ratio": Opt((float, int, str), check=_depth_ratio),

@@ -14,6 +14,7 @@ from __future__ import annotations
 import hashlib
 import os
 from collections.abc import Callable
+from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
@@ -23,6 +24,7 @@ from ..artifacts import atomic_path
 from ..data import AugParams, apply_augment, load_dataset
 from ..errors import VitshrinkError
 from ..models import count_params, family_for, is_model_dir, load_model, save_model
+from ..models.families import Family
 from ..progress import progress
 from ..train import (
     _check_compatible,
@@ -191,6 +193,124 @@ def distill(
         raise VitshrinkError(f"teacher must be a trained model directory: {teacher}")
     t_model, t_meta = load_model(teacher)
     weights = build_losses(losses).weights  # validates names early, before any data is loaded
+    pair, train_ds, val_ds, load_size = _setup(
+        t_model, t_meta, student, data, image_size, limit, val_limit, seed, data_options, student_overrides
+    )
+    pair.s_model = pair.s_family.distillation_student(pair.s_model, set(weights))  # e.g. DeiT's two heads
+    device = default_device()
+    pair.t_model.to(device).eval().requires_grad_(False)
+    pair.s_model.to(device)
+    opts = {"temperature": temperature, "alpha": alpha, **(loss_options or {})}
+    combined, need_f, need_a = _build_losses(pair, weights, opts, device)
+    cache = cache_path = None
+    if cache_teacher:
+        if need_f:
+            raise VitshrinkError(
+                "--cache-teacher caches logits only; it cannot serve feature/attention losses"
+            )
+        cache_path = _cache_file(
+            out, teacher_cache_dir, teacher, data, limit, seed, load_size, data_options, augment
+        )
+        cache = teacher_logits_cache(
+            pair.t_model, pair.t_meta, train_ds, cache_path, device=device, quiet=quiet, flipped=augment
+        )
+    loss_fn = _loss_fn(
+        pair, combined, cache, device, need_f, need_a, (train_ds.images[:2], train_ds.targets[:2])
+    )
+    res = fit(
+        pair.s_model,
+        pair.s_meta,
+        train_ds,
+        val_ds,
+        epochs=epochs,
+        batch_size=batch_size,
+        lr=lr,
+        weight_decay=weight_decay,
+        do_augment=augment,
+        loss_fn=loss_fn,
+        extra_params=list(combined.parameters()),
+        ckpt_dir=checkpoint_dir(out),
+        resume=resume,
+        seed=seed,
+        quiet=quiet,
+        desc="distill",
+        on_epoch_end=on_epoch_end,
+    )
+    metrics = {
+        **res["val"],
+        "epochs": epochs,
+        "history": [{k: r[k] for k in ("epoch", "val") if k in r} for r in res["history"]],
+        "teacher_params": count_params(pair.t_model),
+        "student_params": count_params(pair.s_model),
+    }
+    if dist_info()[0] == 0:
+        if cache_path is not None and teacher_cache_dir is None:
+            cache_path.unlink(missing_ok=True)
+        recorded = {
+            "teacher": str(teacher),
+            "student": str(student),
+            "data": str(data),
+            "losses": weights,
+            "alpha": alpha,
+            "temperature": temperature,
+            "epochs": epochs,
+            "limit": limit,
+            "seed": seed,
+            "lr": lr,
+            "batch_size": batch_size,
+            "augment": augment,
+            "cache_teacher": cache_teacher,
+        }
+        save_model(
+            pair.s_model.cpu(),
+            pair.s_meta,
+            out,
+            stage="distill",
+            parent=teacher,
+            metrics=metrics,
+            options=recorded,
+        )
+    return out, metrics
+
+
+def _build_losses(
+    pair: _Pair, weights: dict[str, float], opts: dict[str, Any], device: torch.device
+) -> tuple[Any, bool, bool]:
+    """The combined loss on `device`, and whether it needs features / attention maps (then both models
+    run eager attention, the only kind that returns them)."""
+    combined = build_losses(weights, **_accepted(weights, opts)).to(device)
+    need_f, need_a = "features" in combined.requires, "attentions" in combined.requires
+    if need_a:
+        for m in (pair.t_model, pair.s_model):
+            m.set_attn_implementation("eager")
+    return combined, need_f, need_a
+
+
+@dataclass
+class _Pair:
+    """Teacher and student with their metadata; the student's family runs it."""
+
+    t_model: torch.nn.Module
+    t_meta: dict[str, Any]
+    s_model: torch.nn.Module
+    s_meta: dict[str, Any]
+    s_family: Family
+
+
+def _setup(
+    t_model: torch.nn.Module,
+    t_meta: dict[str, Any],
+    student: str | os.PathLike,
+    data: str,
+    image_size: int | None,
+    limit: int | None,
+    val_limit: int | None,
+    seed: int,
+    data_options: dict[str, Any],
+    student_overrides: dict[str, Any],
+) -> tuple[_Pair, Any, Any, int]:
+    """Load the data (labels in the teacher's class order) and the student built or loaded for it;
+    returns (pair, train, val, load size)."""
     s_size = image_size or (None if is_model_dir(student) else t_meta["preprocess"]["size"][0])
     if is_model_dir(student):
         s_size = load_model(student)[1]["preprocess"]["size"][0]
@@ -214,114 +334,62 @@ def distill(
         s_model.config.id2label = dict(enumerate(t_meta["class_names"]))
         s_model.config.label2id = {n: i for i, n in enumerate(t_meta["class_names"])}
     _check_compatible(s_meta, train_ds)
-    s_family = family_for(s_model)
-    s_model = s_family.distillation_student(s_model, set(weights))  # e.g. DeiT's two heads
+    return _Pair(t_model, t_meta, s_model, s_meta, family_for(s_model)), train_ds, val_ds, load_size
 
-    device = default_device()
-    t_model.to(device).eval().requires_grad_(False)
-    s_model.to(device)
-    opts = {"temperature": temperature, "alpha": alpha, **(loss_options or {})}
-    combined = build_losses(weights, **_accepted(weights, opts)).to(device)
-    need_f, need_a = "features" in combined.requires, "attentions" in combined.requires
-    if need_a:
-        for m in (t_model, s_model):
-            m.set_attn_implementation("eager")  # attention maps are only returned by eager attention
-    cache = None
-    if cache_teacher:
-        if need_f:
-            raise VitshrinkError(
-                "--cache-teacher caches logits only; it cannot serve feature/attention losses"
-            )
-        # Beside the checkpoint (which is replaced whole on every save); kept until the run ends so
-        # --resume does not recompute it. A shared directory keeps it for other runs too.
-        cache_path = teacher_cache_path(
-            teacher_cache_dir or out.parent, teacher, data, limit, seed, load_size, data_options, augment
-        )
-        if teacher_cache_dir is None:
-            cache_path = out.with_name(f"{out.name}.{cache_path.name}")
-        cache = teacher_logits_cache(
-            t_model,
-            t_meta,
-            train_ds,
-            cache_path,
-            device=device,
-            quiet=quiet,
-            flipped=augment,
-        )
+
+def _cache_file(
+    out: Path,
+    cache_dir: str | os.PathLike | None,
+    teacher: str | os.PathLike,
+    data: str,
+    limit: int | None,
+    seed: int,
+    load_size: int,
+    data_options: dict[str, Any],
+    augment: bool,
+) -> Path:
+    """Where the teacher's logits are cached: in `cache_dir` (shared with other runs), else beside the
+    checkpoint (which is replaced whole on every save), kept until the run ends so --resume does not
+    recompute it."""
+    path = teacher_cache_path(
+        cache_dir or out.parent, teacher, data, limit, seed, load_size, data_options, augment
+    )
+    return path if cache_dir is not None else out.with_name(f"{out.name}.{path.name}")
+
+
+def _loss_fn(
+    pair: _Pair,
+    combined: Any,
+    cache: torch.Tensor | None,
+    device: torch.device,
+    need_f: bool,
+    need_a: bool,
+    first: tuple[torch.Tensor, torch.Tensor],
+) -> Callable[..., torch.Tensor]:
+    """`fit`'s loss: the student's outputs against the teacher's (live, or from the cache)."""
 
     def teacher_out(xb: torch.Tensor, idx: torch.Tensor, aug: AugParams | None = None) -> dict[str, Any]:
         if cache is not None:
             return {"logits": cached_teacher_logits(cache, idx, aug, xb.shape[-2:]).to(device)}
-        return teacher_forward(t_model, prepare(xb, t_meta, device), features=need_f, attentions=need_a)
+        return teacher_forward(
+            pair.t_model, prepare(xb, pair.t_meta, device), features=need_f, attentions=need_a
+        )
 
     def loss_fn(model, x, xb, y, idx, aug):
         # Under DDP the wrapped module must be called for gradient sync; families call model(...).
-        s_out = s_family.forward_kd(model, x, features=need_f, attentions=need_a)
+        s_out = pair.s_family.forward_kd(model, x, features=need_f, attentions=need_a)
         total, _ = combined(s_out, teacher_out(xb, idx, aug), y)
         return total
 
     # Materialise lazily built projections before the optimiser is made.
-    xb0, yb0 = train_ds.images[:2], train_ds.targets[:2]
-    s_model.eval()
+    xb0, yb0 = first
+    pair.s_model.eval()
     with torch.no_grad():
-        combined.prepare(
-            s_family.forward_kd(s_model, prepare(xb0, s_meta, device), features=need_f, attentions=need_a),
-            teacher_out(xb0, torch.arange(2)),
-            yb0.to(device),
+        s_out = pair.s_family.forward_kd(
+            pair.s_model, prepare(xb0, pair.s_meta, device), features=need_f, attentions=need_a
         )
-    res = fit(
-        s_model,
-        s_meta,
-        train_ds,
-        val_ds,
-        epochs=epochs,
-        batch_size=batch_size,
-        lr=lr,
-        weight_decay=weight_decay,
-        do_augment=augment,
-        loss_fn=loss_fn,
-        extra_params=list(combined.parameters()),
-        ckpt_dir=checkpoint_dir(out),
-        resume=resume,
-        seed=seed,
-        quiet=quiet,
-        desc="distill",
-        on_epoch_end=on_epoch_end,
-    )
-    metrics = {
-        **res["val"],
-        "epochs": epochs,
-        "history": [{k: r[k] for k in ("epoch", "val") if k in r} for r in res["history"]],
-        "teacher_params": count_params(t_model),
-        "student_params": count_params(s_model),
-    }
-    if dist_info()[0] == 0:
-        if cache is not None and teacher_cache_dir is None:
-            cache_path.unlink(missing_ok=True)
-        save_model(
-            s_model.cpu(),
-            s_meta,
-            out,
-            stage="distill",
-            parent=teacher,
-            metrics=metrics,
-            options={
-                "teacher": str(teacher),
-                "student": str(student),
-                "data": str(data),
-                "losses": weights,
-                "alpha": alpha,
-                "temperature": temperature,
-                "epochs": epochs,
-                "limit": limit,
-                "seed": seed,
-                "lr": lr,
-                "batch_size": batch_size,
-                "augment": augment,
-                "cache_teacher": cache_teacher,
-            },
-        )
-    return out, metrics
+        combined.prepare(s_out, teacher_out(xb0, torch.arange(2)), yb0.to(device))
+    return loss_fn
 
 
 def _accepted(weights: dict[str, float], opts: dict[str, Any]) -> dict[str, Any]:

@@ -368,8 +368,7 @@ class HardDistillLoss(DistillLoss):
             if targets is not None:
                 valid = _valid_mask(_seg_targets(targets, s), s.shape[-2:])
                 pseudo = pseudo.masked_fill(~valid, IGNORE_INDEX)
-            teacher_term = F.cross_entropy(s, pseudo, ignore_index=IGNORE_INDEX, reduction="sum")
-            teacher_term = teacher_term / (pseudo != IGNORE_INDEX).sum().clamp_min(1)
+            teacher_term = segmentation_ce(s, pseudo)  # pseudo-labels at the student's map size
         if targets is None:
             return teacher_term
         return 0.5 * _ce(_require(student_out, "logits", self.name, "student"), targets) + 0.5 * teacher_term

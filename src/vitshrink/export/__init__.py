@@ -27,10 +27,9 @@ from ..deploy._meta import (
     write_meta_props,
 )
 from ..errors import ModelError, VitshrinkError
-from .patches import SHIFT_MASK_FILL, StaticAdaptiveAvgPool2d
+from .patches import StaticAdaptiveAvgPool2d
 
 __all__ = [
-    "SHIFT_MASK_FILL",
     "StaticAdaptiveAvgPool2d",
     "count_macs",
     "export",

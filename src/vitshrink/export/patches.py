@@ -5,9 +5,6 @@ Families pick the patches their models need (`Family.make_exportable`); nothing 
 
 from __future__ import annotations
 
-import types
-from typing import Any
-
 import torch
 import torch.nn.functional as F
 from torch import nn
@@ -70,28 +67,6 @@ class ShapeAgnosticAdaptiveAvgPool2d(nn.Module):
         ph = self._matrix(x[0, 0, :, 0], oh)
         pw = self._matrix(x[0, 0, 0, :], ow)
         return torch.matmul(torch.matmul(ph, x), pw.transpose(0, 1))
-
-
-# Swin's shifted-window mask is -100 in transformers; after softmax those weights are ~e^-100 ~ 4e-44,
-# float32 subnormals, and x86 subnormal arithmetic is microcoded: on onnxruntime CPU the probs @ V
-# MatMul of every shifted block ran 10-35x slower than the same MatMul in a plain block (Swin-T: 13 of
-# 59 ms). At -1e4 they underflow to exact zeros; the kept weights differ by < 1e-40 (and -1e4 still
-# fits float16 for TensorRT / fp16 exports).
-SHIFT_MASK_FILL = -1e4
-
-
-def _zero_underflow_mask(self: nn.Module, *args: Any, **kwargs: Any) -> torch.Tensor | None:
-    mask = type(self).get_attn_mask(self, *args, **kwargs)
-    return None if mask is None else mask.masked_fill(mask < 0, SHIFT_MASK_FILL)
-
-
-def zero_underflow_shift_masks(model: nn.Module) -> nn.Module:
-    """Shifted-window blocks (those with `get_attn_mask`) mask with SHIFT_MASK_FILL instead (in place)."""
-    for mod in model.modules():
-        # bound per instance, so deepcopy and pickle follow the module
-        if callable(getattr(type(mod), "get_attn_mask", None)) and "get_attn_mask" not in vars(mod):
-            mod.get_attn_mask = types.MethodType(_zero_underflow_mask, mod)
-    return model
 
 
 def unroll_adaptive_pooling(model: nn.Module, *, dynamic_size: bool = False) -> nn.Module:

@@ -12,6 +12,7 @@ from __future__ import annotations
 import copy
 import os
 from collections.abc import Callable, Sequence
+from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
@@ -32,6 +33,7 @@ from .core import (
     supported_families,
 )
 from .depth import drop_blocks
+from .recovery import Recovery, calib_batches, default_temperature, recovery_datasets
 from .shape import choose_shape
 from .sparsity import unstructured_sparsity
 from .target import fill_budget, pruned_architecture, ratio_for_target, ratio_from_latency_table
@@ -52,12 +54,6 @@ __all__ = [
     "supported_families",
     "unstructured_sparsity",
 ]
-
-_CALIB_BATCHES, _CALIB_BATCH_SIZE = 8, 32
-# Pixel-wise KD recovers segmentation best unsoftened: on the aerial demo at 0.25, 6 epochs of KD + labels
-# from the teacher reached 0.5639 mIoU at T=1, 0.5615 at T=2, 0.5583 at T=4 (2 seeds each,
-# benchmarks/prune_recovery.py --recover-temperature); classification keeps Hinton's T=4.
-SEG_RECOVER_TEMPERATURE = 1.0
 
 
 def _latency_ms(model: torch.nn.Module, x: torch.Tensor, runs: int = 20) -> float:
@@ -160,14 +156,147 @@ def prune(
     with distillation on the same subset) instead of running the teacher every step.
     `on_epoch_end(epoch, record)` is called after each recovery epoch (see train.fit).
     """
-    from ..models import check_finite, load_model, save_model
+    from ..models import check_finite, load_model
 
-    out = Path(out)
-    budgets = {"ratio": ratio, "target_params": target_params, "target_macs": target_macs}
-    budgets["target_latency_ms"] = target_latency_ms
-    given = [k for k, v in budgets.items() if v is not None]
+    budget = _Budget(ratio, target_params, target_macs, target_latency_ms, latency_table)
+    req = _validate(
+        budget,
+        round_to=round_to,
+        quiet=quiet,
+        steps=steps,
+        recover_epochs=recover_epochs,
+        importance=importance,
+        data=data,
+        recover_temperature=recover_temperature,
+        unstructured=unstructured,
+        granularity=granularity,
+        depth_ratio=depth_ratio,
+    )
+    net, meta = load_model(model)
+    check_finite(net, model)  # importance scores of NaN weights rank nothing; the output would be garbage
+    family_for(net)  # refuses a model no family can prune before any data is loaded
+    pre = meta["preprocess"]
+    x = torch.randn(1, pre["channels"], *pre["size"], generator=torch.Generator().manual_seed(seed))
+    metrics: dict[str, Any] = {"params_before": count_params(net), "macs_before": count_macs(net, x)}
+
+    train_ds = val_ds = calib = None
+    if data is not None:  # loaded once: depth ranking, Taylor importance and recovery all use it
+        train_ds, val_ds = recovery_datasets(data, meta, limit, seed, data_options)
+        if importance == "taylor" or req.auto_shape or req.auto_axes or req.depth_ratio > 0:
+            calib = calib_batches(train_ds, meta)
+    samples = [b for b, _ in calib] if calib else [x]  # real images rank blocks better than noise
+    plan = _plan(net, x, samples, req, metrics)
+
+    if recover_temperature is None:
+        recover_temperature = default_temperature(meta.get("task"))
+    kd = None
+    if recover_epochs > 0:
+        kd = Recovery(plan.unpruned, meta, teacher, recover_losses, recover_temperature)
+        if teacher is not None and teacher_cache_dir is not None and train_ds is not None:
+            kd.use_cache(teacher_cache_dir, teacher, data, limit, seed, data_options, augment, quiet)
+
+    def recover(desc: str) -> dict[str, Any]:
+        assert kd is not None
+        return kd.recover(
+            net, train_ds, val_ds, recover_epochs, batch_size, lr, seed, quiet, desc, augment, on_epoch_end
+        )
+
+    schedule = _schedule(net, plan, steps, round_to)
+    recovery = _apply_steps(
+        net,
+        schedule,
+        importance=importance,
+        x=x,
+        taylor_batches=calib if importance == "taylor" else None,
+        recover=recover if kd is not None else None,
+        quiet=quiet,
+    )
+    settings = {  # the options as recorded (granularity / depth_ratio: _record writes what the plan chose)
+        "importance": importance,
+        "granularity": req.granularity,
+        "round_to": round_to,
+        "steps": steps,
+        "recover_epochs": recover_epochs,
+        "teacher": str(teacher) if teacher else None,
+        "data": data,
+        "unstructured": unstructured,
+        "depth_ratio": depth_ratio,
+        "recover_losses": recover_losses,
+        "recover_temperature": recover_temperature,
+    }
+    history = kd.history if kd is not None else []
+    _record(net, meta, model, Path(out), x, plan, budget, metrics, settings, recovery, history, quiet)
+    return Path(out), metrics
+
+
+@dataclass(frozen=True)
+class _Budget:
+    """What the user asked for: one of ratio / target_params / target_macs / target_latency_ms."""
+
+    ratio: float | None
+    target_params: int | None
+    target_macs: int | None
+    target_latency_ms: float | None
+    latency_table: str | os.PathLike | dict | None
+
+    def given(self) -> dict[str, Any]:
+        asked = {
+            "ratio": self.ratio,
+            "target_params": self.target_params,
+            "target_macs": self.target_macs,
+            "target_latency_ms": self.target_latency_ms,
+        }
+        return {k: v for k, v in asked.items() if v is not None}
+
+
+@dataclass(frozen=True)
+class _Request:
+    """The validated options the plan reads."""
+
+    budget: _Budget
+    granularity: Sequence[str]  # ("auto",) for a search
+    depth_ratio: float | str  # "auto" for a search
+    auto_axes: bool
+    auto_shape: bool
+    round_to: int
+    importance: str
+    quiet: bool
+
+
+@dataclass(frozen=True)
+class _Plan:
+    """What the searches chose: the widths to cut (the model's depth is already cut)."""
+
+    granularity: Sequence[str]
+    ratio: float
+    ratio_mlp: float
+    depth_ratio: float
+    final_config: Any  # the config after the last step
+    unpruned: torch.nn.Module  # the model before any pruning: "before" latency, default recovery teacher
+    auto_axes: bool  # whether the axes / the depth-width split were searched
+    auto_shape: bool
+
+
+# -- validate -----------------------------------------------------------------------------------------
+def _validate(
+    budget: _Budget,
+    *,
+    round_to: int,
+    quiet: bool,
+    steps: int,
+    recover_epochs: int,
+    importance: str,
+    data: str | None,
+    recover_temperature: float | None,
+    unstructured: float | None,
+    granularity: Sequence[str] | str,
+    depth_ratio: float | str,
+) -> _Request:
+    """Refuse bad options before anything is loaded."""
+    names = ("ratio", "target_params", "target_macs", "target_latency_ms")
+    given = list(budget.given())
     if len(given) != 1:
-        raise VitshrinkError(f"give exactly one of {', '.join(budgets)} (got {', '.join(given) or 'none'})")
+        raise VitshrinkError(f"give exactly one of {', '.join(names)} (got {', '.join(given) or 'none'})")
     if steps < 1:
         raise VitshrinkError(f"steps must be >= 1, got {steps}")
     if recover_epochs < 0:
@@ -189,38 +318,33 @@ def prune(
         )
     auto_shape = depth_ratio == "auto"
     auto_axes = tuple(granularity) == ("auto",)
-    if auto_axes and (auto_shape or target_latency_ms is not None or target_macs is not None):
+    if auto_axes and (auto_shape or budget.target_latency_ms is not None or budget.target_macs is not None):
         raise VitshrinkError(
             "granularity 'auto' needs ratio or target_params (and cannot be combined with depth ratio 'auto')"
         )
-    if auto_shape and target_latency_ms is not None:
+    if auto_shape and budget.target_latency_ms is not None:
         raise VitshrinkError("depth ratio 'auto' needs ratio, target_params or target_macs")
     if not auto_shape and not (isinstance(depth_ratio, int | float) and 0.0 <= depth_ratio < 1.0):
         raise VitshrinkError(f"depth ratio must be in [0, 1) or 'auto', got {depth_ratio!r}")
+    return _Request(budget, granularity, depth_ratio, auto_axes, auto_shape, round_to, importance, quiet)
 
-    net, meta = load_model(model)
-    check_finite(net, model)  # importance scores of NaN weights rank nothing; the output would be garbage
-    family = family_for(net)
-    pre = meta["preprocess"]
-    gen = torch.Generator().manual_seed(seed)
-    x = torch.randn(1, pre["channels"], *pre["size"], generator=gen)
-    params0, macs0 = count_params(net), count_macs(net, x)
-    metrics: dict[str, Any] = {"params_before": params0, "macs_before": macs0}
 
-    train_ds = val_ds = calib = None
-    if data is not None:  # loaded once: depth ranking, Taylor importance and recovery all use it
-        train_ds, val_ds = _datasets(data, meta, limit, seed, data_options)
-        if importance == "taylor" or auto_shape or auto_axes or depth_ratio > 0:
-            calib = _calib_batches(train_ds, meta)
-
-    unpruned = net  # the model before any pruning: "before" figures and the default recovery teacher
+# -- plan: axes, depth, ratio search ------------------------------------------------------------------
+def _plan(
+    net: torch.nn.Module, x: torch.Tensor, samples: list[torch.Tensor], req: _Request, metrics: dict[str, Any]
+) -> _Plan:
+    """Decide what to cut: the axes (auto), the depth/width split (auto), then the width ratio meeting
+    the budget. Blocks are removed here already, since the width search sizes the shallower model.
+    What the searches saw goes into `metrics`."""
+    budget, granularity, depth_ratio, round_to = req.budget, req.granularity, req.depth_ratio, req.round_to
+    auto_axes, auto_shape, quiet = req.auto_axes, req.auto_shape, req.quiet
+    ratio, target_params, target_macs = budget.ratio, budget.target_params, budget.target_macs
     ratio_mlp: float | None = None  # the MLP widths' own ratio where a budget search sets it
-    samples = [b for b, _ in calib] if calib else [x]  # real images rank blocks better than noise
     if auto_axes:
         if ratio is not None:
             target_params = count_params(pruned_architecture(net, ratio, round_to=round_to))
         granularity, ratio, metrics["axes_candidates"] = choose_axes(
-            net, x, samples, target_params=target_params, importance=importance, round_to=round_to
+            net, x, samples, target_params=target_params, importance=req.importance, round_to=round_to
         )
         target_params = None
         if not quiet:
@@ -247,82 +371,130 @@ def prune(
             print(
                 f"shape: depth ratio {depth_ratio:g} + width ratio {ratio:.3f}, MLP {ratio_mlp:.3f} (fastest of {len(metrics['shape_candidates'])})"
             )
+    unpruned = net
+    assert not isinstance(depth_ratio, str)  # "auto" was resolved above
     if depth_ratio > 0:
         unpruned = copy.deepcopy(net)
         metrics["depth"] = drop_blocks(net, depth_ratio, samples)
-
     if ratio is None:
-        probe = None if latency_table is not None else (lambda m: _latency_ms(m, x))
-        ratio = ratio_for_target(
-            net,
-            x,
-            target_params=target_params,
-            target_macs=target_macs,
-            measure_latency_ms=probe,
-            target_latency_ms=target_latency_ms,
-            latency_table=latency_table,
-            granularity=granularity,
-            round_to=round_to,
+        ratio, ratio_mlp = _search_ratio(
+            net, unpruned, x, budget, metrics, target_params, target_macs, granularity, round_to
         )
-        if target_latency_ms is not None and latency_table is None:
-            metrics["latency_ms_before"] = _latency_ms(unpruned, x)
-        if target_latency_ms is None:  # a size budget: the MLP widths take up what whole heads leave
-            ratio_mlp = fill_budget(
-                net,
-                ratio,
-                x,
-                target_params=target_params,
-                target_macs=target_macs,
-                granularity=granularity,
-                round_to=round_to,
-            )
     if ratio_mlp is None:
         ratio_mlp = ratio
     final_config = pruned_config(
         net, ratio, granularity=granularity, round_to=round_to, ratio_mlp=ratio_mlp
     )  # also validates the options
+    return _Plan(granularity, ratio, ratio_mlp, depth_ratio, final_config, unpruned, auto_axes, auto_shape)
 
-    taylor_batches = calib if importance == "taylor" else None
-    if recover_temperature is None:
-        recover_temperature = SEG_RECOVER_TEMPERATURE if meta.get("task") == "segmentation" else 4.0
-    kd = _KD(unpruned, meta, teacher, recover_losses, recover_temperature) if recover_epochs > 0 else None
-    if kd is not None and teacher is not None and teacher_cache_dir is not None and train_ds is not None:
-        kd.use_cache(teacher_cache_dir, teacher, data, limit, seed, data_options, augment, quiet)
 
+def _search_ratio(
+    net: torch.nn.Module,
+    unpruned: torch.nn.Module,
+    x: torch.Tensor,
+    budget: _Budget,
+    metrics: dict[str, Any],
+    target_params: int | None,
+    target_macs: int | None,
+    granularity: Sequence[str],
+    round_to: int,
+) -> tuple[float, float | None]:
+    """The width ratio meeting a parameter / MAC / latency budget, and for size budgets the MLP ratio
+    taking up what whole heads leave."""
+    latency_ms, table = budget.target_latency_ms, budget.latency_table
+    ratio = ratio_for_target(
+        net,
+        x,
+        target_params=target_params,
+        target_macs=target_macs,
+        measure_latency_ms=None if table is not None else (lambda m: _latency_ms(m, x)),
+        target_latency_ms=latency_ms,
+        latency_table=table,
+        granularity=granularity,
+        round_to=round_to,
+    )
+    if latency_ms is not None and table is None:
+        metrics["latency_ms_before"] = _latency_ms(unpruned, x)
+    if latency_ms is not None:
+        return ratio, None
+    ratio_mlp = fill_budget(
+        net,
+        ratio,
+        x,
+        target_params=target_params,
+        target_macs=target_macs,
+        granularity=granularity,
+        round_to=round_to,
+    )
+    return ratio, ratio_mlp
+
+
+# -- schedule and steps -------------------------------------------------------------------------------
+def _schedule(net: torch.nn.Module, plan: _Plan, steps: int, round_to: int) -> list[tuple[float, Any]]:
+    """(ratio, config) of each step: equal steps towards the planned widths, the last exactly them."""
+    family = family_for(net)
     base_config = copy.deepcopy(net.config)
-    recovery: list[dict[str, Any]] = []
-    for k in range(1, steps + 1):
-        r_k = ratio * k / steps
-        cfg_k = (
-            final_config
+    gran = set(plan.granularity)
+    return [
+        (
+            plan.ratio * k / steps,
+            plan.final_config
             if k == steps
-            else family.rewrite_config(base_config, r_k, set(granularity), round_to, ratio_mlp * k / steps)
+            else family.rewrite_config(
+                base_config, plan.ratio * k / steps, gran, round_to, plan.ratio_mlp * k / steps
+            ),
         )
+        for k in range(1, steps + 1)
+    ]
+
+
+def _apply_steps(
+    net: torch.nn.Module,
+    schedule: list[tuple[float, Any]],
+    *,
+    importance: str,
+    x: torch.Tensor,
+    taylor_batches: list[tuple[torch.Tensor, torch.Tensor]] | None,
+    recover: Callable[[str], dict[str, Any]] | None,
+    quiet: bool,
+) -> list[dict[str, Any]]:
+    """Prune `net` to each step's config in place, recovering after each; returns the recovery metrics."""
+    steps = len(schedule)
+    recovery: list[dict[str, Any]] = []
+    for k, (r_k, cfg_k) in enumerate(schedule, start=1):
         net.cpu()  # graph surgery on CPU (recovery may have moved the model to a GPU)
         prune_to_config(net, cfg_k, importance=importance, example_inputs=x, calib_batches=taylor_batches)
         if not quiet:
             print(f"prune step {k}/{steps}: ratio {r_k:.3f}, {count_params(net) / 1e6:.2f} M params")
-        if kd is not None:
-            recovery.append(
-                kd.recover(
-                    net,
-                    train_ds,
-                    val_ds,
-                    recover_epochs,
-                    batch_size,
-                    lr,
-                    seed,
-                    quiet,
-                    f"recover {k}/{steps}",
-                    augment,
-                    on_epoch_end,
-                )
-            )
+        if recover is not None:
+            recovery.append(recover(f"recover {k}/{steps}"))
     net.cpu().eval()
+    return recovery
 
+
+# -- record -------------------------------------------------------------------------------------------
+def _record(
+    net: torch.nn.Module,
+    meta: dict[str, Any],
+    model: str | os.PathLike,
+    out: Path,
+    x: torch.Tensor,
+    plan: _Plan,
+    budget: _Budget,
+    metrics: dict[str, Any],
+    settings: dict[str, Any],
+    recovery: list[dict[str, Any]],
+    recovery_history: list[dict[str, Any]],
+    quiet: bool,
+) -> None:
+    """Final figures into `metrics` (and unstructured sparsity on top, the last change to the weights),
+    what was chosen and asked into the saved options; save to OUT."""
+    from ..models import check_finite, save_model
+
+    params0, macs0 = metrics["params_before"], metrics["macs_before"]
     metrics.update(
-        ratio=ratio,
-        ratio_mlp=ratio_mlp,
+        ratio=plan.ratio,
+        ratio_mlp=plan.ratio_mlp,
         params_after=count_params(net),
         macs_after=count_macs(net, x),
         config=_widths(net.config),
@@ -333,186 +505,30 @@ def prune(
         metrics["latency_ms_after"] = _latency_ms(net, x)
     if recovery:
         metrics["recovery"] = recovery[-1]
-        metrics["recovery_history"] = kd.history if kd is not None else []
-    if unstructured:
-        metrics["unstructured"] = unstructured_sparsity(net, unstructured)
+        metrics["recovery_history"] = recovery_history
+    if settings["unstructured"]:
+        metrics["unstructured"] = unstructured_sparsity(net, settings["unstructured"])
+    asked = budget.given()
     options = {
-        "ratio": ratio,
-        "ratio_mlp": ratio_mlp,
-        **{k: v for k, v in budgets.items() if k != "ratio" and v is not None},
-        "importance": importance,
-        "granularity": list(granularity),
-        "round_to": round_to,
-        "steps": steps,
-        "recover_epochs": recover_epochs,
-        "teacher": str(teacher) if teacher else None,
-        "data": data,
-        "unstructured": unstructured,
-        "depth_ratio": depth_ratio,
-        "recover_losses": recover_losses,
-        "recover_temperature": recover_temperature,
-        "latency_table": str(latency_table) if latency_table else None,
+        "ratio": plan.ratio,
+        "ratio_mlp": plan.ratio_mlp,
+        **{k: v for k, v in asked.items() if k != "ratio"},
+        **settings,
+        "latency_table": str(budget.latency_table) if budget.latency_table else None,
     }
+    options["granularity"], options["depth_ratio"] = list(plan.granularity), plan.depth_ratio
     # What was asked; ratio / granularity / depth_ratio above are what the searches chose.
-    asked = {k: v for k, v in budgets.items() if v is not None}
-    if auto_axes:
+    if plan.auto_axes:
         options["axes"] = {"granularity": "auto", **asked}
-    if auto_shape:
+    if plan.auto_shape:
         options["shape"] = {"depth_ratio": "auto", **asked}
     check_finite(net, f"pruned from {model}")  # recovery training can diverge
     save_model(net, meta, out, stage="prune", options=options, metrics=metrics, parent=model)
     if not quiet:
         print(
-            f"pruned {family.name}: {params0 / 1e6:.2f} -> {metrics['params_after'] / 1e6:.2f} M params, "
-            f"{macs0 / 1e9:.3f} -> {metrics['macs_after'] / 1e9:.3f} GMACs (ratio {ratio:.3f}) -> {out}"
+            f"pruned {family_for(net).name}: {params0 / 1e6:.2f} -> {metrics['params_after'] / 1e6:.2f} M params, "
+            f"{macs0 / 1e9:.3f} -> {metrics['macs_after'] / 1e9:.3f} GMACs (ratio {plan.ratio:.3f}) -> {out}"
         )
-    return out, metrics
-
-
-def _datasets(
-    data: str, meta: dict[str, Any], limit: int | None, seed: int, data_options: dict[str, Any] | None
-):
-    from ..data import load_dataset
-    from ..train import _check_compatible
-
-    size = tuple(meta["preprocess"]["size"])
-    kw = {"size": size, "seed": seed, "data_options": dict(data_options or {})}
-    train_ds = load_dataset(data, "train", limit=limit, **kw)
-    val_ds = load_dataset(data, "val", limit=2000 if limit is None else max(1, limit // 4), **kw)
-    _check_compatible(meta, train_ds)
-    return train_ds, val_ds
-
-
-def _calib_batches(train_ds: Any, meta: dict[str, Any]) -> list[tuple[torch.Tensor, torch.Tensor]]:
-    """A few fixed training batches (preprocessed like the model expects) for Taylor importance."""
-    from ..train import prepare
-
-    n = min(len(train_ds), _CALIB_BATCHES * _CALIB_BATCH_SIZE)
-    return [
-        (
-            prepare(train_ds.images[i : i + _CALIB_BATCH_SIZE], meta, torch.device("cpu")),
-            train_ds.targets[i : i + _CALIB_BATCH_SIZE],
-        )
-        for i in range(0, n, _CALIB_BATCH_SIZE)
-    ]
-
-
-def _temperature_option(losses: str | dict[str, float], temperature: float) -> dict[str, float]:
-    """{"temperature": T} where one of `losses` takes a temperature (kd, cwd), else nothing."""
-    from ..distill.losses import LOSSES, _options, parse_loss_spec
-
-    names = parse_loss_spec(losses)
-    return {"temperature": temperature} if any("temperature" in _options(LOSSES[n]) for n in names) else {}
-
-
-class _KD:
-    """Recovery fine-tuning: Hinton KD from the unpruned model (or `teacher`) via the shared trainer."""
-
-    def __init__(
-        self,
-        unpruned: torch.nn.Module,
-        meta: dict[str, Any],
-        teacher: str | os.PathLike | None,
-        losses: str | dict[str, float] = "kd",
-        temperature: float = 4.0,
-    ) -> None:
-        from ..models import load_model
-
-        # "ce" recovers from labels alone: measured better than KD when the teacher is weaker than the
-        # pruned student's parent (benchmarks/prune_recovery.py, aerial demo: 0.4253 vs 0.4000 mIoU).
-        self.losses = losses
-        self.temperature = temperature
-
-        if teacher is not None:
-            self.teacher, self.t_meta = load_model(teacher)
-        else:
-            self.teacher, self.t_meta = copy.deepcopy(unpruned), meta
-        self.teacher.eval().requires_grad_(False)
-        self.meta = meta
-        self.cache: torch.Tensor | None = None
-        self.history: list[dict[str, Any]] = []
-
-    def use_cache(self, cache_dir, teacher, data, limit, seed, data_options, augment, quiet) -> None:
-        """Teacher logits on the recovery subset from (or into) the shared cache, where the losses
-        need logits only."""
-        from ..distill.losses import build_losses
-
-        losses = build_losses(self.losses, **_temperature_option(self.losses, self.temperature))
-        if {"features", "attentions"} & losses.requires:
-            return  # feature / attention losses need the live teacher
-        self._cache_args = (cache_dir, teacher, data, limit, seed, dict(data_options or {}), augment, quiet)
-
-    def _cached(self, train_ds) -> torch.Tensor | None:
-        from ..distill import teacher_cache_path, teacher_logits_cache
-
-        args = getattr(self, "_cache_args", None)
-        if args is None:
-            return None
-        if self.cache is None or self.cache.shape[1] != len(train_ds):
-            cache_dir, teacher, data, limit, seed, data_options, augment, quiet = args
-            size = self.meta["preprocess"]["size"][0]
-            path = teacher_cache_path(cache_dir, teacher, data, limit, seed, size, data_options, augment)
-            self.cache = teacher_logits_cache(
-                self.teacher, self.t_meta, train_ds, path, quiet=quiet, flipped=augment
-            )
-        return self.cache
-
-    def recover(
-        self,
-        net,
-        train_ds,
-        val_ds,
-        epochs,
-        batch_size,
-        lr,
-        seed,
-        quiet,
-        desc,
-        augment=True,
-        on_epoch_end=None,
-    ) -> dict[str, Any]:
-        from ..distill import cached_teacher_logits
-        from ..distill.losses import build_losses
-        from ..models import family_for
-        from ..train import default_device, fit, prepare, teacher_forward
-
-        device = default_device()
-        self.teacher.to(device)
-        combined = build_losses(self.losses, **_temperature_option(self.losses, self.temperature)).to(device)
-        s_adapter = family_for(net)
-        labels_only = set(combined.losses) == {"ce"}
-        cache = None if labels_only else self._cached(train_ds)
-
-        def teacher_out(xb, idx, aug):
-            if labels_only:
-                return {}
-            if cache is not None:
-                return {"logits": cached_teacher_logits(cache, idx, aug, xb.shape[-2:]).to(device)}
-            return teacher_forward(self.teacher, prepare(xb, self.t_meta, device))
-
-        def loss_fn(model, x, xb, y, idx, aug):
-            t_out = teacher_out(xb, idx, aug)
-            total, _ = combined(s_adapter.forward_kd(model, x), t_out, y)
-            return total
-
-        res = fit(
-            net,
-            self.meta,
-            train_ds,
-            val_ds,
-            epochs=epochs,
-            batch_size=batch_size,
-            lr=lr,
-            loss_fn=loss_fn,
-            seed=seed,
-            quiet=quiet,
-            device=device,
-            desc=desc,
-            do_augment=augment,
-            on_epoch_end=on_epoch_end,
-        )
-        self.history += [{k: r[k] for k in ("epoch", "val") if k in r} for r in res["history"]]
-        return res["val"]
 
 
 from vitshrink._callable import install as _install  # noqa: E402

@@ -37,7 +37,7 @@ def axis_groups(model: PreTrainedModel) -> list[tuple[str, ...]]:
 
 @torch.no_grad()
 def _logits(model: PreTrainedModel, x: torch.Tensor) -> torch.Tensor:
-    return model(pixel_values=x).logits.float()
+    return family_for(model).model_logits(model, x).float()
 
 
 def _distortion(ref: list[torch.Tensor], model: PreTrainedModel, samples: Sequence[torch.Tensor]) -> float:

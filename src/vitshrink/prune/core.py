@@ -37,8 +37,8 @@ from ..models import (
 )  # re-exported: prune.core is where pruning code looks for it
 from ..models.families import GRANULARITIES, Family, family_names
 from ..models.families import family_for as _family_for
+from ..options import IMPORTANCES
 
-IMPORTANCES = ("magnitude", "taylor", "random")
 _QKV_NAMES = (("q_proj", "k_proj", "v_proj"), ("query", "key", "value"))
 
 
@@ -192,7 +192,7 @@ def _importance(name: str) -> tp.importance.Importance:
 
 
 def _logits(model: nn.Module, x: torch.Tensor) -> torch.Tensor:
-    return model(pixel_values=x).logits
+    return _family_for(model).model_logits(model, x)
 
 
 def _default_loss(logits: torch.Tensor, target: torch.Tensor) -> torch.Tensor:

@@ -54,7 +54,8 @@ def kept_depth(depth: int, ratio: float) -> int:
 @torch.no_grad()
 def block_influence(model: PreTrainedModel, batches: Iterable[torch.Tensor]) -> list[list[float]]:
     """Per stage, per block: mean 1 - cos(input, output) of its hidden states over `batches`."""
-    stages = [blocks for blocks, _ in _stages(model)[0]]
+    family = _depth_family(model)
+    stages = [blocks for blocks, _ in family.depth_stages(model)]
     sums = [[0.0] * len(blocks) for blocks in stages]
     n = 0
     handles = []
@@ -75,7 +76,7 @@ def block_influence(model: PreTrainedModel, batches: Iterable[torch.Tensor]) -> 
     model.eval()
     try:
         for x in batches:
-            model(pixel_values=x)
+            family.model_logits(model, x)  # the hooks record what each block does
             n += 1
     finally:
         for h in handles:

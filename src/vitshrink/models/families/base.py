@@ -18,8 +18,7 @@ import torch.nn.functional as F
 from torch import nn
 
 from ...errors import UnsupportedFamilyError, VitshrinkError
-
-GRANULARITIES = ("heads", "mlp", "embed", "channels")
+from ...options import GRANULARITIES  # noqa: F401 - re-exported (declared once in vitshrink.options)
 
 # (block list, setter replacing it) for one stage of a model: what depth pruning edits.
 BlockStage = tuple[nn.ModuleList, Callable[[nn.ModuleList], None]]
@@ -79,9 +78,14 @@ class Family:
         return "segmentation" if any("Segmentation" in a for a in archs) else "classification"
 
     # -- running --------------------------------------------------------------------------------------
+    def model_logits(self, model: nn.Module, pixel_values: torch.Tensor) -> torch.Tensor:
+        """The model's own logits (segmentation maps at the model's output resolution): what training
+        losses, pruning importance and output comparisons use. `model` may be DDP-wrapped."""
+        return model(pixel_values=pixel_values).logits
+
     def logits(self, model: nn.Module, pixel_values: torch.Tensor) -> torch.Tensor:
-        """Logits; segmentation maps are resized to the input size."""
-        out = model(pixel_values=pixel_values).logits
+        """Logits as deployed; segmentation maps are resized to the input size."""
+        out = self.model_logits(model, pixel_values)
         if out.dim() == 4 and out.shape[-2:] != pixel_values.shape[-2:]:
             out = F.interpolate(out, size=pixel_values.shape[-2:], mode="bilinear", align_corners=False)
         return out
