@@ -35,6 +35,7 @@ CAPABILITIES = {
     "mobilevit": dict(width=True, coupled=True, depth=False, paired=False, efficient=("classification",)),
     "segformer": dict(width=True, coupled=True, depth=True, paired=False, efficient=("segmentation",)),
     "upernet": dict(width=True, coupled=False, depth=False, paired=False, efficient=("segmentation",)),
+    "resnet": dict(width=True, coupled=False, depth=True, paired=False, efficient=()),
 }
 MICRO = [
     pytest.param(name, task, id=f"{name}-{task}")

@@ -69,6 +69,13 @@ class Family:
             raise UnsupportedFamilyError(self.name, f"task '{task}'", sorted(self.classes))
         return self.classes[task]
 
+    def backbone_config(self, spec: dict[str, Any], image_size: int, channels: int) -> Any:
+        """This family as UperNet's backbone: a transformers backbone config returning every stage's
+        feature map, from an UperNet preset's `backbone` dict (families with `prunable_backbone`)."""
+        raise UnsupportedFamilyError(
+            self.name, "UperNet backbone", family_names(lambda f: f.prunable_backbone)
+        )
+
     def before_load(self) -> None:
         """Called before `from_pretrained` (e.g. to register custom sub-configs with transformers)."""
 

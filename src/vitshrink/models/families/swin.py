@@ -64,6 +64,10 @@ class SwinFamily(Family):
         kw.update(overrides)
         return T.SwinConfig(**kw)
 
+    def backbone_config(self, spec, image_size, channels):
+        bb = {**spec, "image_size": image_size, "num_channels": channels, "patch_size": 4}
+        return T.SwinConfig(**bb, out_features=[f"stage{i + 1}" for i in range(len(bb["depths"]))])
+
     def make_exportable(self, model, *, dynamic_size=False):
         return zero_underflow_shift_masks(model)
 

@@ -1,4 +1,4 @@
-"""UperNet: a backbone (Swin, or vitshrink's MobileViT backbone) + pyramid pooling / FPN decoder.
+"""UperNet: a backbone (Swin, ResNet, or vitshrink's MobileViT backbone) + pyramid pooling / FPN decoder.
 
 Everything backbone-specific (pruning rules, export patches) is delegated to the backbone's own family.
 """
@@ -10,7 +10,8 @@ from typing import Any
 import transformers as T
 
 from ...errors import UnsupportedFamilyError
-from .base import Family, Preset, family_names, find_family, register_family
+from .base import Family, Preset, family_for, family_names, find_family, register_family
+from .resnet import RESNET_18, RESNET_18_MICRO
 from .swin import SWIN_MICRO, SWIN_T
 from .widths import kept_width
 
@@ -35,6 +36,13 @@ class UperNetFamily(Family):
         "upernet-mobilevit-xxs": Preset("upernet", _SEG, {"size": "xxs"}, "mobilevit"),
         "upernet-mobilevit-xs": Preset("upernet", _SEG, {"size": "xs"}, "mobilevit"),
         "upernet-mobilevit-s": Preset("upernet", _SEG, {"size": "s"}, "mobilevit", "paper's student"),
+        # the CNN baseline (ResNet-18 class, like the paper's FANet); the decoder as wide as stage 2
+        "upernet-resnet-18-micro": Preset(
+            "upernet", _SEG, {"backbone": dict(RESNET_18_MICRO), "hidden_size": 32}, "resnet"
+        ),
+        "upernet-resnet-18": Preset(
+            "upernet", _SEG, {"backbone": dict(RESNET_18), "hidden_size": 128}, "resnet", "CNN baseline"
+        ),
     }
     efficient_for = ("segmentation",)
 
@@ -50,13 +58,12 @@ class UperNetFamily(Family):
         return super().build(preset, task, image_size, channels, num_labels, **overrides)
 
     def config(self, preset, task, image_size, channels, num_labels, **overrides):
-        bb = dict(preset.config["backbone"])
-        bb.update(image_size=image_size, num_channels=channels, patch_size=4)
-        n = len(bb["depths"])
-        bb["out_features"] = [f"stage{i + 1}" for i in range(n)]
+        backbone = family_for(preset.backbone or "swin").backbone_config(
+            dict(preset.config["backbone"]), image_size, channels
+        )
         hidden = overrides.pop("hidden_size", preset.config.get("hidden_size", 512))
         return T.UperNetConfig(
-            backbone_config=T.SwinConfig(**bb),
+            backbone_config=backbone,
             num_labels=num_labels,
             hidden_size=hidden,
             use_auxiliary_head=False,
