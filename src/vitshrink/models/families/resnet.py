@@ -57,6 +57,15 @@ class ResNetFamily(Family):
             **{**_BASIC, **spec}, num_channels=channels, out_features=[f"stage{i + 1}" for i in range(n)]
         )
 
+    # -- running --------------------------------------------------------------------------------------
+    def forward_kd(self, model, pixel_values, *, features=False, attentions=False):
+        if attentions:
+            raise VitshrinkError(
+                f"{self.name} is a CNN: it has no attention maps to distil (drop loss 'attention')"
+            )
+        # features: the stage outputs (B, C, H, W), which the feature/CWD losses resize and project
+        return super().forward_kd(model, pixel_values, features=features)
+
     # -- export ---------------------------------------------------------------------------------------
     def size_multiple(self, config):
         # five stride-2 steps; other sizes run too, but then the maps' rounding depends on the size
