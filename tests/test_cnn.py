@@ -135,3 +135,19 @@ def test_resnet_depth_pruning_keeps_each_stage_first_block():
     rebuilt = T.ResNetForImageClassification(model.config)
     assert rebuilt.state_dict().keys() == model.state_dict().keys()
     assert family_for(model).logits(model, x).shape == (2, 4)
+
+
+@pytest.mark.parametrize("preset", ["upernet-mobilevit-micro", "upernet-resnet-18-micro"])
+def test_from_scratch_students_get_he_init(preset):
+    """transformers' N(0, 0.02) conv init left UperNet-MobileViT predicting one class for its first epochs
+    (BatchNorm running statistics lagging 15%-per-step weight changes); He init as in the reference code."""
+    model, _ = build_model(preset, image_size=64, num_labels=14)
+    convs = [
+        m for m in model.modules() if isinstance(m, torch.nn.Conv2d) and m is not model.decode_head.classifier
+    ]
+    for conv in convs:
+        fan_out = conv.out_channels * conv.kernel_size[0] * conv.kernel_size[1]  # torch counts no groups
+        want = (2.0 / fan_out) ** 0.5
+        if conv.weight.numel() >= 256:  # enough samples for the std to mean something
+            assert 0.7 * want < float(conv.weight.detach().std()) < 1.3 * want, conv
+    assert float(model.decode_head.classifier.weight.detach().std()) < 0.02
