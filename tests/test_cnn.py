@@ -151,3 +151,21 @@ def test_from_scratch_students_get_he_init(preset):
         if conv.weight.numel() >= 256:  # enough samples for the std to mean something
             assert 0.7 * want < float(conv.weight.detach().std()) < 1.3 * want, conv
     assert float(model.decode_head.classifier.weight.detach().std()) < 0.02
+
+
+def test_baseline_verdict_names_the_winner_at_the_deployed_latency():
+    from vitshrink.baseline import baseline_preset, baseline_verdict
+
+    assert baseline_preset("segmentation") == "upernet-resnet-18-micro"
+    with pytest.raises(VitshrinkError, match="no CNN baseline"):
+        baseline_preset("detection")
+    stages = [
+        {"name": "teacher", "miou": 0.5, "latency_ms": {"p50": 9.0}},
+        {"name": "baseline", "miou": 0.4, "latency_ms": {"p50": 2.0}, "baseline": True},
+        {"name": "int8", "miou": 0.45, "latency_ms": {"p50": 1.0}},
+    ]
+    assert "winner is the compressed ViT (int8)" in baseline_verdict(stages, "miou")
+    stages[2].update(miou=0.3, latency_ms={"p50": 3.0})
+    assert "winner is the CNN baseline (baseline)" in baseline_verdict(stages, "miou")
+    stages[2].update(latency_ms={"p50": 1.0})
+    assert "neither outright" in baseline_verdict(stages, "miou")

@@ -17,7 +17,7 @@ from typing import Any
 
 from .errors import VitshrinkError
 
-__all__ = ["BASELINES", "baseline_preset", "train_baseline"]
+__all__ = ["BASELINES", "baseline_preset", "baseline_verdict", "train_baseline"]
 
 # The CPU-sized baselines (`resnet-18`, `upernet-resnet-18` are the full-width ones).
 BASELINES = {"classification": "resnet-18-micro", "segmentation": "upernet-resnet-18-micro"}
@@ -91,3 +91,35 @@ def train_baseline(
     out, metrics = train(preset, data, out=out, epochs=epochs, limit=limit, val_limit=val_limit, **kw)
     wall = time.perf_counter() - t0
     return out, {**metrics, "preset": preset, "budget_s": budget_s, "epochs": epochs, "wall_s": wall}
+
+
+def baseline_verdict(stages: list[dict[str, Any]], metric: str) -> str:
+    """One sentence for a report: the deployed (last non-baseline) stage vs the stage marked `baseline`.
+
+    `stages` are results.json stage records carrying `metric`, `latency_ms` ({"p50": ...} or a number)
+    and, for the CNN, `"baseline": True`.
+    """
+
+    def p50(s: dict[str, Any]) -> float:
+        lat = s["latency_ms"]
+        return float(lat["p50"] if isinstance(lat, dict) else lat)
+
+    base = next((s for s in stages if s.get("baseline")), None)
+    deployed = next((s for s in reversed(stages) if not s.get("baseline")), None)
+    if base is None or deployed is None:
+        raise VitshrinkError("baseline_verdict needs a baseline stage and a compressed stage")
+    d_metric = deployed[metric] - base[metric]
+    faster = p50(deployed) <= p50(base)
+    better = d_metric >= 0
+    who = (
+        f"the compressed ViT ({deployed['name']})"
+        if faster and better
+        else f"the CNN baseline ({base['name']})"
+        if not faster and not better
+        else "neither outright"
+    )
+    return (
+        f"At the deployed latency ({p50(deployed):.2f} ms p50) the winner is {who}: {metric} "
+        f"{deployed[metric]:.4f} vs {base[metric]:.4f} for the CNN baseline at {p50(base):.2f} ms "
+        f"({p50(base) / p50(deployed):.2f}x its latency)."
+    )
