@@ -20,7 +20,7 @@ import time
 from pathlib import Path
 from typing import Any
 
-from vitshrink.baseline import baseline_preset, train_baseline
+from vitshrink.baseline import train_baseline
 from vitshrink.bench import bench_many
 from vitshrink.demo import configs, ensure_teacher
 from vitshrink.distill import distill
@@ -33,53 +33,52 @@ def _metric(task: str) -> str:
 
 
 def run(task: str, quick: bool, tmp: Path, seed: int = 0) -> dict[str, Any]:
-    cfg = configs(quick)[task]
-    teacher = ensure_teacher(cfg, quiet=True)
-    ev = {"limit": cfg.test_limit, "quiet": True, "data_options": cfg.data_options}
+    spec = configs(quick)[task]
+    teacher = ensure_teacher(spec, quiet=True)
+    ev = {"limit": spec.eval_limit, "quiet": True, "data_options": spec.data_options}
     key = _metric(task)
+    d = spec.stage("distill")
+    student, overrides = d.pop("student"), d.pop("student_options", None) or {}
+    d["cache_teacher"] = True  # the demo's choice on CPUs without native bf16
 
     t0 = time.perf_counter()
     s_dir, _ = distill(
         teacher,
-        cfg.student,
-        cfg.data,
+        student,
+        spec.data,
         out=tmp / f"{task}-vit",
-        epochs=cfg.distill_epochs,
-        losses=cfg.distill_losses,
-        limit=cfg.distill_limit,
-        lr=cfg.distill_lr,
-        batch_size=cfg.batch_size,
-        augment=cfg.augment,
-        cache_teacher=True,
         seed=seed,
         quiet=True,
-        data_options=cfg.data_options,
-        **cfg.student_overrides,
+        data_options=spec.data_options,
+        **d,
+        **overrides,
     )
     budget = time.perf_counter() - t0
 
+    b = spec.stage("baseline") if any(s.kind == "baseline" for s in spec.recipe.stages) else {}
+    b.pop("budget", None)
     b_dir, bm = train_baseline(
-        cfg.data,
+        spec.data,
         out=tmp / f"{task}-cnn",
         budget_s=budget,
         task=task,
-        limit=cfg.distill_limit,
-        batch_size=cfg.batch_size,
-        augment=cfg.augment,
-        data_options=cfg.data_options,
+        preset=b.pop("model", None),
+        limit=d.get("limit"),
+        data_options=spec.data_options,
         seed=seed,
+        **{"batch_size": d["batch_size"], "augment": d.get("augment", True), **b},
     )
     rows: dict[str, Any] = {}
-    for name, d, extra in (
-        ("vit_student", s_dir, {"preset": cfg.student, "train_s": round(budget, 1)}),
+    for name, path, extra in (
+        ("vit_student", s_dir, {"preset": student, "train_s": round(budget, 1)}),
         (
             "cnn_baseline",
             b_dir,
-            {"preset": baseline_preset(task), "train_s": round(bm["wall_s"], 1), "epochs": bm["epochs"]},
+            {"preset": bm["preset"], "train_s": round(bm["wall_s"], 1), "epochs": bm["epochs"]},
         ),
     ):
-        onnx, r = export_onnx(d, tmp / f"{task}-{name}.onnx")
-        m = evaluate(onnx, cfg.data, **ev)
+        onnx, r = export_onnx(path, tmp / f"{task}-{name}.onnx")
+        m = evaluate(onnx, spec.data, **ev)
         rows[name] = {
             **extra,
             key: m[key],

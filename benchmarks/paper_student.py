@@ -34,14 +34,18 @@ STUDENTS: dict[str, tuple[str, dict[str, Any]]] = {
 
 
 def run(quick: bool, tmp: Path, epochs: int | None = None, seed: int = 0) -> dict[str, Any]:
-    cfg = configs(quick)["segmentation"]
-    teacher = ensure_teacher(cfg, quiet=True)
+    spec = configs(quick)["segmentation"]
+    teacher = ensure_teacher(spec, quiet=True)
     t_onnx, _ = export_onnx(teacher, tmp / "teacher.onnx")
-    ev = {"limit": cfg.test_limit, "quiet": True, "data_options": cfg.data_options}
+    ev = {"limit": spec.eval_limit, "quiet": True, "data_options": spec.data_options}
+    d = spec.stage("distill")  # the demo's schedule; only the student differs
+    for k in ("student", "student_options", "cache_teacher"):
+        d.pop(k, None)
+    d["epochs"] = epochs or d["epochs"]
     res: dict[str, Any] = {
         "quick": quick,
-        "epochs": epochs or cfg.distill_epochs,
-        "teacher": {"miou": evaluate(t_onnx, cfg.data, **ev)["miou"], "onnx": str(t_onnx)},
+        "epochs": d["epochs"],
+        "teacher": {"miou": evaluate(t_onnx, spec.data, **ev)["miou"], "onnx": str(t_onnx)},
         "students": {},
     }
     for name, (preset, overrides) in STUDENTS.items():
@@ -49,23 +53,18 @@ def run(quick: bool, tmp: Path, epochs: int | None = None, seed: int = 0) -> dic
         out, m = distill(
             teacher,
             preset,
-            cfg.data,
+            spec.data,
             out=tmp / name,
-            epochs=res["epochs"],
-            losses=cfg.distill_losses,
-            limit=cfg.distill_limit,
-            lr=cfg.distill_lr,
-            batch_size=cfg.batch_size,
-            augment=cfg.augment,
-            cache_teacher=True,  # the demo's fallback on CPUs without native bf16; same for both
+            cache_teacher=True,  # the demo's choice on CPUs without native bf16; the same for both
             seed=seed,
             quiet=True,
-            data_options=cfg.data_options,
+            data_options=spec.data_options,
+            **d,
             **overrides,
         )
         wall = time.perf_counter() - t0
         onnx, r = export_onnx(out, tmp / f"{name}.onnx")
-        t = evaluate(onnx, cfg.data, **ev)
+        t = evaluate(onnx, spec.data, **ev)
         res["students"][name] = {
             "preset": preset,
             "miou": t["miou"],

@@ -14,7 +14,7 @@ from vitshrink.demo import TASKS, configs, demo, load_demo
 
 from .conftest import needs_fmnist
 
-STAGES = ["teacher", "distill", "prune", "fp16", "int8"]
+STAGES = ["teacher", "distill", "baseline", "prune", "fp16", "int8"]
 KEYS = {"name", "artifact", "dice", "latency_ms", "peak_rss_mb", "size_mb", "params", "macs"}
 
 
@@ -30,7 +30,14 @@ def test_quick_demo_runs_every_stage_and_writes_its_results(tmp_path):
             assert (KEYS - {"dice"} if task == "classification" else KEYS) <= set(s), s.keys()
             assert {"p50", "p90", "p99"} <= set(s["latency_ms"]) and 0 <= s[metric] <= 1
             assert Path(s["artifact"]).exists(), s["artifact"]  # every stage's artifact is kept
-        teacher, distilled, pruned, _, int8 = r["stages"]
+        teacher, distilled, baseline, pruned, _, int8 = r["stages"]
+        # the CNN baseline: trained beside the pipeline (pruning starts from the distilled student),
+        # for the distillation's wall-clock time, and the report says which one wins
+        assert (
+            baseline["kind"] == "baseline" and baseline["train_metrics"]["budget_s"] == distilled["seconds"]
+        )
+        assert "CNN baseline" in (path.parent / "report.md").read_text()
+        assert r["final_source"] == int8["artifact"]
         # the compression is real: fewer parameters at every structural stage, a much smaller file
         assert teacher["params"] > distilled["params"] > pruned["params"] == int8["params"]
         assert int8["size_mb"] < teacher["size_mb"] / 4 and int8["size_mb"] < pruned["size_mb"]

@@ -138,7 +138,7 @@ def cmd_export(a: argparse.Namespace) -> None:
 def cmd_demo(a: argparse.Namespace) -> None:
     from .demo import demo
 
-    res = demo(task=a.task, out=a.out, quick=a.quick, quiet=a.quiet, threads=a.threads)
+    res = demo(task=a.task, out=a.out, quick=a.quick, quiet=a.quiet, threads=a.threads, student=a.student)
     for task, path in res.items():
         print(f"{task}: {path}")
 
@@ -418,6 +418,12 @@ def build_parser() -> argparse.ArgumentParser:
     sp.add_argument("--out", default="demo-out")
     sp.add_argument("--quick", action="store_true", help="small budget: under 5 minutes on 2 cores")
     sp.add_argument("--threads", type=POS_INT)
+    sp.add_argument(
+        "--student",
+        default="default",
+        choices=["default", "paper"],
+        help="paper: the segmentation student is the paper's UperNet + MobileViT",
+    )
 
     sp = add("distill", cmd_distill, "Distil a teacher into a student.")
     sp.add_argument("--teacher", required=True)

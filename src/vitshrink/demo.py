@@ -178,6 +178,24 @@ def load_demo(path: str | os.PathLike, *, quick: bool) -> DemoSpec:
     )
 
 
+STUDENTS = ("default", "paper")
+PAPER_STUDENT = "upernet-mobilevit-micro"  # the paper's student (UperNet + MobileViT) at the demo's size
+
+
+def with_student(spec: DemoSpec, preset: str, options: dict[str, Any] | None = None) -> DemoSpec:
+    """`spec` with its distillation student replaced (same schedule; preset options reset)."""
+    stages = []
+    for st in spec.recipe.stages:
+        if st.kind == "distill":
+            opts = {k: v for k, v in st.options.items() if k != "student_options"}
+            opts["student"] = preset
+            if options:
+                opts["student_options"] = dict(options)
+            st = replace(st, options=opts)
+        stages.append(st)
+    return replace(spec, recipe=replace(spec.recipe, stages=stages))
+
+
 def configs(quick: bool) -> dict[str, DemoSpec]:
     """Both tasks' demos at the quick (< 5 min on 2 cores for both) or full (< 30 min) budget."""
     return {t: load_demo(recipe_path(t), quick=quick) for t in TASKS}
@@ -296,10 +314,19 @@ def demo(
     quick: bool = False,
     quiet: bool = False,
     threads: int | None = None,
+    student: str = "default",
 ) -> dict[str, Path]:
-    """Run the pipeline for one or both tasks; returns {task: results.json path}."""
+    """Run the pipeline for one or both tasks; returns {task: results.json path}.
+
+    student: "default" (the recipes' students) or "paper": the segmentation student becomes the
+    method paper's UperNet + MobileViT (`PAPER_STUDENT`), trained with the same schedule.
+    """
+    if student not in STUDENTS:
+        raise VitshrinkError(f"unknown demo student '{student}' (choose from {', '.join(STUDENTS)})")
     tasks = list(TASKS) if task == "all" else [task]
     specs = {t: load_demo(recipe_path(t), quick=quick) for t in tasks}  # all checked before any runs
+    if student == "paper" and "segmentation" in specs:
+        specs["segmentation"] = with_student(specs["segmentation"], PAPER_STUDENT)
     out = Path(out)
     res = {}
     for t in tasks:

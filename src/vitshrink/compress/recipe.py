@@ -139,6 +139,17 @@ SCHEMA: dict[str, dict[str, Opt]] = {
         # Calibrate/score on the run's data (default: only where the mode or max_drop needs it).
         "calibrate": Opt(BOOL),
     },
+    # A CNN trained from scratch on the labels beside the pipeline (vitshrink.baseline), for about as
+    # long as the stage named `budget` took (or `budget` seconds); it does not feed the next stage.
+    "baseline": {
+        "model": Opt(STR),  # preset; default: the task's CNN baseline (baseline.BASELINES)
+        "budget": Opt((str, int, float)),  # a stage label (e.g. distill) or seconds; default: distill
+        "batch_size": Opt(INT, check=_positive),
+        "lr": Opt(FLOAT, check=_positive),
+        "limit": Opt(INT, check=_positive),
+        "augment": Opt(BOOL),
+        "seed": Opt(INT, check=_non_negative),
+    },
     "export": {
         "opset": Opt(INT, check=lambda v: None if 11 <= v <= 21 else "must be between 11 and 21"),
         "dynamic_batch": Opt(BOOL),

@@ -29,7 +29,7 @@ import shutil
 import sys
 import time
 from collections.abc import Callable
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
@@ -57,6 +57,8 @@ class Context:
     logits_dir: Path | None = None
     epoch_hook: Callable[[str, dict[str, Any]], None] | None = None
     logger: Callable[..., None] | None = None  # where log() lines go (default: stderr, "[compress]")
+    # Seconds each finished stage of this run took, by label (a baseline stage's time budget)
+    stage_seconds: dict[str, float] = field(default_factory=dict)
 
     def log(self, *msg: Any) -> None:
         # Stage lines and summaries print even under --quiet, which silences progress bars and the
@@ -276,6 +278,33 @@ def run_quantize(stage: Stage, ctx: Context, cur: Current, sdir: Path) -> StageR
     return {"model_dir": None, "artifact": Path(out), "train_metrics": rep}
 
 
+def run_baseline(stage: Stage, ctx: Context, cur: Current, sdir: Path) -> StageResult:
+    from ..baseline import train_baseline
+
+    opts = dict(stage.options)
+    budget = opts.pop("budget", "distill")
+    if isinstance(budget, str):
+        if budget not in ctx.stage_seconds:
+            raise VitshrinkError(
+                f"baseline: budget '{budget}' names no earlier stage of this run "
+                f"(stages: {', '.join(ctx.stage_seconds) or 'none'}); give a stage label or seconds"
+            )
+        budget = ctx.stage_seconds[budget]
+    pre = ctx.meta["preprocess"]
+    out, m = train_baseline(
+        ctx.data,
+        out=sdir / "model",
+        budget_s=float(budget),
+        task=ctx.meta["task"],
+        preset=opts.pop("model", None),
+        image_size=pre["size"][0],
+        data_options=ctx.data_options,
+        quiet=ctx.quiet,
+        **opts,
+    )
+    return {"model_dir": out, "artifact": _export(out, sdir / "model.onnx"), "train_metrics": m}
+
+
 def run_export(stage: Stage, ctx: Context, cur: Current, sdir: Path) -> StageResult:
     path = _export(cur.model_dir, sdir / "model.onnx", **stage.options)
     return {"model_dir": cur.model_dir, "artifact": path, "train_metrics": {}}
@@ -286,11 +315,12 @@ STAGE_RUNNERS: dict[str, Callable[[Stage, Context, Current, Path], StageResult]]
     "prune": run_prune,
     "quantize": run_quantize,
     "export": run_export,
+    "baseline": run_baseline,
 }
 
 
 # Kinds whose output is a leaf: the stage after one starts from the same full-precision model.
-BRANCH_KINDS: frozenset[str] = frozenset({"quantize"})
+BRANCH_KINDS: frozenset[str] = frozenset({"quantize", "baseline"})
 
 
 def stage_label(stage: Stage) -> str:
@@ -402,6 +432,8 @@ def run_stages(
             rec = _run_one(stage, i, label, key, ctx, cur, sdir, cache_dir, root)
         rec = _with_metrics(rec, ctx, root, evaluate)
         records.append(rec)
+        if rec.get("seconds") is not None:
+            ctx.stage_seconds[label] = float(rec["seconds"])
         if rec != prev or cache_dir is not None:
             _write_state(state_path, ctx, records + old[len(records) :])
         if rec.get("model_dir") and stage.kind not in BRANCH_KINDS:
@@ -563,7 +595,7 @@ def finish(
     t_start: float | None = None,
 ) -> dict[str, Any]:
     """Device extras (memory check, TensorRT recipe), results.json and the report; returns paths."""
-    final = stages[-1]
+    final = next(s for s in reversed(stages) if s.get("kind") != "baseline")  # the pipeline's, not the CNN
     notes: list[str] = []
     device = device_info(profile, threads)
     if profile.memory_mb is not None and final.get("peak_rss_mb"):

@@ -206,6 +206,7 @@ def build_content(
         "Stages in bold are on the Pareto front: no other stage is both at least as fast and at least as "
         "accurate (and strictly better in one).",
     ]
+    notes += _baseline_verdict(res.stages, mlabel)
     return Content(
         title=f"vitshrink report: {res.task}",
         subtitle=f"{len(res.stages)} stages, {ref.name} → {last.name}, metric {mlabel}",
@@ -221,6 +222,27 @@ def build_content(
         notes=notes,
         search=_search_rows(res.search, mlabel),
     )
+
+
+def _baseline_verdict(stages: list[StageResult], mlabel: str) -> list[str]:
+    """Which wins at the deployed latency: the last pipeline stage or the CNN baseline (if the run has one)."""
+    base = next((s for s in stages if s.baseline), None)
+    deployed = next((s for s in reversed(stages) if not s.baseline), None)
+    if base is None or deployed is None:
+        return []
+    faster, better = deployed.p50 <= base.p50, deployed.metric >= base.metric
+    who = (
+        f"the compressed model ({deployed.name})"
+        if faster and better
+        else f"the CNN baseline ({base.name})"
+        if not faster and not better
+        else "neither outright (one is faster, the other more accurate)"
+    )
+    return [
+        f"At the deployed latency ({fmt_ms(deployed.p50)} p50) the winner is {who}: {mlabel} "
+        f"{fmt_pct(deployed.metric)} vs {fmt_pct(base.metric)} for the CNN baseline at {fmt_ms(base.p50)}, "
+        "trained from scratch for the distillation's wall-clock time."
+    ]
 
 
 def _search_rows(s: dict[str, Any], mlabel: str) -> list[tuple[str, str]]:

@@ -36,6 +36,7 @@ class StageResult:
     macs: int | None = None
     per_class_iou: dict[str, float] = field(default_factory=dict)
     notes: str = ""
+    baseline: bool = False  # the CNN baseline beside the pipeline (a `baseline` stage), not a step of it
 
 
 @dataclass(frozen=True)
@@ -104,7 +105,11 @@ def _stage(i: int, raw: Any, metric: str) -> StageResult:
         raise DataError(f"{where}: 'per_class_iou' must be an object")
     notes = raw.get("notes") or ""
     artifact = raw.get("artifact")
+    baseline = raw.get("kind") == "baseline"
+    if baseline and "baseline" not in name:
+        name = f"{name} (CNN baseline)"
     return StageResult(
+        baseline=baseline,
         name=name,
         metric=_fraction(raw.get(metric), f"{where} {metric}", required=True),
         p50=_number(lat.get("p50"), f"{where} latency_ms.p50", required=True, positive=True),
