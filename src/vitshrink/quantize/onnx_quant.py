@@ -22,7 +22,7 @@ metadata). This module validates the request and runs validate -> build -> check
 from __future__ import annotations
 
 import os
-from collections.abc import Callable, Iterable
+from collections.abc import Callable, Iterable, Sequence
 from pathlib import Path
 from typing import Any, Literal
 
@@ -42,6 +42,8 @@ from ._common import (
     load_onnx,
     make_say,
     ort_quiet,
+    outputs,
+    peak_rss_mb,
     prepare_calib,
     read_meta,
     run,
@@ -143,22 +145,23 @@ def quantize_onnx(
     original = load_onnx(src)
     check_float_model(original, src)
     check_finite_initializers(original, src)
-    batches, generated = _calibration_inputs(original, calib, mode, target)
-    if max_drop is not None and mode != "fp16" and not batches:
-        raise DataError("max_drop needs calibration data to rank nodes by sensitivity")
-    if mode == "int8" and max_drop is None and not generated:
-        max_drop = DEFAULT_MAX_DROP
-    settings = dict(
-        per_channel=per_channel,
-        calib_method=calib_method,
-        vit_aware=vit_aware,
-        target=target,
-        target_cpu=resolve_target_cpu(target_cpu),
-    )
+    target_cpu = resolve_target_cpu(target_cpu)
     with temp_dir("quant") as tmp:
-        ctx = _context(
-            Path(tmp), src, original, batches, generated, eval_fn, make_say(quiet), quiet, settings
+        work = Path(tmp)
+        # calibration inputs and fp32 outputs live on disk, read one batch at a time (see Batches)
+        batches, generated = _calibration_inputs(original, calib, mode, target, work / "calib")
+        if max_drop is not None and mode != "fp16" and not batches:
+            raise DataError("max_drop needs calibration data to rank nodes by sensitivity")
+        if mode == "int8" and max_drop is None and not generated:
+            max_drop = DEFAULT_MAX_DROP
+        settings = dict(
+            per_channel=per_channel,
+            calib_method=calib_method,
+            vit_aware=vit_aware,
+            target=target,
+            target_cpu=target_cpu,
         )
+        ctx = _context(work, src, original, batches, generated, eval_fn, say, quiet, settings)
         report = _new_report(mode, src, ctx, max_drop)
         final, extra = _fp16(ctx.pre, ctx) if mode == "fp16" else _int8(mode, ctx.pre, ctx, max_drop)
         report.update(extra)
@@ -169,8 +172,12 @@ def quantize_onnx(
     report["path"] = str(dst)
     if read_meta(original) is None:
         report.setdefault("warnings", []).append("the input has no vitshrink metadata")
+    # Peak resident memory of this process so far (the whole quantize run when called from the CLI):
+    # calibration streams batch by batch, so it should not grow with the number of images.
+    report["peak_rss_mb"] = peak_rss_mb()
     say(
         f"{report['chosen']}: {report['size_before'] / 2**20:.2f} MB -> {report['size_after'] / 2**20:.2f} MB"
+        f" (peak memory {report['peak_rss_mb']:.0f} MB)"
     )
     return report
 
@@ -193,10 +200,14 @@ def _check_options(
 
 
 def _calibration_inputs(
-    original: onnx.ModelProto, calib: Iterable[np.ndarray] | None, mode: str, target: str
-) -> tuple[list[np.ndarray], bool]:
+    original: onnx.ModelProto,
+    calib: Iterable[np.ndarray] | None,
+    mode: str,
+    target: str,
+    spill: Path,
+) -> tuple[Sequence[np.ndarray], bool]:
     """(batches, generated): the user's calibration batches, or generated probe inputs without them."""
-    batches = prepare_calib(calib, input_spec(original)[1])
+    batches = prepare_calib(calib, input_spec(original)[1], spill)
     if mode in ("int8-static", "int8-mixed") and not batches:
         raise DataError(f"mode '{mode}' needs calibration data; 'int8-dynamic' and 'fp16' work without")
     if target == "tensorrt" and mode == "int8" and not batches:
@@ -217,7 +228,7 @@ def _context(
     work: Path,
     src: Path,
     original: onnx.ModelProto,
-    batches: list[np.ndarray],
+    batches: Sequence[np.ndarray],
     generated: bool,
     eval_fn: Callable[[str], float] | None,
     say: Callable[[str], None],
@@ -228,7 +239,7 @@ def _context(
     pre = work / "pre.onnx"
     say("pre-processing (shape inference, graph optimisation)")
     preprocess(src, pre, original, say)
-    ref = run(pre, batches) if batches else None
+    ref = outputs(pre, batches, work / "ref" if not generated else None) if batches else None
     ctx = Ctx(
         work, batches, ref, eval_fn, None, say=say, quiet=quiet, generated=generated, pre=pre, **settings
     )

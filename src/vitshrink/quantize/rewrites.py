@@ -12,7 +12,7 @@ import onnx
 
 from ..cpu import reduce_range_for
 from ..deploy._meta import write_meta_props
-from ._common import copy_metadata, input_spec, ort_quiet, read_meta, rel_error, run
+from ._common import compare, copy_metadata, input_spec, ort_quiet, read_meta, rel_error, run
 from .smooth import smooth_model
 
 if TYPE_CHECKING:
@@ -105,8 +105,10 @@ def apply_smoothing(pre: Path, ctx: Ctx) -> tuple[Path, dict[str, Any]]:
     if probe is None:
         info["rejected"] = "no calibration data and the input shape is not fixed: cannot verify"
         return pre, info
-    ref = ctx.ref if ctx.batches else run(pre, probe)
-    err = rel_error(ref, run(path, probe))
+    if ctx.batches:
+        err = compare(path, ctx.batches, ctx.ref)["rel_error"]
+    else:
+        err = rel_error(run(pre, probe), run(path, probe))
     info["float_rel_error"] = err
     if err > 1e-3:
         info["rejected"] = f"float output changed by {err:.2e}"

@@ -8,7 +8,7 @@ from pathlib import Path
 from typing import Any
 
 from ..progress import progress
-from ._common import rel_error, run
+from ._common import compare
 from .builders import Builder, Ctx
 
 MAX_SENSITIVITY_UNITS = 32  # above this many weight nodes, rank and fall back whole block parts
@@ -31,18 +31,11 @@ def groups(names: list[str]) -> list[list[str]]:
 
 def rank_sensitivity(builder: Builder, ctx: Ctx) -> list[tuple[list[str], float]]:
     """(group, output error with only that group quantized), most sensitive first (calibration subset)."""
-    n = min(SENSITIVITY_SAMPLES, sum(len(b) for b in ctx.batches))
-    sub, taken = [], 0
-    for b in ctx.batches:
-        if taken >= n:
-            break
-        sub.append(b[: n - taken])
-        taken += len(sub[-1])
-    ref = ctx.ref[:taken]
     scores = []
     for group in progress(groups(builder.candidates), desc="sensitivity", disable=ctx.quiet):
         path = builder.build(only=group)
-        scores.append((group, rel_error(ref, run(path, sub))))
+        # streamed batch by batch: nothing but the running sums is kept per candidate
+        scores.append((group, compare(path, ctx.batches, ctx.ref, SENSITIVITY_SAMPLES)["rel_error"]))
         path.unlink(missing_ok=True)
     return sorted(scores, key=lambda gs: gs[1], reverse=True)
 
