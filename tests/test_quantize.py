@@ -431,6 +431,10 @@ def test_mixed_int8_quantizes_convs_that_dynamic_keeps_float(tmp_path: Path) -> 
     g = np.random.default_rng(0)
     calib = [g.standard_normal((1, 3, 64, 64)).astype(np.float32) for _ in range(8)]
     dyn = quantize_onnx(src, tmp_path / "d.onnx", mode="int8-dynamic", quiet=True)
+    # `int8` without calibration data says in one line what the float Convs leave on the table
+    nodata = quantize_onnx(src, tmp_path / "n.onnx", mode="int8", quiet=True)
+    assert nodata["chosen"] == "int8-dynamic"
+    assert any("Convs (" in w and "stay float" in w and "at most" in w for w in nodata["warnings"])
     mixed = quantize_onnx(src, tmp_path / "m.onnx", mode="int8-mixed", calib=calib, quiet=True)
     assert "Conv" in dyn["kept_float"]["op_types"] and "Conv" not in mixed["kept_float"]["op_types"]
     assert mixed["size_after"] < 0.8 * dyn["size_after"]

@@ -273,6 +273,27 @@ def peak_rss_mb() -> float:
     return peak / (2**20 if sys.platform == "darwin" else 2**10)  # bytes on macOS, KiB elsewhere
 
 
+def weight_macs(model: onnx.ModelProto) -> dict[str, int]:
+    """Multiply-adds per sample of the constant-weight MatMul / Gemm / Conv nodes, by op type, from the
+    output shapes shape inference recorded (nodes without a known shape are left out)."""
+    shapes = {
+        vi.name: [d.dim_value if d.HasField("dim_value") else 0 for d in vi.type.tensor_type.shape.dim]
+        for vi in (*model.graph.value_info, *model.graph.output)
+    }
+    inits = {i.name: list(i.dims) for i in model.graph.initializer}
+    macs: dict[str, int] = {}
+    for n in weight_nodes(model):
+        out, w = shapes.get(n.output[0]), inits[n.input[1]]
+        if not out or not all(out[1:]):
+            continue
+        per_out = int(np.prod(w[1:])) if n.op_type == "Conv" else w[0]  # Cin/group*kh*kw, or K
+        if n.op_type == "Gemm":
+            trans_b = any(a.name == "transB" and a.i for a in n.attribute)
+            per_out = w[1] if trans_b else w[0]
+        macs[n.op_type] = macs.get(n.op_type, 0) + int(np.prod(out[1:])) * per_out
+    return macs
+
+
 def file_size(path: str | os.PathLike) -> int:
     return Path(path).stat().st_size
 
