@@ -73,6 +73,7 @@ class Ctx:
     target_cpu: str = "vnni"  # concrete int8 CPU target (see vitshrink.cpu); "avx2" means 7-bit weights
     generated: bool = False  # `batches` are generated probe inputs, not calibration data
     pre: Path | None = None  # the pre-processed float model every candidate derives from
+    rewrites: dict[str, Any] = field(default_factory=dict)  # exact graph rewrites applied to `pre`
     counter: list[int] = field(default_factory=lambda: [0])
     memo: dict[str, float | None] = field(default_factory=dict)
     compared: dict[str, dict[str, float]] = field(default_factory=dict)

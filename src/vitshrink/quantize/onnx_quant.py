@@ -46,6 +46,7 @@ from ._common import (
     peak_rss_mb,
     prepare_calib,
     read_meta,
+    rel_error,
     run,
     weight_macs,
     weight_nodes,
@@ -60,7 +61,15 @@ from .builders import (  # noqa: F401 - re-exported: the names callers used befo
     Ctx,
 )
 from .fp16 import to_fp16
-from .rewrites import SMOOTH_ALPHA, apply_smoothing, gemm_to_matmul, preprocess, record_int8_target  # noqa: F401
+from .rewrites import (  # noqa: F401 - some re-exported
+    SMOOTH_ALPHA,
+    apply_smoothing,
+    fold_concat_conv,
+    gemm_to_matmul,
+    preprocess,
+    random_input,
+    record_int8_target,
+)
 from .sensitivity import MAX_SENSITIVITY_UNITS, SENSITIVITY_SAMPLES, guarantee  # noqa: F401
 from .sensitivity import groups as _groups  # noqa: F401 - tests import it from here
 
@@ -240,6 +249,7 @@ def _context(
     pre = work / "pre.onnx"
     say("pre-processing (shape inference, graph optimisation)")
     preprocess(src, pre, original, say)
+    rewrites = _fold_decoder(pre, batches, say) if settings["vit_aware"] else {}
     ref = outputs(pre, batches, work / "ref" if not generated else None) if batches else None
     ctx = Ctx(
         work, batches, ref, eval_fn, None, say=say, quiet=quiet, generated=generated, pre=pre, **settings
@@ -252,7 +262,43 @@ def _context(
     if batches:
         ctx.sample = batches[0][:1] if input_spec(original)[1][0] in (None, 1) else batches[0]
     ctx.base_metric = float(eval_fn(str(src))) if eval_fn is not None else (1.0 if ref is not None else None)
+    ctx.rewrites = rewrites
     return ctx
+
+
+FOLD_TOL = 1e-4  # relative output change allowed for an exact-in-float rewrite (float rounding only)
+
+
+def _fold_decoder(pre: Path, batches: Sequence[np.ndarray], say: Callable[[str], None]) -> dict[str, Any]:
+    """Fold 1x1 Convs over a Concat into the Linears feeding it (see rewrites.fold_concat_conv), in
+    place in `pre`, if the float output stays the same."""
+    model = onnx.load(str(pre))
+    folded, info = fold_concat_conv(model)
+    if not info["folded"]:
+        return {}
+    probe = [batches[0][:1]] if batches else random_input(model)
+    if probe is None:
+        return {"concat_conv_folded": 0, "rejected": "input size not fixed and no data: cannot verify"}
+    path = pre.with_name("folded.onnx")
+    onnx.save(folded, str(path))
+    try:
+        err = rel_error(run(pre, probe), run(path, probe))
+    except Exception as e:  # noqa: BLE001 - a pattern that matched but is not what it looked like
+        return {"concat_conv_folded": 0, "rejected": f"{type(e).__name__}: {str(e)[:120]}"}
+    if not err <= FOLD_TOL:
+        return {"concat_conv_folded": 0, "rejected": f"float output changed by {err:.2e}"}
+    macs_before, macs_after = sum(weight_macs(model).values()), sum(weight_macs(folded).values())
+    os.replace(path, pre)
+    say(
+        f"folded {info['folded']} 1x1 conv(s) over a concat into the linears before it "
+        f"({macs_before / 1e9:.2f} -> {macs_after / 1e9:.2f} GMAC in weight layers, exact in float)"
+    )
+    return {
+        "concat_conv_folded": info["folded"],
+        "float_rel_error": err,
+        "weight_gmacs_before": macs_before / 1e9,
+        "weight_gmacs_after": macs_after / 1e9,
+    }
 
 
 def _new_report(mode: str, src: Path, ctx: Ctx, max_drop: float | None) -> dict[str, Any]:
@@ -266,6 +312,7 @@ def _new_report(mode: str, src: Path, ctx: Ctx, max_drop: float | None) -> dict[
         "metric_name": metric_name,
         "metric_before": ctx.base_metric,
         "size_before": file_size(src),
+        **({"rewrites": ctx.rewrites} if ctx.rewrites else {}),
         "settings": {
             "per_channel": ctx.per_channel,
             "vit_aware": ctx.vit_aware,
