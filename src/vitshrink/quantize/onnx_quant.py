@@ -36,6 +36,7 @@ from ..errors import DataError, ModelError, VitshrinkError
 from ..options import CALIB_METHODS, QUANT_MODES
 from ..outputs import temp_dir
 from ._common import (
+    batch_size_for,
     copy_metadata,
     file_size,
     input_spec,
@@ -97,7 +98,7 @@ def _generated_inputs(model: onnx.ModelProto, n: int = GENERATED_SAMPLES) -> lis
         channels, (h, w), mean, std = resolve_preprocess(meta, dims[1], (dims[2], dims[3]), "model")
     except VitshrinkError:
         return None
-    step = dims[0] or 8  # a fixed-batch graph gets its batch, a dynamic one batches of 8
+    step = dims[0] or batch_size_for([None, channels, h, w])  # dynamic batch: ~16 x 224^2 px
     count = max(n // step, 1) * step
     rng = np.random.default_rng(0)
     coarse = rng.random((count, channels, 4, 4))
