@@ -214,7 +214,7 @@ print(json.dumps({"peak_rss_mb": resource.getrusage(resource.RUSAGE_SELF).ru_max
 
 def peer_variants(fp32: Path, res: dict[str, Any], peers: str | None) -> None:
     try:
-        run_child("import openvino, nncf", [], peers)
+        run_child("import openvino, nncf; print('{}')", [], peers)
     except RuntimeError as e:
         res["peers_skipped"] = f"openvino / nncf not importable: {e}"
         return
@@ -411,6 +411,8 @@ def main() -> None:
         quantize_variants(WORK / "fp32.onnx", {"variants": {}}, args.peers_site, only)
         return
     elif args.phase == "evaluate":  # what is built so far (records of other invocations included)
+        res = {"variants": {"fp32 (onnxruntime)": {"path": str(WORK / "fp32.onnx"), "kind": "ort"}}}
+        folded_fp32(WORK / "fp32.onnx", res)
         quantize_variants(WORK / "fp32.onnx", res, args.peers_site, only=[])
         if (WORK / "nncf_int8.quant.json").exists():
             peer_variants(WORK / "fp32.onnx", res, args.peers_site)
