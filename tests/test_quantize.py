@@ -431,6 +431,10 @@ def test_mixed_int8_quantizes_convs_that_dynamic_keeps_float(tmp_path: Path) -> 
     g = np.random.default_rng(0)
     calib = [g.standard_normal((1, 3, 64, 64)).astype(np.float32) for _ in range(8)]
     dyn = quantize_onnx(src, tmp_path / "d.onnx", mode="int8-dynamic", quiet=True)
+    # `int8` without calibration data says in one line what the float Convs leave on the table
+    nodata = quantize_onnx(src, tmp_path / "n.onnx", mode="int8", quiet=True)
+    assert nodata["chosen"] == "int8-dynamic"
+    assert any("Convs (" in w and "stay float" in w and "at most" in w for w in nodata["warnings"])
     mixed = quantize_onnx(src, tmp_path / "m.onnx", mode="int8-mixed", calib=calib, quiet=True)
     assert "Conv" in dyn["kept_float"]["op_types"] and "Conv" not in mixed["kept_float"]["op_types"]
     assert mixed["size_after"] < 0.8 * dyn["size_after"]
@@ -452,3 +456,35 @@ def test_big_models_fall_back_whole_block_parts() -> None:
     assert len(groups) == 25 and sorted(n for g in groups for n in g) == sorted(names)
     assert ["/vit/layers.3/mlp/fc1/MatMul", "/vit/layers.3/mlp/fc2/MatMul"] in groups
     assert [[n] for n in names[:10]] == _groups(names[:10])  # small models: node by node
+
+
+def test_segformer_decoder_fuse_conv_folds_into_the_stage_linears(tmp_path: Path) -> None:
+    # Concat + 1x1 fuse conv (the largest layer of SegFormer at 512 px) becomes a Sum: same output as
+    # PyTorch, one Conv and its multiply-adds fewer; quantize applies it and records it.
+    from vitshrink.export import export_onnx
+    from vitshrink.models import build_model, save_model
+    from vitshrink.quantize._common import weight_macs
+    from vitshrink.quantize.rewrites import fold_concat_conv, preprocess
+
+    torch.manual_seed(0)
+    model, meta = build_model("segformer-micro", image_size=64, num_channels=3, num_labels=4)
+    for p in model.parameters():  # trained-like non-zero biases, so the bias path is exercised too
+        torch.nn.init.normal_(p, std=0.1) if p.dim() == 1 else None
+    save_model(model, meta, tmp_path / "seg")
+    src, _ = export_onnx(tmp_path / "seg", tmp_path / "seg.onnx")
+    pre = preprocess(src, tmp_path / "pre.onnx", onnx.load(str(src)), lambda m: None)
+    folded, info = fold_concat_conv(pre)
+    assert info["folded"] == 1
+    ops = lambda m: [n.op_type for n in m.graph.node]  # noqa: E731
+    assert ops(folded).count("Conv") == ops(pre).count("Conv") - 1 and "Concat" not in ops(folded)
+    assert weight_macs(folded)["Conv"] < weight_macs(pre)["Conv"]
+    onnx.save(folded, str(tmp_path / "folded.onnx"))
+    x = np.random.default_rng(0).standard_normal((1, 3, 64, 64)).astype(np.float32)
+    with torch.no_grad():  # export checked the ONNX against PyTorch; the fold keeps that output
+        ref = model(pixel_values=torch.from_numpy(x)).logits
+        ref = torch.nn.functional.interpolate(ref, size=(64, 64), mode="bilinear", align_corners=False)
+    before, after = run(src, x), run(tmp_path / "folded.onnx", x)
+    assert np.linalg.norm(after - before) / np.linalg.norm(before) < 1e-5
+    assert np.linalg.norm(after - ref.numpy()) / np.linalg.norm(ref.numpy()) < 1e-3
+    report = quantize_onnx(src, tmp_path / "f16.onnx", mode="fp16", quiet=True)
+    assert report["rewrites"]["concat_conv_folded"] == 1

@@ -10,8 +10,12 @@
 from __future__ import annotations
 
 import os
+from collections.abc import Iterator
 from pathlib import Path
-from typing import Any
+from typing import TYPE_CHECKING, Any
+
+if TYPE_CHECKING:
+    import numpy as np
 
 from ..cpu import TARGET_CPUS
 from ..errors import VitshrinkError
@@ -165,27 +169,34 @@ def _onnx_at_size(meta: dict[str, Any] | None, image_size: Any, src: Path) -> di
 
 def _data(
     spec: str, meta: dict[str, Any], src: Path, data_options: dict[str, Any] | None = None
-) -> tuple[list, Any]:
+) -> tuple[Iterator[np.ndarray], Any]:
     """Calibration batches (normalised like the runtime does) and a metric callback on the val split."""
     import torch
 
     from ..data import load_dataset
     from ..evaluate import evaluate_onnx
     from ..train import prepare
+    from ._common import batch_size_for
 
     pre = meta["preprocess"]
     ds = load_dataset(spec, "val", size=tuple(pre["size"]), limit=EVAL_SAMPLES, data_options=data_options)
     if ds.task != meta["task"]:
         raise VitshrinkError(f"{src} is a {meta['task']} model but {spec} is {ds.task} data")
     calib_ds = ds.subset(CALIB_SAMPLES, seed=1)
-    x = prepare(calib_ds.images, meta, torch.device("cpu")).numpy()
-    batches = [x[i : i + 16] for i in range(0, len(x), 16)]
+    # Pixels per batch held constant (3 images at 512 px): calibration and scoring memory does not
+    # grow with the image size, and batches are normalised one at a time, never all at once.
+    bs = batch_size_for([None, *calib_ds.images.shape[1:]])
+
+    def batches() -> Iterator[np.ndarray]:
+        for i in range(0, len(calib_ds), bs):
+            yield prepare(calib_ds.images[i : i + bs], meta, torch.device("cpu")).numpy()
+
     key = "accuracy" if meta["task"] == "classification" else "miou"
 
     def eval_fn(p: str) -> float:
-        return float(evaluate_onnx(p, ds, quiet=True)[key])
+        return float(evaluate_onnx(p, ds, batch_size=bs, quiet=True)[key])
 
-    return batches, eval_fn
+    return batches(), eval_fn
 
 
 from vitshrink._callable import install as _install  # noqa: E402

@@ -20,7 +20,8 @@ from .. import __version__
 from ..deploy._meta import read_meta_props, write_meta_props
 from ..errors import DataError, ModelError
 
-CALIB_MAX_SAMPLES = 256  # enough for stable activation ranges; bounds memory (ViT-B: ~150 MB of inputs)
+CALIB_MAX_SAMPLES = 256  # enough for stable activation ranges
+CALIB_BATCH_PIXELS = 16 * 224 * 224  # pixels per calibration batch (see batch_size_for)
 
 
 def load_onnx(path: str | os.PathLike) -> onnx.ModelProto:
@@ -65,14 +66,73 @@ def input_spec(model: onnx.ModelProto) -> tuple[str, list[int | None]]:
     raise ModelError("ONNX model has no input")
 
 
-def prepare_calib(calib: Iterable[np.ndarray] | None, shape: Sequence[int | None]) -> list[np.ndarray]:
-    """Materialise calibration batches (float32, NCHW), re-chunked to the model's batch dim if fixed."""
+class Batches(Sequence[np.ndarray]):
+    """Batches spilled to disk, one .npy file each, read back one at a time.
+
+    Calibration inputs and the fp32 reference outputs grow with the number of images and their size
+    (256 images at 512 px: 800 MB of inputs); on disk, memory stays that of one batch. Without a
+    folder they stay in memory (a plain list), which is what tiny models want.
+    """
+
+    def __init__(self, folder: str | os.PathLike | None = None) -> None:
+        self._folder = None if folder is None else Path(folder)
+        if self._folder is not None:
+            self._folder.mkdir(parents=True, exist_ok=True)
+        self._items: list[np.ndarray | Path] = []
+        self._sizes: list[int] = []
+
+    def append(self, arr: np.ndarray) -> None:
+        arr = np.ascontiguousarray(arr)
+        if self._folder is None:
+            self._items.append(arr)
+        else:
+            path = self._folder / f"{len(self._items):05d}.npy"
+            np.save(path, arr, allow_pickle=False)
+            self._items.append(path)
+        self._sizes.append(int(arr.shape[0]))
+
+    @property
+    def samples(self) -> int:
+        return sum(self._sizes)
+
+    def __len__(self) -> int:
+        return len(self._items)
+
+    def __getitem__(self, i: int) -> np.ndarray:  # type: ignore[override]
+        item = self._items[i]
+        return item if isinstance(item, np.ndarray) else np.load(item, allow_pickle=False)
+
+    def __iter__(self) -> Iterator[np.ndarray]:
+        return (self[i] for i in range(len(self)))
+
+
+def batch_size_for(shape: Sequence[int | None]) -> int:
+    """Samples per batch: the model's fixed batch, else ~CALIB_BATCH_PIXELS pixels (16 at 224 px, 3 at
+    512 px), so that one batch's activations -- what calibration holds at once -- do not grow with
+    the image size."""
+    if shape[0]:
+        return int(shape[0])
+    pixels = int(np.prod([d for d in shape[2:] if d])) if len(shape) > 2 else 0
+    return max(1, min(16, CALIB_BATCH_PIXELS // pixels)) if pixels else 16
+
+
+def prepare_calib(
+    calib: Iterable[np.ndarray] | None,
+    shape: Sequence[int | None],
+    spill: str | os.PathLike | None = None,
+) -> Batches:
+    """Calibration batches (float32, NCHW), re-chunked to the model's batch dim if fixed (else to
+    `batch_size_for`), streamed: at most one input batch is in memory at a time when `spill` names a
+    folder to keep them in."""
+    out = Batches(spill)
     if calib is None:
-        return []
+        return out
     if isinstance(calib, np.ndarray):  # one array is one batch, not an iterable of images
         calib = [calib]
-    samples: list[np.ndarray] = []
+    shape = list(shape)
+    pending: list[np.ndarray] = []
     total = 0
+    bs = 0
     for i, batch in enumerate(calib):
         arr = np.asarray(batch)
         if arr.ndim == len(shape) - 1:
@@ -86,21 +146,69 @@ def prepare_calib(calib: Iterable[np.ndarray] | None, shape: Sequence[int | None
                 raise DataError(f"calibration batch {i} has shape {arr.shape}; the model expects {shape}")
         if not np.isfinite(arr).all():
             raise DataError(f"calibration batch {i} contains NaN or inf")
-        samples.append(arr.astype(np.float32, copy=False))
+        arr = arr.astype(np.float32, copy=False)[: CALIB_MAX_SAMPLES - total]
+        if not bs:
+            bs = batch_size_for([shape[0], *arr.shape[1:]])
+        pending.append(arr)
         total += arr.shape[0]
+        while sum(len(a) for a in pending) >= bs:
+            flat = np.concatenate(pending)
+            out.append(flat[:bs])
+            pending = [flat[bs:]] if len(flat) > bs else []
         if total >= CALIB_MAX_SAMPLES:
             break
-    if not samples:
+    if not total:
         raise DataError("calibration data is empty")
-    flat = np.concatenate(samples)[:CALIB_MAX_SAMPLES]
-    if shape[0]:  # fixed batch size: whole batches only
-        if len(flat) < shape[0]:
-            raise DataError(
-                f"the model takes batches of {shape[0]}; got only {len(flat)} calibration samples"
-            )
-        flat = flat[: len(flat) // shape[0] * shape[0]]
-    bs = shape[0] or 16
-    return [flat[i : i + bs] for i in range(0, len(flat), bs)]
+    rest = sum(len(a) for a in pending)
+    if shape[0] and not len(out):  # fixed batch size: whole batches only
+        raise DataError(f"the model takes batches of {shape[0]}; got only {rest} calibration samples")
+    if rest and not shape[0]:
+        out.append(np.concatenate(pending))
+    return out
+
+
+def compare(
+    model: str | os.PathLike,
+    batches: Sequence[np.ndarray],
+    refs: Sequence[np.ndarray],
+    max_samples: int | None = None,
+) -> dict[str, float]:
+    """Agreement, relative error and finiteness of `model`'s first output vs `refs`, batch by batch
+    (no output is kept: the same numbers as on the concatenated outputs, at one batch's memory)."""
+    sess = session(model)
+    name = sess.get_inputs()[0].name
+    agree = count = seen = 0
+    diff2 = ref2 = 0.0
+    finite = True
+    for x, ref in zip(batches, refs):
+        if max_samples is not None:
+            x, ref = x[: max_samples - seen], ref[: max_samples - seen]
+            if not len(x):
+                break
+        seen += len(x)
+        out = np.asarray(sess.run(None, {name: x})[0], dtype=np.float32)
+        finite = finite and bool(np.isfinite(out).all())
+        agree += int((ref.argmax(1) == out.argmax(1)).sum())
+        count += int(np.prod(ref.shape) // ref.shape[1])
+        diff2 += float(np.square(out - ref, dtype=np.float64).sum())
+        ref2 += float(np.square(ref, dtype=np.float64).sum())
+    return {
+        "agreement": agree / max(count, 1),
+        "rel_error": float(np.sqrt(diff2) / max(np.sqrt(ref2), 1e-12)),
+        "finite": finite,
+    }
+
+
+def outputs(
+    model: str | os.PathLike, batches: Sequence[np.ndarray], spill: str | os.PathLike | None
+) -> Batches:
+    """The model's first output per batch, spilled like the batches (the fp32 reference)."""
+    sess = session(model)
+    name = sess.get_inputs()[0].name
+    out = Batches(spill)
+    for b in batches:
+        out.append(np.asarray(sess.run(None, {name: b})[0], dtype=np.float32))
+    return out
 
 
 def session(model: str | os.PathLike | bytes, threads: int | None = 1) -> ort.InferenceSession:
@@ -155,6 +263,37 @@ def weight_nodes(model: onnx.ModelProto) -> list[onnx.NodeProto]:
         for n in model.graph.node
         if n.op_type in ("MatMul", "Gemm", "Conv") and len(n.input) > 1 and n.input[1] in inits
     ]
+
+
+def peak_rss_mb() -> float:
+    """Peak resident set size of this process, MB (Linux / macOS getrusage)."""
+    import resource
+
+    peak = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss
+    return peak / (2**20 if sys.platform == "darwin" else 2**10)  # bytes on macOS, KiB elsewhere
+
+
+def weight_macs(model: onnx.ModelProto) -> dict[str, int]:
+    """Multiply-adds per sample of the constant-weight MatMul / Gemm / Conv nodes, by op type, from the
+    output shapes shape inference recorded (nodes without a known shape are left out; 2-D outputs,
+    tokens folded into the batch dim, count whole, which assumes batch 1 there)."""
+    shapes = {
+        vi.name: [d.dim_value if d.HasField("dim_value") else 0 for d in vi.type.tensor_type.shape.dim]
+        for vi in (*model.graph.value_info, *model.graph.output)
+    }
+    inits = {i.name: list(i.dims) for i in model.graph.initializer}
+    macs: dict[str, int] = {}
+    for n in weight_nodes(model):
+        out, w = shapes.get(n.output[0]), inits[n.input[1]]
+        if not out or not all(out[1:]):
+            continue
+        per_out = int(np.prod(w[1:])) if n.op_type == "Conv" else w[0]  # Cin/group*kh*kw, or K
+        if n.op_type == "Gemm":
+            trans_b = any(a.name == "transB" and a.i for a in n.attribute)
+            per_out = w[1] if trans_b else w[0]
+        rows = out if len(out) == 2 else out[1:]  # a 2-D Gemm / MatMul holds batch x tokens in dim 0
+        macs[n.op_type] = macs.get(n.op_type, 0) + int(np.prod(rows)) * per_out
+    return macs
 
 
 def file_size(path: str | os.PathLike) -> int:

@@ -1,0 +1,306 @@
+"""int8 builders: one quantization path (dynamic / static QDQ / mixed) built from a float model.
+
+All three call onnxruntime.quantization (quantize_dynamic, quantize_static and its calibrators);
+`Builder` only decides which nodes each path may quantize and which stay float, and why.
+"""
+
+from __future__ import annotations
+
+import inspect
+import os
+import shutil
+from collections.abc import Callable, Iterable, Sequence
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+import onnx
+
+from ..cpu import reduce_range_for
+from ..errors import ModelError
+from ..progress import progress
+from ._common import compare, input_spec, ort_quiet, weight_nodes
+from .rewrites import gemm_to_matmul
+
+FLOAT_REASONS = {
+    "LayerNormalization": "normalisation over outlier channels; a per-tensor int8 scale erases the small channels",
+    "Softmax": "heavy-tailed attention probabilities; 8 bits round most of them to 0",
+    "Erf": "GELU is cheap in float and its output is re-quantized at fc2's input anyway",
+    "Gelu": "GELU is cheap in float and its output is re-quantized at fc2's input anyway",
+    "Add": "residual stream and biases carry the outliers; elementwise, nothing to gain from int8",
+    "Mul": "elementwise scaling; nothing to gain from int8",
+    "Div": "elementwise scaling; nothing to gain from int8",
+}
+ACT_MATMUL_REASON = "activation x activation MatMul (attention QK^T / PV): no weights to shrink, softmax inputs lose precision"
+CONV_DYNAMIC_REASON = (
+    "onnxruntime's dynamic ConvInteger runs slower than float Conv (measured 2.4x on UperNet-Swin)"
+)
+GEMM_DYNAMIC_REASON = "onnxruntime has no dynamic-int8 Gemm kernel (classifier head stays float)"
+NAIVE_SKIP = {
+    "Reshape",
+    "Transpose",
+    "Squeeze",
+    "Unsqueeze",
+    "Flatten",
+    "Slice",
+    "Split",
+    "Gather",
+    "GatherElements",
+    "Where",
+    "Pad",
+    "TopK",
+    "CumSum",
+    "MaxPool",
+    "Resize",
+}
+
+
+@dataclass
+class Ctx:
+    work: Path
+    batches: Sequence[np.ndarray]  # calibration (or generated probe) inputs, see _common.Batches
+    ref: Sequence[np.ndarray] | None  # fp32 outputs per batch
+    eval_fn: Callable[[str], float] | None
+    base_metric: float | None
+    per_channel: bool
+    calib_method: str
+    vit_aware: bool
+    target: str
+    say: Callable[[str], None]
+    sample: np.ndarray | None = None  # one batch-1 input (or the fixed batch) for latency
+    quiet: bool = False
+    target_cpu: str = "vnni"  # concrete int8 CPU target (see vitshrink.cpu); "avx2" means 7-bit weights
+    generated: bool = False  # `batches` are generated probe inputs, not calibration data
+    pre: Path | None = None  # the pre-processed float model every candidate derives from
+    rewrites: dict[str, Any] = field(default_factory=dict)  # exact graph rewrites applied to `pre`
+    counter: list[int] = field(default_factory=lambda: [0])
+    memo: dict[str, float | None] = field(default_factory=dict)
+    compared: dict[str, dict[str, float]] = field(default_factory=dict)
+
+    @property
+    def reduce_range(self) -> bool:
+        # TensorRT runs symmetric int8 x int8 on the GPU: no 16-bit pair sums to protect.
+        return self.target != "tensorrt" and reduce_range_for(self.target_cpu)
+
+    def path(self, tag: str) -> Path:
+        self.counter[0] += 1
+        return self.work / f"{self.counter[0]:04d}-{tag}.onnx"
+
+    def metric(self, path: Path) -> float | None:
+        key = str(path)
+        if key not in self.memo:
+            if self.eval_fn is not None:
+                self.memo[key] = float(self.eval_fn(key))
+            else:
+                self.memo[key] = None if self.ref is None else self.compare(path)["agreement"]
+        return self.memo[key]
+
+    def fidelity(self, path: Path) -> dict[str, float]:
+        return {} if self.ref is None else dict(self.compare(path))
+
+    def compare(self, path: Path) -> dict[str, float]:
+        """Agreement / relative error / finiteness vs fp32 over all batches, streamed (see _common.compare)."""
+        key = str(path)
+        if key not in self.compared:
+            assert self.ref is not None
+            self.compared[key] = compare(path, self.batches, self.ref)
+        return self.compared[key]
+
+
+class CalibReader:
+    """CalibrationDataReader (ORT duck-types on get_next) that reads one batch at a time.
+
+    With onnxruntime's `CalibStridedMinMax` option, quantize_static calls the calibrator's
+    collect_data once per `set_range` window; every calibrator (min-max and the histogram ones alike)
+    folds that window's activations into its running ranges / histograms and drops them, so
+    calibration holds one batch's activations, however many images there are (onnxruntime's default
+    holds every activation of every image until the end: 22.5 GB for 100 images at 512 px).
+    """
+
+    def __init__(self, name: str, batches: Sequence[np.ndarray], quiet: bool = False) -> None:
+        self._name, self._batches = name, batches
+        self._order = iter(progress(range(len(batches)), desc="calibrate", disable=quiet))
+        self._pos, self._end = 0, len(batches)
+
+    def set_range(self, start_index: int, end_index: int) -> None:
+        self._end = end_index  # windows come in order: start_index is where the last one stopped
+
+    def get_next(self) -> dict[str, np.ndarray] | None:
+        if self._pos >= self._end:
+            return None
+        i = next(self._order, None)
+        if i is None:
+            return None
+        self._pos = i + 1
+        return {self._name: self._batches[i]}
+
+    def __len__(self) -> int:
+        return len(self._batches)
+
+
+class Builder:
+    """Builds one quantization path from a float model with a given set of nodes kept in float."""
+
+    def __init__(self, kind: str, src: Path, ctx: Ctx) -> None:
+        self.kind, self.ctx = kind, ctx
+        model = onnx.load(str(src))
+        self.input_name = input_spec(model)[0]
+        self.src = src
+        weights = weight_nodes(model)
+        present = {n.op_type for n in model.graph.node}
+        inits = {i.name for i in model.graph.initializer}
+        act_mm = [n.name for n in model.graph.node if n.op_type == "MatMul" and n.input[1] not in inits]
+        self.kept_ops: dict[str, str] = {}
+        self.calib_method = ctx.calib_method
+        self.calib_note: str | None = None
+        self.cache = ctx.work / f"calib-{kind}-{src.stem}.json"
+        self.convs: set[str] = set()
+        if kind in ("int8-dynamic", "int8-mixed"):
+            if any(n.op_type == "Gemm" for n in weights):
+                # onnxruntime has no dynamic-int8 Gemm, and onnxslim turns every Linear into one.
+                model, _ = gemm_to_matmul(model)
+                self.src = ctx.work / f"{src.stem}-matmul.onnx"
+                onnx.save(model, str(self.src))
+                weights = weight_nodes(model)
+                present = {n.op_type for n in model.graph.node}
+            self.candidates = [n.name for n in weights if n.op_type == "MatMul"]
+            self.op_types = ["MatMul"] if ctx.vit_aware else None
+            if "Gemm" in present:
+                self.kept_ops["Gemm"] = GEMM_DYNAMIC_REASON
+            if kind == "int8-mixed":
+                # Dynamic int8 MatMuls plus static QDQ Convs (fused to QLinearConv): conv-heavy models
+                # (SegFormer / UperNet) keep dynamic int8's speed without float conv weights.
+                self.convs = {n.name for n in weights if n.op_type == "Conv"}
+                self.candidates += sorted(self.convs)
+            elif "Conv" in present and ctx.vit_aware:
+                self.kept_ops["Conv"] = CONV_DYNAMIC_REASON
+        elif ctx.vit_aware:
+            self.candidates = [n.name for n in weights]
+            self.op_types = ["MatMul", "Gemm", "Conv"]
+        else:
+            # Naive static: everything onnxruntime can quantize; data-movement ops are not worth ranking.
+            self.candidates = [
+                n.name for n in model.graph.node if n.op_type not in NAIVE_SKIP and n.op_type in qdq_ops()
+            ]
+            self.op_types = None
+        if ctx.vit_aware:
+            for op in sorted(present & FLOAT_REASONS.keys()):
+                self.kept_ops[op] = FLOAT_REASONS[op]
+            if act_mm:
+                self.kept_ops[f"MatMul x{len(act_mm)} (activation x activation)"] = ACT_MATMUL_REASON
+
+    def build(self, excluded: Iterable[str] = (), only: list[str] | None = None) -> Path:
+        excluded = set(excluded)
+        chosen = only if only is not None else [c for c in self.candidates if c not in excluded]
+        out = self.ctx.path(self.kind)
+        if not chosen:  # ORT reads an empty nodes_to_quantize as "all"; nothing to quantize = the float model
+            shutil.copyfile(self.src, out)
+            return out
+        # Explicit node lists keep ORT from quantizing anything we did not choose (e.g. attention MatMuls,
+        # which its QDQ path quantizes even with MatMulConstBOnly).
+        limit = chosen if (self.ctx.vit_aware or only is not None) else []
+        exclude = [] if limit else sorted(excluded)
+        try:
+            self._build(out, limit, exclude)
+        except Exception as e:  # noqa: BLE001 - ORT raises many types; report one line, keep the chain
+            first = (str(e).strip().splitlines() or [type(e).__name__])[0][:200]
+            raise ModelError(f"onnxruntime could not build the {self.kind} model: {first}") from e
+        return out
+
+    def _build(self, out: Path, limit: list[str], exclude: list[str]) -> None:
+        with ort_quiet():
+            if self.kind == "int8-mixed":
+                self._mixed(out, limit or [c for c in self.candidates if c not in exclude])
+            elif self.kind == "int8-dynamic":
+                self._dynamic(self.src, out, self.op_types, limit, exclude)
+            else:
+                self._static(out, limit, exclude)
+
+    def _dynamic(
+        self, src: Path, out: Path, op_types: list[str] | None, limit: list[str], exclude: list[str]
+    ) -> None:
+        from onnxruntime.quantization import QuantType, quantize_dynamic
+
+        quantize_dynamic(
+            src,
+            out,
+            op_types_to_quantize=op_types,
+            per_channel=self.ctx.per_channel,
+            reduce_range=self.ctx.reduce_range,
+            weight_type=QuantType.QInt8,
+            nodes_to_quantize=limit,
+            nodes_to_exclude=exclude,
+            extra_options={"MatMulConstBOnly": True},
+        )
+
+    def _mixed(self, out: Path, chosen: list[str]) -> None:
+        convs = [c for c in chosen if c in self.convs]
+        mms = [c for c in chosen if c not in self.convs]
+        mid = out.with_name(out.stem + "-convs.onnx")
+        if convs:
+            self._static(mid, convs, [], op_types=["Conv"])
+        else:
+            shutil.copyfile(self.src, mid)
+        if mms:
+            self._dynamic(mid, out, ["MatMul"], mms, [])
+            mid.unlink()
+        else:
+            os.replace(mid, out)
+
+    def _static(
+        self, out: Path, limit: list[str], exclude: list[str], op_types: list[str] | None = None
+    ) -> None:
+        try:
+            self._quantize_static(out, limit, exclude, op_types)
+        except ValueError as e:
+            # Histogram calibrators fail on constant tensors ("Too many bins for data range").
+            if self.calib_method == "minmax":
+                raise
+            self.calib_note = f"{self.calib_method} calibration failed ({str(e)[:120]}); used minmax"
+            self.calib_method = "minmax"
+            self.cache.unlink(missing_ok=True)
+            self.ctx.say(self.calib_note)
+            self._quantize_static(out, limit, exclude, op_types)
+
+    def _quantize_static(
+        self, out: Path, limit: list[str], exclude: list[str], op_types: list[str] | None = None
+    ) -> None:
+        from onnxruntime.quantization import CalibrationMethod, QuantFormat, QuantType, quantize_static
+
+        method = {
+            "minmax": CalibrationMethod.MinMax,
+            "percentile": CalibrationMethod.Percentile,
+            "entropy": CalibrationMethod.Entropy,
+            "distribution": CalibrationMethod.Distribution,
+        }[self.calib_method]
+        trt = self.ctx.target == "tensorrt"
+        kwargs: dict[str, Any] = {}
+        # Calibrate once and reuse the ranges for every variant (older onnxruntime lacks the cache and
+        # simply calibrates again).
+        if "calibration_cache_path" in inspect.signature(quantize_static).parameters:
+            kwargs["calibration_cache_path"] = self.cache
+        quantize_static(
+            self.src,
+            out,
+            CalibReader(self.input_name, self.ctx.batches, quiet=self.ctx.quiet),
+            quant_format=QuantFormat.QDQ,
+            op_types_to_quantize=op_types or self.op_types,
+            per_channel=self.ctx.per_channel,
+            reduce_range=self.ctx.reduce_range,
+            # uint8 activations x int8 weights is onnxruntime's fast CPU path; TensorRT wants symmetric int8.
+            activation_type=QuantType.QInt8 if trt else QuantType.QUInt8,
+            weight_type=QuantType.QInt8,
+            nodes_to_quantize=limit,
+            nodes_to_exclude=exclude,
+            calibrate_method=method,
+            # one calibration window per batch: see CalibReader
+            extra_options={"CalibStridedMinMax": 1, **({"ActivationSymmetric": True} if trt else {})},
+            **kwargs,
+        )
+
+
+def qdq_ops() -> set[str]:
+    from onnxruntime.quantization.registry import QDQRegistry, QLinearOpsRegistry
+
+    return set(QDQRegistry) | set(QLinearOpsRegistry)
