@@ -320,7 +320,7 @@ def test_video_round_trip(fixed_seg, tmp_path):
     assert _read_video(tmp_path / "of" / rep["overlay_video"]) == (5, (50, 40))
 
 
-def test_int8_of_a_dynamic_size_graph_keeps_its_sizes(tmp_path):
+def test_int8_of_a_dynamic_size_graph_keeps_its_sizes(tmp_path, monkeypatch):
     """Calibrated at the deployed size (128) it is deployed at 128 (recorded), and still runs at other
     sizes with the same int8 error as at 128."""
     from vitshrink.quantize import quantize
@@ -330,6 +330,9 @@ def test_int8_of_a_dynamic_size_graph_keeps_its_sizes(tmp_path):
     save_model(model, meta, tmp_path / "m")
     src, _ = export_onnx(tmp_path / "m", tmp_path / "d.onnx", dynamic_size=True)
     opts = {"size": 128, "n_train": 4, "n_val": 8, "n_test": 4}
+    cwd = tmp_path / "cwd"  # onnxruntime's shape inference dumps files into the working directory
+    cwd.mkdir()
+    monkeypatch.chdir(cwd)
     out, rep = quantize(
         src,
         tmp_path / "q.onnx",
@@ -348,4 +351,5 @@ def test_int8_of_a_dynamic_size_graph_keeps_its_sizes(tmp_path):
         assert b.shape == a.shape == (1, 14, *hw)
         err[hw] = np.abs(a - b).mean() / np.abs(a).mean()
     # a graph whose shapes were frozen at 128 would be far off elsewhere; int8 noise is the same at any size
+    assert list(cwd.iterdir()) == []  # nothing left in the user's working directory
     assert max(err.values()) < 2 * err[(128, 128)] + 0.05, err

@@ -2,21 +2,19 @@
 
 from __future__ import annotations
 
+import contextlib
 import shutil
 from collections.abc import Callable
 from pathlib import Path
-from typing import TYPE_CHECKING, Any
+from typing import Any
 
 import numpy as np
 import onnx
 
 from ..cpu import reduce_range_for
 from ..deploy._meta import write_meta_props
-from ._common import compare, copy_metadata, input_spec, ort_quiet, read_meta, rel_error, run
+from ._common import Ctx, compare, copy_metadata, input_spec, ort_quiet, read_meta, rel_error, run
 from .smooth import smooth_model
-
-if TYPE_CHECKING:
-    from .builders import Ctx
 
 SMOOTH_ALPHA = 0.5
 
@@ -66,10 +64,14 @@ def preprocess(
     """onnxruntime's quant_pre_process (symbolic shape inference + basic graph optimisation)."""
     from onnxruntime.quantization.shape_inference import quant_pre_process
 
+    scratch = dst.parent / "pre-cwd"
+    scratch.mkdir(exist_ok=True)
     for skip_symbolic in (False, True):
         try:
-            with ort_quiet():
-                quant_pre_process(str(src), str(dst), skip_symbolic_shape=skip_symbolic)
+            # When symbolic shape inference gives up (dynamic-size graphs), onnxruntime dumps
+            # sym_shape_infer_temp.onnx and a <uuid>.data file into the current directory: the user's.
+            with ort_quiet(), contextlib.chdir(scratch):
+                quant_pre_process(str(src.resolve()), str(dst.resolve()), skip_symbolic_shape=skip_symbolic)
             break
         except Exception as e:  # noqa: BLE001 - symbolic inference fails on some graphs; retry without it
             say(
