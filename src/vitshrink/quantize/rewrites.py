@@ -19,6 +19,16 @@ from .smooth import smooth_model
 SMOOTH_ALPHA = 0.5
 
 
+def _set_nodes(g: onnx.GraphProto, nodes: list[onnx.NodeProto]) -> None:
+    """Replace the graph's nodes and drop the initializers no node reads any more."""
+    del g.node[:]
+    g.node.extend(nodes)
+    used = {i for n in g.node for i in n.input}
+    keep = [i for i in g.initializer if i.name in used]
+    del g.initializer[:]
+    g.initializer.extend(keep)
+
+
 def gemm_to_matmul(model: onnx.ModelProto) -> tuple[onnx.ModelProto, int]:
     """Rewrite constant-weight Gemm(A, B, C) as MatMul(A, B') + Add(C') (exact; alpha/beta folded)."""
     from onnx import helper, numpy_helper
@@ -49,12 +59,7 @@ def gemm_to_matmul(model: onnx.ModelProto) -> tuple[onnx.ModelProto, int]:
             g.initializer.append(numpy_helper.from_array(bias, bname))
             nodes.append(helper.make_node("Add", [mm_out, bname], [n.output[0]], name=f"{n.name}_bias"))
         count += 1
-    del g.node[:]
-    g.node.extend(nodes)
-    used = {i for n in g.node for i in n.input}
-    keep = [i for i in g.initializer if i.name in used]
-    del g.initializer[:]
-    g.initializer.extend(keep)
+    _set_nodes(g, nodes)
     return model, count
 
 
@@ -262,10 +267,5 @@ def fold_concat_conv(model: onnx.ModelProto) -> tuple[onnx.ModelProto, dict[str,
             nodes.extend(new_nodes[n.name])
         elif n.name not in removed:
             nodes.append(n)
-    del g.node[:]
-    g.node.extend(nodes)
-    used = {i for n in g.node for i in n.input}
-    keep = [i for i in g.initializer if i.name in used]
-    del g.initializer[:]
-    g.initializer.extend(keep)
+    _set_nodes(g, nodes)
     return model, {"folded": folded}
