@@ -115,9 +115,8 @@ def quantize(
             eval_fn=eval_fn,
             target_cpu=target_cpu,
             quiet=quiet,
+            image_size=meta["preprocess"]["size"] if image_size is not None and meta is not None else None,
         )
-        if image_size is not None and not path.is_dir() and meta is not None:
-            _record_size(Path(out), meta["preprocess"]["size"])
         if folder:
             write_onnx_folder(out, final)
             report["path"] = str(final)
@@ -125,24 +124,6 @@ def quantize(
         report["metric_name"] = "accuracy" if meta["task"] == "classification" else "miou"
         report["data"] = calib_data
     return final, report
-
-
-def _record_size(path: Path, size: list[int]) -> None:
-    """A dynamic-size graph calibrated at `size` is deployed at it: predict resizes and tiles to it."""
-    import onnx
-
-    from ..artifacts import atomic_path
-    from ..deploy._meta import read_meta_props, write_meta_props
-
-    proto = onnx.load(str(path))
-    meta = read_meta_props(proto.metadata_props, str(path))
-    if not meta or meta.get("preprocess", {}).get("size") == size:
-        return
-    meta["preprocess"] = {**meta["preprocess"], "size": list(size)}
-    del proto.metadata_props[:]
-    write_meta_props(proto.metadata_props, meta)
-    with atomic_path(path) as tmp:
-        onnx.save(proto, str(tmp))
 
 
 def _onnx_at_size(meta: dict[str, Any] | None, image_size: Any, src: Path) -> dict[str, Any] | None:

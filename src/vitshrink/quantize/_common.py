@@ -45,14 +45,22 @@ def read_meta(model: onnx.ModelProto) -> dict[str, Any] | None:
     return read_meta_props(model.metadata_props, "model") or None
 
 
-def copy_metadata(src: onnx.ModelProto, dst: onnx.ModelProto, history: dict[str, Any] | None = None) -> None:
-    """Copy all metadata_props from src to dst; append `history` to the vitshrink meta when present."""
+def copy_metadata(
+    src: onnx.ModelProto,
+    dst: onnx.ModelProto,
+    history: dict[str, Any] | None = None,
+    size: Sequence[int] | None = None,
+) -> None:
+    """Copy all metadata_props from src to dst; append `history` to the vitshrink meta when present.
+    `size`: the (H, W) a dynamic-size graph was calibrated at, recorded as the size it is deployed at."""
     del dst.metadata_props[:]
     for prop in src.metadata_props:
         entry = dst.metadata_props.add()
         entry.key, entry.value = prop.key, prop.value
     meta = read_meta(src)
     if meta is not None and history is not None:
+        if size is not None and isinstance(meta.get("preprocess"), dict):
+            meta["preprocess"] = {**meta["preprocess"], "size": [int(v) for v in size]}
         meta.setdefault("history", []).append({**history, "version": __version__})
         meta["vitshrink_version"] = __version__
         write_meta_props(dst.metadata_props, meta)

@@ -122,6 +122,7 @@ def quantize_onnx(
     target: Literal["cpu", "tensorrt"] = "cpu",
     target_cpu: str = "auto",
     quiet: bool = False,
+    image_size: Sequence[int] | None = None,
 ) -> dict[str, Any]:
     """Quantize an ONNX model to fp16 / int8 and write it atomically to `dst`; returns a report.
 
@@ -133,6 +134,8 @@ def quantize_onnx(
     calib: batches of `pixel_values` (float32 NCHW, normalised); at most 256 samples are used.
     eval_fn: path -> task metric (higher is better); without it the metric is agreement with fp32.
     max_drop: largest allowed metric drop (absolute, metric units); other modes apply it when given.
+    image_size: (H, W) a dynamic-size graph is calibrated and deployed at; recorded in its metadata so
+    predict resizes and tiles to it.
     vit_aware=False gives the plain onnxruntime recipe (no smoothing, every supported op quantized).
     target: "tensorrt" makes static int8 symmetric (what TensorRT consumes) and skips the dynamic path,
     which TensorRT cannot run.
@@ -177,7 +180,7 @@ def quantize_onnx(
         final, extra = _fp16(ctx.pre, ctx) if mode == "fp16" else _int8(mode, ctx.pre, ctx, max_drop)
         report.update(extra)
         _check_result(final, ctx, report)
-        _write(final, dst, original, ctx, report)
+        _write(final, dst, original, ctx, report, image_size)
     report["size_after"] = file_size(dst)
     report["size_ratio"] = report["size_after"] / report["size_before"]
     report["path"] = str(dst)
@@ -354,7 +357,14 @@ def _check_result(final: Path, ctx: Ctx, report: dict[str, Any]) -> None:
             )
 
 
-def _write(final: Path, dst: Path, original: onnx.ModelProto, ctx: Ctx, report: dict[str, Any]) -> None:
+def _write(
+    final: Path,
+    dst: Path,
+    original: onnx.ModelProto,
+    ctx: Ctx,
+    report: dict[str, Any],
+    image_size: Sequence[int] | None = None,
+) -> None:
     """History and int8 target into the chosen model's metadata, then an atomic write to `dst`."""
     out_model = onnx.load(str(final))
     # Shape annotations from pre-processing are only hints (runtimes re-infer them); they cost
@@ -365,7 +375,7 @@ def _write(final: Path, dst: Path, original: onnx.ModelProto, ctx: Ctx, report: 
         "options": {"mode": report["mode"], **report["settings"], "chosen": report["chosen"]},
         "metrics": {k: report[k] for k in ("metric_before", "metric_after") if report.get(k) is not None},
     }
-    copy_metadata(original, out_model, history)
+    copy_metadata(original, out_model, history, size=image_size)
     if report["mode"] != "fp16" and ctx.target == "cpu":
         record_int8_target(out_model, ctx.target_cpu)
     with atomic_path(dst) as tmp_out:
