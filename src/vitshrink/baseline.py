@@ -17,7 +17,7 @@ from typing import Any
 
 from .errors import VitshrinkError
 
-__all__ = ["BASELINES", "baseline_preset", "baseline_verdict", "train_baseline"]
+__all__ = ["BASELINES", "baseline_preset", "baseline_verdict", "baseline_winner", "train_baseline"]
 
 # The CPU-sized baselines (`resnet-18`, `upernet-resnet-18` are the full-width ones).
 BASELINES = {"classification": "resnet-18-micro", "segmentation": "upernet-resnet-18-micro"}
@@ -93,6 +93,18 @@ def train_baseline(
     return out, {**metrics, "preset": preset, "budget_s": budget_s, "epochs": epochs, "wall_s": wall}
 
 
+def baseline_winner(deployed: tuple[float, float], base: tuple[float, float]) -> str | None:
+    """Who wins at the deployed latency, from (p50 ms, metric) of the deployed stage and the baseline:
+    "compressed" (at least as fast and as accurate), "baseline" (slower and less accurate deployed) or
+    None (one is faster, the other more accurate). The one rule the report and `baseline_verdict` use."""
+    faster, better = deployed[0] <= base[0], deployed[1] >= base[1]
+    if faster and better:
+        return "compressed"
+    if not faster and not better:
+        return "baseline"
+    return None
+
+
 def baseline_verdict(stages: list[dict[str, Any]], metric: str) -> str:
     """One sentence for a report: the deployed (last non-baseline) stage vs the stage marked `baseline`.
 
@@ -108,16 +120,11 @@ def baseline_verdict(stages: list[dict[str, Any]], metric: str) -> str:
     deployed = next((s for s in reversed(stages) if not s.get("baseline")), None)
     if base is None or deployed is None:
         raise VitshrinkError("baseline_verdict needs a baseline stage and a compressed stage")
-    d_metric = deployed[metric] - base[metric]
-    faster = p50(deployed) <= p50(base)
-    better = d_metric >= 0
-    who = (
-        f"the compressed ViT ({deployed['name']})"
-        if faster and better
-        else f"the CNN baseline ({base['name']})"
-        if not faster and not better
-        else "neither outright"
-    )
+    who = {
+        "compressed": f"the compressed ViT ({deployed['name']})",
+        "baseline": f"the CNN baseline ({base['name']})",
+        None: "neither outright",
+    }[baseline_winner((p50(deployed), deployed[metric]), (p50(base), base[metric]))]
     return (
         f"At the deployed latency ({p50(deployed):.2f} ms p50) the winner is {who}: {metric} "
         f"{deployed[metric]:.4f} vs {base[metric]:.4f} for the CNN baseline at {p50(base):.2f} ms "

@@ -230,14 +230,13 @@ def _baseline_verdict(stages: list[StageResult], mlabel: str) -> list[str]:
     deployed = next((s for s in reversed(stages) if not s.baseline), None)
     if base is None or deployed is None:
         return []
-    faster, better = deployed.p50 <= base.p50, deployed.metric >= base.metric
-    who = (
-        f"the compressed model ({deployed.name})"
-        if faster and better
-        else f"the CNN baseline ({base.name})"
-        if not faster and not better
-        else "neither outright (one is faster, the other more accurate)"
-    )
+    from ..baseline import baseline_winner
+
+    who = {
+        "compressed": f"the compressed model ({deployed.name})",
+        "baseline": f"the CNN baseline ({base.name})",
+        None: "neither outright (one is faster, the other more accurate)",
+    }[baseline_winner((deployed.p50, deployed.metric), (base.p50, base.metric))]
     return [
         f"At the deployed latency ({fmt_ms(deployed.p50)} p50) the winner is {who}: {mlabel} "
         f"{fmt_pct(deployed.metric)} vs {fmt_pct(base.metric)} for the CNN baseline at {fmt_ms(base.p50)}, "
