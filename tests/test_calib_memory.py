@@ -3,7 +3,7 @@
 onnxruntime's calibrators, fed one reader, hold every activation of every image until the end
 (22.5 GB for 100 images at 512 px on SegFormer-B0). vitshrink streams the batches through them and
 keeps its own inputs / fp32 outputs on disk, so 32 images peak where 8 do. Each run happens in a
-fresh subprocess: ru_maxrss is a per-process high-water mark.
+fresh subprocess: the peak (VmHWM) is a per-process high-water mark.
 """
 
 from __future__ import annotations

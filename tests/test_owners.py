@@ -67,6 +67,18 @@ def test_timing_helpers():
     assert len(time_ms(lambda: calls.append(1), 4)) == 4 and len(calls) == 4
     times = round_robin_ms([lambda: None, lambda: None], runs=6, budget_s=0.0, warmup=1, min_runs=3)
     assert [len(t) for t in times] == [3, 3] and all(v >= 0 for t in times for v in t)
+    # the pause between calls (for the previous runtime's threads to go idle) is not timed
+    times = round_robin_ms([lambda: None], runs=3, budget_s=0.0, warmup=0, min_runs=3, gap_s=0.05)
+    assert len(times[0]) == 3 and max(times[0]) < 25
+
+
+def test_sessions_timed_in_turn_with_threads_do_not_spin():
+    from vitshrink.deploy.runtime import session_options
+
+    key = "session.intra_op.allow_spinning"
+    assert session_options(2, spin=False).get_session_config_entry(key) == "0"
+    with pytest.raises(RuntimeError):  # unset: deployed sessions keep onnxruntime's default (spinning)
+        session_options(2).get_session_config_entry(key)
 
 
 def test_segmentation_ce_is_the_one_seg_loss():

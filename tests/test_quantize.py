@@ -464,7 +464,12 @@ def test_segformer_decoder_fuse_conv_folds_into_the_stage_linears(tmp_path: Path
     from vitshrink.export import export_onnx
     from vitshrink.models import build_model, save_model
     from vitshrink.quantize._common import weight_macs
-    from vitshrink.quantize.rewrites import fold_concat_conv, preprocess
+    from vitshrink.quantize.rewrites import (
+        channels_last_reshapes,
+        channels_last_tail,
+        fold_concat_conv,
+        preprocess,
+    )
 
     torch.manual_seed(0)
     model, meta = build_model("segformer-micro", image_size=64, num_channels=3, num_labels=4)
@@ -486,5 +491,62 @@ def test_segformer_decoder_fuse_conv_folds_into_the_stage_linears(tmp_path: Path
     before, after = run(src, x), run(tmp_path / "folded.onnx", x)
     assert np.linalg.norm(after - before) / np.linalg.norm(before) < 1e-5
     assert np.linalg.norm(after - ref.numpy()) / np.linalg.norm(ref.numpy()) < 1e-3
+    # then the upsample-and-sum tail runs channels-last: the 4 map transposes and the identity
+    # Resize go, the classifier conv becomes a MatMul + one transpose of the class map
+    tail, tinfo = channels_last_tail(folded)
+    assert tinfo["channels_last_tails"] == 1
+    assert ops(tail).count("Transpose") == ops(folded).count("Transpose") - 3
+    assert ops(tail).count("Resize") == ops(folded).count("Resize") - 1
+    assert ops(tail).count("Conv") == ops(folded).count("Conv") - 1
+    onnx.save(tail, str(tmp_path / "tail.onnx"))
+    after_tail = run(tmp_path / "tail.onnx", x)
+    assert np.linalg.norm(after_tail - before) / np.linalg.norm(before) < 1e-5
+    # token <-> map conversions become 4-D transposes: same output, and onnxruntime's optimised graph
+    # (channels-last int8 / blocked float convs) keeps fewer transposes
+    nhwc, linfo = channels_last_reshapes(tail)
+    assert linfo["token_map_transposes"] >= 6  # 2 blocks x (dwconv + sr conv) in and out, patch embeds
+    onnx.save(nhwc, str(tmp_path / "nhwc.onnx"))
+    assert np.linalg.norm(run(tmp_path / "nhwc.onnx", x) - before) / np.linalg.norm(before) < 1e-5
+    assert _ort_ops(tmp_path / "nhwc.onnx").count("Transpose") < _ort_ops(tmp_path / "tail.onnx").count(
+        "Transpose"
+    )
     report = quantize_onnx(src, tmp_path / "f16.onnx", mode="fp16", quiet=True)
     assert report["rewrites"]["concat_conv_folded"] == 1
+    assert report["rewrites"]["channels_last_tails"] == 1
+    assert report["rewrites"]["token_map_transposes"] == linfo["token_map_transposes"]
+
+
+def _ort_ops(path: Path) -> list[str]:
+    """Op types of the graph onnxruntime runs (all optimisations, layout transforms included)."""
+    import onnxruntime as ort
+
+    so = ort.SessionOptions()
+    so.log_severity_level = 3
+    so.optimized_model_filepath = str(path.with_suffix(".ort-opt.onnx"))
+    ort.InferenceSession(str(path), so, providers=["CPUExecutionProvider"])
+    return [n.op_type for n in onnx.load(so.optimized_model_filepath).graph.node]
+
+
+def test_channels_last_tail_leaves_other_patterns_alone() -> None:
+    # a Sum of NCHW maps that no Transpose feeds, or a tail not ending in a 1x1 conv: nothing changes
+    from onnx import TensorProto, helper, numpy_helper
+
+    from vitshrink.quantize.rewrites import channels_last_tail
+
+    w = numpy_helper.from_array(np.ones((2, 4, 3, 3), np.float32), "w")
+    x = [helper.make_tensor_value_info(n, TensorProto.FLOAT, [1, 8, 8, 4]) for n in ("a", "b")]
+    y = helper.make_tensor_value_info("y", TensorProto.FLOAT, None)
+    nodes = [
+        helper.make_node("Transpose", ["a"], ["at"], perm=[0, 3, 1, 2]),
+        helper.make_node("Transpose", ["b"], ["bt"], perm=[0, 3, 1, 2]),
+        helper.make_node("Sum", ["at", "bt"], ["s"]),
+        helper.make_node("Conv", ["s", "w"], ["y"], pads=[1, 1, 1, 1]),  # 3x3: needs NCHW
+    ]
+    m = helper.make_model(helper.make_graph(nodes, "g", x, [y], [w]))
+    out, info = channels_last_tail(m)
+    assert info["channels_last_tails"] == 0 and [n.op_type for n in out.graph.node] == [
+        "Transpose",
+        "Transpose",
+        "Sum",
+        "Conv",
+    ]

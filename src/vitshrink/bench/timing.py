@@ -27,19 +27,30 @@ def time_ms(fn: Callable[[], Any], n: int) -> list[float]:
 
 
 def round_robin_ms(
-    fns: Sequence[Callable[[], Any]], *, runs: int, budget_s: float, warmup: int = 3, min_runs: int = 5
+    fns: Sequence[Callable[[], Any]],
+    *,
+    runs: int,
+    budget_s: float,
+    warmup: int = 3,
+    min_runs: int = 5,
+    gap_s: float = 0.0,
 ) -> list[list[float]]:
     """Per function, the milliseconds of up to `runs` calls made in turn with the others.
 
-    Stops early once every function has `min_runs` calls and `budget_s` seconds have passed.
+    Stops early once every function has `min_runs` calls and `budget_s` seconds have passed (gaps not
+    counted). `gap_s`: an untimed pause before each call, so the thread pools of the previous runtime
+    (which spin after their work) are idle when the next one starts.
     """
     for fn in fns:
         time_ms(fn, warmup)
     times: list[list[float]] = [[] for _ in fns]
-    start = time.perf_counter()
-    while len(times[0]) < runs and (len(times[0]) < min_runs or time.perf_counter() - start < budget_s):
+    spent = 0.0
+    while len(times[0]) < runs and (len(times[0]) < min_runs or spent < budget_s):
         for fn, t in zip(fns, times):
+            if gap_s:
+                time.sleep(gap_s)
             t.extend(time_ms(fn, 1))
+            spent += t[-1] / 1e3
     return times
 
 
@@ -55,7 +66,11 @@ def onnx_latencies_ms(
     (None: onnxruntime's default)."""
     from ..deploy.runtime import cpu_session
 
-    sessions = [cpu_session(p, threads=threads) for p in paths]
+    # Several sessions with worker threads: each pool spins for a while after its run and steals the
+    # cores from the next session (SegFormer-B0 at 512, 2 threads: 58 ms alone, 90 ms in turn with two
+    # others). Without spinning every model runs as alone (+2 %), so the comparison stays fair.
+    spin = threads == 1 or len(paths) == 1
+    sessions = [cpu_session(p, threads=threads, spin=spin) for p in paths]
     calls = [
         (lambda s=s, f={s.get_inputs()[0].name: sample}: s.run(None, f))  # noqa: B008
         for s in sessions

@@ -88,9 +88,10 @@ def _static(dim: Any) -> int | None:
     return dim if isinstance(dim, int) and dim > 0 else None
 
 
-def session_options(threads: int | None = None) -> ort.SessionOptions:
+def session_options(threads: int | None = None, *, spin: bool = True) -> ort.SessionOptions:
     """onnxruntime options every vitshrink session uses: `threads` intra-op threads, errors-only log,
-    and subnormal floats flushed to zero.
+    and subnormal floats flushed to zero. `spin=False` lets the worker threads sleep as soon as an op
+    ends (see bench.timing.onnx_latencies_ms).
 
     Subnormals (|x| < 1.2e-38) take a microcoded slow path on x86: attention weights of masked or
     near-zero scores land there (e^-100 ~ 4e-44), and one such softmax or MatMul runs several times
@@ -102,14 +103,19 @@ def session_options(threads: int | None = None) -> ort.SessionOptions:
         opts.intra_op_num_threads = threads
         opts.inter_op_num_threads = 1
     opts.add_session_config_entry("session.set_denormal_as_zero", "1")
+    if not spin:
+        opts.add_session_config_entry("session.intra_op.allow_spinning", "0")
     return opts
 
 
-def cpu_session(model: str | os.PathLike | bytes, threads: int | None = 1) -> ort.InferenceSession:
+def cpu_session(
+    model: str | os.PathLike | bytes, threads: int | None = 1, *, spin: bool = True
+) -> ort.InferenceSession:
     """A CPU session with `session_options`; ModelError (one line) if onnxruntime cannot load the model."""
     src = model if isinstance(model, bytes) else str(model)
     try:
-        return ort.InferenceSession(src, session_options(threads), providers=["CPUExecutionProvider"])
+        opts = session_options(threads, spin=spin)
+        return ort.InferenceSession(src, opts, providers=["CPUExecutionProvider"])
     except Exception as e:  # noqa: BLE001 - ORT raises its own exception types
         raise ModelError(f"onnxruntime cannot load the model: {str(e).splitlines()[0][:300]}") from None
 

@@ -276,9 +276,14 @@ def weight_nodes(model: onnx.ModelProto) -> list[onnx.NodeProto]:
 
 
 def peak_rss_mb() -> float:
-    """Peak resident set size of this process, MB (Linux / macOS getrusage)."""
+    """Peak resident set size of this process, MB: VmHWM where /proc has it (ru_maxrss survives exec,
+    so a child started by a big process would report its parent's peak), else getrusage (macOS)."""
     import resource
 
+    from .._proc import peak_rss_mb as vm_hwm
+
+    if (hwm := vm_hwm()) is not None:
+        return hwm
     peak = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss
     return peak / (2**20 if sys.platform == "darwin" else 2**10)  # bytes on macOS, KiB elsewhere
 

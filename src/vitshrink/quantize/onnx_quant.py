@@ -65,6 +65,8 @@ from .fp16 import to_fp16
 from .rewrites import (  # noqa: F401 - some re-exported
     SMOOTH_ALPHA,
     apply_smoothing,
+    channels_last_reshapes,
+    channels_last_tail,
     fold_concat_conv,
     gemm_to_matmul,
     preprocess,
@@ -253,7 +255,7 @@ def _context(
     pre = work / "pre.onnx"
     say("pre-processing (shape inference, graph optimisation)")
     preprocess(src, pre, original, say)
-    rewrites = _fold_decoder(pre, batches, say) if settings["vit_aware"] else {}
+    rewrites = _exact_rewrites(pre, batches, say) if settings["vit_aware"] else {}
     ref = outputs(pre, batches, work / "ref" if not generated else None) if batches else None
     ctx = Ctx(
         work, batches, ref, eval_fn, None, say=say, quiet=quiet, generated=generated, pre=pre, **settings
@@ -273,32 +275,43 @@ def _context(
 FOLD_TOL = 1e-4  # relative output change allowed for an exact-in-float rewrite (float rounding only)
 
 
-def _fold_decoder(pre: Path, batches: Sequence[np.ndarray], say: Callable[[str], None]) -> dict[str, Any]:
-    """Fold 1x1 Convs over a Concat into the Linears feeding it (see rewrites.fold_concat_conv), in
-    place in `pre`, if the float output stays the same."""
+def _exact_rewrites(pre: Path, batches: Sequence[np.ndarray], say: Callable[[str], None]) -> dict[str, Any]:
+    """Graph rewrites that are exact in float, in place in `pre`, kept only if the float output stays
+    the same: 1x1 Convs over a Concat folded into the Linears feeding it (rewrites.fold_concat_conv),
+    token <-> map conversions as 4-D transposes onnxruntime cancels (rewrites.channels_last_reshapes),
+    and a decoder's upsample-and-sum tail run channels-last (rewrites.channels_last_tail)."""
     model = onnx.load(str(pre))
-    folded, info = fold_concat_conv(model)
-    if not info["folded"]:
+    new, counts = model, {}
+    for rewrite in (fold_concat_conv, channels_last_reshapes, channels_last_tail):
+        new, info = rewrite(new)
+        counts.update(info)
+    counts["concat_conv_folded"] = counts.pop("folded")
+    if not any(counts.values()):
         return {}
     probe = [batches[0][:1]] if batches else random_input(model)
     if probe is None:
-        return {"concat_conv_folded": 0, "rejected": "input size not fixed and no data: cannot verify"}
-    path = pre.with_name("folded.onnx")
-    onnx.save(folded, str(path))
+        return {**dict.fromkeys(counts, 0), "rejected": "input size not fixed and no data: cannot verify"}
+    path = pre.with_name("rewritten.onnx")
+    onnx.save(new, str(path))
     try:
         err = rel_error(run(pre, probe), run(path, probe))
     except Exception as e:  # noqa: BLE001 - a pattern that matched but is not what it looked like
-        return {"concat_conv_folded": 0, "rejected": f"{type(e).__name__}: {str(e)[:120]}"}
+        return {**dict.fromkeys(counts, 0), "rejected": f"{type(e).__name__}: {str(e)[:120]}"}
     if not err <= FOLD_TOL:
-        return {"concat_conv_folded": 0, "rejected": f"float output changed by {err:.2e}"}
-    macs_before, macs_after = sum(weight_macs(model).values()), sum(weight_macs(folded).values())
+        return {**dict.fromkeys(counts, 0), "rejected": f"float output changed by {err:.2e}"}
+    macs_before, macs_after = sum(weight_macs(model).values()), sum(weight_macs(new).values())
     os.replace(path, pre)
-    say(
-        f"folded {info['folded']} 1x1 conv(s) over a concat into the linears before it "
-        f"({macs_before / 1e9:.2f} -> {macs_after / 1e9:.2f} GMAC in weight layers, exact in float)"
-    )
+    if counts["concat_conv_folded"]:
+        say(
+            f"folded {counts['concat_conv_folded']} 1x1 conv(s) over a concat into the linears before it "
+            f"({macs_before / 1e9:.2f} -> {macs_after / 1e9:.2f} GMAC in weight layers, exact in float)"
+        )
+    if counts["channels_last_tails"]:
+        say("decoder upsample-and-sum tail runs channels-last (no 256-channel transposes, exact in float)")
+    if counts["token_map_transposes"]:
+        say(f"{counts['token_map_transposes']} token <-> map conversions rewritten as 4-D transposes")
     return {
-        "concat_conv_folded": info["folded"],
+        **counts,
         "float_rel_error": err,
         "weight_gmacs_before": macs_before / 1e9,
         "weight_gmacs_after": macs_after / 1e9,

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import contextlib
 import shutil
+import tempfile
 from collections.abc import Callable
 from pathlib import Path
 from typing import Any
@@ -13,6 +14,7 @@ import onnx
 
 from ..cpu import reduce_range_for
 from ..deploy._meta import write_meta_props
+from ..errors import ModelError
 from ._common import Ctx, compare, copy_metadata, input_spec, ort_quiet, read_meta, rel_error, run
 from .smooth import smooth_model
 
@@ -69,21 +71,21 @@ def preprocess(
     """onnxruntime's quant_pre_process (symbolic shape inference + basic graph optimisation)."""
     from onnxruntime.quantization.shape_inference import quant_pre_process
 
-    scratch = dst.parent / "pre-cwd"
-    scratch.mkdir(exist_ok=True)
-    for skip_symbolic in (False, True):
-        try:
-            # When symbolic shape inference gives up (dynamic-size graphs), onnxruntime dumps
-            # sym_shape_infer_temp.onnx and a <uuid>.data file into the current directory: the user's.
-            with ort_quiet(), contextlib.chdir(scratch):
-                quant_pre_process(str(src.resolve()), str(dst.resolve()), skip_symbolic_shape=skip_symbolic)
-            break
-        except Exception as e:  # noqa: BLE001 - symbolic inference fails on some graphs; retry without it
-            say(
-                f"pre-processing failed ({type(e).__name__}); {'retrying without symbolic shapes' if not skip_symbolic else 'using the model as is'}"
-            )
-    else:
-        shutil.copyfile(src, dst)
+    # When symbolic shape inference gives up (dynamic-size graphs), onnxruntime dumps
+    # sym_shape_infer_temp.onnx and a <uuid>.data file into the current directory: the user's.
+    with tempfile.TemporaryDirectory(prefix=".pre-cwd-", dir=dst.parent) as scratch:
+        for skip_symbolic in (False, True):
+            try:
+                with ort_quiet(), contextlib.chdir(scratch):
+                    quant_pre_process(
+                        str(src.resolve()), str(dst.resolve()), skip_symbolic_shape=skip_symbolic
+                    )
+                break
+            except Exception as e:  # noqa: BLE001 - symbolic inference fails on some graphs; retry without it
+                retry = "retrying without symbolic shapes" if not skip_symbolic else "using the model as is"
+                say(f"pre-processing failed ({type(e).__name__}); {retry}")
+        else:
+            shutil.copyfile(src, dst)
     model = onnx.load(str(dst))
     # ORT's quantizers address nodes by name; make sure every node has a unique one.
     seen: set[str] = set()
@@ -269,3 +271,329 @@ def fold_concat_conv(model: onnx.ModelProto) -> tuple[onnx.ModelProto, dict[str,
             nodes.append(n)
     _set_nodes(g, nodes)
     return model, {"folded": folded}
+
+
+# Elementwise ops a channels-last tail may carry: unary, or binary with a per-channel constant.
+_TAIL_UNARY = {"Relu", "Clip", "Sigmoid", "LeakyRelu", "HardSigmoid", "HardSwish", "Tanh", "Identity"}
+_TAIL_BINARY = {"Add", "Mul", "Sub", "Div"}
+
+
+def channels_last_tail(model: onnx.ModelProto) -> tuple[onnx.ModelProto, dict[str, Any]]:
+    """Run a decoder's upsample-and-sum tail channels-last, up to its 1x1 classifier conv.
+
+    After `fold_concat_conv`, SegFormer's decoder computes each stage's Linear token-major (NHWC),
+    transposes the 256-channel map to NCHW, upsamples it to 1/4 size (one of them to its own size)
+    and sums. onnxruntime's bilinear Resize is ~3.5x faster on NHWC than on NCHW maps (1 thread,
+    256 x 128 x 128; it also scales with threads where the NCHW kernel does not), and each transpose
+    of a 128x128x256 map costs as much as a Resize. Here the Transposes go, the Resizes work on NHWC
+    (an identity Resize is dropped), the per-channel ops after the Sum broadcast over the last axis,
+    and the 1x1 conv becomes a MatMul whose narrow output (the classes) is transposed back: exact in
+    float. onnxruntime's own layout transformer only does this for its NHWC-capable int8 kernels.
+    Patterns that do not match are left alone; the caller verifies the result numerically.
+    """
+    from onnx import helper, numpy_helper
+
+    model = onnx.ModelProto.FromString(model.SerializeToString())
+    g = model.graph
+    inits = {i.name: i for i in g.initializer}
+    producer = {o: n for n in g.node for o in n.output}
+    consumers: dict[str, list[onnx.NodeProto]] = {}
+    for n in g.node:
+        for i in n.input:
+            consumers.setdefault(i, []).append(n)
+    outputs = {o.name for o in g.output}
+    shapes = {
+        v.name: [d.dim_value if d.HasField("dim_value") else None for d in v.type.tensor_type.shape.dim]
+        for v in list(g.value_info) + list(g.input) + list(g.output)
+        if v.type.tensor_type.HasField("shape")
+    }
+    attrs = lambda n: {a.name: helper.get_attribute_value(a) for a in n.attribute}  # noqa: E731
+
+    def only_use(t: str) -> bool:
+        return len(consumers.get(t, [])) == 1 and t not in outputs
+
+    def const(name: str) -> np.ndarray | None:
+        return numpy_helper.to_array(inits[name]) if name in inits else None
+
+    def to_nhwc(n: onnx.NodeProto) -> bool:
+        return n.op_type == "Transpose" and list(attrs(n).get("perm", [])) == [0, 3, 1, 2]
+
+    def branch(t: str) -> tuple[onnx.NodeProto | None, onnx.NodeProto] | None:
+        """(Resize or None, Transpose NHWC->NCHW) feeding the Sum input `t`."""
+        n = producer.get(t)
+        if n is None or not only_use(t):
+            return None
+        if to_nhwc(n):
+            return None, n
+        if n.op_type != "Resize" or attrs(n).get("mode", b"nearest") not in (b"linear", b"nearest"):
+            return None
+        if len(n.input) > 1 and n.input[1] and (r := const(n.input[1])) is not None and r.size:
+            return None  # a region of interest (tf_crop_and_resize) is laid out NCHW
+        sizes = const(n.input[3]) if len(n.input) > 3 and n.input[3] else None
+        scales = const(n.input[2]) if len(n.input) > 2 and n.input[2] else None
+        if not ((sizes is not None and sizes.shape == (4,)) or (scales is not None and scales.shape == (4,))):
+            return None
+        if scales is not None and sizes is None and tuple(scales[:2]) != (1.0, 1.0):
+            return None
+        t_node = producer.get(n.input[0])
+        if t_node is None or not to_nhwc(t_node) or not only_use(n.input[0]):
+            return None
+        return n, t_node
+
+    def tail(t: str) -> tuple[list[onnx.NodeProto], onnx.NodeProto] | None:
+        """Per-channel elementwise nodes after the Sum, then the 1x1 Conv they lead to."""
+        chain = []
+        while True:
+            cons = consumers.get(t, [])
+            if len(cons) != 1 or t in outputs:
+                return None
+            n = cons[0]
+            if n.op_type == "Conv":
+                w = const(n.input[1])
+                a = attrs(n)
+                plain = (
+                    w is not None
+                    and w.ndim == 4
+                    and w.shape[2:] == (1, 1)
+                    and a.get("group", 1) == 1
+                    and all(s == 1 for s in a.get("strides", [1, 1]))
+                    and all(p == 0 for p in a.get("pads", [0, 0, 0, 0]))
+                    and a.get("auto_pad", b"NOTSET") in (b"NOTSET", b"VALID")
+                    and (len(n.input) < 3 or not n.input[2] or n.input[2] in inits)
+                )
+                return (chain, n) if plain else None
+            if n.op_type in _TAIL_UNARY and all(i in inits for i in n.input[1:] if i):
+                pass
+            elif n.op_type in _TAIL_BINARY and len(n.input) == 2:
+                c = const(n.input[1]) if n.input[0] == t else const(n.input[0])
+                if c is None or not (c.size == 1 or c.shape in ((c.size, 1, 1), (1, c.size, 1, 1))):
+                    return None
+            else:
+                return None
+            chain.append(n)
+            t = n.output[0]
+
+    def add_init(arr: np.ndarray, name: str) -> str:
+        g.initializer.append(numpy_helper.from_array(np.ascontiguousarray(arr), name))
+        return name
+
+    removed: set[str] = set()
+    added: dict[str, list[onnx.NodeProto]] = {}  # inserted after the node of that name
+    touched: set[str] = set()
+    done = 0
+    for s in list(g.node):
+        if s.op_type != "Sum":
+            continue
+        branches = [branch(t) for t in s.input]
+        found = tail(s.output[0])
+        if found is None or any(b is None for b in branches):
+            continue
+        chain, conv = found
+        for k, (resize, tr) in enumerate(branches):  # type: ignore[misc]
+            src = tr.input[0]
+            removed.add(tr.name)
+            if resize is None:
+                s.input[k] = src
+                continue
+            sizes = const(resize.input[3]) if len(resize.input) > 3 and resize.input[3] else None
+            if sizes is not None and shapes.get(src, [None])[1:3] == [int(sizes[2]), int(sizes[3])]:
+                removed.add(resize.name)  # resizes to its own size: a copy
+                s.input[k] = src
+                continue
+            resize.input[0] = src
+            if sizes is not None:
+                resize.input[3] = add_init(
+                    sizes[[0, 2, 3, 1]].astype(np.int64), f"{resize.name}_vs_nhwc_sizes"
+                )
+            else:
+                scales = const(resize.input[2])
+                resize.input[2] = add_init(scales[[0, 2, 3, 1]], f"{resize.name}_vs_nhwc_scales")  # type: ignore[index]
+            touched.add(resize.output[0])
+        touched.add(s.output[0])
+        for n in chain:
+            touched.add(n.output[0])
+            for j, i in enumerate(n.input):
+                c = const(i) if i else None
+                if c is not None and c.size > 1 and n.op_type in _TAIL_BINARY:
+                    n.input[j] = add_init(c.reshape(-1), f"{i}_vs_nhwc{done}")
+        w = const(conv.input[1])[:, :, 0, 0]  # type: ignore[index]
+        x = chain[-1].output[0] if chain else s.output[0]
+        mm = f"{conv.output[0]}_vs_nhwc_mm"
+        nodes = [
+            helper.make_node("MatMul", [x, add_init(w.T.copy(), f"{conv.name}_vs_nhwc_w")], [mm], name=mm)
+        ]
+        if len(conv.input) > 2 and conv.input[2]:
+            b = const(conv.input[2])
+            nodes.append(
+                helper.make_node(
+                    "Add", [mm, add_init(b, f"{conv.name}_vs_nhwc_b")], [mm + "_b"], name=mm + "_b"
+                )  # type: ignore[arg-type]
+            )
+        nodes.append(
+            helper.make_node(
+                "Transpose",
+                [nodes[-1].output[0]],
+                [conv.output[0]],
+                name=f"{conv.name}_vs_nchw",
+                perm=[0, 3, 1, 2],
+            )
+        )
+        removed.add(conv.name)
+        added[conv.name] = nodes
+        done += 1
+    if not done:
+        return model, {"channels_last_tails": 0}
+    nodes = []
+    for n in g.node:
+        if n.name in added:
+            nodes.extend(added[n.name])
+        elif n.name not in removed:
+            nodes.append(n)
+    _set_nodes(g, nodes)
+    # shapes recorded for NCHW no longer hold for what now runs NHWC
+    keep = [v for v in g.value_info if v.name not in touched]
+    del g.value_info[:]
+    g.value_info.extend(keep)
+    return model, {"channels_last_tails": done}
+
+
+def channels_last_reshapes(model: onnx.ModelProto) -> tuple[onnx.ModelProto, dict[str, Any]]:
+    """Turn token <-> map conversions into 4-D transposes that onnxruntime can cancel.
+
+    Vision transformers with convolutions (SegFormer's Mix-FFN depthwise conv, sequence-reduction and
+    patch-embedding convs) go from tokens [B, N, C] to a map [B, C, H, W] by Transpose(0,2,1) +
+    Reshape, and back by Reshape + Transpose(0,2,1). onnxruntime runs its int8 convs (and its blocked
+    float convs' reorders) channels-last and wraps them in 4-D transposes, which its transpose
+    optimizer cannot cancel against a 3-D transpose behind a Reshape: each conv costs four full copies
+    of its map. Written as Reshape to [B, H, W, C] + Transpose(0,3,1,2) (and Transpose(0,2,3,1) +
+    Reshape on the way back), the same values come out and the transposes meet and cancel; back-to-back
+    transposes that compose to the identity are removed here. Only constant reshape targets with known
+    dims are touched.
+    """
+    from onnx import helper, numpy_helper
+
+    model = onnx.ModelProto.FromString(model.SerializeToString())
+    g = model.graph
+    inits = {i.name: i for i in g.initializer}
+    outputs = {o.name for o in g.output}
+    shapes = {
+        v.name: [d.dim_value if d.HasField("dim_value") else None for d in v.type.tensor_type.shape.dim]
+        for v in list(g.value_info) + list(g.input) + list(g.output)
+        if v.type.tensor_type.HasField("shape")
+    }
+    attrs = lambda n: {a.name: helper.get_attribute_value(a) for a in n.attribute}  # noqa: E731
+
+    def index() -> tuple[dict[str, onnx.NodeProto], dict[str, list[onnx.NodeProto]]]:
+        producer = {o: n for n in g.node for o in n.output}
+        consumers: dict[str, list[onnx.NodeProto]] = {}
+        for n in g.node:
+            for i in n.input:
+                consumers.setdefault(i, []).append(n)
+        return producer, consumers
+
+    def perm(n: onnx.NodeProto) -> list[int]:
+        return list(attrs(n).get("perm", [])) if n.op_type == "Transpose" else []
+
+    def target(n: onnx.NodeProto) -> np.ndarray | None:
+        if n.op_type != "Reshape" or n.input[1] not in inits or attrs(n).get("allowzero", 0):
+            return None
+        return numpy_helper.to_array(inits[n.input[1]]).astype(np.int64)
+
+    def set_perm(n: onnx.NodeProto, p: list[int]) -> None:
+        del n.attribute[:]
+        n.attribute.append(helper.make_attribute("perm", p))
+
+    def set_target(n: onnx.NodeProto, shape: list[int]) -> None:
+        name = f"{n.name}_vs_nhwc_shape"
+        g.initializer.append(numpy_helper.from_array(np.array(shape, np.int64), name))
+        inits[name] = g.initializer[-1]
+        n.input[1] = name
+
+    swapped = cancelled = 0
+    producer, consumers = index()
+    for n in list(g.node):
+        if perm(n) == [0, 2, 1] and n.output[0] not in outputs:
+            # tokens -> map: Transpose(0,2,1) + Reshape [B,C,H,W]  =>  Reshape [B,H,W,C] + Transpose(0,3,1,2)
+            x = shapes.get(n.input[0])
+            cons = consumers.get(n.output[0], [])
+            s = target(cons[0]) if len(cons) == 1 else None
+            if x is None or len(x) != 3 or None in x or s is None or len(s) != 4 or 0 in s:
+                continue
+            B, N, C = x
+            if s[0] != B or s[1] != C or -1 in s[:2]:
+                continue
+            h, w = s[2], s[3]
+            h = N // w if h == -1 else h
+            w = N // h if w == -1 else w
+            if h * w != N:
+                continue
+            r = cons[0]
+            set_target(r, [B, h, w, C])
+            # swap the two nodes: the Reshape reads the tokens, the Transpose makes the map
+            r.input[0], n.input[0] = n.input[0], r.output[0]
+            tmp = f"{n.output[0]}_vs_nhwc"
+            r.output[0], n.output[0] = tmp, r.output[0]
+            n.input[0] = tmp
+            set_perm(n, [0, 3, 1, 2])
+            swapped += 1
+            producer, consumers = index()
+        elif (s := target(n)) is not None and len(s) == 3 and n.output[0] not in outputs:
+            # map -> tokens: Reshape [B,C,N] + Transpose(0,2,1)  =>  Transpose(0,2,3,1) + Reshape [B,N,C]
+            x = shapes.get(n.input[0])
+            cons = consumers.get(n.output[0], [])
+            if x is None or len(x) != 4 or None in x or len(cons) != 1 or perm(cons[0]) != [0, 2, 1]:
+                continue
+            B, C, H, W = x
+            if 0 in s or s[0] != B or s[1] != C or s[2] not in (-1, H * W):
+                continue
+            t = cons[0]
+            set_target(n, [B, H * W, C])
+            tmp = f"{t.output[0]}_vs_nhwc"
+            t.input[0], n.input[0] = n.input[0], tmp
+            t.output[0], n.output[0] = tmp, t.output[0]
+            set_perm(t, [0, 2, 3, 1])
+            swapped += 1
+            producer, consumers = index()
+    if swapped:  # the nodes swapped places: restore topological order
+        order, ready, pending = [], {i.name for i in g.input} | set(inits), list(g.node)
+        ready |= {""}
+        while pending:
+            rest = []
+            for n in pending:
+                if all(i in ready for i in n.input):
+                    order.append(n)
+                    ready.update(n.output)
+                else:
+                    rest.append(n)
+            if len(rest) == len(pending):
+                raise ModelError("channels_last_reshapes broke the graph order")
+            pending = rest
+        del g.node[:]
+        g.node.extend(order)
+        # Transpose(0,3,1,2) then Transpose(0,2,3,1) (or the reverse): read the first one's input
+        producer, consumers = index()
+        alias: dict[str, str] = {}
+        for n in g.node:
+            p = producer.get(n.input[0]) if perm(n) else None
+            if p is not None and perm(p) and len(perm(p)) == len(perm(n)):
+                composed = [perm(p)[i] for i in perm(n)]
+                if composed == list(range(len(composed))) and n.output[0] not in outputs:
+                    alias[n.output[0]] = p.input[0]
+                    cancelled += 1
+        if alias:
+            for n in g.node:
+                for j, i in enumerate(n.input):
+                    n.input[j] = alias.get(i, i)
+            kept = [n for n in g.node if not (n.op_type == "Transpose" and n.output[0] in alias)]
+            _, consumers = index()
+            kept = [
+                n
+                for n in kept
+                if n.op_type != "Transpose" or consumers.get(n.output[0]) or n.output[0] in outputs
+            ]
+            _set_nodes(g, kept)
+        stale = {v.name for v in g.value_info} - {o for n in g.node for o in n.output}
+        keep = [v for v in g.value_info if v.name not in stale and not v.name.endswith("_vs_nhwc")]
+        del g.value_info[:]
+        g.value_info.extend(keep)
+    return model, {"token_map_transposes": swapped, "transposes_cancelled": cancelled}
