@@ -550,3 +550,24 @@ def test_channels_last_tail_leaves_other_patterns_alone() -> None:
         "Sum",
         "Conv",
     ]
+
+
+def test_preprocess_takes_relative_paths_and_leaves_nothing_behind(tmp_path: Path, monkeypatch) -> None:
+    # pre-processing runs in a scratch cwd (onnxruntime drops files into the cwd): relative paths must
+    # still name the user's files, and the scratch folder goes afterwards
+    from onnx import TensorProto, helper, numpy_helper
+
+    from vitshrink.quantize.rewrites import preprocess
+
+    w = numpy_helper.from_array(np.ones((4, 3, 3, 3), np.float32), "w")
+    x = helper.make_tensor_value_info("x", TensorProto.FLOAT, [1, 3, 8, 8])
+    y = helper.make_tensor_value_info("y", TensorProto.FLOAT, None)
+    g = helper.make_graph([helper.make_node("Conv", ["x", "w"], ["y"])], "g", [x], [y], [w])
+    onnx.save(helper.make_model(g, opset_imports=[helper.make_opsetid("", 17)]), str(tmp_path / "m.onnx"))
+    (tmp_path / "out").mkdir()
+    monkeypatch.chdir(tmp_path)
+    said: list[str] = []
+    model = preprocess(Path("m.onnx"), Path("out/pre.onnx"), onnx.load("m.onnx"), said.append)
+    assert said == [] and [n.op_type for n in model.graph.node] == ["Conv"]
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["m.onnx", "out"]
+    assert [p.name for p in (tmp_path / "out").iterdir()] == ["pre.onnx"]

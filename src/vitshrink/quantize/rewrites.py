@@ -73,13 +73,13 @@ def preprocess(
 
     # When symbolic shape inference gives up (dynamic-size graphs), onnxruntime dumps
     # sym_shape_infer_temp.onnx and a <uuid>.data file into the current directory: the user's.
+    # absolute before the chdir: a relative path would then name a file in the scratch folder
+    src_abs, dst_abs = str(Path(src).resolve()), str(Path(dst).resolve())
     with tempfile.TemporaryDirectory(prefix=".pre-cwd-", dir=dst.parent) as scratch:
         for skip_symbolic in (False, True):
             try:
                 with ort_quiet(), contextlib.chdir(scratch):
-                    quant_pre_process(
-                        str(src.resolve()), str(dst.resolve()), skip_symbolic_shape=skip_symbolic
-                    )
+                    quant_pre_process(src_abs, dst_abs, skip_symbolic_shape=skip_symbolic)
                 break
             except Exception as e:  # noqa: BLE001 - symbolic inference fails on some graphs; retry without it
                 retry = "retrying without symbolic shapes" if not skip_symbolic else "using the model as is"
@@ -235,6 +235,7 @@ def fold_concat_conv(model: onnx.ModelProto) -> tuple[onnx.ModelProto, dict[str,
         if sum(widths) != w.shape[1] or any(width != w.shape[0] for width in widths):
             continue
         out_ch, start = w.shape[0], 0
+        carrier: Any = None  # the first stage bias (a node's input list) the conv bias can join
         for (mm, add), width in zip(sources, widths):  # type: ignore[misc]
             f = w[:, start : start + width, 0, 0]  # (out, width)
             start += width
@@ -247,18 +248,26 @@ def fold_concat_conv(model: onnx.ModelProto) -> tuple[onnx.ModelProto, dict[str,
             if bias_in is not None:
                 b = numpy_helper.to_array(inits[bias_in[-1]]).astype(np.float32)
                 bias_in[-1] = mix(bias_in[-1], b @ f.T, str(folded))
+                carrier = carrier if carrier is not None else bias_in
         bias = (
             numpy_helper.to_array(inits[conv.input[2]]).astype(np.float32)
             if len(conv.input) > 2 and conv.input[2]
             else np.zeros(out_ch, np.float32)
         )
-        bname = f"{conv.name}_vs_fold_bias"
-        g.initializer.append(numpy_helper.from_array(bias.reshape(1, out_ch, 1, 1), bname))
         summed = f"{conv.output[0]}_vs_sum"
-        new_nodes[cat.name] = [
-            helper.make_node("Sum", list(cat.input), [summed], name=f"{conv.name}_vs_sum"),
-            helper.make_node("Add", [summed, bname], [conv.output[0]], name=f"{conv.name}_vs_bias"),
-        ]
+        if carrier is not None:
+            # The conv's bias rides on one stage's Linear bias: a bilinear / nearest Resize keeps a
+            # constant map constant, so the sum is the same and one full-size Add pass goes.
+            init = next(i for i in g.initializer if i.name == carrier[-1])
+            init.CopyFrom(numpy_helper.from_array(numpy_helper.to_array(init) + bias, init.name))
+            summed = conv.output[0]
+        new_nodes[cat.name] = [helper.make_node("Sum", list(cat.input), [summed], name=f"{conv.name}_vs_sum")]
+        if carrier is None:
+            bname = f"{conv.name}_vs_fold_bias"
+            g.initializer.append(numpy_helper.from_array(bias.reshape(1, out_ch, 1, 1), bname))
+            new_nodes[cat.name].append(
+                helper.make_node("Add", [summed, bname], [conv.output[0]], name=f"{conv.name}_vs_bias")
+            )
         removed.add(conv.name)
         folded += 1
     if not folded:
