@@ -514,6 +514,7 @@ def test_segformer_decoder_fuse_conv_folds_into_the_stage_linears(tmp_path: Path
     assert report["rewrites"]["concat_conv_folded"] == 1
     assert report["rewrites"]["channels_last_tails"] == 1
     assert report["rewrites"]["token_map_transposes"] == linfo["token_map_transposes"]
+    assert report["rewrites"]["sums_as_adds"] == 1
 
 
 def _ort_ops(path: Path) -> list[str]:
@@ -571,3 +572,24 @@ def test_preprocess_takes_relative_paths_and_leaves_nothing_behind(tmp_path: Pat
     assert said == [] and [n.op_type for n in model.graph.node] == ["Conv"]
     assert sorted(p.name for p in tmp_path.iterdir()) == ["m.onnx", "out"]
     assert [p.name for p in (tmp_path / "out").iterdir()] == ["pre.onnx"]
+
+
+@pytest.mark.parametrize("k", [3, 4, 5])
+def test_sum_becomes_a_tree_of_adds(tmp_path: Path, k: int) -> None:
+    from onnx import TensorProto, helper
+
+    from vitshrink.quantize.rewrites import sums_to_adds
+
+    names = [f"x{i}" for i in range(k)]
+    ins = [helper.make_tensor_value_info(n, TensorProto.FLOAT, [2, 3]) for n in names]
+    y = helper.make_tensor_value_info("y", TensorProto.FLOAT, None)
+    m = helper.make_model(
+        helper.make_graph([helper.make_node("Sum", names, ["y"])], "g", ins, [y]),
+        opset_imports=[helper.make_opsetid("", 17)],
+    )
+    out, info = sums_to_adds(m)
+    assert info["sums_as_adds"] == 1 and [n.op_type for n in out.graph.node] == ["Add"] * (k - 1)
+    onnx.save(out, str(tmp_path / "t.onnx"))
+    feeds = {n: np.full((2, 3), 10.0**i, np.float32) for i, n in enumerate(names)}
+    got = ort.InferenceSession(str(tmp_path / "t.onnx"), providers=["CPUExecutionProvider"]).run(None, feeds)
+    assert np.array_equal(got[0], sum(feeds.values()))

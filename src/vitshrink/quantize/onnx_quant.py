@@ -72,6 +72,7 @@ from .rewrites import (  # noqa: F401 - some re-exported
     preprocess,
     random_input,
     record_int8_target,
+    sums_to_adds,
 )
 from .sensitivity import MAX_SENSITIVITY_UNITS, SENSITIVITY_SAMPLES, guarantee  # noqa: F401
 from .sensitivity import groups as _groups  # noqa: F401 - tests import it from here
@@ -279,10 +280,11 @@ def _exact_rewrites(pre: Path, batches: Sequence[np.ndarray], say: Callable[[str
     """Graph rewrites that are exact in float, in place in `pre`, kept only if the float output stays
     the same: 1x1 Convs over a Concat folded into the Linears feeding it (rewrites.fold_concat_conv),
     token <-> map conversions as 4-D transposes onnxruntime cancels (rewrites.channels_last_reshapes),
-    and a decoder's upsample-and-sum tail run channels-last (rewrites.channels_last_tail)."""
+    a decoder's upsample-and-sum tail run channels-last (rewrites.channels_last_tail), and its Sum as
+    Adds onnxruntime runs multi-threaded (rewrites.sums_to_adds)."""
     model = onnx.load(str(pre))
     new, counts = model, {}
-    for rewrite in (fold_concat_conv, channels_last_reshapes, channels_last_tail):
+    for rewrite in (fold_concat_conv, channels_last_reshapes, channels_last_tail, sums_to_adds):
         new, info = rewrite(new)
         counts.update(info)
     counts["concat_conv_folded"] = counts.pop("folded")

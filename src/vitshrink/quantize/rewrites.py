@@ -606,3 +606,35 @@ def channels_last_reshapes(model: onnx.ModelProto) -> tuple[onnx.ModelProto, dic
         del g.value_info[:]
         g.value_info.extend(keep)
     return model, {"token_map_transposes": swapped, "transposes_cancelled": cancelled}
+
+
+def sums_to_adds(model: onnx.ModelProto) -> tuple[onnx.ModelProto, dict[str, Any]]:
+    """Write each Sum of more than two inputs as a balanced tree of Adds.
+
+    onnxruntime's variadic Sum runs on one thread, its Add on all of them: for the four 256 x 128 x 128
+    maps of a folded SegFormer decoder the tree is faster at 1 thread (5.0 vs 5.9 ms) and twice as fast
+    at 2. Same values up to the order of float additions.
+    """
+    from onnx import helper
+
+    model = onnx.ModelProto.FromString(model.SerializeToString())
+    g = model.graph
+    nodes, done = [], 0
+    for n in g.node:
+        if n.op_type != "Sum" or len(n.input) <= 2 or n.domain not in ("", "ai.onnx"):
+            nodes.append(n)
+            continue
+        level, k = list(n.input), 0
+        while len(level) > 1:
+            nxt = []
+            for i in range(0, len(level) - 1, 2):
+                out = n.output[0] if len(level) == 2 else f"{n.output[0]}_vs_add{k}"
+                nodes.append(helper.make_node("Add", level[i : i + 2], [out], name=f"{n.name}_vs_add{k}"))
+                nxt.append(out)
+                k += 1
+            level = nxt + (level[-1:] if len(level) % 2 else [])
+        done += 1
+    if done:
+        del g.node[:]
+        g.node.extend(nodes)
+    return model, {"sums_as_adds": done}
