@@ -31,6 +31,36 @@ def _set_nodes(g: onnx.GraphProto, nodes: list[onnx.NodeProto]) -> None:
     g.initializer.extend(keep)
 
 
+def _splice(g: onnx.GraphProto, replace: dict[str, list[onnx.NodeProto]], removed: set[str]) -> None:
+    """Put `replace[name]` where the node `name` stood, drop the nodes named in `removed`."""
+    nodes = []
+    for n in g.node:
+        if n.name in replace:
+            nodes.extend(replace[n.name])
+        elif n.name not in removed:
+            nodes.append(n)
+    _set_nodes(g, nodes)
+
+
+def _links(g: onnx.GraphProto) -> tuple[dict[str, onnx.NodeProto], dict[str, list[onnx.NodeProto]]]:
+    """Producer of each tensor, consumers of each tensor."""
+    producer = {o: n for n in g.node for o in n.output}
+    consumers: dict[str, list[onnx.NodeProto]] = {}
+    for n in g.node:
+        for i in n.input:
+            consumers.setdefault(i, []).append(n)
+    return producer, consumers
+
+
+def _shapes(g: onnx.GraphProto) -> dict[str, list[int | None]]:
+    """Dims shape inference recorded per tensor (None where symbolic)."""
+    return {
+        v.name: [d.dim_value if d.HasField("dim_value") else None for d in v.type.tensor_type.shape.dim]
+        for v in list(g.value_info) + list(g.input) + list(g.output)
+        if v.type.tensor_type.HasField("shape")
+    }
+
+
 def gemm_to_matmul(model: onnx.ModelProto) -> tuple[onnx.ModelProto, int]:
     """Rewrite constant-weight Gemm(A, B, C) as MatMul(A, B') + Add(C') (exact; alpha/beta folded)."""
     from onnx import helper, numpy_helper
@@ -161,11 +191,7 @@ def fold_concat_conv(model: onnx.ModelProto) -> tuple[onnx.ModelProto, dict[str,
     model = onnx.ModelProto.FromString(model.SerializeToString())
     g = model.graph
     inits = {i.name: i for i in g.initializer}
-    producer = {o: n for n in g.node for o in n.output}
-    consumers: dict[str, list[onnx.NodeProto]] = {}
-    for n in g.node:
-        for i in n.input:
-            consumers.setdefault(i, []).append(n)
+    producer, consumers = _links(g)
     outputs = {o.name for o in g.output}
     attrs = lambda n: {a.name: helper.get_attribute_value(a) for a in n.attribute}  # noqa: E731
 
@@ -272,13 +298,7 @@ def fold_concat_conv(model: onnx.ModelProto) -> tuple[onnx.ModelProto, dict[str,
         folded += 1
     if not folded:
         return model, {"folded": 0}
-    nodes = []
-    for n in g.node:
-        if n.name in new_nodes:
-            nodes.extend(new_nodes[n.name])
-        elif n.name not in removed:
-            nodes.append(n)
-    _set_nodes(g, nodes)
+    _splice(g, new_nodes, removed)
     return model, {"folded": folded}
 
 
@@ -305,17 +325,9 @@ def channels_last_tail(model: onnx.ModelProto) -> tuple[onnx.ModelProto, dict[st
     model = onnx.ModelProto.FromString(model.SerializeToString())
     g = model.graph
     inits = {i.name: i for i in g.initializer}
-    producer = {o: n for n in g.node for o in n.output}
-    consumers: dict[str, list[onnx.NodeProto]] = {}
-    for n in g.node:
-        for i in n.input:
-            consumers.setdefault(i, []).append(n)
+    producer, consumers = _links(g)
     outputs = {o.name for o in g.output}
-    shapes = {
-        v.name: [d.dim_value if d.HasField("dim_value") else None for d in v.type.tensor_type.shape.dim]
-        for v in list(g.value_info) + list(g.input) + list(g.output)
-        if v.type.tensor_type.HasField("shape")
-    }
+    shapes = _shapes(g)
     attrs = lambda n: {a.name: helper.get_attribute_value(a) for a in n.attribute}  # noqa: E731
 
     def only_use(t: str) -> bool:
@@ -452,13 +464,7 @@ def channels_last_tail(model: onnx.ModelProto) -> tuple[onnx.ModelProto, dict[st
         done += 1
     if not done:
         return model, {"channels_last_tails": 0}
-    nodes = []
-    for n in g.node:
-        if n.name in added:
-            nodes.extend(added[n.name])
-        elif n.name not in removed:
-            nodes.append(n)
-    _set_nodes(g, nodes)
+    _splice(g, added, removed)
     # shapes recorded for NCHW no longer hold for what now runs NHWC
     keep = [v for v in g.value_info if v.name not in touched]
     del g.value_info[:]
@@ -485,20 +491,8 @@ def channels_last_reshapes(model: onnx.ModelProto) -> tuple[onnx.ModelProto, dic
     g = model.graph
     inits = {i.name: i for i in g.initializer}
     outputs = {o.name for o in g.output}
-    shapes = {
-        v.name: [d.dim_value if d.HasField("dim_value") else None for d in v.type.tensor_type.shape.dim]
-        for v in list(g.value_info) + list(g.input) + list(g.output)
-        if v.type.tensor_type.HasField("shape")
-    }
+    shapes = _shapes(g)
     attrs = lambda n: {a.name: helper.get_attribute_value(a) for a in n.attribute}  # noqa: E731
-
-    def index() -> tuple[dict[str, onnx.NodeProto], dict[str, list[onnx.NodeProto]]]:
-        producer = {o: n for n in g.node for o in n.output}
-        consumers: dict[str, list[onnx.NodeProto]] = {}
-        for n in g.node:
-            for i in n.input:
-                consumers.setdefault(i, []).append(n)
-        return producer, consumers
 
     def perm(n: onnx.NodeProto) -> list[int]:
         return list(attrs(n).get("perm", [])) if n.op_type == "Transpose" else []
@@ -519,7 +513,7 @@ def channels_last_reshapes(model: onnx.ModelProto) -> tuple[onnx.ModelProto, dic
         n.input[1] = name
 
     swapped = cancelled = 0
-    producer, consumers = index()
+    producer, consumers = _links(g)
     for n in list(g.node):
         if perm(n) == [0, 2, 1] and n.output[0] not in outputs:
             # tokens -> map: Transpose(0,2,1) + Reshape [B,C,H,W]  =>  Reshape [B,H,W,C] + Transpose(0,3,1,2)
@@ -545,7 +539,7 @@ def channels_last_reshapes(model: onnx.ModelProto) -> tuple[onnx.ModelProto, dic
             n.input[0] = tmp
             set_perm(n, [0, 3, 1, 2])
             swapped += 1
-            producer, consumers = index()
+            producer, consumers = _links(g)
         elif (s := target(n)) is not None and len(s) == 3 and n.output[0] not in outputs:
             # map -> tokens: Reshape [B,C,N] + Transpose(0,2,1)  =>  Transpose(0,2,3,1) + Reshape [B,N,C]
             x = shapes.get(n.input[0])
@@ -562,7 +556,7 @@ def channels_last_reshapes(model: onnx.ModelProto) -> tuple[onnx.ModelProto, dic
             t.output[0], n.output[0] = tmp, t.output[0]
             set_perm(t, [0, 2, 3, 1])
             swapped += 1
-            producer, consumers = index()
+            producer, consumers = _links(g)
     if swapped:  # the nodes swapped places: restore topological order
         order, ready, pending = [], {i.name for i in g.input} | set(inits), list(g.node)
         ready |= {""}
@@ -580,7 +574,7 @@ def channels_last_reshapes(model: onnx.ModelProto) -> tuple[onnx.ModelProto, dic
         del g.node[:]
         g.node.extend(order)
         # Transpose(0,3,1,2) then Transpose(0,2,3,1) (or the reverse): read the first one's input
-        producer, consumers = index()
+        producer, consumers = _links(g)
         alias: dict[str, str] = {}
         for n in g.node:
             p = producer.get(n.input[0]) if perm(n) else None
@@ -594,7 +588,7 @@ def channels_last_reshapes(model: onnx.ModelProto) -> tuple[onnx.ModelProto, dic
                 for j, i in enumerate(n.input):
                     n.input[j] = alias.get(i, i)
             kept = [n for n in g.node if not (n.op_type == "Transpose" and n.output[0] in alias)]
-            _, consumers = index()
+            _, consumers = _links(g)
             kept = [
                 n
                 for n in kept
