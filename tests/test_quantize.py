@@ -468,6 +468,7 @@ def test_segformer_decoder_fuse_conv_folds_into_the_stage_linears(tmp_path: Path
         channels_last_reshapes,
         channels_last_tail,
         fold_concat_conv,
+        fuse_attention,
         preprocess,
     )
 
@@ -510,7 +511,17 @@ def test_segformer_decoder_fuse_conv_folds_into_the_stage_linears(tmp_path: Path
     assert _ort_ops(tmp_path / "nhwc.onnx").count("Transpose") < _ort_ops(tmp_path / "tail.onnx").count(
         "Transpose"
     )
+    # attention as onnxruntime's MultiHeadAttention: every block, same output
+    mha, ainfo = fuse_attention(nhwc)
+    n_attn = ops(nhwc).count("Softmax")
+    assert n_attn >= 2 and ainfo["attention_fused"] == n_attn and "Softmax" not in ops(mha)
+    onnx.save(mha, str(tmp_path / "mha.onnx"))
+    assert np.linalg.norm(run(tmp_path / "mha.onnx", x) - before) / np.linalg.norm(before) < 1e-5
+    q8 = quantize_onnx(src, tmp_path / "q8.onnx", mode="int8-dynamic", quiet=True)
+    assert q8["rewrites"]["attention_fused"] == n_attn  # int8 for CPU: an onnxruntime model
+    assert "MultiHeadAttention" in [n.op_type for n in onnx.load(str(tmp_path / "q8.onnx")).graph.node]
     report = quantize_onnx(src, tmp_path / "f16.onnx", mode="fp16", quiet=True)
+    assert "attention_fused" not in report["rewrites"]  # fp16 (GPU / TensorRT) stays standard ONNX
     assert report["rewrites"]["concat_conv_folded"] == 1
     assert report["rewrites"]["channels_last_tails"] == 1
     assert report["rewrites"]["token_map_transposes"] == linfo["token_map_transposes"]

@@ -68,6 +68,7 @@ from .rewrites import (  # noqa: F401 - some re-exported
     channels_last_reshapes,
     channels_last_tail,
     fold_concat_conv,
+    fuse_attention,
     gemm_to_matmul,
     preprocess,
     random_input,
@@ -178,7 +179,7 @@ def quantize_onnx(
             target=target,
             target_cpu=target_cpu,
         )
-        ctx = _context(work, src, original, batches, generated, eval_fn, say, quiet, settings)
+        ctx = _context(work, src, original, batches, generated, eval_fn, say, quiet, settings, mode)
         report = _new_report(mode, src, ctx, max_drop)
         final, extra = _fp16(ctx.pre, ctx) if mode == "fp16" else _int8(mode, ctx.pre, ctx, max_drop)
         report.update(extra)
@@ -251,12 +252,15 @@ def _context(
     say: Callable[[str], None],
     quiet: bool,
     settings: dict[str, Any],
+    mode: str,
 ) -> Ctx:
     """Pre-process the model; hold what every build shares (fp32 reference outputs, base metric)."""
     pre = work / "pre.onnx"
     say("pre-processing (shape inference, graph optimisation)")
     preprocess(src, pre, original, say)
-    rewrites = _exact_rewrites(pre, batches, say) if settings["vit_aware"] else {}
+    # int8 for CPU is an onnxruntime model anyway; fp16 and TensorRT builds stay standard ONNX
+    ort_only = mode != "fp16" and settings["target"] == "cpu"
+    rewrites = _exact_rewrites(pre, batches, say, fuse_mha=ort_only) if settings["vit_aware"] else {}
     ref = outputs(pre, batches, work / "ref" if not generated else None) if batches else None
     ctx = Ctx(
         work, batches, ref, eval_fn, None, say=say, quiet=quiet, generated=generated, pre=pre, **settings
@@ -276,15 +280,19 @@ def _context(
 FOLD_TOL = 1e-4  # relative output change allowed for an exact-in-float rewrite (float rounding only)
 
 
-def _exact_rewrites(pre: Path, batches: Sequence[np.ndarray], say: Callable[[str], None]) -> dict[str, Any]:
+def _exact_rewrites(
+    pre: Path, batches: Sequence[np.ndarray], say: Callable[[str], None], *, fuse_mha: bool = False
+) -> dict[str, Any]:
     """Graph rewrites that are exact in float, in place in `pre`, kept only if the float output stays
     the same: 1x1 Convs over a Concat folded into the Linears feeding it (rewrites.fold_concat_conv),
     token <-> map conversions as 4-D transposes onnxruntime cancels (rewrites.channels_last_reshapes),
     a decoder's upsample-and-sum tail run channels-last (rewrites.channels_last_tail), and its Sum as
-    Adds onnxruntime runs multi-threaded (rewrites.sums_to_adds)."""
+    Adds onnxruntime runs multi-threaded (rewrites.sums_to_adds); with `fuse_mha`, attention as
+    onnxruntime's MultiHeadAttention (rewrites.fuse_attention, an onnxruntime-only op)."""
     model = onnx.load(str(pre))
     new, counts = model, {}
-    for rewrite in (fold_concat_conv, channels_last_reshapes, channels_last_tail, sums_to_adds):
+    steps = [fold_concat_conv, channels_last_reshapes, channels_last_tail, sums_to_adds]
+    for rewrite in steps + ([fuse_attention] if fuse_mha else []):
         new, info = rewrite(new)
         counts.update(info)
     counts["concat_conv_folded"] = counts.pop("folded")
@@ -310,6 +318,10 @@ def _exact_rewrites(pre: Path, batches: Sequence[np.ndarray], say: Callable[[str
         )
     if counts["channels_last_tails"]:
         say("decoder upsample-and-sum tail runs channels-last (no 256-channel transposes, exact in float)")
+    if counts.get("attention_fused"):
+        say(
+            f"{counts['attention_fused']} attention block(s) as onnxruntime's MultiHeadAttention (exact in float)"
+        )
     if counts["token_map_transposes"]:
         say(f"{counts['token_map_transposes']} token <-> map conversions rewritten as 4-D transposes")
     return {

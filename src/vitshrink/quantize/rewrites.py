@@ -632,3 +632,147 @@ def sums_to_adds(model: onnx.ModelProto) -> tuple[onnx.ModelProto, dict[str, Any
         del g.node[:]
         g.node.extend(nodes)
     return model, {"sums_as_adds": done}
+
+
+def fuse_attention(model: onnx.ModelProto) -> tuple[onnx.ModelProto, dict[str, Any]]:
+    """Replace exported scaled-dot-product attention with onnxruntime's MultiHeadAttention (com.microsoft).
+
+    The exporter writes attention as Reshape/Transpose of q, k, v, two scaling Muls, MatMul, Softmax,
+    MatMul, Transpose/Reshape: the [heads, N, M] score matrix goes through memory three times. The
+    fused CPU kernel computes it in tiles (SegFormer-B0 at 512 px, stage 1, 16384 queries x 256 keys:
+    8.5 -> 6.8 ms at 1 thread). Exact up to float rounding, but onnxruntime-only: used for int8
+    CPU models (which target onnxruntime), never for fp16 / TensorRT. onnxruntime's own fusion
+    (onnxruntime.transformers) knows BERT-style self-attention only, not SegFormer's reduced keys.
+    """
+    from onnx import helper, numpy_helper
+
+    model = onnx.ModelProto.FromString(model.SerializeToString())
+    g = model.graph
+    inits = {i.name: i for i in g.initializer}
+    producer, consumers = _links(g)
+    shapes = _shapes(g)
+    outputs = {o.name for o in g.output}
+    attrs = lambda n: {a.name: helper.get_attribute_value(a) for a in n.attribute}  # noqa: E731
+
+    def single(t: str) -> onnx.NodeProto | None:
+        c = consumers.get(t, [])
+        return c[0] if len(c) == 1 and t not in outputs else None
+
+    def const(name: str) -> np.ndarray | None:
+        return numpy_helper.to_array(inits[name]) if name in inits else None
+
+    def head_split(t: str, perm: list[int]) -> tuple[str, int, int, float] | None:
+        """(2-D or 3-D tokens, heads, head size, scale) behind [Mul(scale)] <- Transpose(perm) <- Reshape."""
+        n, scale = producer.get(t), 1.0
+        if n is not None and n.op_type == "Mul":
+            c = const(n.input[1])
+            if c is None or c.size != 1:
+                return None
+            scale, n = float(c.reshape(())), producer.get(n.input[0])
+        if n is not None and n.op_type == "Reshape" and perm == [0, 2, 1, 3]:
+            # one head: the optimiser wrote Reshape [1, N, 1, d] + Transpose as Reshape [1, 1, N, d]
+            s = const(n.input[1])
+            ok = s is not None and s.shape == (4,) and s[0] == 1 and s[1] == 1 and s[3] > 0
+            return (n.input[0], 1, int(s[3]), scale) if ok else None  # type: ignore[index]
+        if n is None or n.op_type != "Transpose" or list(attrs(n).get("perm", [])) != perm:
+            return None
+        r = producer.get(n.input[0])
+        s = const(r.input[1]) if r is not None and r.op_type == "Reshape" else None
+        if s is None or s.shape != (4,) or s[0] != 1 or s[3] <= 0:
+            return None
+        heads = int(s[2])
+        if heads == -1:  # [1, N, -1, d]: the heads follow from the token width
+            width = _width(r.input[0])
+            heads = width // int(s[3]) if width and width % int(s[3]) == 0 else -1
+        return r.input[0], heads, int(s[3]), scale
+
+    def _width(t: str) -> int | None:
+        """Last dim of a tensor: from shape inference, else from the constant of a bias Add / MatMul."""
+        dims = shapes.get(t)
+        if dims and dims[-1]:
+            return dims[-1]
+        n = producer.get(t)
+        for i in n.input if n is not None and n.op_type in ("Add", "MatMul") else []:
+            c = const(i)
+            if c is not None and c.ndim in (1, 2):
+                return int(c.shape[-1])
+        return None
+
+    fused: list[tuple[onnx.NodeProto, list[onnx.NodeProto]]] = []
+    drop: set[str] = set()
+    for sm in g.node:
+        if sm.op_type != "Softmax" or attrs(sm).get("axis", -1) not in (-1, 3):
+            continue
+        qk = producer.get(sm.input[0])
+        pv = single(sm.output[0])
+        if (
+            qk is None
+            or qk.op_type != "MatMul"
+            or pv is None
+            or pv.op_type != "MatMul"
+            or pv.input[0] != sm.output[0]
+        ):
+            continue
+        q = head_split(qk.input[0], [0, 2, 1, 3])
+        k = head_split(qk.input[1], [0, 2, 3, 1])
+        v = head_split(pv.input[1], [0, 2, 1, 3])
+        out_t = single(pv.output[0])
+        if q is None or k is None or v is None or out_t is None:
+            continue
+        (qs, hq, dq, sq), (ks, hk, dk, sk), (vs, hv, dv, sv) = q, k, v
+        if out_t.op_type == "Reshape" and hq == 1:  # one head: no transpose back either
+            out_t, out_r = None, out_t
+        else:
+            out_r = single(out_t.output[0])
+            if list(attrs(out_t).get("perm", [])) != [0, 2, 1, 3] or out_r is None:
+                continue
+        if out_r.op_type != "Reshape":
+            continue
+        if not (hq == hk == hv and dq == dk == dv and sv == 1.0) or hq <= 0:
+            continue
+        scale = sq * sk
+        heads, width = hq, hq * dq
+        name = f"{sm.name}_vs_mha"
+        nodes = []
+        ins = []
+        for src, tag in ((qs, "q"), (ks, "k"), (vs, "v")):
+            shape = f"{name}_{tag}_shape"
+            g.initializer.append(numpy_helper.from_array(np.array([1, -1, width], np.int64), shape))
+            nodes.append(helper.make_node("Reshape", [src, shape], [f"{name}_{tag}"], name=f"{name}_{tag}"))
+            ins.append(f"{name}_{tag}")
+        mha_out = f"{name}_out"
+        kw: dict[str, Any] = {"num_heads": heads}
+        if abs(scale - 1.0 / np.sqrt(dq)) > 1e-6 / np.sqrt(dq):
+            kw["scale"] = scale
+        nodes.append(
+            helper.make_node("MultiHeadAttention", ins, [mha_out], name=name, domain="com.microsoft", **kw)
+        )
+        # the Reshape after the attention reads [1, N, width] where it read [1, N, heads, head size]
+        out_r.input[0] = mha_out
+        fused.append((out_r, nodes))
+        drop.update({sm.name, qk.name, pv.name} | ({out_t.name} if out_t is not None else set()))
+    if not fused:
+        return model, {"attention_fused": 0}
+    by_name = {r.name: nodes for r, nodes in fused}
+    new = []
+    for n in g.node:
+        if n.name in drop:
+            continue
+        if n.name in by_name:
+            new.extend(by_name[n.name])
+        new.append(n)
+    # the q/k/v head splits and scaling Muls are no longer read: drop them (repeat until none)
+    while True:
+        read = {i for n in new for i in n.input} | outputs
+        keep = [
+            n
+            for n in new
+            if any(o in read for o in n.output) or n.op_type not in ("Reshape", "Transpose", "Mul")
+        ]
+        if len(keep) == len(new):
+            break
+        new = keep
+    _set_nodes(g, new)
+    if not any(o.domain == "com.microsoft" for o in model.opset_import):
+        model.opset_import.append(helper.make_opsetid("com.microsoft", 1))
+    return model, {"attention_fused": len(fused)}
