@@ -488,6 +488,13 @@ def test_trt_recipe_decomposed_layernorm_and_shapes(models, tmp_path):
     (tmp_path / "junk.onnx").write_bytes(b"\x08\x07garbage" * 5)
     with pytest.raises(ModelError):
         trt_recipe(tmp_path / "junk.onnx")
+    # an int8 model made for onnxruntime on CPU (contrib ops) is refused with the way out
+    m = onnx.load(str(models["cls13_path"]))
+    m.graph.node[0].domain = "com.microsoft"
+    m.opset_import.append(onnx.helper.make_opsetid("com.microsoft", 1))
+    onnx.save(m, str(tmp_path / "ort.onnx"))
+    with pytest.raises(ModelError, match=r"onnxruntime-only ops .*--target tensorrt"):
+        trt_recipe(tmp_path / "ort.onnx")
 
 
 def _load_script(path: Path, name: str):

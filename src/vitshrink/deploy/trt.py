@@ -203,6 +203,12 @@ def trt_recipe(
         ) from None
     if not model.graph.node:
         raise ModelError(f"not a valid ONNX model (empty graph): {onnx_path}")
+    ort_ops = sorted({n.op_type for n in model.graph.node if n.domain == "com.microsoft"})
+    if ort_ops:
+        raise ModelError(
+            f"{onnx_path} uses onnxruntime-only ops ({', '.join(ort_ops)}): it is an int8 model for "
+            "onnxruntime on CPU; give TensorRT the fp32 / fp16 ONNX or `vitshrink quantize --target tensorrt`"
+        )
 
     where = str(onnx_path)
     meta = read_meta_props(model.metadata_props, where)
