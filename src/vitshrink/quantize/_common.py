@@ -265,6 +265,11 @@ def channel_absmax(
     return out
 
 
+def node_attrs(node: onnx.NodeProto) -> dict[str, Any]:
+    """A node's attributes by name, as Python values."""
+    return {a.name: onnx.helper.get_attribute_value(a) for a in node.attribute}
+
+
 def weight_nodes(model: onnx.ModelProto) -> list[onnx.NodeProto]:
     """MatMul / Gemm / Conv nodes whose weight is a constant: the ones worth int8 (memory + compute)."""
     inits = {i.name for i in model.graph.initializer}

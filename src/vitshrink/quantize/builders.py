@@ -18,7 +18,7 @@ import onnx
 
 from ..errors import ModelError
 from ..progress import progress
-from ._common import Ctx, input_spec, ort_quiet, weight_nodes
+from ._common import Ctx, input_spec, node_attrs, ort_quiet, weight_nodes
 from .rewrites import gemm_to_matmul
 
 FLOAT_REASONS = {
@@ -62,7 +62,7 @@ def _depthwise(node: onnx.NodeProto, model: onnx.ModelProto) -> bool:
     """A Conv with one input channel per group (its weight is [C, 1, kh, kw] and group == C > 1)."""
     if node.op_type != "Conv":
         return False
-    group = next((onnx.helper.get_attribute_value(a) for a in node.attribute if a.name == "group"), 1)
+    group = node_attrs(node).get("group", 1)
     w = next((i for i in model.graph.initializer if i.name == node.input[1]), None)
     return group > 1 and w is not None and len(w.dims) == 4 and w.dims[1] == 1 and w.dims[0] == group
 

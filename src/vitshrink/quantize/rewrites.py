@@ -15,7 +15,17 @@ import onnx
 from ..cpu import reduce_range_for
 from ..deploy._meta import write_meta_props
 from ..errors import ModelError
-from ._common import Ctx, compare, copy_metadata, input_spec, ort_quiet, read_meta, rel_error, run
+from ._common import (
+    Ctx,
+    compare,
+    copy_metadata,
+    input_spec,
+    node_attrs,
+    ort_quiet,
+    read_meta,
+    rel_error,
+    run,
+)
 from .smooth import smooth_model
 
 SMOOTH_ALPHA = 0.5
@@ -68,10 +78,9 @@ def gemm_to_matmul(model: onnx.ModelProto) -> tuple[onnx.ModelProto, int]:
     model = onnx.ModelProto.FromString(model.SerializeToString())
     g = model.graph
     inits = {i.name: i for i in g.initializer}
-    attrs = lambda n: {a.name: helper.get_attribute_value(a) for a in n.attribute}  # noqa: E731
     nodes, count = [], 0
     for n in g.node:
-        a = attrs(n) if n.op_type == "Gemm" else {}
+        a = node_attrs(n) if n.op_type == "Gemm" else {}
         c_ok = len(n.input) < 3 or not n.input[2] or n.input[2] in inits
         if n.op_type != "Gemm" or a.get("transA", 0) or n.input[1] not in inits or not c_ok:
             nodes.append(n)
@@ -193,7 +202,6 @@ def fold_concat_conv(model: onnx.ModelProto) -> tuple[onnx.ModelProto, dict[str,
     inits = {i.name: i for i in g.initializer}
     producer, consumers = _links(g)
     outputs = {o.name for o in g.output}
-    attrs = lambda n: {a.name: helper.get_attribute_value(a) for a in n.attribute}  # noqa: E731
 
     def only_use(t: str) -> bool:
         return len(consumers.get(t, [])) == 1 and t not in outputs
@@ -204,7 +212,7 @@ def fold_concat_conv(model: onnx.ModelProto) -> tuple[onnx.ModelProto, dict[str,
             n = producer.get(t)
             if n is None or not only_use(t):
                 return None
-            if n.op_type == "Resize" and attrs(n).get("mode", b"nearest") not in (b"linear", b"nearest"):
+            if n.op_type == "Resize" and node_attrs(n).get("mode", b"nearest") not in (b"linear", b"nearest"):
                 return None
             if n.op_type not in _CHANNEL_WISE:
                 break
@@ -215,7 +223,7 @@ def fold_concat_conv(model: onnx.ModelProto) -> tuple[onnx.ModelProto, dict[str,
             if n is None or not only_use(add.input[0]):
                 return None
         if n.op_type == "Gemm":  # onnxslim's Linear: A @ B(^T) + C, plain alpha/beta only
-            a = attrs(n)
+            a = node_attrs(n)
             plain = a.get("alpha", 1.0) == 1.0 and a.get("beta", 1.0) == 1.0 and not a.get("transA", 0)
             bias_ok = len(n.input) < 3 or not n.input[2] or n.input[2] in inits
             if add is not None or not plain or not bias_ok or n.input[1] not in inits:
@@ -226,7 +234,7 @@ def fold_concat_conv(model: onnx.ModelProto) -> tuple[onnx.ModelProto, dict[str,
 
     def out_width(mm: onnx.NodeProto) -> int:
         dims = inits[mm.input[1]].dims
-        return dims[0] if mm.op_type == "Gemm" and attrs(mm).get("transB", 0) else dims[-1]
+        return dims[0] if mm.op_type == "Gemm" and node_attrs(mm).get("transB", 0) else dims[-1]
 
     def mix(name: str, arr: np.ndarray, tag: str) -> str:
         new = f"{name}_vs_fold{tag}"
@@ -240,7 +248,7 @@ def fold_concat_conv(model: onnx.ModelProto) -> tuple[onnx.ModelProto, dict[str,
         if conv.op_type != "Conv" or conv.input[1] not in inits:
             continue
         w = numpy_helper.to_array(inits[conv.input[1]]).astype(np.float32)
-        a = attrs(conv)
+        a = node_attrs(conv)
         cat = producer.get(conv.input[0])
         if (
             w.shape[2:] != (1, 1)
@@ -249,7 +257,7 @@ def fold_concat_conv(model: onnx.ModelProto) -> tuple[onnx.ModelProto, dict[str,
             or any(p != 0 for p in a.get("pads", [0, 0, 0, 0]))
             or cat is None
             or cat.op_type != "Concat"
-            or attrs(cat).get("axis") != 1
+            or node_attrs(cat).get("axis") != 1
             or not only_use(cat.output[0])
         ):
             continue
@@ -266,7 +274,7 @@ def fold_concat_conv(model: onnx.ModelProto) -> tuple[onnx.ModelProto, dict[str,
             f = w[:, start : start + width, 0, 0]  # (out, width)
             start += width
             wm = numpy_helper.to_array(inits[mm.input[1]]).astype(np.float32)
-            trans_b = mm.op_type == "Gemm" and attrs(mm).get("transB", 0)
+            trans_b = mm.op_type == "Gemm" and node_attrs(mm).get("transB", 0)
             mm.input[1] = mix(mm.input[1], f @ wm if trans_b else wm @ f.T, str(folded))
             bias_in = (
                 add.input if add is not None else (mm.input if len(mm.input) > 2 and mm.input[2] else None)
@@ -328,7 +336,6 @@ def channels_last_tail(model: onnx.ModelProto) -> tuple[onnx.ModelProto, dict[st
     producer, consumers = _links(g)
     outputs = {o.name for o in g.output}
     shapes = _shapes(g)
-    attrs = lambda n: {a.name: helper.get_attribute_value(a) for a in n.attribute}  # noqa: E731
 
     def only_use(t: str) -> bool:
         return len(consumers.get(t, [])) == 1 and t not in outputs
@@ -337,7 +344,7 @@ def channels_last_tail(model: onnx.ModelProto) -> tuple[onnx.ModelProto, dict[st
         return numpy_helper.to_array(inits[name]) if name in inits else None
 
     def to_nhwc(n: onnx.NodeProto) -> bool:
-        return n.op_type == "Transpose" and list(attrs(n).get("perm", [])) == [0, 3, 1, 2]
+        return n.op_type == "Transpose" and list(node_attrs(n).get("perm", [])) == [0, 3, 1, 2]
 
     def branch(t: str) -> tuple[onnx.NodeProto | None, onnx.NodeProto] | None:
         """(Resize or None, Transpose NHWC->NCHW) feeding the Sum input `t`."""
@@ -346,7 +353,7 @@ def channels_last_tail(model: onnx.ModelProto) -> tuple[onnx.ModelProto, dict[st
             return None
         if to_nhwc(n):
             return None, n
-        if n.op_type != "Resize" or attrs(n).get("mode", b"nearest") not in (b"linear", b"nearest"):
+        if n.op_type != "Resize" or node_attrs(n).get("mode", b"nearest") not in (b"linear", b"nearest"):
             return None
         if len(n.input) > 1 and n.input[1] and (r := const(n.input[1])) is not None and r.size:
             return None  # a region of interest (tf_crop_and_resize) is laid out NCHW
@@ -371,7 +378,7 @@ def channels_last_tail(model: onnx.ModelProto) -> tuple[onnx.ModelProto, dict[st
             n = cons[0]
             if n.op_type == "Conv":
                 w = const(n.input[1])
-                a = attrs(n)
+                a = node_attrs(n)
                 plain = (
                     w is not None
                     and w.ndim == 4
@@ -492,13 +499,12 @@ def channels_last_reshapes(model: onnx.ModelProto) -> tuple[onnx.ModelProto, dic
     inits = {i.name: i for i in g.initializer}
     outputs = {o.name for o in g.output}
     shapes = _shapes(g)
-    attrs = lambda n: {a.name: helper.get_attribute_value(a) for a in n.attribute}  # noqa: E731
 
     def perm(n: onnx.NodeProto) -> list[int]:
-        return list(attrs(n).get("perm", [])) if n.op_type == "Transpose" else []
+        return list(node_attrs(n).get("perm", [])) if n.op_type == "Transpose" else []
 
     def target(n: onnx.NodeProto) -> np.ndarray | None:
-        if n.op_type != "Reshape" or n.input[1] not in inits or attrs(n).get("allowzero", 0):
+        if n.op_type != "Reshape" or n.input[1] not in inits or node_attrs(n).get("allowzero", 0):
             return None
         return numpy_helper.to_array(inits[n.input[1]]).astype(np.int64)
 
@@ -652,7 +658,6 @@ def fuse_attention(model: onnx.ModelProto) -> tuple[onnx.ModelProto, dict[str, A
     producer, consumers = _links(g)
     shapes = _shapes(g)
     outputs = {o.name for o in g.output}
-    attrs = lambda n: {a.name: helper.get_attribute_value(a) for a in n.attribute}  # noqa: E731
 
     def single(t: str) -> onnx.NodeProto | None:
         c = consumers.get(t, [])
@@ -674,7 +679,7 @@ def fuse_attention(model: onnx.ModelProto) -> tuple[onnx.ModelProto, dict[str, A
             s = const(n.input[1])
             ok = s is not None and s.shape == (4,) and s[0] == 1 and s[1] == 1 and s[3] > 0
             return (n.input[0], 1, int(s[3]), scale) if ok else None  # type: ignore[index]
-        if n is None or n.op_type != "Transpose" or list(attrs(n).get("perm", [])) != perm:
+        if n is None or n.op_type != "Transpose" or list(node_attrs(n).get("perm", [])) != perm:
             return None
         r = producer.get(n.input[0])
         s = const(r.input[1]) if r is not None and r.op_type == "Reshape" else None
@@ -698,10 +703,10 @@ def fuse_attention(model: onnx.ModelProto) -> tuple[onnx.ModelProto, dict[str, A
                 return int(c.shape[-1])
         return None
 
-    fused: list[tuple[onnx.NodeProto, list[onnx.NodeProto]]] = []
+    fused: dict[str, list[onnx.NodeProto]] = {}  # nodes to insert before the Reshape of that name
     drop: set[str] = set()
     for sm in g.node:
-        if sm.op_type != "Softmax" or attrs(sm).get("axis", -1) not in (-1, 3):
+        if sm.op_type != "Softmax" or node_attrs(sm).get("axis", -1) not in (-1, 3):
             continue
         qk = producer.get(sm.input[0])
         pv = single(sm.output[0])
@@ -724,7 +729,7 @@ def fuse_attention(model: onnx.ModelProto) -> tuple[onnx.ModelProto, dict[str, A
             out_t, out_r = None, out_t
         else:
             out_r = single(out_t.output[0])
-            if list(attrs(out_t).get("perm", [])) != [0, 2, 1, 3] or out_r is None:
+            if list(node_attrs(out_t).get("perm", [])) != [0, 2, 1, 3] or out_r is None:
                 continue
         if out_r.op_type != "Reshape":
             continue
@@ -749,18 +754,14 @@ def fuse_attention(model: onnx.ModelProto) -> tuple[onnx.ModelProto, dict[str, A
         )
         # the Reshape after the attention reads [1, N, width] where it read [1, N, heads, head size]
         out_r.input[0] = mha_out
-        fused.append((out_r, nodes))
+        fused[out_r.name] = nodes
         drop.update({sm.name, qk.name, pv.name} | ({out_t.name} if out_t is not None else set()))
     if not fused:
         return model, {"attention_fused": 0}
-    by_name = {r.name: nodes for r, nodes in fused}
     new = []
     for n in g.node:
-        if n.name in drop:
-            continue
-        if n.name in by_name:
-            new.extend(by_name[n.name])
-        new.append(n)
+        if n.name not in drop:
+            new.extend(fused.get(n.name, []) + [n])
     # the q/k/v head splits and scaling Muls are no longer read: drop them (repeat until none)
     while True:
         read = {i for n in new for i in n.input} | outputs

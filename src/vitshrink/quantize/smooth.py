@@ -25,17 +25,23 @@ import onnx
 from onnx import numpy_helper
 
 from ..artifacts import atomic_path
-from ._common import channel_absmax, copy_metadata, input_spec, load_onnx, prepare_calib, rel_error, run
+from ._common import (
+    channel_absmax,
+    copy_metadata,
+    input_spec,
+    load_onnx,
+    node_attrs,
+    prepare_calib,
+    rel_error,
+    run,
+)
 
 # Ops that read a tensor's shape only: scaling channels cannot change what they compute.
 _SHAPE_ONLY = {"Shape", "Size"}
 
 
 def _attr(node: onnx.NodeProto, name: str, default: Any) -> Any:
-    for a in node.attribute:
-        if a.name == name:
-            return onnx.helper.get_attribute_value(a)
-    return default
+    return node_attrs(node).get(name, default)
 
 
 def _rank(model: onnx.ModelProto, name: str) -> int | None:
