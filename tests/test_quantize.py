@@ -13,6 +13,7 @@ import tempfile
 import warnings
 from collections.abc import Iterator
 from pathlib import Path
+from types import SimpleNamespace
 
 import numpy as np
 import onnx
@@ -519,7 +520,14 @@ def test_segformer_decoder_fuse_conv_folds_into_the_stage_linears(tmp_path: Path
     assert np.linalg.norm(run(tmp_path / "mha.onnx", x) - before) / np.linalg.norm(before) < 1e-5
     q8 = quantize_onnx(src, tmp_path / "q8.onnx", mode="int8-dynamic", quiet=True)
     assert q8["rewrites"]["attention_fused"] == n_attn  # int8 for CPU: an onnxruntime model
-    assert "MultiHeadAttention" in [n.op_type for n in onnx.load(str(tmp_path / "q8.onnx")).graph.node]
+    # ... whose attention then runs as int8 products (no MultiHeadAttention left)
+    q8_ops = [n.op_type for n in onnx.load(str(tmp_path / "q8.onnx")).graph.node]
+    assert q8["attention_int8"] == n_attn and "MultiHeadAttention" not in q8_ops
+    assert q8_ops.count("MatMulIntegerToFloat") == 2 * n_attn
+    assert "attention" in q8["settings_chosen"]
+    # the stages' last residual + norm stay out of onnxruntime's SkipLayerNormalization
+    assert q8["rewrites"]["residual_norms_2d"] >= 2
+    assert "SkipLayerNormalization" not in _ort_ops(tmp_path / "q8.onnx")
     report = quantize_onnx(src, tmp_path / "f16.onnx", mode="fp16", quiet=True)
     assert "attention_fused" not in report["rewrites"]  # fp16 (GPU / TensorRT) stays standard ONNX
     assert report["rewrites"]["concat_conv_folded"] == 1
@@ -604,3 +612,117 @@ def test_sum_becomes_a_tree_of_adds(tmp_path: Path, k: int) -> None:
     feeds = {n: np.full((2, 3), 10.0**i, np.float32) for i, n in enumerate(names)}
     got = ort.InferenceSession(str(tmp_path / "t.onnx"), providers=["CPUExecutionProvider"]).run(None, feeds)
     assert np.array_equal(got[0], sum(feeds.values()))
+
+
+def _attention_model(n: int, m: int, width: int, heads: int) -> onnx.ModelProto:
+    from onnx import TensorProto, helper
+
+    ins = [
+        helper.make_tensor_value_info(t, TensorProto.FLOAT, [1, k, width])
+        for t, k in (("q", n), ("k", m), ("v", m))
+    ]
+    y = helper.make_tensor_value_info("y", TensorProto.FLOAT, [1, n, width])
+    node = helper.make_node(
+        "MultiHeadAttention", ["q", "k", "v"], ["y"], name="attn", domain="com.microsoft", num_heads=heads
+    )
+    return helper.make_model(
+        helper.make_graph([node], "g", ins, [y]),
+        opset_imports=[helper.make_opsetid("", 17), helper.make_opsetid("com.microsoft", 1)],
+    )
+
+
+@pytest.mark.parametrize("heads", [1, 2])
+def test_int8_attention_matches_float_attention(tmp_path: Path, heads: int) -> None:
+    # trained-like attention (each query close to one key): int8 products stay within a few percent
+    from vitshrink.quantize.attention import attention_nodes, quantize_attention
+
+    n, m, width = 64, 16, 8 * heads
+    model = _attention_model(n, m, width, heads)
+    q8, count = quantize_attention(model, attention_nodes(model))
+    assert count == 1 and "MultiHeadAttention" not in [x.op_type for x in q8.graph.node]
+    rng = np.random.default_rng(0)
+    k = rng.standard_normal((1, m, width)).astype(np.float32)
+    feeds = {
+        "q": (2 * k[:, rng.integers(0, m, n)] + 0.5 * rng.standard_normal((1, n, width))).astype(np.float32),
+        "k": k,
+        "v": rng.standard_normal((1, m, width)).astype(np.float32),
+    }
+    sess = lambda mm: ort.InferenceSession(mm.SerializeToString(), providers=["CPUExecutionProvider"])  # noqa: E731
+    ref, got = sess(model).run(None, feeds)[0], sess(q8).run(None, feeds)[0]
+    assert got.shape == ref.shape == (1, n, width)
+    assert 0 < np.linalg.norm(got - ref) / np.linalg.norm(ref) < 0.05
+    # all-zero keys and values (a dead head): zeros out, not 0 / 0
+    zeros = {**feeds, "k": np.zeros_like(k), "v": np.zeros_like(k)}
+    assert np.array_equal(sess(q8).run(None, zeros)[0], np.zeros_like(ref))
+    # 7-bit k / v for x86 without VNNI (16-bit pair sums would saturate with full-range operands)
+    for reduce, qmax in ((False, 127), (True, 63)):
+        q, _ = quantize_attention(model, ["attn"], reduce_range=reduce)
+        q.graph.output.extend([onnx.helper.make_tensor_value_info("attn_q8_k", onnx.TensorProto.INT8, None)])
+        kq = sess(q).run(["attn_q8_k"], feeds)[0]
+        assert np.abs(kq.astype(int)).max() == qmax
+    # a second pass adds nothing; names it does not know are left alone
+    assert quantize_attention(q8, ["attn"])[1] == 0 and quantize_attention(model, ["other"])[1] == 0
+
+
+def test_int8_attention_is_a_fallback_unit(tmp_path: Path) -> None:
+    # each attention node is a candidate of the int8 builders: kept float when excluded
+    from vitshrink.quantize.builders import Builder
+
+    path = tmp_path / "attn.onnx"
+    onnx.save(_attention_model(32, 8, 16, 2), str(path))
+    ctx = SimpleNamespace(
+        work=tmp_path,
+        target="cpu",
+        vit_aware=True,
+        per_channel=True,
+        reduce_range=False,
+        calib_method="minmax",
+    )
+    ctx.path = lambda kind: tmp_path / f"{kind}.onnx"
+    b = Builder("int8-dynamic", path, ctx)
+    assert b.attention == ["attn"] and "attn" in b.candidates
+    ops = lambda p: [x.op_type for x in onnx.load(str(p)).graph.node]  # noqa: E731
+    assert "MatMulIntegerToFloat" in ops(b.build())
+    assert ops(b.build(excluded=["attn"])) == ["MultiHeadAttention"]
+    ctx.target = "tensorrt"  # TensorRT builds never see onnxruntime's attention op rewritten
+    assert Builder("int8-static", path, ctx).attention == []
+
+
+def test_residual_norm_runs_2d_outside_skip_layernorm(tmp_path: Path) -> None:
+    # Add -> LayerNorm (sum used by the norm only) on 3-D tokens: onnxruntime would make it a
+    # SkipLayerNormalization; rewritten 2-D it stays Add + LayerNorm, with the same output
+    from onnx import TensorProto, helper, numpy_helper
+
+    from vitshrink.quantize.rewrites import residual_norms_2d
+
+    shape = [1, 64, 8]
+    ins = [helper.make_tensor_value_info(t, TensorProto.FLOAT, shape) for t in ("a", "b")]
+    outs = [helper.make_tensor_value_info(t, TensorProto.FLOAT, shape) for t in ("y", "z")]
+    inits = [
+        numpy_helper.from_array(np.linspace(0.5, 2, 8).astype(np.float32), "g"),
+        numpy_helper.from_array(np.linspace(-1, 1, 8).astype(np.float32), "beta"),
+    ]
+    nodes = [
+        helper.make_node("Add", ["a", "b"], ["s"], name="add"),
+        helper.make_node("LayerNormalization", ["s", "g", "beta"], ["y"], name="ln", axis=-1, epsilon=1e-6),
+        # a sum that is also used elsewhere keeps onnxruntime's fast fused form: left alone
+        helper.make_node("Add", ["y", "b"], ["s2"], name="add2"),
+        helper.make_node("LayerNormalization", ["s2", "g", "beta"], ["t"], name="ln2", axis=-1),
+        helper.make_node("Add", ["t", "s2"], ["z"], name="add3"),
+    ]
+    model = helper.make_model(
+        helper.make_graph(nodes, "g", ins, outs, inits), opset_imports=[helper.make_opsetid("", 17)]
+    )
+    model = onnx.shape_inference.infer_shapes(model)
+    new, info = residual_norms_2d(model)
+    assert info == {"residual_norms_2d": 1}
+    onnx.save(model, str(tmp_path / "before.onnx"))
+    onnx.save(new, str(tmp_path / "after.onnx"))
+    skips = _ort_ops(tmp_path / "before.onnx").count("SkipLayerNormalization")
+    assert skips >= 1 and _ort_ops(tmp_path / "after.onnx").count("SkipLayerNormalization") == skips - 1
+    assert [n for n in new.graph.node if n.name in ("add2", "ln2", "add3")] == list(model.graph.node)[2:]
+    rng = np.random.default_rng(0)
+    feeds = {t: rng.standard_normal(shape).astype(np.float32) for t in ("a", "b")}
+    run_ = lambda p: ort.InferenceSession(str(p), providers=["CPUExecutionProvider"]).run(None, feeds)  # noqa: E731
+    for ref, got in zip(run_(tmp_path / "before.onnx"), run_(tmp_path / "after.onnx")):
+        assert got.shape == ref.shape and np.allclose(got, ref, atol=1e-5)

@@ -19,6 +19,7 @@ import onnx
 from ..errors import ModelError
 from ..progress import progress
 from ._common import Ctx, input_spec, node_attrs, ort_quiet, weight_nodes
+from .attention import attention_nodes, quantize_attention
 from .rewrites import gemm_to_matmul
 
 FLOAT_REASONS = {
@@ -147,6 +148,11 @@ class Builder:
                 n.name for n in model.graph.node if n.op_type not in NAIVE_SKIP and n.op_type in qdq_ops()
             ]
             self.op_types = None
+        # Attention (onnxruntime's MultiHeadAttention, fused for CPU int8 only) has no weights for
+        # onnxruntime.quantization; quantize_attention rewrites each chosen one as int8 products, and
+        # each is a unit the sensitivity fallback can keep in float.
+        self.attention = attention_nodes(model) if ctx.vit_aware and ctx.target == "cpu" else []
+        self.candidates += self.attention
         if ctx.vit_aware:
             for op in sorted(present & FLOAT_REASONS.keys()):
                 self.kept_ops[op] = FLOAT_REASONS[op]
@@ -156,20 +162,28 @@ class Builder:
     def build(self, excluded: Iterable[str] = (), only: list[str] | None = None) -> Path:
         excluded = set(excluded)
         chosen = only if only is not None else [c for c in self.candidates if c not in excluded]
+        attention = [c for c in chosen if c in self.attention]
         out = self.ctx.path(self.kind)
+        self._build_weights(out, [c for c in chosen if c not in self.attention], only is not None)
+        if attention:
+            model, _ = quantize_attention(onnx.load(str(out)), attention, reduce_range=self.ctx.reduce_range)
+            onnx.save(model, str(out))
+        return out
+
+    def _build_weights(self, out: Path, chosen: list[str], only: bool) -> None:
+        """onnxruntime.quantization's part: the weight nodes in `chosen`, everything else float."""
         if not chosen:  # ORT reads an empty nodes_to_quantize as "all"; nothing to quantize = the float model
             shutil.copyfile(self.src, out)
-            return out
+            return
         # Explicit node lists keep ORT from quantizing anything we did not choose (e.g. attention MatMuls,
         # which its QDQ path quantizes even with MatMulConstBOnly).
-        limit = chosen if (self.ctx.vit_aware or only is not None) else []
-        exclude = [] if limit else sorted(excluded)
+        limit = chosen if (self.ctx.vit_aware or only) else []
+        exclude = [] if limit else sorted(set(self.candidates) - set(chosen))
         try:
             self._build(out, limit, exclude)
         except Exception as e:  # noqa: BLE001 - ORT raises many types; report one line, keep the chain
             first = (str(e).strip().splitlines() or [type(e).__name__])[0][:200]
             raise ModelError(f"onnxruntime could not build the {self.kind} model: {first}") from e
-        return out
 
     def _build(self, out: Path, limit: list[str], exclude: list[str]) -> None:
         with ort_quiet():

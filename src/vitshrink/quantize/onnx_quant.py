@@ -73,6 +73,7 @@ from .rewrites import (  # noqa: F401 - some re-exported
     preprocess,
     random_input,
     record_int8_target,
+    residual_norms_2d,
     sums_to_adds,
 )
 from .sensitivity import MAX_SENSITIVITY_UNITS, SENSITIVITY_SAMPLES, guarantee  # noqa: F401
@@ -287,11 +288,12 @@ def _exact_rewrites(
     the same: 1x1 Convs over a Concat folded into the Linears feeding it (rewrites.fold_concat_conv),
     token <-> map conversions as 4-D transposes onnxruntime cancels (rewrites.channels_last_reshapes),
     a decoder's upsample-and-sum tail run channels-last (rewrites.channels_last_tail), and its Sum as
-    Adds onnxruntime runs multi-threaded (rewrites.sums_to_adds); with `fuse_mha`, attention as
+    Adds onnxruntime runs multi-threaded (rewrites.sums_to_adds), residual Add + LayerNorm pairs kept
+    out of onnxruntime's slow SkipLayerNorm form (rewrites.residual_norms_2d); with `fuse_mha`, attention as
     onnxruntime's MultiHeadAttention (rewrites.fuse_attention, an onnxruntime-only op)."""
     model = onnx.load(str(pre))
     new, counts = model, {}
-    steps = [fold_concat_conv, channels_last_reshapes, channels_last_tail, sums_to_adds]
+    steps = [fold_concat_conv, channels_last_reshapes, channels_last_tail, sums_to_adds, residual_norms_2d]
     for rewrite in steps + ([fuse_attention] if fuse_mha else []):
         new, info = rewrite(new)
         counts.update(info)
@@ -534,6 +536,7 @@ def _int8(mode: str, pre: Path, ctx: Ctx, max_drop: float | None) -> tuple[Path,
             ),
             "weights": ("int8 (7-bit range) " if ctx.reduce_range else "int8 ")
             + ("per-channel" if ctx.per_channel else "per-tensor"),
+            **({"attention": ATTENTION_SETTING} if builder.attention else {}),
             **(
                 {"target_cpu": ctx.target_cpu, "target_cpu_note": int8_note(ctx.target_cpu)}
                 if ctx.target == "cpu"
@@ -541,6 +544,7 @@ def _int8(mode: str, pre: Path, ctx: Ctx, max_drop: float | None) -> tuple[Path,
             ),
         },
         quantized_nodes=len(builder.candidates) - len(best["fallback"]),
+        attention_int8=len([a for a in builder.attention if a not in best["fallback"]]),
         kept_float={"op_types": builder.kept_ops, "nodes": kept_nodes},
         candidates=[
             {
@@ -557,6 +561,9 @@ def _int8(mode: str, pre: Path, ctx: Ctx, max_drop: float | None) -> tuple[Path,
     return best["path"], extra
 
 
+ATTENTION_SETTING = (
+    "QK^T and PV as int8 products (q, softmax output uint8; k, v int8 symmetric; ranges per run)"
+)
 CONV_NOTE_SHARE = 0.1  # below this share of the weight multiply-adds, float Convs cost little
 
 
