@@ -726,3 +726,16 @@ def test_residual_norm_runs_2d_outside_skip_layernorm(tmp_path: Path) -> None:
     run_ = lambda p: ort.InferenceSession(str(p), providers=["CPUExecutionProvider"]).run(None, feeds)  # noqa: E731
     for ref, got in zip(run_(tmp_path / "before.onnx"), run_(tmp_path / "after.onnx")):
         assert got.shape == ref.shape and np.allclose(got, ref, atol=1e-5)
+
+
+def test_int8_attention_leaves_no_unused_initializers() -> None:
+    # onnxruntime warns about every initializer no node reads: one and several heads, both ranges
+    from vitshrink.quantize.attention import quantize_attention
+
+    for heads in (1, 2):
+        for reduce in (False, True):
+            q8, _ = quantize_attention(
+                _attention_model(16, 4, 4 * heads, heads), ["attn"], reduce_range=reduce
+            )
+            read = {i for n in q8.graph.node for i in n.input}
+            assert [i.name for i in q8.graph.initializer if i.name not in read] == []

@@ -75,8 +75,8 @@ def quantize_attention(
         done += 1
     del g.node[:]
     g.node.extend(nodes)
-    have = {i.name for i in g.initializer}
-    g.initializer.extend(numpy_helper.from_array(v, k) for k, v in CONSTS.items() if k not in have)
+    used = {i for n in nodes for i in n.input} - {i.name for i in g.initializer}
+    g.initializer.extend(numpy_helper.from_array(v, k) for k, v in CONSTS.items() if k in used)
     return model, done
 
 
@@ -113,7 +113,7 @@ def _int8_attention(
         return f"{p}_{name}"
 
     split = const("split", np.array([1, -1, heads, d], np.int64))
-    one_head = const("one_head", np.array([1, 1, -1, d], np.int64))
+    one_head = const("one_head", np.array([1, 1, -1, d], np.int64)) if heads == 1 else ""
     merge = const("merge", np.array([1, -1, width], np.int64))
 
     def per_head(src: str, t: str, perm: list[int]) -> list[onnx.NodeProto]:
