@@ -12,8 +12,8 @@ does this for an attention op, hence this rewrite, in standard onnxruntime ops:
 
 uint8 x int8 is the operand pair onnxruntime's VNNI / AVX2 int8 GEMMs take (uint8 x uint8 runs
 through 16-bit products at half the speed). Every range is computed at run time or known, so no
-calibration data is needed and no value is clipped. Each attention node is a unit the sensitivity fallback
-can keep in float.
+calibration data is needed and no value is clipped. Each attention node is a unit the sensitivity
+fallback can keep in float.
 """
 
 from __future__ import annotations
