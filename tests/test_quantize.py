@@ -443,6 +443,13 @@ def test_mixed_int8_quantizes_convs_that_dynamic_keeps_float(tmp_path: Path) -> 
     assert {"MatMulInteger", "QuantizeLinear", "DequantizeLinear"} <= ops or "DynamicQuantizeMatMul" in ops
     ref = run(src, calib[0])
     assert agree(ref, run(tmp_path / "m.onnx", calib[0])) >= 0.9
+    # depthwise convs are int8 too (channels-last: no float Conv, no NCHWc reorders), and the GELU
+    # after each stays one op despite the quantize pair in front of it
+    n_erf = [n.op_type for n in onnx.load(str(src)).graph.node].count("Erf")
+    optimised = _ort_ops(tmp_path / "m.onnx")
+    assert "Conv" not in optimised and "ReorderInput" not in optimised
+    assert n_erf >= 2 and mixed["rewrites"]["gelu_fused"] == n_erf
+    assert optimised.count("Gelu") == n_erf and "Erf" not in optimised
     # "int8" measures the mixed path alongside dynamic and static
     auto = quantize_onnx(src, tmp_path / "a.onnx", mode="int8", calib=calib, quiet=True)
     assert {c["kind"] for c in auto["candidates"]} == {"int8-dynamic", "int8-static", "int8-mixed"}
@@ -739,3 +746,41 @@ def test_int8_attention_leaves_no_unused_initializers() -> None:
             )
             read = {i for n in q8.graph.node for i in n.input}
             assert [i.name for i in q8.graph.initializer if i.name not in read] == []
+
+
+@pytest.mark.parametrize("form", ["div", "mul"])
+def test_erf_gelu_becomes_one_op(tmp_path: Path, form: str) -> None:
+    from onnx import TensorProto, helper, numpy_helper
+
+    from vitshrink.quantize.rewrites import fuse_gelu
+
+    c = {"div": ("Div", 2**0.5), "mul": ("Mul", 2**-0.5)}[form]
+    inits = [
+        numpy_helper.from_array(np.array(c[1], np.float32), "c"),
+        numpy_helper.from_array(np.array(1.0, np.float32), "one"),
+        numpy_helper.from_array(np.array(0.5, np.float32), "half"),
+        numpy_helper.from_array(np.array(2.0, np.float32), "two"),
+    ]
+
+    def gelu(x: str, y: str, tag: str, one: str = "one") -> list[onnx.NodeProto]:
+        return [
+            helper.make_node(c[0], [x, "c"], [f"{tag}d"], name=f"{tag}d"),
+            helper.make_node("Erf", [f"{tag}d"], [f"{tag}e"], name=f"{tag}e"),
+            helper.make_node("Add", [f"{tag}e", one], [f"{tag}a"], name=f"{tag}a"),
+            helper.make_node("Mul", [x, f"{tag}a"], [f"{tag}m"], name=f"{tag}m"),
+            helper.make_node("Mul", [f"{tag}m", "half"], [y], name=f"{tag}h"),
+        ]
+
+    # the second is not a GELU (1 + erf is 2 + erf): left alone
+    nodes = gelu("x", "y", "g") + gelu("y", "z", "n", one="two")
+    x = helper.make_tensor_value_info("x", TensorProto.FLOAT, [4, 8])
+    z = helper.make_tensor_value_info("z", TensorProto.FLOAT, [4, 8])
+    model = helper.make_model(
+        helper.make_graph(nodes, "g", [x], [z], inits), opset_imports=[helper.make_opsetid("", 17)]
+    )
+    new, info = fuse_gelu(model)
+    assert info == {"gelu_fused": 1}
+    assert [n.op_type for n in new.graph.node] == ["Gelu", c[0], "Erf", "Add", "Mul", "Mul"]
+    feeds = {"x": np.linspace(-4, 4, 32, dtype=np.float32).reshape(4, 8)}
+    sess = lambda m: ort.InferenceSession(m.SerializeToString(), providers=["CPUExecutionProvider"])  # noqa: E731
+    assert np.allclose(sess(new).run(None, feeds)[0], sess(model).run(None, feeds)[0], atol=1e-6)

@@ -18,7 +18,7 @@ import onnx
 
 from ..errors import ModelError
 from ..progress import progress
-from ._common import Ctx, input_spec, node_attrs, ort_quiet, weight_nodes
+from ._common import Ctx, input_spec, ort_quiet, weight_nodes
 from .attention import attention_nodes, quantize_attention
 from .rewrites import gemm_to_matmul
 
@@ -34,10 +34,6 @@ FLOAT_REASONS = {
 ACT_MATMUL_REASON = "activation x activation MatMul (attention QK^T / PV): no weights to shrink, softmax inputs lose precision"
 CONV_DYNAMIC_REASON = (
     "onnxruntime's dynamic ConvInteger runs slower than float Conv (measured 2.4x on UperNet-Swin)"
-)
-DEPTHWISE_REASON = (
-    "depthwise conv: a few multiply-adds per output, nothing for int8 to gain; its quantize pair would"
-    " keep onnxruntime from fusing the GELU after it (SegFormer's Mix-FFN)"
 )
 GEMM_DYNAMIC_REASON = "onnxruntime has no dynamic-int8 Gemm kernel (classifier head stays float)"
 NAIVE_SKIP = {
@@ -57,15 +53,6 @@ NAIVE_SKIP = {
     "MaxPool",
     "Resize",
 }
-
-
-def _depthwise(node: onnx.NodeProto, model: onnx.ModelProto) -> bool:
-    """A Conv with one input channel per group (its weight is [C, 1, kh, kw] and group == C > 1)."""
-    if node.op_type != "Conv":
-        return False
-    group = node_attrs(node).get("group", 1)
-    w = next((i for i in model.graph.initializer if i.name == node.input[1]), None)
-    return group > 1 and w is not None and len(w.dims) == 4 and w.dims[1] == 1 and w.dims[0] == group
 
 
 class CalibReader:
@@ -131,11 +118,11 @@ class Builder:
             if kind == "int8-mixed":
                 # Dynamic int8 MatMuls plus static QDQ Convs (fused to QLinearConv): conv-heavy models
                 # (SegFormer / UperNet) keep dynamic int8's speed without float conv weights.
+                # Depthwise convs too: onnxruntime runs a float one in its blocked NCHWc layout, with
+                # reorders in and out that cost more than the conv and scale poorly to 2 threads;
+                # int8 runs channels-last (SegFormer-B0 at 512 px: 50 -> 46 ms at 2 threads). Their
+                # quantize pair no longer blocks the GELU after them (rewrites.fuse_gelu).
                 self.convs = {n.name for n in weights if n.op_type == "Conv"}
-                depthwise = {n.name for n in weights if _depthwise(n, model)}
-                if depthwise and ctx.vit_aware:
-                    self.convs -= depthwise
-                    self.kept_ops[f"Conv x{len(depthwise)} (depthwise)"] = DEPTHWISE_REASON
                 self.candidates += sorted(self.convs)
             elif "Conv" in present and ctx.vit_aware:
                 self.kept_ops["Conv"] = CONV_DYNAMIC_REASON

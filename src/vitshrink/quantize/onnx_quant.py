@@ -69,6 +69,7 @@ from .rewrites import (  # noqa: F401 - some re-exported
     channels_last_tail,
     fold_concat_conv,
     fuse_attention,
+    fuse_gelu,
     gemm_to_matmul,
     preprocess,
     random_input,
@@ -261,7 +262,7 @@ def _context(
     preprocess(src, pre, original, say)
     # int8 for CPU is an onnxruntime model anyway; fp16 and TensorRT builds stay standard ONNX
     ort_only = mode != "fp16" and settings["target"] == "cpu"
-    rewrites = _exact_rewrites(pre, batches, say, fuse_mha=ort_only) if settings["vit_aware"] else {}
+    rewrites = _exact_rewrites(pre, batches, say, ort_ops=ort_only) if settings["vit_aware"] else {}
     ref = outputs(pre, batches, work / "ref" if not generated else None) if batches else None
     ctx = Ctx(
         work, batches, ref, eval_fn, None, say=say, quiet=quiet, generated=generated, pre=pre, **settings
@@ -282,19 +283,20 @@ FOLD_TOL = 1e-4  # relative output change allowed for an exact-in-float rewrite 
 
 
 def _exact_rewrites(
-    pre: Path, batches: Sequence[np.ndarray], say: Callable[[str], None], *, fuse_mha: bool = False
+    pre: Path, batches: Sequence[np.ndarray], say: Callable[[str], None], *, ort_ops: bool = False
 ) -> dict[str, Any]:
     """Graph rewrites that are exact in float, in place in `pre`, kept only if the float output stays
     the same: 1x1 Convs over a Concat folded into the Linears feeding it (rewrites.fold_concat_conv),
     token <-> map conversions as 4-D transposes onnxruntime cancels (rewrites.channels_last_reshapes),
     a decoder's upsample-and-sum tail run channels-last (rewrites.channels_last_tail), and its Sum as
     Adds onnxruntime runs multi-threaded (rewrites.sums_to_adds), residual Add + LayerNorm pairs kept
-    out of onnxruntime's slow SkipLayerNorm form (rewrites.residual_norms_2d); with `fuse_mha`, attention as
-    onnxruntime's MultiHeadAttention (rewrites.fuse_attention, an onnxruntime-only op)."""
+    out of onnxruntime's slow SkipLayerNorm form (rewrites.residual_norms_2d); with `ort_ops`, attention
+    and GELU as onnxruntime's MultiHeadAttention and Gelu (rewrites.fuse_attention / fuse_gelu,
+    onnxruntime-only ops)."""
     model = onnx.load(str(pre))
     new, counts = model, {}
     steps = [fold_concat_conv, channels_last_reshapes, channels_last_tail, sums_to_adds, residual_norms_2d]
-    for rewrite in steps + ([fuse_attention] if fuse_mha else []):
+    for rewrite in steps + ([fuse_attention, fuse_gelu] if ort_ops else []):
         new, info = rewrite(new)
         counts.update(info)
     counts["concat_conv_folded"] = counts.pop("folded")

@@ -840,3 +840,72 @@ def residual_norms_2d(model: onnx.ModelProto) -> tuple[onnx.ModelProto, dict[str
     if replace:
         _splice(g, replace, removed)
     return model, {"residual_norms_2d": len(replace)}
+
+
+def fuse_gelu(model: onnx.ModelProto) -> tuple[onnx.ModelProto, dict[str, Any]]:
+    """Write the exported erf GELU, x * 0.5 * (1 + erf(x / sqrt 2)), as onnxruntime's Gelu (com.microsoft).
+
+    onnxruntime fuses the five ops itself, but only while x feeds exactly the Div and the Mul: a
+    quantize pair in front (a static int8 depthwise conv before SegFormer's GELU) makes its QDQ
+    pass duplicate the DequantizeLinear and the fusion fails, leaving five elementwise passes over the
+    largest activation of the block. Fused before quantizing, the GELU stays one op. Exact (the same
+    function); onnxruntime-only, like `fuse_attention`.
+    """
+    from onnx import helper, numpy_helper
+
+    model = onnx.ModelProto.FromString(model.SerializeToString())
+    g = model.graph
+    producer, consumers = _links(g)
+    outputs = {o.name for o in g.output}
+    consts = {i.name: i for i in g.initializer}
+
+    def scalar(name: str) -> float | None:
+        if name not in consts:
+            return None
+        a = numpy_helper.to_array(consts[name])
+        return float(a.reshape(())) if a.size == 1 else None
+
+    def only(t: str) -> onnx.NodeProto | None:
+        c = consumers.get(t, [])
+        return c[0] if len(c) == 1 and t not in outputs else None
+
+    def other(n: onnx.NodeProto, t: str) -> str:
+        return n.input[1] if n.input[0] == t else n.input[0]
+
+    replace: dict[str, list[onnx.NodeProto]] = {}
+    removed: set[str] = set()
+    for erf in g.node:
+        if erf.op_type != "Erf":
+            continue
+        pre = producer.get(erf.input[0])
+        if pre is None or only(pre.output[0]) is not erf:
+            continue
+        c = scalar(pre.input[1])
+        if c is None or not (
+            (pre.op_type == "Div" and abs(c - 2**0.5) < 1e-4)
+            or (pre.op_type == "Mul" and abs(c - 2**-0.5) < 1e-4)
+        ):
+            continue
+        x = pre.input[0]
+        add = only(erf.output[0])
+        if add is None or add.op_type != "Add" or scalar(other(add, erf.output[0])) != 1.0:
+            continue
+        mul = only(add.output[0])
+        if mul is None or mul.op_type != "Mul" or other(mul, add.output[0]) != x:
+            continue
+        half = only(mul.output[0])
+        if half is None or half.op_type != "Mul" or scalar(other(half, mul.output[0])) != 0.5:
+            continue
+        if not all(n.name for n in (pre, erf, add, mul, half)):  # spliced by name
+            continue
+        replace[half.name] = [
+            helper.make_node(
+                "Gelu", [x], [half.output[0]], name=f"{erf.name}_vs_gelu", domain="com.microsoft"
+            )
+        ]
+        removed.update({pre.name, erf.name, add.name, mul.name})
+    if replace:
+        _splice(g, replace, removed)
+        if not any(o.domain == "com.microsoft" for o in model.opset_import):
+            model.opset_import.append(helper.make_opsetid("com.microsoft", 1))
+    return model, {"gelu_fused": len(replace)}
