@@ -815,26 +815,24 @@ def residual_norms_2d(model: onnx.ModelProto) -> tuple[onnx.ModelProto, dict[str
             or shapes.get(b) != dims
             or None in dims
             or node_attrs(ln).get("axis", -1) not in (-1, 2)
+            or not (ln.name and add.name)  # spliced by name
         ):
             continue
         p = f"{ln.name}_vs_2d"
         flat, back = f"{p}_flat", f"{p}_shape"
         g.initializer.append(numpy_helper.from_array(np.array([-1, dims[2]], np.int64), flat))
         g.initializer.append(numpy_helper.from_array(np.array(dims, np.int64), back))
-        eps = node_attrs(ln).get("epsilon", 1e-5)
+        norm = helper.make_node(
+            "LayerNormalization", [f"{p}_sum", *ln.input[1:]], [f"{p}_norm"], name=ln.name
+        )
+        norm.attribute.extend(a for a in ln.attribute if a.name != "axis")  # epsilon, stash_type as they were
+        norm.attribute.append(helper.make_attribute("axis", -1))
         removed.add(add.name)
         replace[ln.name] = [
             helper.make_node("Reshape", [a, flat], [f"{p}_a"], name=f"{p}_a"),
             helper.make_node("Reshape", [b, flat], [f"{p}_b"], name=f"{p}_b"),
             helper.make_node("Add", [f"{p}_a", f"{p}_b"], [f"{p}_sum"], name=f"{p}_sum"),
-            helper.make_node(
-                "LayerNormalization",
-                [f"{p}_sum", *ln.input[1:]],
-                [f"{p}_norm"],
-                name=ln.name,
-                axis=-1,
-                epsilon=eps,
-            ),
+            norm,
             helper.make_node("Reshape", [f"{p}_norm", back], [ln.output[0]], name=f"{p}_back"),
         ]
     if replace:
