@@ -527,11 +527,16 @@ def test_segformer_decoder_fuse_conv_folds_into_the_stage_linears(tmp_path: Path
     assert np.linalg.norm(run(tmp_path / "mha.onnx", x) - before) / np.linalg.norm(before) < 1e-5
     q8 = quantize_onnx(src, tmp_path / "q8.onnx", mode="int8-dynamic", quiet=True)
     assert q8["rewrites"]["attention_fused"] == n_attn  # int8 for CPU: an onnxruntime model
-    # ... whose attention then runs as int8 products (no MultiHeadAttention left)
+    # ... whose attention runs as int8 products where that measured faster than float attention
     q8_ops = [n.op_type for n in onnx.load(str(tmp_path / "q8.onnx")).graph.node]
-    assert q8["attention_int8"] == n_attn and "MultiHeadAttention" not in q8_ops
-    assert q8_ops.count("MatMulIntegerToFloat") == 2 * n_attn
-    assert "attention" in q8["settings_chosen"]
+    att = q8["attention"]
+    assert att["blocks"] == n_attn and att["int8_ms"] > 0 and att["float_ms"] > 0
+    if att["kept"] == "int8":
+        assert att["int8_ms"] < att["float_ms"] and q8["attention_int8"] == n_attn
+        assert "MultiHeadAttention" not in q8_ops and "attention" in q8["settings_chosen"]
+    else:
+        assert att["kept"] == "float" and q8["attention_int8"] == 0
+        assert q8_ops.count("MultiHeadAttention") == n_attn and "attention" not in q8["settings_chosen"]
     # the stages' last residual + norm stay out of onnxruntime's SkipLayerNormalization
     assert q8["rewrites"]["residual_norms_2d"] >= 2
     assert "SkipLayerNormalization" not in _ort_ops(tmp_path / "q8.onnx")
@@ -784,3 +789,40 @@ def test_erf_gelu_becomes_one_op(tmp_path: Path, form: str) -> None:
     feeds = {"x": np.linspace(-4, 4, 32, dtype=np.float32).reshape(4, 8)}
     sess = lambda m: ort.InferenceSession(m.SerializeToString(), providers=["CPUExecutionProvider"])  # noqa: E731
     assert np.allclose(sess(new).run(None, feeds)[0], sess(model).run(None, feeds)[0], atol=1e-6)
+
+
+@pytest.mark.parametrize(
+    ("q_ms", "f_ms", "kept"), [(8.0, 10.0, "int8"), (9.9, 10.0, "float"), (12.0, 10.0, "float")]
+)
+def test_int8_attention_stays_only_where_it_is_faster(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch, q_ms: float, f_ms: float, kept: str
+) -> None:
+    # small maps: int8 attention's extra ops cost more than its products save; the float one stays
+    from vitshrink.quantize import onnx_quant
+    from vitshrink.quantize.builders import Builder
+
+    path = tmp_path / "attn.onnx"
+    onnx.save(_attention_model(32, 8, 16, 2), str(path))
+    ctx = SimpleNamespace(
+        work=tmp_path,
+        target="cpu",
+        vit_aware=True,
+        per_channel=True,
+        reduce_range=False,
+        calib_method="minmax",
+    )
+    ctx.path = lambda kind: tmp_path / f"{kind}-{len(list(tmp_path.iterdir()))}.onnx"
+    ctx.sample, ctx.base_metric, ctx.say = np.zeros(1), 1.0, lambda m: None
+    ctx.metric = lambda p: 1.0
+    timed: list[list[str]] = []
+    monkeypatch.setattr(
+        onnx_quant, "onnx_latencies_ms", lambda paths, sample: timed.append(paths) or [q_ms, f_ms]
+    )
+    b = Builder("int8-dynamic", path, ctx)
+    best = {"path": b.build(), "metric": 0.999, "fallback": {}, "builder": b, "latency_ms": None}
+    chosen, info = onnx_quant._attention_choice(best, ctx, max_drop=0.005)
+    assert info["kept"] == kept and (info["int8_ms"], info["float_ms"]) == (q_ms, f_ms)
+    assert timed == [[best["path"], timed[0][1]]]  # the two variants, timed side by side
+    ops = [n.op_type for n in onnx.load(str(chosen["path"])).graph.node]
+    assert ("MultiHeadAttention" in ops) == (kept == "float")
+    assert len(onnx_quant._quantized_attention(chosen)) == (1 if kept == "int8" else 0)

@@ -522,6 +522,9 @@ def _int8(mode: str, pre: Path, ctx: Ctx, max_drop: float | None) -> tuple[Path,
         top = max(c["metric"] or 0 for c in pool)
         pool = [c for c in pool if (c["metric"] or 0) >= top - METRIC_TIE]
         best = min(pool, key=lambda c: file_size(c["path"]))
+    best, attention = _attention_choice(best, ctx, max_drop)
+    if attention:
+        extra["attention"] = attention
     builder = best["builder"]
     kept_nodes = {
         n: f"sensitivity-driven fallback: rel. output error {s} when quantized alone"
@@ -538,7 +541,7 @@ def _int8(mode: str, pre: Path, ctx: Ctx, max_drop: float | None) -> tuple[Path,
             ),
             "weights": ("int8 (7-bit range) " if ctx.reduce_range else "int8 ")
             + ("per-channel" if ctx.per_channel else "per-tensor"),
-            **({"attention": ATTENTION_SETTING} if builder.attention else {}),
+            **({"attention": ATTENTION_SETTING} if attention.get("kept") == "int8" else {}),
             **(
                 {"target_cpu": ctx.target_cpu, "target_cpu_note": int8_note(ctx.target_cpu)}
                 if ctx.target == "cpu"
@@ -546,7 +549,7 @@ def _int8(mode: str, pre: Path, ctx: Ctx, max_drop: float | None) -> tuple[Path,
             ),
         },
         quantized_nodes=len(builder.candidates) - len(best["fallback"]),
-        attention_int8=len([a for a in builder.attention if a not in best["fallback"]]),
+        attention_int8=len(_quantized_attention(best)),
         kept_float={"op_types": builder.kept_ops, "nodes": kept_nodes},
         candidates=[
             {
@@ -566,6 +569,42 @@ def _int8(mode: str, pre: Path, ctx: Ctx, max_drop: float | None) -> tuple[Path,
 ATTENTION_SETTING = (
     "QK^T and PV as int8 products (q, softmax output uint8; k, v int8 symmetric; ranges per run)"
 )
+# int8 attention adds ~20 small ops per block: it must beat float attention by this much (1 thread) to
+# stay. It pays on big maps (SegFormer-B0 at 512 px: 86 -> 79 ms), not on a 50-token ViT.
+ATTENTION_MIN_GAIN = 0.02
+
+
+def _quantized_attention(c: dict[str, Any]) -> list[str]:
+    return [a for a in c["builder"].attention if a not in c["fallback"] and not c.get("float_attention")]
+
+
+def _attention_choice(
+    best: dict[str, Any], ctx: Ctx, max_drop: float | None
+) -> tuple[dict[str, Any], dict[str, Any]]:
+    """Keep the chosen variant's int8 attention only where it is measurably faster than float attention
+    (and float attention where int8 would not hold max_drop, which the fallback already ensured)."""
+    quantized = _quantized_attention(best)
+    if not quantized:
+        return best, {}
+    builder = best["builder"]
+    alt = {**best, "path": builder.build(excluded=[*best["fallback"], *quantized]), "float_attention": True}
+    if ctx.sample is None:  # nothing to time it on: float attention, exact
+        alt["metric"] = ctx.metric(alt["path"])
+        return alt, {"kept": "float", "why": "no input to time it on"}
+    q_ms, f_ms = onnx_latencies_ms([best["path"], alt["path"]], ctx.sample)
+    info = {"int8_ms": q_ms, "float_ms": f_ms, "blocks": len(quantized)}
+    if q_ms < f_ms * (1 - ATTENTION_MIN_GAIN):
+        ctx.say(f"int8 attention: {q_ms:.2f} ms vs {f_ms:.2f} ms with float attention, kept")
+        return best, {**info, "kept": "int8"}
+    alt["metric"] = ctx.metric(alt["path"])
+    if max_drop is not None and not (
+        alt["metric"] is None or ctx.base_metric - alt["metric"] <= max_drop + 1e-12
+    ):
+        return best, {**info, "kept": "int8", "why": "float attention missed max_drop"}
+    ctx.say(f"int8 attention: {q_ms:.2f} ms vs {f_ms:.2f} ms with float attention, not worth it: float kept")
+    return alt, {**info, "kept": "float"}
+
+
 CONV_NOTE_SHARE = 0.1  # below this share of the weight multiply-adds, float Convs cost little
 
 
