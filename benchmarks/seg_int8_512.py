@@ -184,6 +184,7 @@ def quantize_variants(
                 "metric_after": rep.get("metric_after"),
                 "warnings": rep.get("warnings"),
                 "rewrites": rep.get("rewrites"),
+                "attention": rep.get("attention"),
                 "drop": rep.get("drop"),
             }
             record.write_text(json.dumps(q, indent=1))
