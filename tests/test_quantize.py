@@ -643,6 +643,22 @@ def _attention_model(n: int, m: int, width: int, heads: int) -> onnx.ModelProto:
     )
 
 
+def _attention_case(tmp_path: Path) -> tuple[Path, SimpleNamespace]:
+    """A one-attention model on disk and the part of a quantize context the int8 builders read."""
+    path = tmp_path / "attn.onnx"
+    onnx.save(_attention_model(32, 8, 16, 2), str(path))
+    ctx = SimpleNamespace(
+        work=tmp_path,
+        target="cpu",
+        vit_aware=True,
+        per_channel=True,
+        reduce_range=False,
+        calib_method="minmax",
+    )
+    ctx.path = lambda kind: tmp_path / f"{kind}-{len(list(tmp_path.iterdir()))}.onnx"  # a new file each build
+    return path, ctx
+
+
 @pytest.mark.parametrize("heads", [1, 2])
 def test_int8_attention_matches_float_attention(tmp_path: Path, heads: int) -> None:
     # trained-like attention (each query close to one key): int8 products stay within a few percent
@@ -680,17 +696,7 @@ def test_int8_attention_is_a_fallback_unit(tmp_path: Path) -> None:
     # each attention node is a candidate of the int8 builders: kept float when excluded
     from vitshrink.quantize.builders import Builder
 
-    path = tmp_path / "attn.onnx"
-    onnx.save(_attention_model(32, 8, 16, 2), str(path))
-    ctx = SimpleNamespace(
-        work=tmp_path,
-        target="cpu",
-        vit_aware=True,
-        per_channel=True,
-        reduce_range=False,
-        calib_method="minmax",
-    )
-    ctx.path = lambda kind: tmp_path / f"{kind}.onnx"
+    path, ctx = _attention_case(tmp_path)
     b = Builder("int8-dynamic", path, ctx)
     assert b.attention == ["attn"] and "attn" in b.candidates
     ops = lambda p: [x.op_type for x in onnx.load(str(p)).graph.node]  # noqa: E731
@@ -801,17 +807,7 @@ def test_int8_attention_stays_only_where_it_is_faster(
     from vitshrink.quantize import onnx_quant
     from vitshrink.quantize.builders import Builder
 
-    path = tmp_path / "attn.onnx"
-    onnx.save(_attention_model(32, 8, 16, 2), str(path))
-    ctx = SimpleNamespace(
-        work=tmp_path,
-        target="cpu",
-        vit_aware=True,
-        per_channel=True,
-        reduce_range=False,
-        calib_method="minmax",
-    )
-    ctx.path = lambda kind: tmp_path / f"{kind}-{len(list(tmp_path.iterdir()))}.onnx"
+    path, ctx = _attention_case(tmp_path)
     ctx.sample, ctx.base_metric, ctx.say = np.zeros(1), 1.0, lambda m: None
     ctx.metric = lambda p: 1.0
     timed: list[list[str]] = []
