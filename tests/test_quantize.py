@@ -688,6 +688,10 @@ def test_int8_attention_matches_float_attention(tmp_path: Path, heads: int) -> N
         q.graph.output.extend([onnx.helper.make_tensor_value_info("attn_q8_k", onnx.TensorProto.INT8, None)])
         kq = sess(q).run(["attn_q8_k"], feeds)[0]
         assert np.abs(kq.astype(int)).max() == qmax
+    # causal or masked attention is not what the rewrite computes: left alone
+    causal = _attention_model(n, m, width, heads)
+    causal.graph.node[0].attribute.append(onnx.helper.make_attribute("unidirectional", 1))
+    assert attention_nodes(causal) == [] and quantize_attention(causal, ["attn"])[1] == 0
     # a second pass adds nothing; names it does not know are left alone
     assert quantize_attention(q8, ["attn"])[1] == 0 and quantize_attention(model, ["other"])[1] == 0
 

@@ -43,11 +43,18 @@ INV127, INV63, MIN_SCALE, ZERO_S8, ZERO_U8, P_SCALE = CONSTS
 
 
 def attention_nodes(model: onnx.ModelProto) -> list[str]:
-    """Names of the attention nodes `quantize_attention` can rewrite (q, k, v only: no mask, no bias)."""
+    """Names of the attention nodes `quantize_attention` can rewrite: q, k, v only (no mask, no bias,
+    no past state) and no attribute beyond heads and scale (not causal), as `fuse_attention` writes."""
     return [
         n.name
         for n in model.graph.node
-        if n.op_type == MHA and n.domain == "com.microsoft" and len([i for i in n.input if i]) == 3
+        if n.op_type == MHA
+        and n.domain == "com.microsoft"
+        and n.name
+        and list(n.input) == [i for i in n.input[:3] if i]
+        and len(n.input) == 3
+        and len(n.output) == 1
+        and {a.name for a in n.attribute} <= {"num_heads", "scale"}
     ]
 
 
