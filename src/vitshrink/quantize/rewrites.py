@@ -62,6 +62,14 @@ def _links(g: onnx.GraphProto) -> tuple[dict[str, onnx.NodeProto], dict[str, lis
     return producer, consumers
 
 
+def _sole_consumer(
+    t: str, consumers: dict[str, list[onnx.NodeProto]], outputs: set[str]
+) -> onnx.NodeProto | None:
+    """The one node reading `t`, or None if several do or `t` is also a graph output."""
+    c = consumers.get(t, [])
+    return c[0] if len(c) == 1 and t not in outputs else None
+
+
 def _shapes(g: onnx.GraphProto) -> dict[str, list[int | None]]:
     """Dims shape inference recorded per tensor (None where symbolic)."""
     return {
@@ -204,7 +212,7 @@ def fold_concat_conv(model: onnx.ModelProto) -> tuple[onnx.ModelProto, dict[str,
     outputs = {o.name for o in g.output}
 
     def only_use(t: str) -> bool:
-        return len(consumers.get(t, [])) == 1 and t not in outputs
+        return _sole_consumer(t, consumers, outputs) is not None
 
     def linear_source(t: str) -> tuple[onnx.NodeProto, onnx.NodeProto | None] | None:
         """(MatMul with a constant weight, optional constant-bias Add) behind channel-wise ops."""
@@ -338,7 +346,7 @@ def channels_last_tail(model: onnx.ModelProto) -> tuple[onnx.ModelProto, dict[st
     shapes = _shapes(g)
 
     def only_use(t: str) -> bool:
-        return len(consumers.get(t, [])) == 1 and t not in outputs
+        return _sole_consumer(t, consumers, outputs) is not None
 
     def const(name: str) -> np.ndarray | None:
         return numpy_helper.to_array(inits[name]) if name in inits else None
@@ -660,8 +668,7 @@ def fuse_attention(model: onnx.ModelProto) -> tuple[onnx.ModelProto, dict[str, A
     outputs = {o.name for o in g.output}
 
     def single(t: str) -> onnx.NodeProto | None:
-        c = consumers.get(t, [])
-        return c[0] if len(c) == 1 and t not in outputs else None
+        return _sole_consumer(t, consumers, outputs)
 
     def const(name: str) -> np.ndarray | None:
         return numpy_helper.to_array(inits[name]) if name in inits else None
@@ -802,13 +809,12 @@ def residual_norms_2d(model: onnx.ModelProto) -> tuple[onnx.ModelProto, dict[str
         if ln.op_type != "LayerNormalization" or ln.domain not in ("", "ai.onnx") or len(ln.output) != 1:
             continue
         add = producer.get(ln.input[0])
-        if add is None or add.op_type != "Add" or len(consumers.get(add.output[0], [])) != 1:
+        if add is None or add.op_type != "Add" or _sole_consumer(add.output[0], consumers, outputs) is None:
             continue
         a, b = add.input
         dims = shapes.get(a)
         if (
-            add.output[0] in outputs
-            or a in inits
+            a in inits
             or b in inits
             or dims is None
             or len(dims) != 3
@@ -825,7 +831,9 @@ def residual_norms_2d(model: onnx.ModelProto) -> tuple[onnx.ModelProto, dict[str
         norm = helper.make_node(
             "LayerNormalization", [f"{p}_sum", *ln.input[1:]], [f"{p}_norm"], name=ln.name
         )
-        norm.attribute.extend(a for a in ln.attribute if a.name != "axis")  # epsilon, stash_type as they were
+        norm.attribute.extend(
+            at for at in ln.attribute if at.name != "axis"
+        )  # epsilon, stash_type as they were
         norm.attribute.append(helper.make_attribute("axis", -1))
         removed.add(add.name)
         replace[ln.name] = [
@@ -864,8 +872,7 @@ def fuse_gelu(model: onnx.ModelProto) -> tuple[onnx.ModelProto, dict[str, Any]]:
         return float(a.reshape(())) if a.size == 1 else None
 
     def only(t: str) -> onnx.NodeProto | None:
-        c = consumers.get(t, [])
-        return c[0] if len(c) == 1 and t not in outputs else None
+        return _sole_consumer(t, consumers, outputs)
 
     def other(n: onnx.NodeProto, t: str) -> str:
         return n.input[1] if n.input[0] == t else n.input[0]
