@@ -13,9 +13,10 @@ from typing import Any
 
 import numpy as np
 import torch
+import torch.nn.functional as F
 from torch import nn
 
-from .data import IGNORE_INDEX, VisionDataset, align_classes, load_dataset
+from .data import IGNORE_INDEX, align_classes, load_dataset
 from .errors import VitshrinkError
 from .progress import progress
 
@@ -48,11 +49,29 @@ class _Scorer:
         self.correct = torch.zeros(2, dtype=torch.float64)
         self.cm = torch.zeros(self.k, self.k, dtype=torch.float64)
 
-    def add(self, logits: torch.Tensor, targets: torch.Tensor) -> None:
+    def add(self, logits: torch.Tensor, targets: Any) -> None:
+        """Logits of a batch against its targets; segmentation maps are upsampled to each mask's own
+        size (a list of masks when the photos differ in size)."""
         if torch.isnan(logits).any():
             # argmax of NaN is index 0, which would score as a silently wrong accuracy
             raise VitshrinkError("the model produced NaN outputs (corrupt weights or invalid preprocessing)")
-        pred = logits.argmax(1).cpu()
+        if self.task == "segmentation":
+            masks = list(targets) if isinstance(targets, list) else None
+            if masks is None and logits.shape[-2:] != targets.shape[-2:]:
+                logits = F.interpolate(
+                    logits.float(), size=targets.shape[-2:], mode="bilinear", align_corners=False
+                )
+            if masks is not None:
+                for lg, m in zip(logits, masks):
+                    lg = lg[None].float()
+                    if lg.shape[-2:] != m.shape[-2:]:
+                        lg = F.interpolate(lg, size=m.shape[-2:], mode="bilinear", align_corners=False)
+                    self.add_pred(lg.argmax(1).cpu(), m[None].cpu())
+                return
+        self.add_pred(logits.argmax(1).cpu(), targets)
+
+    def add_pred(self, pred: torch.Tensor, targets: torch.Tensor) -> None:
+        """Class ids (B,) or (B, H, W) against the targets."""
         targets = targets.cpu()
         if self.task == "classification":
             self.correct += torch.tensor([(pred == targets).sum().item(), len(targets)], dtype=torch.float64)
@@ -83,7 +102,7 @@ class _Scorer:
 def evaluate_model(
     model: nn.Module,
     meta: dict[str, Any],
-    ds: VisionDataset,
+    ds: Any,
     *,
     batch_size: int = 64,
     device: torch.device | str | None = None,
@@ -91,7 +110,7 @@ def evaluate_model(
     distributed: bool = False,
 ) -> dict[str, Any]:
     """Score an in-memory model; with `distributed`, each rank scores its shard and counts are summed."""
-    from .batch import default_device, dist_info, prepare
+    from .batch import default_device, dist_info
     from .models import family_for
 
     device = torch.device(device) if device is not None else default_device()
@@ -101,33 +120,34 @@ def evaluate_model(
     rank, world = dist_info() if distributed else (0, 1)
     scorer = _Scorer(meta["task"], meta["class_names"])
     idx_all = torch.arange(len(ds))[rank::world]
-    for i in progress(range(0, len(idx_all), batch_size), desc="eval", disable=quiet):
-        idx = idx_all[i : i + batch_size]
-        x = prepare(ds.images[idx], meta, device)
-        logits = family.logits(model, x).float()
-        tgt = ds.targets[idx]
-        if meta["task"] == "segmentation" and logits.shape[-2:] != tgt.shape[-2:]:
-            logits = torch.nn.functional.interpolate(
-                logits, size=tgt.shape[-2:], mode="bilinear", align_corners=False
-            )
-        scorer.add(logits, tgt)
+
+    def run(x: torch.Tensor) -> torch.Tensor:
+        return family.logits(model, x.to(device)).float()
+
+    for b in progress(
+        ds.batches(batch_size, order=idx_all),
+        total=-(-len(idx_all) // batch_size),
+        desc="eval",
+        disable=quiet,
+    ):
+        _score_batch(scorer, b, meta, run, device)
     model.train(was_training)
     res = scorer.result(distributed and world > 1)
     if res.get("samples") is None:
         res["samples"] = len(ds)
+    _note_skipped(res, ds)
     return res
 
 
 def evaluate_onnx(
     path: str | os.PathLike,
-    ds: VisionDataset,
+    ds: Any,
     *,
     batch_size: int = 32,
     threads: int | None = None,
     quiet: bool = False,
 ) -> dict[str, Any]:
     """Score an ONNX file with onnxruntime, preprocessing as its embedded metadata says."""
-    from .batch import prepare
     from .deploy.runtime import OnnxModel
 
     m = OnnxModel(path, threads=threads)
@@ -135,18 +155,52 @@ def evaluate_onnx(
     ds = _check_data(meta, ds, str(path))
     scorer = _Scorer(meta["task"], meta["class_names"])
     bs = batch_size if m._batch is None else m._batch  # a static-batch export takes only its own batch
-    for i in progress(range(0, len(ds), bs), desc="eval onnx", disable=quiet):
-        x = prepare(ds.images[i : i + bs], meta, torch.device("cpu")).numpy()
-        logits = torch.from_numpy(m.run(x))
-        tgt = ds.targets[i : i + bs]
-        if meta["task"] == "segmentation" and logits.shape[-2:] != tgt.shape[-2:]:
-            logits = torch.nn.functional.interpolate(
-                logits.float(), size=tgt.shape[-2:], mode="bilinear", align_corners=False
-            )
-        scorer.add(logits.float(), tgt)
+
+    def run(x: torch.Tensor) -> torch.Tensor:
+        return torch.from_numpy(m._run_padded(x.numpy())).float()
+
+    for b in progress(ds.batches(bs), total=-(-len(ds) // bs), desc="eval onnx", disable=quiet):
+        _score_batch(scorer, b, meta, run, torch.device("cpu"))
     res = scorer.result()
     res["samples"] = len(ds)
+    _note_skipped(res, ds)
     return res
+
+
+def _score_batch(scorer: _Scorer, b: Any, meta: dict[str, Any], run: Any, device: torch.device) -> None:
+    """Score one batch: a stacked batch in one run; photos kept at their own size (a list) one by one,
+    by sliding window when predict would tile them (`deploy.tiling`), else resized to the input."""
+    from .batch import prepare
+
+    if not isinstance(b.images, list):
+        scorer.add(run(prepare(b.images, meta, device)), b.targets)
+        return
+    from .deploy import tiling
+
+    pre = meta["preprocess"]
+    size = tuple(pre["size"])
+    mean = np.asarray(pre["mean"], np.float32).reshape(-1, 1, 1)
+    std = np.asarray(pre["std"], np.float32).reshape(-1, 1, 1)
+
+    def to_input(crop: np.ndarray) -> np.ndarray:
+        return (crop.astype(np.float32).transpose(2, 0, 1) / 255.0 - mean) / std
+
+    def run_np(x: np.ndarray) -> np.ndarray:
+        return run(torch.from_numpy(x)).numpy()
+
+    for img, tgt in zip(b.images, b.targets):
+        frame = tuple(img.shape[-2:])
+        if not tiling.should_tile(frame, size):
+            scorer.add(run(prepare(img[None], meta, device)), [tgt])
+            continue
+        pixels = img.permute(1, 2, 0).numpy()
+        ids, _ = tiling.slide(pixels, run_np, to_input, tiling.plan(frame, size), batch=4)
+        scorer.add_pred(torch.from_numpy(ids.astype(np.int64))[None], tgt[None])
+
+
+def _note_skipped(res: dict[str, Any], ds: Any) -> None:
+    if getattr(ds, "skipped", None):
+        res["skipped_bad"] = len(ds.skipped)
 
 
 def onnx_model_meta(m: Any) -> dict[str, Any]:
@@ -163,7 +217,7 @@ def onnx_model_meta(m: Any) -> dict[str, Any]:
     }
 
 
-def _check_data(meta: dict[str, Any], ds: VisionDataset, name: str) -> VisionDataset:
+def _check_data(meta: dict[str, Any], ds: Any, name: str) -> Any:
     if meta["task"] != ds.task:
         raise VitshrinkError(f"{name} is a {meta['task']} model but the data is {ds.task}")
     if len(meta["class_names"]) != ds.num_classes:
@@ -171,6 +225,32 @@ def _check_data(meta: dict[str, Any], ds: VisionDataset, name: str) -> VisionDat
             f"{name} has {len(meta['class_names'])} classes but the data has {ds.num_classes}"
         )
     return align_classes(ds, meta["class_names"], model=name)
+
+
+def eval_dataset(
+    data: str,
+    split: str,
+    meta: dict[str, Any],
+    *,
+    limit: int | None = None,
+    data_options: dict[str, Any] | None = None,
+) -> Any:
+    """One split as a model with `meta` is scored on it: images at the model's input by its
+    processor's resize, segmentation masks at each photo's own resolution (built-in sets too)."""
+    pre = meta["preprocess"]
+    seg = meta["task"] == "segmentation"
+    ds = load_dataset(
+        data,
+        split,
+        size=None if seg else pre["size"],
+        channels=pre["channels"],
+        limit=limit,
+        data_options=data_options or {},
+        shortest_edge=pre.get("shortest_edge"),
+    )
+    if getattr(ds, "streaming", False):
+        ds = ds.with_view(tuple(pre["size"]), pre["channels"])
+    return ds
 
 
 def evaluate(
@@ -193,14 +273,13 @@ def evaluate(
     if path.suffix == ".onnx" or path.is_file():
         from .deploy.runtime import OnnxModel
 
-        size = list(OnnxModel(path, threads=threads).size)
-        ds = load_dataset(data, split, size=size, limit=limit, data_options=data_options)
+        om = OnnxModel(path, threads=threads)
+        ds = eval_dataset(data, split, onnx_model_meta(om), limit=limit, data_options=data_options)
         return evaluate_onnx(path, ds, batch_size=batch_size, threads=threads, quiet=quiet)
     from .models import load_model
 
     net, meta = load_model(path)
-    ds = load_dataset(data, split, size=meta["preprocess"]["size"], limit=limit, data_options=data_options)
-    ds = _check_data(meta, ds, str(path))
+    ds = _check_data(meta, eval_dataset(data, split, meta, limit=limit, data_options=data_options), str(path))
     if threads:
         torch.set_num_threads(threads)
     return evaluate_model(net, meta, ds, batch_size=batch_size, quiet=quiet)

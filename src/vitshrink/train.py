@@ -24,15 +24,7 @@ from torch.utils.data import DistributedSampler
 
 from .artifacts import atomic_dir, read_json, write_json
 from .batch import all_reduce_sum, default_device, dist_info, prepare, segmentation_ce
-from .data import (
-    AugParams,
-    VisionDataset,
-    align_classes,
-    augment,
-    describe,
-    load_dataset,
-    sample_augment,
-)
+from .data import align_classes, describe, head, load_dataset, training_view
 from .errors import VitshrinkError
 from .evaluate import evaluate_model
 from .models import build_model, family_for, is_model_dir, load_model, save_model
@@ -140,8 +132,9 @@ def task_loss(logits: torch.Tensor, targets: torch.Tensor, task: str) -> torch.T
     return F.cross_entropy(logits, targets, label_smoothing=0.1)
 
 
-def channel_stats(ds: VisionDataset, n: int = 2000) -> tuple[list[float], list[float]]:
-    x = ds.images[:n].float().div(255)
+def channel_stats(ds: Any, n: int = 2000) -> tuple[list[float], list[float]]:
+    """Per-channel mean/std of the first `n` images (256 of a streamed photo set: each is a decode)."""
+    x = head(ds, n if not getattr(ds, "streaming", False) else min(n, 256))[0].float().div(255)
     return x.mean(dim=(0, 2, 3)).tolist(), x.std(dim=(0, 2, 3)).clamp_min(1e-3).tolist()
 
 
@@ -151,8 +144,8 @@ def channel_stats(ds: VisionDataset, n: int = 2000) -> tuple[list[float], list[f
 def fit(
     model: nn.Module,
     meta: dict[str, Any],
-    train_ds: VisionDataset,
-    val_ds: VisionDataset | None,
+    train_ds: Any,
+    val_ds: Any | None,
     *,
     epochs: int = 1,
     batch_size: int = 128,
@@ -178,6 +171,7 @@ def fit(
     """
     rank, world = maybe_init_distributed()
     device = device or default_device()
+    train_ds = training_view(train_ds, quiet=quiet or rank != 0)  # the decoded cache, when asked for
     model.to(device)
     params = [p for p in model.parameters() if p.requires_grad] + list(extra_params or [])
     steps_per_epoch = max(1, math.ceil(len(train_ds) / (batch_size * world)))
@@ -306,7 +300,7 @@ def _epoch_order(n: int, epoch: int, seed: int) -> tuple[torch.Tensor, torch.Gen
 def _train_epoch(
     train_model: nn.Module,
     meta: dict[str, Any],
-    train_ds: VisionDataset,
+    train_ds: Any,
     state: _TrainState,
     loss_fn: Callable[..., torch.Tensor],
     *,
@@ -326,15 +320,12 @@ def _train_epoch(
     train_model.train()
     t0, loss_sum = time.time(), torch.zeros(2, dtype=torch.float64)
     bar = progress(
-        range(0, len(perm), batch_size), desc=f"{desc} {epoch + 1}/{epochs}", disable=quiet or rank != 0
+        train_ds.batches(batch_size, order=perm, train=do_augment, generator=gen),
+        total=-(-len(perm) // batch_size),
+        desc=f"{desc} {epoch + 1}/{epochs}",
+        disable=quiet or rank != 0,
     )
-    for i in bar:
-        idx = perm[i : i + batch_size]
-        xb, yb = train_ds.images[idx], train_ds.targets[idx]
-        aug: AugParams | None = None
-        if do_augment:
-            aug = sample_augment(len(idx), xb.shape[-2], gen)
-            xb, yb = augment(xb, yb, meta["task"], params=aug)
+    for xb, yb, idx, aug in bar:
         x = prepare(xb, meta, device)
         y = yb.to(device)
         with torch.autocast(device.type, dtype=amp_dtype or torch.float32, enabled=amp_dtype is not None):
@@ -480,7 +471,7 @@ def resolve_model(
     image_size: int | None,
     channels: int | None,
     data_options: dict[str, Any],
-    train_ds: VisionDataset | None = None,
+    train_ds: Any | None = None,
     overrides: dict[str, Any] | None = None,
 ) -> tuple[nn.Module, dict[str, Any]]:
     """A model directory loads as is; a preset name is built for the data's task, classes and channels."""
@@ -598,7 +589,7 @@ def train(
     return out, metrics
 
 
-def _check_compatible(meta: dict[str, Any], ds: VisionDataset) -> VisionDataset:
+def _check_compatible(meta: dict[str, Any], ds: Any) -> Any:
     """`ds` with its labels in the model's class order (see data.align_classes); mismatches refused."""
     if meta["task"] != ds.task:
         raise VitshrinkError(f"model task is {meta['task']} but data {ds.source} is {ds.task}")

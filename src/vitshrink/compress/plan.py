@@ -252,9 +252,8 @@ def measure_throughput(
     pre = ctx.meta["preprocess"]
     n = batch_size * (n_batches + 1)
     ds = load_dataset(ctx.data, "train", size=pre["size"][0], limit=n, data_options=ctx.data_options)
-    batches = [
-        (ds.images[i : i + batch_size], ds.targets[i : i + batch_size]) for i in range(0, len(ds), batch_size)
-    ]
+    # through the training loader (decoding included for streamed photo sets), then held for timing
+    batches = [(b.images, b.targets) for b in ds.batches(batch_size, train=True, generator=torch.Generator())]
     task = ctx.meta["task"]
 
     def per_image(fn: Any) -> float:

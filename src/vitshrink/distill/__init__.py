@@ -21,7 +21,7 @@ from typing import Any
 import torch
 
 from ..artifacts import atomic_path
-from ..data import AugParams, apply_augment, load_dataset
+from ..data import AugParams, apply_augment, head, load_dataset, training_view
 from ..errors import VitshrinkError
 from ..models import count_params, family_for, is_model_dir, load_model, save_model
 from ..models.families import Family
@@ -208,15 +208,14 @@ def distill(
             raise VitshrinkError(
                 "--cache-teacher caches logits only; it cannot serve feature/attention losses"
             )
+        train_ds = training_view(train_ds, need_index=True, quiet=quiet)  # cached logits follow its batches
         cache_path = _cache_file(
             out, teacher_cache_dir, teacher, data, limit, seed, load_size, data_options, augment
         )
         cache = teacher_logits_cache(
             pair.t_model, pair.t_meta, train_ds, cache_path, device=device, quiet=quiet, flipped=augment
         )
-    loss_fn = _loss_fn(
-        pair, combined, cache, device, need_f, need_a, (train_ds.images[:2], train_ds.targets[:2])
-    )
+    loss_fn = _loss_fn(pair, combined, cache, device, need_f, need_a, head(train_ds, 2))
     res = fit(
         pair.s_model,
         pair.s_meta,

@@ -51,12 +51,14 @@ def recovery_datasets(
 def calib_batches(train_ds: Any, meta: dict[str, Any]) -> list[tuple[torch.Tensor, torch.Tensor]]:
     """A few fixed training batches (preprocessed like the model expects) for Taylor importance."""
     from ..batch import prepare
+    from ..data import head
 
     n = min(len(train_ds), CALIB_BATCHES * CALIB_BATCH_SIZE)
+    images, targets = head(train_ds, n)
     return [
         (
-            prepare(train_ds.images[i : i + CALIB_BATCH_SIZE], meta, torch.device("cpu")),
-            train_ds.targets[i : i + CALIB_BATCH_SIZE],
+            prepare(images[i : i + CALIB_BATCH_SIZE], meta, torch.device("cpu")),
+            targets[i : i + CALIB_BATCH_SIZE],
         )
         for i in range(0, n, CALIB_BATCH_SIZE)
     ]
@@ -140,6 +142,7 @@ class Recovery:
         augment=True,
         on_epoch_end: Callable[[int, dict[str, Any]], None] | None = None,
     ) -> dict[str, Any]:
+        from ..data import training_view
         from ..distill import cached_teacher_logits
         from ..distill.losses import build_losses
         from ..models import family_for
@@ -150,6 +153,10 @@ class Recovery:
         combined = build_losses(self.losses, **temperature_option(self.losses, self.temperature)).to(device)
         s_family = family_for(net)
         labels_only = set(combined.losses) == {"ce"}
+        if not labels_only and getattr(self, "_cache_args", None) is not None:
+            train_ds = training_view(
+                train_ds, need_index=True, quiet=quiet
+            )  # cached logits follow its batches
         cache = None if labels_only else self._cached(train_ds)
 
         def teacher_out(xb, idx, aug):

@@ -154,23 +154,23 @@ def _data(
     """Calibration batches (normalised like the runtime does) and a metric callback on the val split."""
     import torch
 
-    from ..data import load_dataset
-    from ..evaluate import evaluate_onnx
+    from ..evaluate import eval_dataset, evaluate_onnx
     from ..train import prepare
     from ._common import batch_size_for
 
     pre = meta["preprocess"]
-    ds = load_dataset(spec, "val", size=tuple(pre["size"]), limit=EVAL_SAMPLES, data_options=data_options)
+    ds = eval_dataset(spec, "val", meta, limit=EVAL_SAMPLES, data_options=data_options)
     if ds.task != meta["task"]:
         raise VitshrinkError(f"{src} is a {meta['task']} model but {spec} is {ds.task} data")
     calib_ds = ds.subset(CALIB_SAMPLES, seed=1)
     # Pixels per batch held constant (3 images at 512 px): calibration and scoring memory does not
     # grow with the image size, and batches are normalised one at a time, never all at once.
-    bs = batch_size_for([None, *calib_ds.images.shape[1:]])
+    bs = batch_size_for([None, pre["channels"], *pre["size"]])
 
     def batches() -> Iterator[np.ndarray]:
-        for i in range(0, len(calib_ds), bs):
-            yield prepare(calib_ds.images[i : i + bs], meta, torch.device("cpu")).numpy()
+        # the model-input view (streamed photos resized as eval does, masks unused)
+        for b in calib_ds.batches(bs, view="fixed"):
+            yield prepare(b.images, meta, torch.device("cpu")).numpy()
 
     key = "accuracy" if meta["task"] == "classification" else "miou"
 

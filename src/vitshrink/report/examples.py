@@ -38,10 +38,12 @@ def write_examples(
     ex_dir = out / "examples"
     ex_dir.mkdir(exist_ok=True)
     first, last = OnnxModel(stages[0]["artifact"]), OnnxModel(stages[-1]["artifact"])
+    if getattr(ds, "streaming", False):
+        ds = ds.with_view(tuple(first.size), first.channels)
     names = list(first.class_names)
     examples = []
     for i in range(len(ds)):
-        img_u8 = ds.images[i : i + 1]
+        img_u8, target = ds.take([i], view="fixed")  # image and mask at the model input, side by side
         preds = {}
         for key, m in (("teacher", first), ("compressed", last)):
             x = prepare(img_u8, onnx_model_meta(m), torch.device("cpu")).numpy()
@@ -52,7 +54,7 @@ def write_examples(
             from . import save_example_panel
 
             masks = {
-                "ground truth": ds.targets[i].numpy(),
+                "ground truth": target[0].numpy(),
                 "teacher": preds["teacher"].astype(np.uint8),
                 f"compressed ({stages[-1]['name']})": preds["compressed"].astype(np.uint8),
             }
@@ -74,7 +76,7 @@ def write_examples(
                 {
                     "image": f"examples/{path.name}",
                     "labels": {
-                        "ground_truth": names[int(ds.targets[i])],
+                        "ground_truth": names[int(target[0])],
                         "teacher": names[int(preds["teacher"])],
                         "compressed": names[int(preds["compressed"])],
                     },
