@@ -41,7 +41,9 @@ def test_image_folder_splits_partition_the_files(tmp_path):
     assert sum(sizes) == 60 and all(s > 0 for s in sizes)
     ds = load_dataset(tmp_path, "train")
     images, labels = ds.take(range(4))
-    assert ds.task == "classification" and ds.class_names == ["cat", "dog"] and images.shape[1:] == (3, 12, 12)
+    assert (
+        ds.task == "classification" and ds.class_names == ["cat", "dog"] and images.shape[1:] == (3, 12, 12)
+    )
     assert images.dtype == torch.uint8 and labels.dtype == torch.long
 
 

@@ -306,3 +306,41 @@ def test_index_is_cached_by_fingerprint(tmp_path, monkeypatch):
     Image.fromarray(np.zeros((9, 9, 3), np.uint8)).save(root / "red" / name)
     assert len(load_dataset(root, "train")) == n0 + 1  # a changed folder is indexed anew
     assert len(list((tmp_path / "cache" / "index").glob("*.json"))) == 2
+
+
+def test_centre_crop_processor_is_the_same_in_training_data_and_deployment(tmp_path):
+    """A DeiT-style processor (shortest edge 20, centre crop 16): the eval view the data layer scores
+    on is, pixel for pixel, what the deployed ONNX model's preprocessing feeds the network."""
+    from vitshrink.data import normalize
+    from vitshrink.deploy.runtime import OnnxModel
+    from vitshrink.export import export_onnx
+    from vitshrink.models import build_model, load_model
+
+    net, meta = build_model("vit-micro", image_size=16, num_channels=3, class_names=["blue", "red"])
+    hf_dir = tmp_path / "hf"
+    net.save_pretrained(hf_dir)
+    (hf_dir / "preprocessor_config.json").write_text(
+        json.dumps(
+            {
+                "do_resize": True,
+                "size": {"shortest_edge": 20},
+                "do_center_crop": True,
+                "crop_size": {"height": 16, "width": 16},
+                "image_mean": [0.5, 0.5, 0.5],
+                "image_std": [0.5, 0.5, 0.5],
+            }
+        )
+    )
+    _, hf_meta = load_model(hf_dir)
+    assert hf_meta["preprocess"]["size"] == [16, 16] and hf_meta["preprocess"]["shortest_edge"] == 20
+    export_onnx(net, tmp_path / "m.onnx", meta={**meta, "preprocess": hf_meta["preprocess"]})
+    m = OnnxModel(tmp_path / "m.onnx")
+    root = write_mixed_cls(tmp_path / "cls", n=6)
+    ds = load_dataset(root, "train", size=16, shortest_edge=20)
+    images, _ = ds.take(range(len(ds)))
+    pre = hf_meta["preprocess"]
+    for i, path in enumerate(ds.index.images):
+        with Image.open(path) as img:
+            x = m.preprocess(img)
+        ref = normalize(images[i : i + 1], pre["mean"], pre["std"]).numpy()
+        assert np.abs(x - ref).max() < 1e-5, path

@@ -337,11 +337,14 @@ def _train_epoch(
         if hasattr(bar, "set_postfix"):
             bar.set_postfix(loss=f"{loss.item():.3f}")
     all_reduce_sum(loss_sum)
-    return {
+    rec = {
         "epoch": epoch + 1,
         "train_loss": float(loss_sum[0] / max(1, loss_sum[1])),
         "seconds": round(time.time() - t0, 1),
     }
+    if getattr(train_ds, "skipped", None):  # --data-opt skip_bad=true: say how many were left out
+        rec["skipped_bad"] = len(train_ds.skipped)
+    return rec
 
 
 def _step(loss: torch.Tensor, state: _TrainState) -> None:
@@ -366,6 +369,8 @@ def _step(loss: torch.Tensor, state: _TrainState) -> None:
 
 def _fmt_epoch(rec: dict[str, Any]) -> str:
     s = f"epoch {rec['epoch']}: loss {rec['train_loss']:.4f} ({rec['seconds']}s)"
+    if rec.get("skipped_bad"):
+        s += f"  skipped {rec['skipped_bad']} bad file(s)"
     for k, v in rec.get("val", {}).items():
         if isinstance(v, float):
             s += f"  val_{k} {v:.4f}"

@@ -37,6 +37,7 @@ from PIL import Image, UnidentifiedImageError
 
 from ..errors import DataError
 from ..labels import IGNORE_INDEX
+from ..tile_rule import should_tile
 from .memory import Batch, VisionDataset, remap_targets
 
 INDEX_VERSION = 1
@@ -47,7 +48,6 @@ Image.MAX_IMAGE_PIXELS = 1 << 30
 # for segmentation; classification gets a mild zoom-in only (ViTs on short CPU schedules lose
 # accuracy under strong geometric augmentation, see memory.augment).
 TRAIN_SCALE = {"segmentation": (0.5, 2.0), "classification": (1.0, 1.25)}
-AUTO_TILE_FACTOR = 2.0  # the deploy side's rule (deploy.tiling.should_tile), restated to keep data torch-only
 
 
 def cache_root() -> Path:
@@ -297,7 +297,7 @@ class StreamingDataset(torch.utils.data.Dataset):
             if mask.size != img.size:
                 raise DataError(f"mask {mname} is {mask.width}x{mask.height} but image {name} is {W}x{H}")
         S = self.size
-        tile = seg and min(H / S[0], W / S[1]) >= AUTO_TILE_FACTOR
+        tile = seg and should_tile((H, W), S)
         flip = False
         if view == "train":
             rng = np.random.default_rng(seed)
@@ -314,8 +314,7 @@ class StreamingDataset(torch.utils.data.Dataset):
             box, out = (0.0, 0.0, float(W), float(H)), (W, H)
         else:  # eval / fixed: the processor's resize (+ centre crop)
             sy, sx = self._eval_scale(H, W)
-            hs, ws = round(H * sy), round(W * sx)
-            y0, x0 = (hs - S[0]) // 2, (ws - S[1]) // 2
+            y0, x0 = (H * sy - S[0]) / 2, (W * sx - S[1]) / 2  # the centre crop (0 for a plain resize)
             box = (x0 / sx, y0 / sy, (x0 + S[1]) / sx, (y0 + S[0]) / sy)
             out = (S[1], S[0])
         box = (max(0.0, box[0]), max(0.0, box[1]), min(float(W), box[2]), min(float(H), box[3]))

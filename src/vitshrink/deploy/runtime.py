@@ -214,10 +214,25 @@ class OnnxModel:
             x = np.repeat(x, self.channels, axis=0)
         else:
             # PIL's bilinear (antialiased when shrinking) on uint8, then /255: what HF image processors do.
-            img = img.convert("RGB" if self.channels == 3 else "L").resize((w, h), Image.Resampling.BILINEAR)
+            img = img.convert("RGB" if self.channels == 3 else "L")
+            img = img.resize((w, h), Image.Resampling.BILINEAR, box=self._crop_box(img.size))
             x = np.asarray(img, np.float32) / 255.0
             x = x.transpose(2, 0, 1) if x.ndim == 3 else x[None]
         return ((x - self.mean) / self.std)[None].astype(np.float32, copy=False)
+
+    def _crop_box(self, wh: tuple[int, int]) -> tuple[float, float, float, float]:
+        """The part of a (W, H) photo the model sees: all of it, or for a centre-crop processor
+        (`shortest_edge`, classification) the centre crop after the shortest-edge resize, as the
+        training data's eval view (`data.stream`) takes it."""
+        W, H = wh
+        edge = self._pre.get("shortest_edge") if self.task == "classification" else None
+        if not edge:
+            return (0.0, 0.0, float(W), float(H))
+        h, w = self.size
+        s = max(int(edge), h, w) / min(W, H)
+        bw, bh = w / s, h / s
+        x0, y0 = (W - bw) / 2, (H - bh) / 2
+        return (max(0.0, x0), max(0.0, y0), min(float(W), x0 + bw), min(float(H), y0 + bh))
 
     def run(self, batch: np.ndarray) -> np.ndarray:
         """(N, C, H, W) float32 -> the raw `logits` output."""

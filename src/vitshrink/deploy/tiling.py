@@ -20,12 +20,11 @@ import numpy as np
 from PIL import Image
 
 from ..errors import DataError
+from ..tile_rule import AUTO_TILE_FACTOR, should_tile  # noqa: F401  (re-exported: predict's rule)
 
 # Default overlap between neighbouring tiles (a fraction of the tile side). mmsegmentation configs use
 # stride 2/3 of the crop for ADE20K/Cityscapes; a quarter keeps most of the seam benefit at less cost.
 DEFAULT_OVERLAP = 0.25
-# "auto" tiles when resizing to the model input would shrink the frame at least this much on both axes.
-AUTO_TILE_FACTOR = 2.0
 
 
 @dataclass(frozen=True)
@@ -73,11 +72,6 @@ def plan(
         rows=tuple(starts(h, tile[0], strides[0])),
         cols=tuple(starts(w, tile[1], strides[1])),
     )
-
-
-def should_tile(frame: tuple[int, int], model_size: tuple[int, int]) -> bool:
-    """Automatic choice: tile when the frame is at least AUTO_TILE_FACTOR x the model input both ways."""
-    return min(frame[0] / model_size[0], frame[1] / model_size[1]) >= AUTO_TILE_FACTOR
 
 
 def slide(

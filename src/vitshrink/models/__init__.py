@@ -280,12 +280,20 @@ def _meta_from_hf(path: Path, cfg: dict[str, Any]) -> dict[str, Any]:
     size_from = "config" if size is not None else None
     size = size if size is not None else bb.get("image_size", 224)
     mean, std = [0.5] * channels, [0.5] * channels
+    shortest_edge = None
     pp = path / "preprocessor_config.json"
     if pp.exists():
         pre = read_json(pp)
         mean = _per_channel(pre.get("image_mean", mean), channels)
         std = _per_channel(pre.get("image_std", std), channels)
         s = pre.get("size") or pre.get("crop_size")
+        crop = pre.get("crop_size")
+        if pre.get("do_center_crop") and isinstance(crop, dict | int):
+            # DeiT/ConvNeXt-style: resize the shortest edge (256), then centre-crop the input (224)
+            edge = s.get("shortest_edge") if isinstance(s, dict) else s if isinstance(s, int) else None
+            s = crop
+            if edge:
+                shortest_edge = int(edge)
         if isinstance(s, dict) and any(k in s for k in ("height", "width", "shortest_edge")):
             size = [
                 s.get("height", s.get("shortest_edge", size)),
@@ -307,7 +315,13 @@ def _meta_from_hf(path: Path, cfg: dict[str, Any]) -> dict[str, Any]:
         "task": task,
         "family": family.name,
         "class_names": names,
-        "preprocess": {"mean": mean, "std": std, "size": [int(size[0]), int(size[1])], "channels": channels},
+        "preprocess": {
+            "mean": mean,
+            "std": std,
+            "size": [int(size[0]), int(size[1])],
+            "channels": channels,
+            **({"shortest_edge": shortest_edge} if shortest_edge else {}),
+        },
         # size_from None: the size above is a guess that export refuses to use without --image-size
         "history": [{"stage": "import", "options": {"source": str(path), "size_from": size_from}}],
     }
