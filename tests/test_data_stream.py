@@ -344,3 +344,35 @@ def test_centre_crop_processor_is_the_same_in_training_data_and_deployment(tmp_p
             x = m.preprocess(img)
         ref = normalize(images[i : i + 1], pre["mean"], pre["std"]).numpy()
         assert np.abs(x - ref).max() < 1e-5, path
+
+
+def test_compress_recipe_runs_on_a_mixed_size_photo_folder(tmp_path, monkeypatch):
+    """Every stage reads the streamed set: distill with the teacher cache (the decoded cache under it),
+    prune with recovery, int8 calibration and its check, the final eval at the photos' own sizes."""
+    from vitshrink.compress import compress
+    from vitshrink.train import train
+
+    monkeypatch.setenv("VITSHRINK_CACHE", str(tmp_path / "cache"))
+    root = write_mixed_seg(tmp_path / "seg", n=24)
+    teacher, _ = train(
+        "segformer-micro", str(root), out=tmp_path / "t", epochs=2, batch_size=8, image_size=32, quiet=True
+    )
+    recipe = [
+        {"distill": {"student": "segformer-micro", "epochs": 1, "batch_size": 8, "cache_teacher": True}},
+        {"prune": {"ratio": 0.25, "recover_epochs": 1, "batch_size": 8}},
+        {"quantize": {"mode": "int8-dynamic"}},
+    ]
+    res = compress(
+        teacher,
+        str(root),
+        out=tmp_path / "run",
+        recipe=recipe,
+        threads=1,
+        bench_runs=3,
+        bench_rounds=1,
+        quiet=True,
+    )
+    assert Path(res["final"]).exists()
+    stages = {s["name"]: s for s in res["stages"]}
+    assert len(stages) >= 4 and all("miou" in (s.get("metrics") or s) for s in res["stages"])
+    assert list((tmp_path / "cache" / "decoded").glob("*.images.u8"))  # --cache-teacher's decoded copy

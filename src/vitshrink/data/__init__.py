@@ -188,7 +188,10 @@ def _load_streamed(
     native = _common_size(ds)
     d = default_input_size(ds.task, native)
     hw = size_pair(size) if size is not None else (d, d)
-    ch = channels or (1 if ds.index.mode == "L" else 3)
+    native_ch = 1 if ds.index.mode == "L" else 3
+    ch = channels or native_ch
+    if ch not in (1, 3):  # photos decode as grey or RGB
+        raise DataError(f"cannot convert {native_ch}-channel images from {ds.source} to {ch} channels")
     ds.size, ds.channels, ds.shortest_edge = hw, ch, shortest_edge
     ds.info["native_size"] = list(native)
     return ds
