@@ -289,3 +289,27 @@ def test_prune_recovery_reads_the_teacher_logits_distillation_cached(teacher, tm
         **kw,
     )
     assert epochs == [1] and m["recovery_history"][0]["epoch"] == 1
+
+
+# ------------------------------------------------------------------------- int8's choice under a budget
+
+
+def test_int8_under_a_size_budget_keeps_a_smaller_variant():
+    from vitshrink.quantize.onnx_quant import choose_variant
+
+    # issue 27's mobilevit-xxs: dynamic int8 leaves the convs float (fast, 1.92 MB)
+    variants = [
+        {"kind": "int8-dynamic", "metric": 0.872, "latency_ms": 0.10, "size_mb": 1.92},
+        {"kind": "int8-static", "metric": 0.866, "latency_ms": 0.16, "size_mb": 1.30},
+        {"kind": "int8-mixed", "metric": 0.864, "latency_ms": 0.12, "size_mb": 1.19},
+    ]
+    fastest, why = choose_variant(variants)
+    assert fastest["kind"] == "int8-dynamic" and why.startswith("fastest")
+    kept, why = choose_variant(variants, size_mb=1.5)
+    assert kept["kind"] == "int8-static" and "most accurate of the 2 of 3" in why
+    # a latency target as well: only mixed meets both
+    kept, _ = choose_variant(variants, size_mb=1.5, latency_ms=0.13)
+    assert kept["kind"] == "int8-mixed"
+    # nothing fits: the closest to the target, and the reason says so
+    kept, why = choose_variant(variants, size_mb=1.0)
+    assert kept["kind"] == "int8-mixed" and why.startswith("no variant meets size_mb <= 1")

@@ -264,7 +264,7 @@ def run_quantize(stage: Stage, ctx: Context, cur: Current, sdir: Path) -> StageR
 
     opts = dict(stage.options)
     mode = opts.pop("mode")
-    calibrate = opts.pop("calibrate", mode in ("int8", "int8-static") or "max_drop" in opts)
+    calibrate = opts.pop("calibrate", mode in ("int8", "int8-static", "int8-mixed") or "max_drop" in opts)
     out, rep = quantize(
         cur.onnx,
         sdir / "model.onnx",
