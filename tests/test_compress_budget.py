@@ -530,7 +530,7 @@ def test_the_search_goes_on_while_time_is_left_and_the_budget_is_unmet(fake_sear
     # the time left went to more training for the most promising student, and the report says so
     (extra,) = summary["extra_time"][:1]
     assert extra["factor"] >= 2 and extra["metric_after"] > extra["metric_before"]
-    assert "x the training of trial" in extra["line"]
+    assert f"trial {extra['extends']}'s candidate on" in extra["line"] and "x the planned" in extra["line"]
 
     # resumed with more time: it continues, still without running any candidate twice
     more, _ = fake_search("size_mb=1.5,max_drop=0.001", 45, out=tmp_path / "search")

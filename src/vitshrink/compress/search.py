@@ -898,11 +898,13 @@ def _extra_time(finished: list[dict[str, Any]], measured: list[dict[str, Any]]) 
         }
         if after is None:
             item["line"] = (
-                f"trial {r['number']} ({r['params'].get('extend')}x training of trial {base}) was stopped: {r.get('reason', 'no result')}"
+                f"trial {r['number']} (trial {base}'s candidate on {r['params'].get('extend')}x the planned "
+                f"training) was stopped: {r.get('reason', 'no result')}"
             )
         elif before is not None:
             item["line"] = (
-                f"trial {r['number']}: {r['params'].get('extend')}x the training of trial {base} in "
+                f"trial {r['number']}: trial {base}'s candidate on {r['params'].get('extend')}x the planned "
+                f"training in "
                 f"{(r.get('seconds') or 0) / 60:.1f} min: {before:.4f} -> {after:.4f} ({(after - before) * 100:+.2f} pt)"
             )
         out.append(item)
