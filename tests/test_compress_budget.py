@@ -138,7 +138,7 @@ def test_a_pruned_trial_is_recorded_as_pruned(teacher, tmp_path, monkeypatch):
 
     monkeypatch.setattr(search, "_pruner", lambda name: PruneAllButFirst())
     out = tmp_path / "pruned"
-    _search(teacher, out, trials=2)
+    _search(teacher, out, trials=2, search={**SEARCH, "students": SEARCH["students"][1:]})
     summary = json.loads((out / "search.json").read_text())
     # trial 1 reuses trial 0's distilled student: its stored epoch is replayed to the pruner
     assert [t["number"] for t in summary["trials"]] == [0]
@@ -156,18 +156,19 @@ class _Killed(BaseException):
 @needs_fmnist
 def test_resume_after_a_kill_continues_the_same_study(teacher, tmp_path, monkeypatch):
     out = tmp_path / "killed"
+    student_only = {**SEARCH, "students": SEARCH["students"][1:]}
     calls: list[str] = []
     for kind, fn in list(STAGE_RUNNERS.items()):
 
         def wrapped(stage, ctx, cur, sdir, _fn=fn, _kind=kind):
             calls.append(_kind)
-            if _kind == "quantize" and calls.count("quantize") == 2:
-                raise _Killed  # killed inside the second trial
+            if _kind == "quantize" and calls.count("quantize") == 1 and "distill" in calls:
+                raise _Killed  # killed inside the second trial (the first one quantizes nothing)
             return _fn(stage, ctx, cur, sdir)
 
         monkeypatch.setitem(STAGE_RUNNERS, kind, wrapped)
     with pytest.raises(_Killed):
-        _search(teacher, out)
+        _search(teacher, out, search=student_only)
     assert _trials(out) == {0: "COMPLETE", 1: "RUNNING"}
     with sqlite3.connect(out / "search.db") as db:
         attrs = dict(db.execute("SELECT key, value_json FROM study_user_attributes").fetchall())
@@ -178,13 +179,13 @@ def test_resume_after_a_kill_continues_the_same_study(teacher, tmp_path, monkeyp
     # once, with the candidate it has.
     late = tmp_path / "late"
     shutil.copytree(out, late)
-    _search(teacher, late, time_budget="1s")
+    _search(teacher, late, time_budget="1s", search=student_only)
     summary = json.loads((late / "search.json").read_text())
     assert summary["time"]["stopped"] == "time" and summary["trials_run"] == 1
     assert summary["time"]["elapsed_s"] > before and summary["chosen_trial"] == 0
 
     calls.clear()
-    res = _search(teacher, out)
+    res = _search(teacher, out, search=student_only)
     summary = json.loads((out / "search.json").read_text())
     assert summary["interrupted_trials"] == [1] and summary["trials_run"] == 3  # 3 counted, the kill excluded
     states = _trials(out)
@@ -194,8 +195,10 @@ def test_resume_after_a_kill_continues_the_same_study(teacher, tmp_path, monkeyp
     )
     # the killed candidate was queued again (trial 2 = trial 1's params) and the student was not re-distilled
     t = {r["number"]: r["params"] for r in summary["trials"] + summary["pruned_trials"]}
-    assert t[2] == {"student": "vit-h32", "prune_ratio": 0.5, "quant": "int8-dynamic"}
-    assert "distill" not in calls
+    assert t[2] == {"student": "vit-h32", "prune_ratio": 0.0, "quant": "int8-dynamic", "extend": 0}
+    assert calls[0] == "quantize"
+    # prune 0.5 cannot beat prune 0, which meets the budget: the time left re-trained the student instead
+    assert t[3]["extend"] >= 2 and calls[1:] == ["distill"] and summary["extra_time"][0]["extends"] == 0
     assert summary["time"]["plan"] == plan and summary["time"]["elapsed_s"] > before
     assert Path(res["final"]).is_file()
 

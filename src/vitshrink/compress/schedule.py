@@ -116,9 +116,11 @@ def queue(
     todo: list[Params] = []
     skipped: list[tuple[Params, str]] = []
 
+    teacher = {("none", 0)} if "none" in students else set()  # trained already, when it is a candidate
+
     def trained(n: tuple[str, int]) -> bool:
         ts = by_node.get(n, [])
-        return n == ("none", 0) or any(
+        return n in teacher or any(
             t.state == "complete" or (t.state == "pruned" and t.stage not in (None, "distill")) for t in ts
         )
 
@@ -155,7 +157,7 @@ def queue(
         return None
 
     nodes = sorted(
-        {("none", 0)} | {n for n in by_node if trained(n)},
+        teacher | {n for n in by_node if trained(n)},
         key=lambda n: -((best(by_node.get(n, [])) or Tried(-1, {}, "", teacher_metric)).metric or 0.0),
     )
     for n in nodes:

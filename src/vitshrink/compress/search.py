@@ -918,7 +918,7 @@ def _int8_choice(root: Path) -> dict[str, Any] | None:
         return None
     for r in read_json(state).get("stages", []):
         m = r.get("train_metrics") or {}
-        if r.get("kind") == "quantize" and m.get("candidates"):
+        if r.get("kind") == "quantize" and r.get("options", {}).get("mode") == "int8" and m.get("candidates"):
             return {"kept": m.get("chosen"), "why": m.get("kept_because"), "variants": m["candidates"]}
     return None
 
