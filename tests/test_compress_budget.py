@@ -577,3 +577,24 @@ def test_the_queue_skips_what_cannot_win_and_orders_quant_modes_by_the_binding_l
     why = {(p["student"], p["prune_ratio"], p["quant"]): r for p, r in q.skipped}
     assert "far below" in why[("s", 0.0, "fp16")]  # 0.80 vs the 0.84 max_drop needs
     assert "already meets the budget" in why[("none", 0.5, "int8")]
+
+
+def test_automatic_students_come_from_every_family_the_cnn_included(tmp_path):
+    from vitshrink.compress.runner import Context
+    from vitshrink.compress.search import auto_students
+    from vitshrink.models import build_model, save_model
+
+    net, meta = build_model(  # issue 14's teacher shape: 2.7 M parameters
+        "vit-tiny", task="classification", image_size=28, num_channels=1, num_labels=10, num_hidden_layers=6
+    )
+    teacher = save_model(net, meta, tmp_path / "t", stage="build", options={})
+    ctx = Context(teacher=teacher, data="fashion-mnist", data_options={}, meta=meta)
+    # one per family, the largest under 70 % of the teacher; those whose int8 weights fit 1.2 MB first
+    assert list(auto_students(ctx, {"size_mb": 1.2})) == [
+        "none",
+        "vit-mini",
+        "mobilevit-xxs",
+        "swin-micro",
+        "deit-micro",
+        "resnet-34-micro",
+    ]
