@@ -53,6 +53,7 @@ SEARCH_KEYS = ("students", "prune_ratios", "quant_modes", "distill", "prune", "q
 STUDY_NAME = "vitshrink-compress-3"
 PRUNERS = ("asha", "hyperband", "none")
 PLAN_TRIALS = 8  # trials the plan sizes the distillation for when --trials sets no cap
+FINAL_OVERHEAD_S = 30.0  # after the search: one bench of up to 4 ONNX files, results.json, the report
 # Base options of the searched stages; override with compress(search={"distill": {...}, ...}).
 DEFAULT_DISTILL: dict[str, Any] = {"epochs": 2}
 DEFAULT_PRUNE: dict[str, Any] = {"recover_epochs": 1}
@@ -443,7 +444,9 @@ def search_budget(
     space = build_space(ctx, profile, search, budget)
     evals = _EvalCache(out / "evals.json")
     teacher_onnx = _teacher_onnx(ctx, out)
+    t_eval = _now()
     teacher_metric = evals.get(teacher_onnx, ctx, split, eval_limit, threads)[ctx.metric]
+    teacher_eval_s = _now() - t_eval  # ~0 when cached: then the plan is stored already, or rates stand in
     ctx.log(f"teacher {ctx.metric} {teacher_metric:.4f} on the {split} split; budget {budget}")
 
     def record(trial: optuna.Trial, measured: dict[str, Any]) -> dict[str, float]:
@@ -491,7 +494,9 @@ def search_budget(
             f"resuming the search after {fmt_minutes(clock.before)} of {fmt_minutes(time_budget)}: {plan.line()}"
         )
     else:
-        plan, tp = _make_plan(ctx, space, search or {}, time_budget, trials or PLAN_TRIALS, eval_limit, clock)
+        plan, tp = _make_plan(
+            ctx, space, search or {}, time_budget, trials or PLAN_TRIALS, eval_limit, clock, teacher_eval_s
+        )
         study.set_user_attr("plan", plan.to_json())
         study.set_user_attr("throughput", dataclasses.asdict(tp))
         ctx.log(f"plan: {plan.line()}")
@@ -931,6 +936,7 @@ def _make_plan(
     trials: int,
     eval_limit: int | None,
     clock: _Clock,
+    teacher_eval_s: float = 0.0,
 ) -> tuple[Plan, Throughput]:
     from ..data import load_dataset
 
@@ -941,11 +947,13 @@ def _make_plan(
     n = {
         sp: len(load_dataset(ctx.data, sp, data_options=ctx.data_options)) for sp in ("train", "val", "test")
     }
-    worst_eval = max(tp.eval_s.values(), default=tp.teacher_s)
-    teacher_eval = tp.eval_s.get("none", tp.teacher_s)
     # Final measurement: the teacher and the chosen recipe's (up to 3) stages on the test split, one
-    # interleaved bench of them all, the report.
-    final_s = min(n["test"], eval_limit or n["test"]) * (teacher_eval + 3 * worst_eval) + 60.0
+    # interleaved bench of them all, the report. Per image at the teacher's ONNX rate, timed on the
+    # validation split just before (PyTorch's rates, the fallback, overstate ONNX inference several
+    # times: issue 27's 2-minute search kept 1.4 of its 2 minutes for a final step that took 10 s).
+    scored_val = min(n["val"], eval_limit or n["val"])
+    per_image = teacher_eval_s / scored_val if teacher_eval_s > 0 else tp.eval_s.get("none", tp.teacher_s)
+    final_s = min(n["test"], eval_limit or n["test"]) * 4 * per_image + FINAL_OVERHEAD_S
     recover = int(space.prune.get("recover_epochs", 0)) if any(r > 0 for r in space.prune_ratios) else 0
     fixed = user.get("distill", {})
     plan = plan_search(
