@@ -598,3 +598,10 @@ def test_automatic_students_come_from_every_family_the_cnn_included(tmp_path):
         "deit-micro",
         "resnet-34-micro",
     ]
+
+
+@needs_fmnist
+def test_a_budget_nothing_can_meet_still_measures_the_closest(fake_search):
+    summary, _ = fake_search("size_mb=0.05", 20)  # every candidate's weights alone are larger
+    assert not summary["met"] and summary["trials"] and summary["trials"][0]["why"] == "nothing measured yet"
+    assert all("weights alone" in s["reason"] for s in summary["skipped"])

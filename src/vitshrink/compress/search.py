@@ -698,7 +698,7 @@ def search_budget(
             tried = history()
             left = time_budget - reserve - clock.elapsed()
             done = {key(t.params) for t in tried}
-            todo = [p for p in resume_first if key(p) not in done] + queue(
+            q = queue(
                 list(space.students),
                 space.prune_ratios,
                 space.quant_modes,
@@ -706,14 +706,18 @@ def search_budget(
                 teacher_metric,
                 sizes,
                 tried,
-            ).todo
+            )
+            todo = [p for p in resume_first if key(p) not in done] + q.todo
             pick = next((p for p in todo if estimate(p, tried) <= left), None)
             pending.clear()
             pending["why"] = "queued: " + (
-                "resumed after a kill" if pick in resume_first else "next in order"
+                "resumed after a kill" if pick in resume_first else "next in order that fits the time left"
             )
-            if pick is None and todo and not has_candidate():
-                pick = todo[0]  # nothing measured yet: the first candidate runs whatever the clock says
+            if pick is None and not has_candidate() and (todo or q.skipped):
+                # nothing measured yet: the first candidate runs whatever the clock says (a skipped one
+                # when every candidate misses the budget: the closest is still the answer)
+                pick = (todo or [p for p, _ in q.skipped])[0]
+                pending["why"] = "nothing measured yet"
             elif pick is None and todo:
                 stopped = "time"
                 say(
