@@ -1,22 +1,26 @@
-"""Does `vitshrink compress --budget` finish within `--time-budget` on a real teacher and dataset?
+"""Does `vitshrink compress --budget` use its `--time-budget` and find what meets the budget, on more than one teacher?
 
 Issue 14's setting: a 6-layer 192-d ViT teacher (vit-tiny with 6 blocks, ~2.7 M params) trained on the
-full Fashion-MNIST training split with `vitshrink train` (fixed seed), then
+full Fashion-MNIST training split with `vitshrink train` (fixed seed); issue 27 adds teachers trained
+with another seed or width. For every teacher and every time budget:
 
     vitshrink compress TEACHER --data fashion-mnist --out OUT --budget size_mb=1.5,max_drop=0.01 \
         --time-budget 30m
 
-timed from the outside. Reported: wall time, the final ONNX file's size, its top-1 on the 10k test
-split against the teacher's, and its batch-1 latency against the teacher's fp32 ONNX (onnxruntime,
-same threads, one interleaved `bench_many` run), each with the issue's target.
+timed from the outside. Reported per run: met or not, the chosen recipe and the family that won, time
+used (and why the search stopped, what extra time bought), the final ONNX file's size, its top-1 on the
+10k test split against the teacher's, and its batch-1 latency against the teacher's fp32 ONNX
+(onnxruntime, same threads, one interleaved `bench_many` run), each with the issue's target.
 
-    python benchmarks/compress_time.py [--time-budget 30m] [--teacher-epochs 3] [--threads N]
-        [--work DIR] [--json out.json]
+    python benchmarks/compress_time.py [--teacher seed=0 --teacher seed=1 --teacher hidden=256]
+        [--time-budget 30m 10m] [--teacher-epochs 3] [--threads N] [--work DIR] [--json out.json]
     python benchmarks/compress_time.py --quick     # a 2-block 64-d teacher on 3k images, 2 min budget
 
-The teacher is trained once into WORK/teacher and reused (delete it to retrain); every run
-compresses into a fresh WORK/run-BUDGET. Run it alone on the machine: the plan is sized from
-throughput measured at the start, and other load slows the search after that.
+A teacher SPEC is key=value pairs: seed (default 0), hidden (width, default 192; 64 with --quick) and
+layers (default 6; 2 with --quick). Each teacher is trained once into WORK/teacher-SPEC and reused
+(delete it to retrain); every run compresses into a fresh WORK/run-SPEC-BUDGET. Run it alone on the
+machine: the search sizes its distillation from throughput measured at the start, and other load
+slows the search after that.
 """
 
 from __future__ import annotations
@@ -44,22 +48,36 @@ def _env() -> dict[str, str]:
     return env
 
 
-def build_teacher(work: Path, *, quick: bool, epochs: int, seed: int) -> Path:
+def parse_teacher(spec: str) -> dict[str, int]:
+    """'seed=1,hidden=256' -> {'seed': 1, 'hidden': 256}; one line naming the bad part otherwise."""
+    out: dict[str, int] = {}
+    for part in filter(None, spec.split(",")):
+        k, _, v = part.partition("=")
+        if k not in ("seed", "hidden", "layers") or not v.isdigit():
+            raise SystemExit(f"--teacher: expected seed=N, hidden=N or layers=N, got '{part}'")
+        out[k] = int(v)
+    return out
+
+
+def build_teacher(work: Path, spec: dict[str, int], *, quick: bool, epochs: int) -> Path:
     """An untrained model directory of the teacher's shape, then `vitshrink train` on it."""
     from vitshrink.data import load_dataset
     from vitshrink.models import build_model, save_model
     from vitshrink.train import channel_stats
 
-    teacher = work / "teacher"
+    seed = spec.get("seed", 0)
+    teacher = work / f"teacher-{_slug(spec)}"
     if (teacher / "config.json").exists():
         return teacher
     ds = load_dataset("fashion-mnist", "train", limit=2000, seed=seed)
     mean, std = channel_stats(ds)
-    shape = (
-        {"hidden_size": 64, "num_hidden_layers": 2, "intermediate_size": 128}
-        if quick
-        else {"num_hidden_layers": 6}  # vit-tiny: 192-d, 3 heads, MLP 768
-    )
+    hidden = spec.get("hidden", 64 if quick else 192)  # vit-tiny: 192-d, 3 heads, MLP 4x
+    shape = {
+        "hidden_size": hidden,
+        "num_hidden_layers": spec.get("layers", 2 if quick else 6),
+        "intermediate_size": 4 * hidden if not quick else 2 * hidden,
+        "num_attention_heads": 3 if hidden % 3 == 0 else 4,
+    }
     net, meta = build_model(
         "vit-tiny",
         task="classification",
@@ -71,7 +89,7 @@ def build_teacher(work: Path, *, quick: bool, epochs: int, seed: int) -> Path:
         **shape,
     )
     init = save_model(
-        net, meta, work / "teacher-init", stage="build", options={"preset": "vit-tiny", **shape}
+        net, meta, work / f"{teacher.name}-init", stage="build", options={"preset": "vit-tiny", **shape}
     )
     cmd = _cli(
         "train",
@@ -100,7 +118,13 @@ def build_teacher(work: Path, *, quick: bool, epochs: int, seed: int) -> Path:
     return teacher
 
 
-def compress_run(teacher: Path, out: Path, budget: str, time_budget: str) -> tuple[float, int]:
+def _slug(spec: dict[str, int]) -> str:
+    return "-".join(f"{k}{v}" for k, v in sorted(spec.items())) or "seed0"
+
+
+def compress_run(
+    teacher: Path, out: Path, budget: str, time_budget: str, trials: int | None
+) -> tuple[float, int]:
     if out.exists():
         shutil.rmtree(out)
     cmd = _cli(
@@ -114,7 +138,7 @@ def compress_run(teacher: Path, out: Path, budget: str, time_budget: str) -> tup
         budget,
         "--time-budget",
         time_budget,
-    )
+    ) + (["--trials", str(trials)] if trials else [])
     print("running:", " ".join(cmd[2:]), flush=True)
     t0 = time.monotonic()
     rc = subprocess.run(cmd, env=_env()).returncode  # 2: budget not met (results still written)
@@ -146,44 +170,30 @@ def measure(out: Path, threads: int | None, runs: int, rounds: int) -> dict:
         "p50_ms": p50[1],
         "speedup": p50[0] / p50[1],
         "met": search.get("met"),
+        "chosen": search.get("chosen_params"),
         "binding": search.get("binding"),
         "plan": (search.get("time") or {}).get("plan"),
+        "search_s": (search.get("time") or {}).get("elapsed_s"),
+        "stopped": (search.get("time") or {}).get("stopped"),
         "trials": search.get("trials_run"),
         "pruned": len(search.get("pruned_trials", [])),
+        "families": (search.get("families") or {}).get("line"),
+        "extra_time": [e.get("line") for e in search.get("extra_time") or []],
+        "int8": search.get("int8_variants"),
     }
 
 
-def main(argv: list[str] | None = None) -> int:
-    ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    ap.add_argument("--quick", action="store_true", help="tiny teacher and data, 2 min budget")
-    ap.add_argument("--time-budget", help="compress --time-budget (default 30m, 2m with --quick)")
-    ap.add_argument("--budget", default="size_mb=1.5,max_drop=0.01")
-    ap.add_argument("--teacher-epochs", type=int, help="default 3 (1 with --quick)")
-    ap.add_argument("--seed", type=int, default=0)
-    ap.add_argument("--threads", type=int, default=os.cpu_count(), help="onnxruntime threads for both models")
-    ap.add_argument("--work", type=Path, help="default: ./compress-time-work (quick: a temp dir)")
-    ap.add_argument("--json", type=Path, help="write the numbers here")
-    a = ap.parse_args(argv)
-    time_budget = a.time_budget or ("2m" if a.quick else "30m")
-    work = a.work or (
-        Path(os.environ.get("TMPDIR", "/tmp")) / "compress-time-quick"
-        if a.quick
-        else Path("compress-time-work")
-    )
-    work.mkdir(parents=True, exist_ok=True)
-    sys.path.insert(0, str(ROOT / "src"))
+def run_one(teacher: Path, out: Path, a: argparse.Namespace, time_budget: str) -> dict | None:
+    """One compress run, scored on the test split, with the issue's checks printed."""
     from vitshrink.compress import parse_duration
 
-    teacher = build_teacher(
-        work, quick=a.quick, epochs=a.teacher_epochs or (1 if a.quick else 3), seed=a.seed
-    )
-    out = work / f"run-{time_budget}"
-    wall, rc = compress_run(teacher, out, a.budget, time_budget)
+    wall, rc = compress_run(teacher, out, a.budget, time_budget, a.trials)
     if not (out / "results.json").exists():
         print(f"compress failed (exit {rc}) before writing results", file=sys.stderr)
-        return 1
+        return None
     runs, rounds = (10, 2) if a.quick else (50, 5)
     res = {
+        "teacher": str(teacher),
         "time_budget": time_budget,
         "budget": a.budget,
         "wall_s": wall,
@@ -203,17 +213,67 @@ def main(argv: list[str] | None = None) -> int:
     }
     res["checks"] = checks
     print(
-        f"\ncompress --budget {a.budget} --time-budget {time_budget} ({res['trials']} trials, {res['pruned']} pruned)"
+        f"\n{teacher.name}: compress --budget {a.budget} --time-budget {time_budget}: "
+        f"met {res['met']}, {res['trials']} trials ({res['pruned']} pruned), stopped: {res['stopped']}"
     )
-    if res.get("plan"):
-        print(
-            f"plan: {res['plan']['trials']} trials, distil on {res['plan']['subset']} images x {res['plan']['epochs']} epochs"
-        )
+    print(f"chosen: {res['chosen']}")
+    print(f"families: {res['families']}")
+    for line in res["extra_time"]:
+        print(f"extra time: {line}")
     print(f"bound by: {res['binding']}")
     for text, ok in checks.items():
         print(f"  [{'ok' if ok else 'MISS'}] {text}")
+    return res
+
+
+def main(argv: list[str] | None = None) -> int:
+    ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    ap.add_argument("--quick", action="store_true", help="tiny teacher and data, 2 min budget")
+    ap.add_argument(
+        "--teacher",
+        action="append",
+        metavar="SPEC",
+        help="a teacher to train and compress, e.g. seed=1 or hidden=256 (repeat; default seed=0)",
+    )
+    ap.add_argument(
+        "--time-budget", nargs="+", help="compress --time-budget values (default 30m, 2m with --quick)"
+    )
+    ap.add_argument("--budget", default="size_mb=1.5,max_drop=0.01")
+    ap.add_argument("--trials", type=int, help="compress --trials cap (default: none)")
+    ap.add_argument("--teacher-epochs", type=int, help="default 3 (1 with --quick)")
+    ap.add_argument("--threads", type=int, default=os.cpu_count(), help="onnxruntime threads for both models")
+    ap.add_argument("--work", type=Path, help="default: ./compress-time-work (quick: a temp dir)")
+    ap.add_argument("--json", type=Path, help="write the numbers here")
+    a = ap.parse_args(argv)
+    budgets = a.time_budget or (["2m"] if a.quick else ["30m"])
+    specs = [parse_teacher(t) for t in a.teacher or ["seed=0"]]
+    work = a.work or (
+        Path(os.environ.get("TMPDIR", "/tmp")) / "compress-time-quick"
+        if a.quick
+        else Path("compress-time-work")
+    )
+    work.mkdir(parents=True, exist_ok=True)
+    sys.path.insert(0, str(ROOT / "src"))
+    rows = []
+    for spec in specs:
+        teacher = build_teacher(work, spec, quick=a.quick, epochs=a.teacher_epochs or (1 if a.quick else 3))
+        for time_budget in budgets:
+            res = run_one(teacher, work / f"run-{_slug(spec)}-{time_budget}", a, time_budget)
+            if res is None:
+                return 1
+            rows.append(res)
+    print("\n| teacher | time budget | met | chosen | time used | size MB | test top-1 (teacher) | p50 ms |")
+    print("|---|---|---|---|---|---:|---:|---:|")
+    for r in rows:
+        print(
+            f"| {Path(r['teacher']).name} | {r['time_budget']} | {'yes' if r['met'] else 'no'} | {r['chosen']} | "
+            f"{r['wall_s'] / 60:.1f} min ({r['stopped']}) | {r['size_mb']:.2f} | "
+            f"{r['accuracy']:.4f} ({r['teacher_accuracy']:.4f}) | {r['p50_ms']:.3f} |"
+        )
     if a.json:
-        a.json.write_text(json.dumps(res, indent=2, default=str))
+        from vitshrink.artifacts import write_json
+
+        write_json(a.json, rows)
     return 0
 
 

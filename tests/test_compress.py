@@ -24,7 +24,8 @@ from vitshrink.compress import (
     parse_budget,
 )
 from vitshrink.compress.devices import threads_for
-from vitshrink.compress.search import _distance, _pareto, violations
+from vitshrink.compress.schedule import distance as _distance
+from vitshrink.compress.search import _pareto, violations
 from vitshrink.errors import VitshrinkError
 
 from .conftest import needs_fmnist

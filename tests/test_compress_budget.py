@@ -14,7 +14,7 @@ from pathlib import Path
 import pytest
 import torch
 
-from vitshrink.compress import STAGE_RUNNERS, BudgetNotMetError, compress
+from vitshrink.compress import STAGE_RUNNERS, BudgetNotMetError, compress, parse_budget
 from vitshrink.compress.plan import MAX_EPOCHS, Plan, Throughput, parse_duration, plan_search
 from vitshrink.errors import VitshrinkError
 
@@ -138,7 +138,7 @@ def test_a_pruned_trial_is_recorded_as_pruned(teacher, tmp_path, monkeypatch):
 
     monkeypatch.setattr(search, "_pruner", lambda name: PruneAllButFirst())
     out = tmp_path / "pruned"
-    _search(teacher, out, trials=2)
+    _search(teacher, out, trials=2, search={**SEARCH, "students": SEARCH["students"][1:]})
     summary = json.loads((out / "search.json").read_text())
     # trial 1 reuses trial 0's distilled student: its stored epoch is replayed to the pruner
     assert [t["number"] for t in summary["trials"]] == [0]
@@ -156,18 +156,19 @@ class _Killed(BaseException):
 @needs_fmnist
 def test_resume_after_a_kill_continues_the_same_study(teacher, tmp_path, monkeypatch):
     out = tmp_path / "killed"
+    student_only = {**SEARCH, "students": SEARCH["students"][1:]}
     calls: list[str] = []
     for kind, fn in list(STAGE_RUNNERS.items()):
 
         def wrapped(stage, ctx, cur, sdir, _fn=fn, _kind=kind):
             calls.append(_kind)
-            if _kind == "quantize" and calls.count("quantize") == 2:
-                raise _Killed  # killed inside the second trial
+            if _kind == "quantize" and calls.count("quantize") == 1 and "distill" in calls:
+                raise _Killed  # killed inside the second trial (the first one quantizes nothing)
             return _fn(stage, ctx, cur, sdir)
 
         monkeypatch.setitem(STAGE_RUNNERS, kind, wrapped)
     with pytest.raises(_Killed):
-        _search(teacher, out)
+        _search(teacher, out, search=student_only)
     assert _trials(out) == {0: "COMPLETE", 1: "RUNNING"}
     with sqlite3.connect(out / "search.db") as db:
         attrs = dict(db.execute("SELECT key, value_json FROM study_user_attributes").fetchall())
@@ -178,13 +179,13 @@ def test_resume_after_a_kill_continues_the_same_study(teacher, tmp_path, monkeyp
     # once, with the candidate it has.
     late = tmp_path / "late"
     shutil.copytree(out, late)
-    _search(teacher, late, time_budget="1s")
+    _search(teacher, late, time_budget="1s", search=student_only)
     summary = json.loads((late / "search.json").read_text())
     assert summary["time"]["stopped"] == "time" and summary["trials_run"] == 1
     assert summary["time"]["elapsed_s"] > before and summary["chosen_trial"] == 0
 
     calls.clear()
-    res = _search(teacher, out)
+    res = _search(teacher, out, search=student_only)
     summary = json.loads((out / "search.json").read_text())
     assert summary["interrupted_trials"] == [1] and summary["trials_run"] == 3  # 3 counted, the kill excluded
     states = _trials(out)
@@ -194,8 +195,10 @@ def test_resume_after_a_kill_continues_the_same_study(teacher, tmp_path, monkeyp
     )
     # the killed candidate was queued again (trial 2 = trial 1's params) and the student was not re-distilled
     t = {r["number"]: r["params"] for r in summary["trials"] + summary["pruned_trials"]}
-    assert t[2] == {"student": "vit-h32", "prune_ratio": 0.5, "quant": "int8-dynamic"}
-    assert "distill" not in calls
+    assert t[2] == {"student": "vit-h32", "prune_ratio": 0.0, "quant": "int8-dynamic", "extend": 0}
+    assert calls[0] == "quantize"
+    # prune 0.5 cannot beat prune 0, which meets the budget: the time left re-trained the student instead
+    assert t[3]["extend"] >= 2 and calls[1:] == ["distill"] and summary["extra_time"][0]["extends"] == 0
     assert summary["time"]["plan"] == plan and summary["time"]["elapsed_s"] > before
     assert Path(res["final"]).is_file()
 
@@ -289,3 +292,316 @@ def test_prune_recovery_reads_the_teacher_logits_distillation_cached(teacher, tm
         **kw,
     )
     assert epochs == [1] and m["recovery_history"][0]["epoch"] == 1
+
+
+# ------------------------------------------------------------------------- int8's choice under a budget
+
+
+def test_int8_under_a_size_budget_keeps_a_smaller_variant():
+    from vitshrink.quantize.onnx_quant import choose_variant
+
+    # issue 27's mobilevit-xxs: dynamic int8 leaves the convs float (fast, 1.92 MB)
+    variants = [
+        {"kind": "int8-dynamic", "metric": 0.872, "latency_ms": 0.10, "size_mb": 1.92},
+        {"kind": "int8-static", "metric": 0.866, "latency_ms": 0.16, "size_mb": 1.30},
+        {"kind": "int8-mixed", "metric": 0.864, "latency_ms": 0.12, "size_mb": 1.19},
+    ]
+    fastest, why = choose_variant(variants)
+    assert fastest["kind"] == "int8-dynamic" and why.startswith("fastest")
+    kept, why = choose_variant(variants, size_mb=1.5)
+    assert kept["kind"] == "int8-static" and "most accurate of the 2 of 3" in why
+    # a latency target as well: only mixed meets both
+    kept, _ = choose_variant(variants, size_mb=1.5, latency_ms=0.13)
+    assert kept["kind"] == "int8-mixed"
+    # nothing fits: the closest to the target, and the reason says so
+    kept, why = choose_variant(variants, size_mb=1.0)
+    assert kept["kind"] == "int8-mixed" and why.startswith("no variant meets size_mb <= 1")
+
+
+# -------------------------------------------------- the search's order and clock, with fake stages
+#
+# Every stage, measurement and the clock are fakes: a "model" is a JSON file naming its student, prune
+# ratio, quant mode and training; distillation costs 120 s of fake time per planned unit of training,
+# recovery 20 s, quantization 3 s, measuring 2 s. Only the teacher directory and the data SPEC are real.
+
+FAKE_STUDENTS = {  # preset -> (parameters, top-1 after the planned distillation)
+    "none": (4_000_000, 0.85),
+    "vit-micro": (900_000, 0.70),
+    "mobilevit-micro": (950_000, 0.84),
+    "resnet-18-micro": (700_000, 0.80),
+}
+FAKE_BYTES = {"none": 4.0, "fp16": 2.0, "int8-dynamic": 1.9, "int8-static": 1.15, "int8-mixed": 1.1}
+FAKE_LOSS = {"none": 0, "fp16": 0, "int8-dynamic": 0.001, "int8-static": 0.003, "int8-mixed": 0.004}
+
+
+class FakeClock:
+    def __init__(self) -> None:
+        self.t = 1_000_000.0
+
+    def __call__(self) -> float:
+        return self.t
+
+
+def _fake_model(path: Path, **spec) -> Path:
+    path.parent.mkdir(parents=True, exist_ok=True)
+    path.write_text(json.dumps(spec))
+    return path
+
+
+def _fake_acc(m: dict) -> float:
+    base = FAKE_STUDENTS[m["student"]][1] + 0.002 * (m["train"] - 1)  # more training, a little better
+    return base - 0.05 * m["ratio"] - FAKE_LOSS[m["quant"]]
+
+
+def _fake_mb(m: dict) -> float:
+    return FAKE_STUDENTS[m["student"]][0] * (1 - m["ratio"]) * FAKE_BYTES[m["quant"]] / 2**20
+
+
+@pytest.fixture
+def fake_search(tmp_path, monkeypatch):
+    """search_budget with fake stages, measurements, throughput and clock; returns run(budget, ...)."""
+    import types
+
+    import vitshrink.bench as bench
+    import vitshrink.compress.runner as runner
+    import vitshrink.compress.search as search
+    from vitshrink.compress.devices import get_profile
+    from vitshrink.compress.runner import make_context
+    from vitshrink.models import build_model, save_model
+
+    clock = FakeClock()
+    monkeypatch.setattr(search, "_now", clock)
+    monkeypatch.setattr(runner, "time", types.SimpleNamespace(time=clock))
+    net, meta = build_model("vit-micro", task="classification", image_size=28, num_channels=1, num_labels=10)
+    teacher = save_model(net, meta, tmp_path / "teacher", stage="build", options={})
+    calls: list[tuple[str, dict]] = []
+
+    def export(model_dir, out, **kw):
+        return _fake_model(Path(out), student="none", ratio=0.0, quant="none", train=1)
+
+    def distill(stage, ctx, cur, sdir):
+        o = stage.options
+        train = o["limit"] * o["epochs"] / (600 * 1)
+        clock.t += 120 * train
+        calls.append(("distill", o))
+        (sdir / "model").mkdir(parents=True, exist_ok=True)
+        (sdir / "model" / "model.safetensors").write_bytes(b"w")
+        art = _fake_model(sdir / "model.onnx", student=o["student"], ratio=0.0, quant="none", train=train)
+        return {"model_dir": sdir / "model", "artifact": art, "train_metrics": {}}
+
+    def prune(stage, ctx, cur, sdir):
+        clock.t += 20 * max(1, stage.options.get("recover_epochs", 1))
+        calls.append(("prune", stage.options))
+        m = json.loads(cur.onnx.read_text())
+        (sdir / "model").mkdir(parents=True, exist_ok=True)
+        (sdir / "model" / "model.safetensors").write_bytes(b"p")
+        art = _fake_model(sdir / "model.onnx", **{**m, "ratio": stage.options["ratio"]})
+        return {"model_dir": sdir / "model", "artifact": art, "train_metrics": {}}
+
+    def quantize(stage, ctx, cur, sdir):
+        from vitshrink.quantize.onnx_quant import choose_variant
+
+        clock.t += 3
+        calls.append(("quantize", stage.options))
+        m = json.loads(cur.onnx.read_text())
+        mode, report = stage.options["mode"], {}
+        if mode == "int8":
+            variants = [
+                {
+                    "kind": k,
+                    "metric": _fake_acc({**m, "quant": k}),
+                    "latency_ms": 1.0,
+                    "size_mb": _fake_mb({**m, "quant": k}),
+                }
+                for k in ("int8-dynamic", "int8-static", "int8-mixed")
+            ]
+            best, why = choose_variant(variants, size_mb=stage.options.get("size_mb"))
+            mode, report = best["kind"], {"chosen": best["kind"], "candidates": variants, "kept_because": why}
+        art = _fake_model(sdir / "model.onnx", **{**m, "quant": mode})
+        return {"model_dir": None, "artifact": art, "train_metrics": report}
+
+    def evaluate(path, ctx, **kw):
+        clock.t += 1
+        return {"accuracy": _fake_acc(json.loads(Path(path).read_text()))}
+
+    def bench_many(paths, **kw):
+        clock.t += 1
+        m = json.loads(Path(paths[0]).read_text())
+        return [{"latency_ms": {"p50": 1.0 - 0.5 * m["ratio"]}, "size_mb": _fake_mb(m), "peak_rss_mb": None}]
+
+    def rates(ctx, students, batch_size):  # 0.2 s per training image: 120 s per planned distillation
+        labels = list(students)
+        return Throughput(0.001, dict.fromkeys(labels, 0.2), dict.fromkeys(labels, 0.001), 5.0)
+
+    monkeypatch.setattr(runner, "_export", export)
+    monkeypatch.setattr(search, "evaluate_artifact", evaluate)
+    monkeypatch.setattr(bench, "bench_many", bench_many)
+    monkeypatch.setattr(search, "measure_throughput", rates)
+    monkeypatch.setattr(
+        search, "_predicted_params", lambda ctx, space: {k: v[0] for k, v in FAKE_STUDENTS.items()}
+    )
+    for kind, fn in (("distill", distill), ("prune", prune), ("quantize", quantize)):
+        monkeypatch.setitem(STAGE_RUNNERS, kind, fn)
+    ctx = make_context(teacher, "fashion-mnist", {}, quiet=True)
+
+    def run(
+        budget: str, minutes: float, students=("none", "mobilevit-micro", "resnet-18-micro"), out=None, **kw
+    ):
+        space = {
+            "students": list(students),
+            "prune_ratios": [0.0, 0.5],
+            "quant_modes": ["none", "int8", "int8-dynamic", "int8-static", "int8-mixed", "fp16"],
+            # fixed: the plan keeps them, so one planned distillation is 600 images x 1 epoch
+            "distill": {"epochs": 1, "limit": 600, "val_limit": 100},
+            "prune": {"recover_epochs": 1},
+            "pruner": "none",
+        }
+        found = search.search_budget(
+            ctx,
+            out or tmp_path / "search",
+            budget=parse_budget(budget),
+            profile=get_profile("cpu"),
+            threads=1,
+            trials=kw.pop("trials", None),
+            search=space,
+            eval_limit=100,
+            bench_runs=1,
+            bench_rounds=1,
+            time_budget=minutes * 60,
+            t_start=clock.t,
+        )
+        return found["summary"], calls
+
+    return run
+
+
+def _order(summary: dict) -> list[dict]:
+    """Every trial that ran, in order."""
+    done = summary["trials"] + summary["pruned_trials"] + summary["failed_trials"]
+    return [r["params"] for r in sorted(done, key=lambda r: r["number"])]
+
+
+@needs_fmnist
+def test_a_trained_students_cheap_variants_run_before_a_new_student(fake_search):
+    summary, calls = fake_search("size_mb=1.5,max_drop=0.02", 60)
+    order = _order(summary)
+    students = [p["student"] for p in order]
+    first_resnet = students.index("resnet-18-micro")
+    mobilevit = [p for p in order[:first_resnet] if p["student"] == "mobilevit-micro"]
+    # every int8 mode of the distilled mobilevit ran before the next student, the modes a size budget
+    # favours first; fp32 and fp16 (3.6 / 1.8 MB of weights) were skipped with the reason
+    assert [p["quant"] for p in mobilevit if p["prune_ratio"] == 0] == [
+        "int8",
+        "int8-static",
+        "int8-mixed",
+        "int8-dynamic",
+    ]
+    skipped = {
+        s["params"]["quant"]: s["reason"]
+        for s in summary["skipped"]
+        if s["params"]["student"] == "mobilevit-micro" and s["params"]["prune_ratio"] == 0
+    }
+    assert "at least 1.81 MB > size_mb 1.5" in skipped["fp16"] and "weights alone" in skipped["none"]
+    # one distillation per trained student (extra-time runs included), never two
+    distilled = {(p["student"], p["extend"]) for p in order if p["student"] != "none"}
+    assert [c for c, _ in calls].count("distill") == len(distilled)
+    # no candidate ran twice
+    keys = [(p["student"], p["prune_ratio"], p["quant"], p["extend"]) for p in order]
+    assert len(keys) == len(set(keys))
+    # int8 under the size budget kept a static / mixed variant, not the fastest (dynamic) one
+    int8 = [
+        r for r in summary["trials"] if r["params"]["quant"] == "int8" and r["params"]["student"] != "none"
+    ]
+    assert int8 and all(r["size_mb"] <= 1.5 for r in int8)
+    assert summary["met"]
+    # the accounting: every trial's time; reused stages name the trial that ran them
+    reused = [s for r in summary["trials"] for s in r["stages"] if "reused_from" in s]
+    assert reused and all(isinstance(s["reused_from"], int) for s in reused)
+    assert all(r["seconds"] > 0 for r in summary["trials"])
+    assert summary["families"]["winner"] == "mobilevit" and "resnet" in summary["families"]["line"]
+
+
+@needs_fmnist
+def test_the_search_goes_on_while_time_is_left_and_the_budget_is_unmet(fake_search, tmp_path):
+    # max_drop 0.001 needs 0.849: no student reaches it with the planned training; 8 trials would
+    # have stopped the old search early
+    summary, _ = fake_search("size_mb=1.5,max_drop=0.001", 30, trials=None)
+    t = summary["time"]
+    assert t["stopped"] != "trials" and len(summary["trials"]) > 8
+    # what is left is less than the cheapest remaining candidate: a quantization and its measurement
+    assert t["stopped"] in ("time", "exhausted") and t["unused_s"] < 120
+    # the time left went to more training for the most promising student, and the report says so
+    (extra,) = summary["extra_time"][:1]
+    assert extra["factor"] >= 2 and extra["metric_after"] > extra["metric_before"]
+    assert f"trial {extra['extends']}'s candidate on" in extra["line"] and "x the planned" in extra["line"]
+
+    # resumed with more time: it continues, still without running any candidate twice
+    more, _ = fake_search("size_mb=1.5,max_drop=0.001", 45, out=tmp_path / "search")
+    keys = [(p["student"], p["prune_ratio"], p["quant"], p["extend"]) for p in _order(more)]
+    assert len(keys) == len(set(keys)) and len(keys) >= len(_order(summary))
+
+
+@needs_fmnist
+def test_trials_is_only_a_cap(fake_search):
+    summary, _ = fake_search("size_mb=1.5,max_drop=0.02", 60, trials=3)
+    assert summary["time"]["stopped"] == "trials" and summary["trials_run"] == 3
+    assert "trials" in summary["binding"] and summary["untried"]
+
+
+def test_the_queue_skips_what_cannot_win_and_orders_quant_modes_by_the_binding_limit():
+    from vitshrink.compress.schedule import Tried, queue
+
+    modes = ["none", "int8", "int8-dynamic", "int8-static", "fp16"]
+    sizes = {"none": 4_000_000, "s": 1_000_000}
+    q = queue(["none", "s"], [0.0, 0.5], modes, {"latency_ms": 5}, 0.85, sizes, [])
+    # the teacher is trained already: its variants first, the fastest modes first; then the student
+    assert [p["quant"] for p in q.todo[:3]] == ["int8", "int8-dynamic", "int8-static"]
+    assert q.todo[-1] == {"student": "s", "prune_ratio": 0.0, "quant": "int8", "extend": 0}
+    tried = [
+        Tried(
+            0,
+            {"student": "s", "prune_ratio": 0.0, "quant": "int8", "extend": 0},
+            "complete",
+            0.80,
+            {"max_drop": 0.04},
+        ),
+        Tried(
+            1,
+            {"student": "none", "prune_ratio": 0.0, "quant": "int8", "extend": 0},
+            "complete",
+            0.85,
+            {"latency_ms": -1.0, "max_drop": -0.01},
+        ),
+    ]
+    q = queue(["none", "s"], [0.0, 0.5], modes, {"latency_ms": 5, "max_drop": 0.01}, 0.85, sizes, tried)
+    why = {(p["student"], p["prune_ratio"], p["quant"]): r for p, r in q.skipped}
+    assert "far below" in why[("s", 0.0, "fp16")]  # 0.80 vs the 0.84 max_drop needs
+    assert "already meets the budget" in why[("none", 0.5, "int8")]
+
+
+def test_automatic_students_come_from_every_family_the_cnn_included(tmp_path):
+    from vitshrink.compress.runner import Context
+    from vitshrink.compress.search import auto_students
+    from vitshrink.models import build_model, save_model
+
+    net, meta = build_model(  # issue 14's teacher shape: 2.7 M parameters
+        "vit-tiny", task="classification", image_size=28, num_channels=1, num_labels=10, num_hidden_layers=6
+    )
+    teacher = save_model(net, meta, tmp_path / "t", stage="build", options={})
+    ctx = Context(teacher=teacher, data="fashion-mnist", data_options={}, meta=meta)
+    # one per family, the largest under 70 % of the teacher; those whose int8 weights fit 1.2 MB first
+    assert list(auto_students(ctx, {"size_mb": 1.2})) == [
+        "none",
+        "vit-mini",
+        "mobilevit-xxs",
+        "swin-micro",
+        "deit-micro",
+        "resnet-34-micro",
+    ]
+
+
+@needs_fmnist
+def test_a_budget_nothing_can_meet_still_measures_the_closest(fake_search):
+    summary, _ = fake_search("size_mb=0.05", 20)  # every candidate's weights alone are larger
+    assert not summary["met"] and summary["trials"] and summary["trials"][0]["why"] == "nothing measured yet"
+    assert all("weights alone" in s["reason"] for s in summary["skipped"])

@@ -494,7 +494,11 @@ def build_parser() -> argparse.ArgumentParser:
     # passed through as text: compress.parse_budget validates keys and values with one-line errors
     g.add_argument("--budget", help="latency_ms=..,size_mb=..,max_drop=..")
     sp.add_argument("--device", default="cpu", choices=["cpu", "cuda", "jetson-nano"])
-    sp.add_argument("--trials", type=POS_INT, default=8, help="at most this many trials (budget mode)")
+    sp.add_argument(
+        "--trials",
+        type=POS_INT,
+        help="budget mode: an optional cap on trials (the time budget ends the search)",
+    )
     # text: compress.parse_duration validates it (one-line errors), default 30m printed at start
     sp.add_argument("--time-budget", help="budget mode: wall time for the whole run, e.g. 30m, 2h, 90s")
 

@@ -288,7 +288,8 @@ QUANTIZE: tuple[Option, ...] = (
     Option(
         "mode",
         "int8",
-        "fp16, int8 (fastest of dynamic/static/mixed at equal quality) or one variant",
+        "fp16, int8 (fastest of dynamic/static/mixed at equal quality, or the best fit to "
+        "--size-mb / --latency-ms) or one variant",
         choices=QUANT_MODES,
     ),
     Option(
@@ -299,6 +300,8 @@ QUANTIZE: tuple[Option, ...] = (
     ),
     Option("calib_method", "percentile", "activation calibration method", choices=CALIB_METHODS),
     Option("max_drop", None, "largest allowed metric drop; sensitive nodes fall back to float", NONNEG_FLOAT),
+    Option("size_mb", None, "int8: keep the most accurate variant whose file fits N MB", POS_FLOAT),
+    Option("latency_ms", None, "int8: keep the most accurate variant within N ms (1 thread)", POS_FLOAT),
     Option(
         "data_options",
         None,

@@ -4,10 +4,13 @@
   (distill, prune, quantize, export; see `recipe`), each writing its artifact under DIR/stages and
   recording it in DIR/state.json, so an interrupted run resumes after the last finished stage.
 - budget mode: `compress(..., budget="latency_ms=20,size_mb=5,max_drop=0.01", time_budget="30m")`
-  searches students, prune ratios and quant modes with Optuna (`search`), measuring every candidate,
-  and keeps the Pareto-optimal ones that meet the budget; BudgetNotMetError names the closest
-  otherwise. The search is planned from throughput measured here to end within the time budget
-  (`plan`), stops weak trials early, and resumes a killed search on the same clock.
+  searches students (one per model family, the CNN included), prune ratios and quant modes with
+  Optuna (`search`, in the order `schedule` gives: a trained student's cheap variants first),
+  measuring every candidate, and keeps the Pareto-optimal ones that meet the budget;
+  BudgetNotMetError names the closest otherwise. The time budget ends the search (`trials` is an
+  optional cap); the distillation is planned from throughput measured here (`plan`), weak trials
+  stop early, time left at the end re-trains the most promising candidate on more images, and a
+  killed search resumes on the same clock.
 
 Both end with DIR/results.json (teacher first; the last stage's artifact is the deployable ONNX),
 DIR/report.md/.html, and for `device="jetson-nano"` an fp16 TensorRT recipe in DIR/trt.
@@ -59,7 +62,7 @@ def compress(
     recipe: str | os.PathLike | list[Any] | dict[str, Any] | Recipe | None = None,
     budget: str | dict[str, Any] | None = None,
     device: str = "cpu",
-    trials: int = 8,
+    trials: int | None = None,
     quiet: bool = False,
     data_options: dict[str, Any] | None = None,
     threads: int | None = None,
@@ -77,7 +80,8 @@ def compress(
     "distill": {...}, "prune": {...}, "quantize": {...}, "pruner": "asha" | "hyperband" | "none"}
     (stage options as in a recipe; distill limit/epochs given here are kept, not planned).
     time_budget: budget mode only: the whole run's wall time, "30m", "2h", "90s" or seconds
-    (default 30m); a resumed search counts the time earlier runs spent.
+    (default 30m); a resumed search counts the time earlier runs spent. It ends the search;
+    trials: at most this many trials (default: no cap).
     Returns {"final": deployable ONNX, "results": results.json, "report": report.html, "trt": dir or
     None, "stages": results.json stages, "met": budget met (budget mode)}.
     """

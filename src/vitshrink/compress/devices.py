@@ -40,8 +40,10 @@ PROFILES = ("cpu", "cuda", "jetson-nano")
 
 def get_profile(name: str) -> DeviceProfile:
     if name == "cpu":
-        # fp16 runs through casts on most CPUs; it is kept so the search can measure, not assume.
-        return DeviceProfile("cpu", "cpu", None, None, ("none", "int8-dynamic", "int8", "fp16"), False)
+        # fp16 runs through casts on most CPUs; it is kept so the search can measure, not assume. Every
+        # int8 variant too: static / mixed quantize the convs that dynamic leaves float (smaller files).
+        modes = ("none", "int8", "int8-dynamic", "int8-static", "int8-mixed", "fp16")
+        return DeviceProfile("cpu", "cpu", None, None, modes, False)
     if name == "cuda":
         import onnxruntime as ort
 

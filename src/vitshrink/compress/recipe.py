@@ -136,6 +136,9 @@ SCHEMA: dict[str, dict[str, Opt]] = {
         "calib_method": Opt(STR, choices=CALIB_METHODS),
         "max_drop": Opt(FLOAT, check=_non_negative),
         "target_cpu": Opt(STR, choices=TARGET_CPUS),  # the CPU the int8 model runs on (see vitshrink.cpu)
+        # int8: keep the most accurate variant meeting these instead of the fastest (the budget search's)
+        "size_mb": Opt(FLOAT, check=_positive),
+        "latency_ms": Opt(FLOAT, check=_positive),
         # Calibrate/score on the run's data (default: only where the mode or max_drop needs it).
         "calibrate": Opt(BOOL),
     },

@@ -264,7 +264,7 @@ def run_quantize(stage: Stage, ctx: Context, cur: Current, sdir: Path) -> StageR
 
     opts = dict(stage.options)
     mode = opts.pop("mode")
-    calibrate = opts.pop("calibrate", mode in ("int8", "int8-static") or "max_drop" in opts)
+    calibrate = opts.pop("calibrate", mode in ("int8", "int8-static", "int8-mixed") or "max_drop" in opts)
     out, rep = quantize(
         cur.onnx,
         sdir / "model.onnx",
@@ -426,6 +426,8 @@ def run_stages(
         if ok and prev is not None:
             ctx.log(f"stage {i} ({label}): finished earlier, skipping")
             rec = {**prev, "name": label}  # a renamed stage keeps its outputs
+            if cache_dir is not None:
+                rec["reused"] = True  # the search's accounting: this trial did not pay for it
             replay_epochs(ctx, rec)
         else:
             old = []  # after a re-run stage, nothing later can be reused

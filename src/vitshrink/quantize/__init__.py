@@ -53,6 +53,8 @@ def quantize(
     format: str = "auto",
     image_size: str | int | tuple[int, int] | None = None,
     dynamic_size: bool = False,
+    size_mb: float | None = None,
+    latency_ms: float | None = None,
 ) -> tuple[Path, dict[str, Any]]:
     """Quantize a model directory (or Hub id), ONNX file or ONNX folder into `out`; returns (path, report).
 
@@ -67,6 +69,8 @@ def quantize(
     image_size / dynamic_size: a model directory is exported at this size (see `export_onnx`), so
     calibration runs at the deployed size; an ONNX input must already take it (fixed size) or be
     dynamic-size, which is then calibrated at `image_size`.
+    size_mb / latency_ms: "int8" keeps the most accurate variant meeting these (file MB, 1-thread ms)
+    instead of the fastest (see `quantize_onnx`).
     """
     from ..hub import resolve_model
     from ..onnx_folder import onnx_file, wants_folder, write_onnx_folder
@@ -116,6 +120,8 @@ def quantize(
             target_cpu=target_cpu,
             quiet=quiet,
             image_size=meta["preprocess"]["size"] if image_size is not None and meta is not None else None,
+            size_mb=size_mb,
+            latency_ms=latency_ms,
         )
         if folder:
             write_onnx_folder(out, final)

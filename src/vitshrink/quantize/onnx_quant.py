@@ -129,6 +129,8 @@ def quantize_onnx(
     target_cpu: str = "auto",
     quiet: bool = False,
     image_size: Sequence[int] | None = None,
+    size_mb: float | None = None,
+    latency_ms: float | None = None,
 ) -> dict[str, Any]:
     """Quantize an ONNX model to fp16 / int8 and write it atomically to `dst`; returns a report.
 
@@ -137,6 +139,9 @@ def quantize_onnx(
     dynamic, static and (for models with weight Convs) mixed, picks the fastest by measurement (near
     ties: the more accurate, then the smaller file) and guarantees
     `max_drop` (default 0.005) by falling back the most sensitive nodes to float.
+    size_mb / latency_ms: "int8" keeps the most accurate variant that meets these targets (file MB,
+    1-thread ms) instead of the fastest, or the closest when none does (`choose_variant`); the report's
+    `candidates` list every variant built and `kept_because` says why one was kept.
     calib: batches of `pixel_values` (float32 NCHW, normalised); at most 256 samples are used.
     eval_fn: path -> task metric (higher is better); without it the metric is agreement with fp32.
     max_drop: largest allowed metric drop (absolute, metric units); other modes apply it when given.
@@ -158,6 +163,9 @@ def quantize_onnx(
     size_ratio (bytes), path and any warnings.
     """
     _check_options(mode, calib_method, target, target_cpu, max_drop)
+    for name, v in (("size_mb", size_mb), ("latency_ms", latency_ms)):
+        if v is not None and not v > 0:
+            raise VitshrinkError(f"{name} must be > 0, got {v}")
     src, dst = Path(src), Path(dst)
     if dst.suffix != ".onnx":
         raise VitshrinkError(f"output must end in .onnx: {dst}")
@@ -183,7 +191,11 @@ def quantize_onnx(
         )
         ctx = _context(work, src, original, batches, generated, eval_fn, say, quiet, settings, mode)
         report = _new_report(mode, src, ctx, max_drop)
-        final, extra = _fp16(ctx.pre, ctx) if mode == "fp16" else _int8(mode, ctx.pre, ctx, max_drop)
+        final, extra = (
+            _fp16(ctx.pre, ctx)
+            if mode == "fp16"
+            else _int8(mode, ctx.pre, ctx, max_drop, size_mb=size_mb, latency_ms=latency_ms)
+        )
         report.update(extra)
         _check_result(final, ctx, report)
         _write(final, dst, original, ctx, report, image_size)
@@ -469,7 +481,54 @@ def _fp16(pre: Path, ctx: Ctx) -> tuple[Path, dict[str, Any]]:
     return path, {"chosen": "fp16", "kept_float": {"op_types": kept, "nodes": {}}, "fp16": info}
 
 
-def _int8(mode: str, pre: Path, ctx: Ctx, max_drop: float | None) -> tuple[Path, dict[str, Any]]:
+def choose_variant(
+    candidates: Sequence[dict[str, Any]], *, size_mb: float | None = None, latency_ms: float | None = None
+) -> tuple[dict[str, Any], str]:
+    """The int8 variant to keep and why, from each one's `metric`, `latency_ms` and `size_mb`.
+
+    Without a size or latency target: the fastest (near ties: the more accurate, then the smaller file).
+    With one: the most accurate of the variants that meet every target (near ties: the smaller file
+    under a size target, else the faster); when none meets them, the one closest to them (summed excess
+    relative to each target). Latency here is onnxruntime's at 1 thread, a conservative stand-in.
+    """
+    if size_mb is None and latency_ms is None:
+        fastest = min(c["latency_ms"] for c in candidates)
+        pool = [c for c in candidates if c["latency_ms"] <= fastest * (1 + SPEED_TIE)]
+        top = max(c["metric"] or 0 for c in pool)
+        pool = [c for c in pool if (c["metric"] or 0) >= top - METRIC_TIE]
+        best = min(pool, key=lambda c: c["size_mb"])
+        return best, f"fastest ({best['latency_ms']:.3f} ms at 1 thread)"
+    targets = {k: v for k, v in (("size_mb", size_mb), ("latency_ms", latency_ms)) if v is not None}
+
+    def excess(c: dict[str, Any]) -> float:
+        return sum(max(0.0, c[k] - v) / v for k, v in targets.items())
+
+    what = " and ".join(f"{k} <= {v:g}" for k, v in targets.items())
+    meeting = [c for c in candidates if excess(c) == 0]
+    if not meeting:
+        best = min(candidates, key=lambda c: (excess(c), -(c["metric"] or 0)))
+        return (
+            best,
+            f"no variant meets {what}; closest ({best['size_mb']:.2f} MB, {best['latency_ms']:.3f} ms)",
+        )
+    top = max(c["metric"] or 0 for c in meeting)
+    pool = [c for c in meeting if (c["metric"] or 0) >= top - METRIC_TIE]
+    tiebreak = "size_mb" if size_mb is not None else "latency_ms"
+    best = min(pool, key=lambda c: c[tiebreak])
+    return best, (
+        f"meets {what} ({best['size_mb']:.2f} MB, {best['latency_ms']:.3f} ms) and is the most accurate "
+        f"of the {len(meeting)} of {len(candidates)} variants that do"
+    )
+
+
+def _int8(
+    mode: str,
+    pre: Path,
+    ctx: Ctx,
+    max_drop: float | None,
+    size_mb: float | None = None,
+    latency_ms: float | None = None,
+) -> tuple[Path, dict[str, Any]]:
     extra: dict[str, Any] = {}
     src = pre
     if ctx.vit_aware:
@@ -512,16 +571,14 @@ def _int8(mode: str, pre: Path, ctx: Ctx, max_drop: float | None) -> tuple[Path,
         res["builder"] = builder
         res["latency_ms"] = None
         candidates.append(res)
-    # Fastest variant wins; among near-equal speeds the more accurate, then the smaller file.
-    best = candidates[0]
+    for c in candidates:
+        c["size_mb"] = file_size(c["path"]) / 2**20
+    best, why = candidates[0], f"{candidates[0]['builder'].kind} is the only variant built"
     if len(candidates) > 1:
         for c, ms in zip(candidates, onnx_latencies_ms([c["path"] for c in candidates], ctx.sample)):
             c["latency_ms"] = ms
-        fastest = min(c["latency_ms"] for c in candidates)
-        pool = [c for c in candidates if c["latency_ms"] <= fastest * (1 + SPEED_TIE)]
-        top = max(c["metric"] or 0 for c in pool)
-        pool = [c for c in pool if (c["metric"] or 0) >= top - METRIC_TIE]
-        best = min(pool, key=lambda c: file_size(c["path"]))
+        best, why = choose_variant(candidates, size_mb=size_mb, latency_ms=latency_ms)
+    ctx.say(f"kept {best['builder'].kind}: {why}")
     best, attention = _attention_choice(best, ctx, max_drop)
     if attention:
         extra["attention"] = attention
@@ -556,10 +613,12 @@ def _int8(mode: str, pre: Path, ctx: Ctx, max_drop: float | None) -> tuple[Path,
                 "kind": c["builder"].kind,
                 "metric": c["metric"],
                 "latency_ms": c["latency_ms"],
+                "size_mb": c["size_mb"],
                 "fallback_nodes": len(c["fallback"]),
             }
             for c in candidates
         ],
+        kept_because=why,
     )
     if "warning" in best:
         extra.setdefault("warnings", []).append(best["warning"])

@@ -270,9 +270,15 @@ def _search_rows(s: dict[str, Any], mlabel: str) -> list[tuple[str, str]]:
     rows.append(("trials", ", ".join(counts)))
     if isinstance(t, dict) and t.get("budget_s"):
         took = f"{t.get('elapsed_s', 0) / 60:.1f} of {t['budget_s'] / 60:.1f} min"
-        rows.append(("time", took + ("; stopped by the time budget" if t.get("stopped") == "time" else "")))
+        stop = {
+            "time": "; stopped by the time budget",
+            "trials": "; stopped by the --trials cap",
+            "exhausted": f"; {t.get('unused_s', 0) / 60:.1f} min unused: nothing left worth trying",
+        }.get(t.get("stopped"), "")
+        rows.append(("time", took + stop))
     if "chosen_trial" in s:
         rows.append(("chosen", f"trial {s['chosen_trial']} {s.get('chosen_params', '')}"))
+    rows += _search_accounting(s)
     binding = s.get("binding") or {}
     if isinstance(binding, dict):
         rows.append(
@@ -287,6 +293,52 @@ def _search_rows(s: dict[str, Any], mlabel: str) -> list[tuple[str, str]]:
                     + ("" if r.get("feasible") else " (over budget)"),
                 )
             )
+    return rows
+
+
+def _search_accounting(s: dict[str, Any]) -> list[tuple[str, str]]:
+    """compress --budget's own accounting: which family won, int8's choice, what extra time bought,
+    and per trial its time, why it ran, the stages it reused, why it stopped or was skipped."""
+    rows: list[tuple[str, str]] = []
+    fam = s.get("families")
+    if isinstance(fam, dict) and fam.get("line"):
+        rows.append(("families", str(fam["line"])))
+    q = s.get("int8_variants")
+    if isinstance(q, dict) and q.get("variants"):
+        built = ", ".join(
+            f"{v.get('kind')} {v.get('size_mb') or 0:.2f} MB / {v.get('latency_ms') or 0:.3f} ms / {v.get('metric') or 0:.4f}"
+            for v in q["variants"]
+        )
+        rows.append(("int8 variants", f"built {built}; kept {q.get('kept')}: {q.get('why')}"))
+    for e in s.get("extra_time") or []:
+        if isinstance(e, dict) and e.get("line"):
+            rows.append(("extra time", str(e["line"])))
+    trials = [
+        r
+        for key in ("trials", "pruned_trials", "failed_trials")
+        for r in s.get(key) or []
+        if isinstance(r, dict)
+    ]
+    for r in sorted(trials, key=lambda r: r.get("number", 0)):
+        parts = [f"{r.get('seconds') or 0:.0f} s", str(r.get("why") or "")]
+        reused = [
+            f"{st.get('kind')} from trial {st['reused_from']}"
+            for st in r.get("stages") or []
+            if "reused_from" in st
+        ]
+        if reused:
+            parts.append("reused " + ", ".join(reused))
+        if r.get("state") == "pruned":
+            parts.append(f"stopped: {r.get('reason')}")
+        if r.get("error"):
+            parts.append(f"failed: {r['error']}")
+        rows.append((f"trial {r.get('number')} {r.get('params', '')}", "; ".join(p for p in parts if p)))
+    skipped = s.get("skipped") or []
+    if skipped:
+        rows.append(("skipped", f"{len(skipped)} candidates that cannot win (reasons in search.json)"))
+    untried = s.get("untried") or []
+    if untried:
+        rows.append(("untried", f"{len(untried)} candidates ({untried[0].get('reason') or 'not reached'})"))
     return rows
 
 
