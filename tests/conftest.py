@@ -29,6 +29,8 @@ needs_fmnist = pytest.mark.skipif(
 @pytest.fixture(scope="session", autouse=True)
 def _isolated(tmp_path_factory: pytest.TempPathFactory) -> None:
     os.environ["VITSHRINK_CACHE"] = str(tmp_path_factory.mktemp("cache"))
+    # parquet sources are converted to Arrow files in the datasets cache: keep them out of ~/.cache
+    os.environ["HF_DATASETS_CACHE"] = str(tmp_path_factory.mktemp("hf-datasets"))
     os.environ["VITSHRINK_QUIET"] = "1"
     torch.set_num_threads(min(2, os.cpu_count() or 1))
 
