@@ -376,3 +376,22 @@ def test_compress_recipe_runs_on_a_mixed_size_photo_folder(tmp_path, monkeypatch
     stages = {s["name"]: s for s in res["stages"]}
     assert len(stages) >= 4 and all("miou" in (s.get("metrics") or s) for s in res["stages"])
     assert list((tmp_path / "cache" / "decoded").glob("*.images.u8"))  # --cache-teacher's decoded copy
+
+
+def test_decoded_cache_follows_the_folder_content(tmp_path, monkeypatch):
+    monkeypatch.setenv("VITSHRINK_CACHE", str(tmp_path / "cache"))
+    root = write_mixed_seg(tmp_path / "seg", n=12, ext=".png")
+    before = load_dataset(root, "train", size=24).materialize()
+    for p in (root / "images").iterdir():  # the same files, repainted
+        with Image.open(p) as img:
+            inverted = 255 - np.asarray(img)
+        Image.fromarray(inverted).save(p)
+    after = load_dataset(root, "train", size=24).materialize()
+    assert (after.images.int() + before.images.int() - 255).abs().max() <= 1  # resampling rounds
+
+
+def test_more_segmentation_classes_than_uint8_masks_hold_is_one_line(tmp_path):
+    root = write_mixed_seg(tmp_path / "seg", n=6)
+    (root / "classes.json").write_text(json.dumps([f"c{i}" for i in range(300)]))
+    with pytest.raises(DataError, match="at most 255"):
+        load_dataset(root, "train")

@@ -56,6 +56,7 @@ class RowReader(Reader):
 
     def __init__(self, table: Any, image_column: str, mask_column: str | None, name: str) -> None:
         self.table, self.image_column, self.mask_column, self.name = table, image_column, mask_column, name
+        self.content_key = ""  # the index key (the dataset's fingerprint): names its decoded cache
 
     def _cell(self, row: int, column: str) -> tuple[Image.Image, str]:
         name = f"{self.name}[{row}].{column}"
@@ -225,7 +226,9 @@ def hf_index(spec: str, split: str, options: dict[str, Any]) -> tuple[Index, Rea
         )
 
     index = cached_index(key, build)
-    return index, RowReader(table, img_col, mask_col, name)
+    reader = RowReader(table, img_col, mask_col, name)
+    reader.content_key = key
+    return index, reader
 
 
 def _kept_by_train(row: int, have: dict[str, str | None]) -> bool:

@@ -444,8 +444,14 @@ class StreamingDataset(torch.utils.data.Dataset):
         h, w = self.size
         c = self.channels
         key = hashlib.sha1(
-            json.dumps([self.index.source, self.info.get("key"), list(map(int, self.positions)), h, w, c])
-            .encode()
+            json.dumps(
+                [
+                    self.index.source,
+                    self.info.get("content_key"),  # the folder's fingerprint / the dataset's: new files, new copy
+                    list(map(int, self.positions)),  # type: ignore[arg-type]
+                    [h, w, c, self.shortest_edge, self.perm],
+                ]
+            ).encode()
         ).hexdigest()[:16]  # fmt: skip
         root = cache_root() / "decoded"
         img_path, tgt_path, done = root / f"{key}.images.u8", root / f"{key}.targets", root / f"{key}.json"
