@@ -826,3 +826,16 @@ def test_int8_attention_stays_only_where_it_is_faster(
     ops = [n.op_type for n in onnx.load(str(chosen["path"])).graph.node]
     assert ("MultiHeadAttention" in ops) == (kept == "float")
     assert len(onnx_quant._quantized_attention(chosen)) == (1 if kept == "int8" else 0)
+
+
+def test_builders_are_registered_under_the_declared_modes() -> None:
+    # the int8 paths are chosen from a registry keyed by the modes vitshrink.options declares
+    from vitshrink.options import QUANT_MODES
+    from vitshrink.quantize.builders import BUILDERS, register_builder
+    from vitshrink.quantize.fusions import FUSIONS
+
+    assert set(BUILDERS) == {"int8-dynamic", "int8-static", "int8-mixed"} <= set(QUANT_MODES)
+    assert all(cls.kind == mode for mode, cls in BUILDERS.items())
+    with pytest.raises(ValueError, match="QUANT_MODES"):
+        register_builder("int4")
+    assert [f.key for f in FUSIONS if f.ort_only] == ["attention_fused", "gelu_fused"]

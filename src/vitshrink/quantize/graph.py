@@ -39,7 +39,7 @@ def inferred(model: onnx.ModelProto) -> onnx.ModelProto:
 class Graph:
     """A model's graph with the lookups rewrites share.
 
-    `producer` / `consumers` / `uses` are built on first use and kept until `refresh()` (a rewrite that
+    `producer` / `uses` (the readers of each tensor) are built on first use and kept until `refresh()` (a rewrite that
     reads them after moving edges asks for fresh ones); `inits` follows `add_init`. Node edits are
     recorded with `replace` / `remove` and applied together by `commit`.
     """
@@ -85,10 +85,6 @@ class Graph:
                 for k, i in enumerate(n.input):
                     self._uses.setdefault(i, []).append((n, k))
         return self._uses
-
-    @property
-    def consumers(self) -> dict[str, list[onnx.NodeProto]]:
-        return {t: [n for n, _ in u] for t, u in self.uses.items()}
 
     def readers(self, t: str) -> list[onnx.NodeProto]:
         return [n for n, _ in self.uses.get(t, [])]
