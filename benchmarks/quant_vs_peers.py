@@ -39,7 +39,7 @@ sys.path.insert(0, str(Path(__file__).resolve().parents[1] / "src"))
 from vitshrink.artifacts import atomic_file  # noqa: E402
 from vitshrink.bench.timing import onnx_latencies_ms as latencies_ms  # noqa: E402
 from vitshrink.quantize import quantize_onnx, quantize_torch  # noqa: E402
-from vitshrink.quantize._common import ort_quiet, run  # noqa: E402
+from vitshrink.quantize.measure import ort_quiet, run  # noqa: E402
 
 CLASSES = 10
 

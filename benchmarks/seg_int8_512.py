@@ -238,7 +238,8 @@ def folded_fp32(fp32: Path, res: dict[str, Any]) -> None:
     folded, the upsample-and-sum tail channels-last), to separate the rewrites' gain from int8's."""
     import onnx
 
-    from vitshrink.quantize.rewrites import channels_last_tail, fold_concat_conv, preprocess
+    from vitshrink.quantize.fusions import channels_last_tail, fold_concat_conv
+    from vitshrink.quantize.steps import preprocess
 
     out = WORK / "fp32_rewritten.onnx"
     if not out.exists():

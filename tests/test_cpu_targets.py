@@ -24,7 +24,7 @@ from tests.test_quantize import META, export, gratings, rel, run, vit
 from vitshrink.cpu import INT16_MAX, REDUCED_WEIGHT_MAX, detect_cpu, reduce_range_for, resolve_target_cpu
 from vitshrink.deploy.runtime import OnnxModel
 from vitshrink.quantize import quantize_onnx
-from vitshrink.quantize._common import read_meta
+from vitshrink.quantize.files import read_meta
 
 
 def with_meta(path: Path) -> Path:

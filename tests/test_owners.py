@@ -20,7 +20,7 @@ from vitshrink.bench.timing import round_robin_ms, time_ms
 from vitshrink.deploy._meta import read_meta_props, write_meta_props
 from vitshrink.errors import ModelError
 from vitshrink.labels import IGNORE_COLOUR, IGNORE_INDEX
-from vitshrink.quantize._common import copy_metadata, read_meta
+from vitshrink.quantize.files import copy_metadata, read_meta
 
 
 def _identity(meta_value: str | None) -> onnx.ModelProto:

@@ -471,14 +471,14 @@ def test_segformer_decoder_fuse_conv_folds_into_the_stage_linears(tmp_path: Path
     # PyTorch, one Conv and its multiply-adds fewer; quantize applies it and records it.
     from vitshrink.export import export_onnx
     from vitshrink.models import build_model, save_model
-    from vitshrink.quantize._common import weight_macs
-    from vitshrink.quantize.rewrites import (
+    from vitshrink.quantize.fusions import (
         channels_last_reshapes,
         channels_last_tail,
         fold_concat_conv,
         fuse_attention,
-        preprocess,
     )
+    from vitshrink.quantize.graph import weight_macs
+    from vitshrink.quantize.steps import preprocess
 
     torch.manual_seed(0)
     model, meta = build_model("segformer-micro", image_size=64, num_channels=3, num_labels=4)
@@ -563,7 +563,7 @@ def test_channels_last_tail_leaves_other_patterns_alone() -> None:
     # a Sum of NCHW maps that no Transpose feeds, or a tail not ending in a 1x1 conv: nothing changes
     from onnx import TensorProto, helper, numpy_helper
 
-    from vitshrink.quantize.rewrites import channels_last_tail
+    from vitshrink.quantize.fusions import channels_last_tail
 
     w = numpy_helper.from_array(np.ones((2, 4, 3, 3), np.float32), "w")
     x = [helper.make_tensor_value_info(n, TensorProto.FLOAT, [1, 8, 8, 4]) for n in ("a", "b")]
@@ -589,7 +589,7 @@ def test_preprocess_takes_relative_paths_and_leaves_nothing_behind(tmp_path: Pat
     # still name the user's files, and the scratch folder goes afterwards
     from onnx import TensorProto, helper, numpy_helper
 
-    from vitshrink.quantize.rewrites import preprocess
+    from vitshrink.quantize.steps import preprocess
 
     w = numpy_helper.from_array(np.ones((4, 3, 3, 3), np.float32), "w")
     x = helper.make_tensor_value_info("x", TensorProto.FLOAT, [1, 3, 8, 8])
@@ -609,7 +609,7 @@ def test_preprocess_takes_relative_paths_and_leaves_nothing_behind(tmp_path: Pat
 def test_sum_becomes_a_tree_of_adds(tmp_path: Path, k: int) -> None:
     from onnx import TensorProto, helper
 
-    from vitshrink.quantize.rewrites import sums_to_adds
+    from vitshrink.quantize.fusions import sums_to_adds
 
     names = [f"x{i}" for i in range(k)]
     ins = [helper.make_tensor_value_info(n, TensorProto.FLOAT, [2, 3]) for n in names]
@@ -698,16 +698,16 @@ def test_int8_attention_matches_float_attention(tmp_path: Path, heads: int) -> N
 
 def test_int8_attention_is_a_fallback_unit(tmp_path: Path) -> None:
     # each attention node is a candidate of the int8 builders: kept float when excluded
-    from vitshrink.quantize.builders import Builder
+    from vitshrink.quantize.builders import make_builder
 
     path, ctx = _attention_case(tmp_path)
-    b = Builder("int8-dynamic", path, ctx)
+    b = make_builder("int8-dynamic", path, ctx)
     assert b.attention == ["attn"] and "attn" in b.candidates
     ops = lambda p: [x.op_type for x in onnx.load(str(p)).graph.node]  # noqa: E731
     assert "MatMulIntegerToFloat" in ops(b.build())
     assert ops(b.build(excluded=["attn"])) == ["MultiHeadAttention"]
     ctx.target = "tensorrt"  # TensorRT builds never see onnxruntime's attention op rewritten
-    assert Builder("int8-static", path, ctx).attention == []
+    assert make_builder("int8-static", path, ctx).attention == []
 
 
 def test_residual_norm_runs_2d_outside_skip_layernorm(tmp_path: Path) -> None:
@@ -715,7 +715,7 @@ def test_residual_norm_runs_2d_outside_skip_layernorm(tmp_path: Path) -> None:
     # SkipLayerNormalization; rewritten 2-D it stays Add + LayerNorm, with the same output
     from onnx import TensorProto, helper, numpy_helper
 
-    from vitshrink.quantize.rewrites import residual_norms_2d
+    from vitshrink.quantize.fusions import residual_norms_2d
 
     shape = [1, 64, 8]
     ins = [helper.make_tensor_value_info(t, TensorProto.FLOAT, shape) for t in ("a", "b")]
@@ -767,7 +767,7 @@ def test_int8_attention_leaves_no_unused_initializers() -> None:
 def test_erf_gelu_becomes_one_op(tmp_path: Path, form: str) -> None:
     from onnx import TensorProto, helper, numpy_helper
 
-    from vitshrink.quantize.rewrites import fuse_gelu
+    from vitshrink.quantize.fusions import fuse_gelu
 
     c = {"div": ("Div", 2**0.5), "mul": ("Mul", 2**-0.5)}[form]
     inits = [
@@ -809,7 +809,7 @@ def test_int8_attention_stays_only_where_it_is_faster(
 ) -> None:
     # small maps: int8 attention's extra ops cost more than its products save; the float one stays
     from vitshrink.quantize import onnx_quant
-    from vitshrink.quantize.builders import Builder
+    from vitshrink.quantize.builders import make_builder
 
     path, ctx = _attention_case(tmp_path)
     ctx.sample, ctx.base_metric, ctx.say = np.zeros(1), 1.0, lambda m: None
@@ -818,7 +818,7 @@ def test_int8_attention_stays_only_where_it_is_faster(
     monkeypatch.setattr(
         onnx_quant, "onnx_latencies_ms", lambda paths, sample: timed.append(paths) or [q_ms, f_ms]
     )
-    b = Builder("int8-dynamic", path, ctx)
+    b = make_builder("int8-dynamic", path, ctx)
     best = {"path": b.build(), "metric": 0.999, "fallback": {}, "builder": b, "latency_ms": None}
     chosen, info = onnx_quant._attention_choice(best, ctx, max_drop=0.005)
     assert info["kept"] == kept and (info["int8_ms"], info["float_ms"]) == (q_ms, f_ms)
@@ -826,3 +826,16 @@ def test_int8_attention_stays_only_where_it_is_faster(
     ops = [n.op_type for n in onnx.load(str(chosen["path"])).graph.node]
     assert ("MultiHeadAttention" in ops) == (kept == "float")
     assert len(onnx_quant._quantized_attention(chosen)) == (1 if kept == "int8" else 0)
+
+
+def test_builders_are_registered_under_the_declared_modes() -> None:
+    # the int8 paths are chosen from a registry keyed by the modes vitshrink.options declares
+    from vitshrink.options import QUANT_MODES
+    from vitshrink.quantize.builders import BUILDERS, register_builder
+    from vitshrink.quantize.fusions import FUSIONS
+
+    assert set(BUILDERS) == {"int8-dynamic", "int8-static", "int8-mixed"} <= set(QUANT_MODES)
+    assert all(cls.kind == mode for mode, cls in BUILDERS.items())
+    with pytest.raises(ValueError, match="QUANT_MODES"):
+        register_builder("int4")
+    assert [f.key for f in FUSIONS if f.ort_only] == ["attention_fused", "gelu_fused"]

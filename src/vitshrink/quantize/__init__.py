@@ -74,7 +74,7 @@ def quantize(
     """
     from ..hub import resolve_model
     from ..onnx_folder import onnx_file, wants_folder, write_onnx_folder
-    from ._common import load_onnx, read_meta
+    from .files import load_onnx, read_meta
 
     path = onnx_file(resolve_model(model))
     if not path.exists():
@@ -162,7 +162,7 @@ def _data(
 
     from ..evaluate import eval_dataset, evaluate_onnx
     from ..train import prepare
-    from ._common import batch_size_for
+    from .calib import batch_size_for
 
     pre = meta["preprocess"]
     ds = eval_dataset(spec, "val", meta, limit=EVAL_SAMPLES, data_options=data_options)

@@ -23,9 +23,9 @@ from typing import Any
 
 import numpy as np
 import onnx
-from onnx import helper, numpy_helper
+from onnx import helper
 
-from ._common import node_attrs
+from .graph import Graph, node_attrs
 
 MHA = "MultiHeadAttention"
 # Shared constants (one copy per model). Softmax outputs lie in [0, 1]: uint8 at 1/255 covers them
@@ -68,46 +68,36 @@ def quantize_attention(
     wanted = set(names) & set(attention_nodes(model))
     if not wanted:
         return model, 0
-    model = onnx.ModelProto.FromString(model.SerializeToString())
-    g = model.graph
-    widths = _widths(model)
-    nodes: list[onnx.NodeProto] = []
+    g = Graph.copy_of(model)
+    widths = _widths(g.model)
     done = 0
-    for n in g.node:
+    for n in list(g.nodes):
         width = widths.get(n.input[0]) if n.name in wanted else None
-        if width is None:
-            nodes.append(n)
-            continue
-        nodes.extend(_int8_attention(n, width, g, INV63 if reduce_range else INV127))
-        done += 1
-    del g.node[:]
-    g.node.extend(nodes)
-    used = {i for n in nodes for i in n.input} - {i.name for i in g.initializer}
-    g.initializer.extend(numpy_helper.from_array(v, k) for k, v in CONSTS.items() if k in used)
-    return model, done
+        if width is not None:
+            g.replace(n, _int8_attention(n, width, g, INV63 if reduce_range else INV127))
+            done += 1
+    g.commit(prune=False)
+    used = {i for n in g.nodes for i in n.input} - set(g.inits)
+    for k, v in CONSTS.items():
+        if k in used:
+            g.add_init(v, k)
+    return g.model, done
 
 
 def _widths(model: onnx.ModelProto) -> dict[str, int]:
     """Token width (last dim) of each tensor: from shape inference (which stops at onnxruntime's
     contrib ops), else from the constant target of the Reshape that made it."""
-    inferred = onnx.shape_inference.infer_shapes(model)
-    out = {}
-    for vi in list(inferred.graph.value_info) + list(inferred.graph.input) + list(inferred.graph.output):
-        dims = vi.type.tensor_type.shape.dim
-        if dims and dims[-1].HasField("dim_value"):
-            out[vi.name] = dims[-1].dim_value
-    inits = {i.name: i for i in model.graph.initializer}
-    for n in model.graph.node:
-        if n.op_type == "Reshape" and n.output[0] not in out and n.input[1] in inits:
-            target = numpy_helper.to_array(inits[n.input[1]])
-            if target.ndim == 1 and target.size and target[-1] > 0:
-                out[n.output[0]] = int(target[-1])
+    shapes = Graph(onnx.shape_inference.infer_shapes(model)).shapes
+    out = {name: dims[-1] for name, dims in shapes.items() if dims and dims[-1] is not None}
+    g = Graph(model)
+    for n in g.nodes:
+        target = g.const(n.input[1]) if n.op_type == "Reshape" and n.output[0] not in out else None
+        if target is not None and target.ndim == 1 and target.size and target[-1] > 0:
+            out[n.output[0]] = int(target[-1])
     return out
 
 
-def _int8_attention(
-    mha: onnx.NodeProto, width: int, g: onnx.GraphProto, inv_qmax: str
-) -> list[onnx.NodeProto]:
+def _int8_attention(mha: onnx.NodeProto, width: int, g: Graph, inv_qmax: str) -> list[onnx.NodeProto]:
     attrs: dict[str, Any] = node_attrs(mha)
     heads = int(attrs["num_heads"])
     d = width // heads
@@ -116,8 +106,7 @@ def _int8_attention(
     q, k, v = mha.input[:3]
 
     def const(name: str, value: np.ndarray) -> str:
-        g.initializer.append(numpy_helper.from_array(value, f"{p}_{name}"))
-        return f"{p}_{name}"
+        return g.add_init(value, f"{p}_{name}")
 
     split = const("split", np.array([1, -1, heads, d], np.int64))
     one_head = const("one_head", np.array([1, 1, -1, d], np.int64)) if heads == 1 else ""

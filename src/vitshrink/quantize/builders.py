@@ -1,7 +1,9 @@
 """int8 builders: one quantization path (dynamic / static QDQ / mixed) built from a float model.
 
-All three call onnxruntime.quantization (quantize_dynamic, quantize_static and its calibrators);
-`Builder` only decides which nodes each path may quantize and which stay float, and why.
+All three call onnxruntime.quantization (quantize_dynamic, quantize_static and its calibrators); a
+`Builder` only decides which nodes its path may quantize and which stay float, and why. Each path is a
+subclass registered under its mode name (`vitshrink.options.QUANT_MODES`) with `@register_builder`;
+`make_builder(mode, ...)` picks it from `BUILDERS`.
 """
 
 from __future__ import annotations
@@ -9,7 +11,7 @@ from __future__ import annotations
 import inspect
 import os
 import shutil
-from collections.abc import Iterable, Sequence
+from collections.abc import Callable, Iterable, Sequence
 from pathlib import Path
 from typing import Any
 
@@ -17,10 +19,13 @@ import numpy as np
 import onnx
 
 from ..errors import ModelError
+from ..options import QUANT_MODES
 from ..progress import progress
-from ._common import Ctx, input_spec, ort_quiet, weight_nodes
 from .attention import attention_nodes, quantize_attention
-from .rewrites import gemm_to_matmul
+from .context import Ctx
+from .fusions import gemm_to_matmul
+from .graph import input_spec, weight_nodes
+from .measure import ort_quiet
 
 FLOAT_REASONS = {
     "LayerNormalization": "normalisation over outlier channels; a per-tensor int8 scale erases the small channels",
@@ -86,55 +91,53 @@ class CalibReader:
         return len(self._batches)
 
 
-class Builder:
-    """Builds one quantization path from a float model with a given set of nodes kept in float."""
+BUILDERS: dict[str, type[Builder]] = {}
 
-    def __init__(self, kind: str, src: Path, ctx: Ctx) -> None:
-        self.kind, self.ctx = kind, ctx
+
+def register_builder(mode: str) -> Callable[[type[Builder]], type[Builder]]:
+    """Class decorator: the builder of int8 mode `mode` (one of `vitshrink.options.QUANT_MODES`)."""
+    if mode not in QUANT_MODES:
+        raise ValueError(f"'{mode}' is not a quantization mode of vitshrink.options.QUANT_MODES")
+
+    def register(cls: type[Builder]) -> type[Builder]:
+        cls.kind = mode
+        BUILDERS[mode] = cls
+        return cls
+
+    return register
+
+
+def make_builder(kind: str, src: Path, ctx: Ctx) -> Builder:
+    """The registered builder of int8 mode `kind` for the float model `src`."""
+    if kind not in BUILDERS:
+        raise ModelError(f"no int8 builder for mode '{kind}' (builders: {', '.join(BUILDERS)})")
+    return BUILDERS[kind](src, ctx)
+
+
+class Builder:
+    """Builds one quantization path from a float model with a given set of nodes kept in float.
+
+    A subclass says which nodes its path may quantize (`_choose`) and how it runs onnxruntime (`_build`).
+    """
+
+    kind: str  # the mode it is registered under
+    activations = " dynamic (per batch)"  # how activations are quantized, for the report
+    calibrated = False  # uses the calibration data (and a calibration method)
+
+    def __init__(self, src: Path, ctx: Ctx) -> None:
+        self.ctx = ctx
         model = onnx.load(str(src))
         self.input_name = input_spec(model)[0]
         self.src = src
-        weights = weight_nodes(model)
-        present = {n.op_type for n in model.graph.node}
         inits = {i.name for i in model.graph.initializer}
         act_mm = [n.name for n in model.graph.node if n.op_type == "MatMul" and n.input[1] not in inits]
         self.kept_ops: dict[str, str] = {}
         self.calib_method = ctx.calib_method
         self.calib_note: str | None = None
-        self.cache = ctx.work / f"calib-{kind}-{src.stem}.json"
+        self.cache = ctx.work / f"calib-{self.kind}-{src.stem}.json"
         self.convs: set[str] = set()
-        if kind in ("int8-dynamic", "int8-mixed"):
-            if any(n.op_type == "Gemm" for n in weights):
-                # onnxruntime has no dynamic-int8 Gemm, and onnxslim turns every Linear into one.
-                model, _ = gemm_to_matmul(model)
-                self.src = ctx.work / f"{src.stem}-matmul.onnx"
-                onnx.save(model, str(self.src))
-                weights = weight_nodes(model)
-                present = {n.op_type for n in model.graph.node}
-            self.candidates = [n.name for n in weights if n.op_type == "MatMul"]
-            self.op_types = ["MatMul"] if ctx.vit_aware else None
-            if "Gemm" in present:
-                self.kept_ops["Gemm"] = GEMM_DYNAMIC_REASON
-            if kind == "int8-mixed":
-                # Dynamic int8 MatMuls plus static QDQ Convs (fused to QLinearConv): conv-heavy models
-                # (SegFormer / UperNet) keep dynamic int8's speed without float conv weights.
-                # Depthwise convs too: onnxruntime runs a float one in its blocked NCHWc layout, with
-                # reorders in and out that cost more than the conv and scale poorly to 2 threads;
-                # int8 runs channels-last (SegFormer-B0 at 512 px: 50 -> 46 ms at 2 threads). Their
-                # quantize pair no longer blocks the GELU after them (rewrites.fuse_gelu).
-                self.convs = {n.name for n in weights if n.op_type == "Conv"}
-                self.candidates += sorted(self.convs)
-            elif "Conv" in present and ctx.vit_aware:
-                self.kept_ops["Conv"] = CONV_DYNAMIC_REASON
-        elif ctx.vit_aware:
-            self.candidates = [n.name for n in weights]
-            self.op_types = ["MatMul", "Gemm", "Conv"]
-        else:
-            # Naive static: everything onnxruntime can quantize; data-movement ops are not worth ranking.
-            self.candidates = [
-                n.name for n in model.graph.node if n.op_type not in NAIVE_SKIP and n.op_type in qdq_ops()
-            ]
-            self.op_types = None
+        self.op_types: list[str] | None = None
+        model, present = self._choose(model)
         # Attention (onnxruntime's MultiHeadAttention, fused for CPU int8 only) has no weights for
         # onnxruntime.quantization; quantize_attention rewrites each chosen one as int8 products, and
         # each is a unit the sensitivity fallback can keep in float.
@@ -145,6 +148,14 @@ class Builder:
                 self.kept_ops[op] = FLOAT_REASONS[op]
             if act_mm:
                 self.kept_ops[f"MatMul x{len(act_mm)} (activation x activation)"] = ACT_MATMUL_REASON
+
+    def _choose(self, model: onnx.ModelProto) -> tuple[onnx.ModelProto, set[str]]:
+        """Set `candidates` (the nodes this path may quantize), `op_types` and the path's `kept_ops`;
+        returns the model the path builds from and the op types in it."""
+        raise NotImplementedError
+
+    def _build(self, out: Path, limit: list[str], exclude: list[str]) -> None:
+        raise NotImplementedError
 
     def build(self, excluded: Iterable[str] = (), only: list[str] | None = None) -> Path:
         excluded = set(excluded)
@@ -167,19 +178,11 @@ class Builder:
         limit = chosen if (self.ctx.vit_aware or only) else []
         exclude = [] if limit else sorted(set(self.candidates) - set(chosen))
         try:
-            self._build(out, limit, exclude)
+            with ort_quiet():
+                self._build(out, limit, exclude)
         except Exception as e:  # noqa: BLE001 - ORT raises many types; report one line, keep the chain
             first = (str(e).strip().splitlines() or [type(e).__name__])[0][:200]
             raise ModelError(f"onnxruntime could not build the {self.kind} model: {first}") from e
-
-    def _build(self, out: Path, limit: list[str], exclude: list[str]) -> None:
-        with ort_quiet():
-            if self.kind == "int8-mixed":
-                self._mixed(out, limit or [c for c in self.candidates if c not in exclude])
-            elif self.kind == "int8-dynamic":
-                self._dynamic(self.src, out, self.op_types, limit, exclude)
-            else:
-                self._static(out, limit, exclude)
 
     def _dynamic(
         self, src: Path, out: Path, op_types: list[str] | None, limit: list[str], exclude: list[str]
@@ -197,20 +200,6 @@ class Builder:
             nodes_to_exclude=exclude,
             extra_options={"MatMulConstBOnly": True},
         )
-
-    def _mixed(self, out: Path, chosen: list[str]) -> None:
-        convs = [c for c in chosen if c in self.convs]
-        mms = [c for c in chosen if c not in self.convs]
-        mid = out.with_name(out.stem + "-convs.onnx")
-        if convs:
-            self._static(mid, convs, [], op_types=["Conv"])
-        else:
-            shutil.copyfile(self.src, mid)
-        if mms:
-            self._dynamic(mid, out, ["MatMul"], mms, [])
-            mid.unlink()
-        else:
-            os.replace(mid, out)
 
     def _static(
         self, out: Path, limit: list[str], exclude: list[str], op_types: list[str] | None = None
@@ -262,6 +251,91 @@ class Builder:
             extra_options={"CalibStridedMinMax": 1, **({"ActivationSymmetric": True} if trt else {})},
             **kwargs,
         )
+
+
+@register_builder("int8-dynamic")
+class DynamicBuilder(Builder):
+    """Dynamic int8 MatMuls (onnxruntime's quantize_dynamic): no calibration data."""
+
+    def _choose(self, model: onnx.ModelProto) -> tuple[onnx.ModelProto, set[str]]:
+        weights = weight_nodes(model)
+        present = {n.op_type for n in model.graph.node}
+        if any(n.op_type == "Gemm" for n in weights):
+            # onnxruntime has no dynamic-int8 Gemm, and onnxslim turns every Linear into one.
+            model, _ = gemm_to_matmul(model)
+            self.src = self.ctx.work / f"{self.src.stem}-matmul.onnx"
+            onnx.save(model, str(self.src))
+            weights = weight_nodes(model)
+            present = {n.op_type for n in model.graph.node}
+        self.candidates = [n.name for n in weights if n.op_type == "MatMul"]
+        self.op_types = ["MatMul"] if self.ctx.vit_aware else None
+        if "Gemm" in present:
+            self.kept_ops["Gemm"] = GEMM_DYNAMIC_REASON
+        self._convs(weights, present)
+        return model, present
+
+    def _convs(self, weights: list[onnx.NodeProto], present: set[str]) -> None:
+        if "Conv" in present and self.ctx.vit_aware:
+            self.kept_ops["Conv"] = CONV_DYNAMIC_REASON
+
+    def _build(self, out: Path, limit: list[str], exclude: list[str]) -> None:
+        self._dynamic(self.src, out, self.op_types, limit, exclude)
+
+
+@register_builder("int8-mixed")
+class MixedBuilder(DynamicBuilder):
+    """Dynamic int8 MatMuls plus static QDQ Convs (fused to QLinearConv): conv-heavy models
+    (SegFormer / UperNet) keep dynamic int8's speed without float conv weights."""
+
+    activations = " static (Conv) / dynamic (MatMul)"
+    calibrated = True
+
+    def _convs(self, weights: list[onnx.NodeProto], present: set[str]) -> None:
+        # Depthwise convs too: onnxruntime runs a float one in its blocked NCHWc layout, with
+        # reorders in and out that cost more than the conv and scale poorly to 2 threads;
+        # int8 runs channels-last (SegFormer-B0 at 512 px: 50 -> 46 ms at 2 threads). Their
+        # quantize pair no longer blocks the GELU after them (fusions.FuseGelu).
+        self.convs = {n.name for n in weights if n.op_type == "Conv"}
+        self.candidates += sorted(self.convs)
+
+    def _build(self, out: Path, limit: list[str], exclude: list[str]) -> None:
+        self._mixed(out, limit or [c for c in self.candidates if c not in exclude])
+
+    def _mixed(self, out: Path, chosen: list[str]) -> None:
+        convs = [c for c in chosen if c in self.convs]
+        mms = [c for c in chosen if c not in self.convs]
+        mid = out.with_name(out.stem + "-convs.onnx")
+        if convs:
+            self._static(mid, convs, [], op_types=["Conv"])
+        else:
+            shutil.copyfile(self.src, mid)
+        if mms:
+            self._dynamic(mid, out, ["MatMul"], mms, [])
+            mid.unlink()
+        else:
+            os.replace(mid, out)
+
+
+@register_builder("int8-static")
+class StaticBuilder(Builder):
+    """Static QDQ int8 (onnxruntime's quantize_static with a calibrator)."""
+
+    activations = " static"
+    calibrated = True
+
+    def _choose(self, model: onnx.ModelProto) -> tuple[onnx.ModelProto, set[str]]:
+        if self.ctx.vit_aware:
+            self.candidates = [n.name for n in weight_nodes(model)]
+            self.op_types = ["MatMul", "Gemm", "Conv"]
+        else:
+            # Naive static: everything onnxruntime can quantize; data-movement ops are not worth ranking.
+            self.candidates = [
+                n.name for n in model.graph.node if n.op_type not in NAIVE_SKIP and n.op_type in qdq_ops()
+            ]
+        return model, {n.op_type for n in model.graph.node}
+
+    def _build(self, out: Path, limit: list[str], exclude: list[str]) -> None:
+        self._static(out, limit, exclude)
 
 
 def qdq_ops() -> set[str]:

@@ -9,10 +9,10 @@ fp32 round trips so chains of blocked ops really stay fp32.
 
 from __future__ import annotations
 
-from collections import defaultdict
-
 import onnx
 from onnx import TensorProto
+
+from .graph import Graph, inferred
 
 # Ops kept in fp32: normalisation statistics, softmax, and the pieces of a decomposed LayerNorm.
 FP32_OPS = [
@@ -47,11 +47,7 @@ def _cast_to(node: onnx.NodeProto) -> int | None:
 
 def _float_tensors(model: onnx.ModelProto) -> set[str]:
     """Names of tensors known to be float32 (graph inputs, initializers, inferred value_info)."""
-    try:
-        inferred = onnx.shape_inference.infer_shapes(model)
-    except Exception:  # noqa: BLE001 - > 2 GB or odd graphs: fall back to what the graph declares
-        inferred = model
-    g = inferred.graph
+    g = inferred(model).graph
     names = {i.name for i in g.initializer if i.data_type == TensorProto.FLOAT}
     for vi in list(g.input) + list(g.value_info) + list(g.output):
         if vi.type.tensor_type.elem_type == TensorProto.FLOAT:
@@ -61,43 +57,28 @@ def _float_tensors(model: onnx.ModelProto) -> set[str]:
 
 def _drop_roundtrip_casts(model: onnx.ModelProto) -> int:
     """Rewire Cast(fp16 -> fp32)(Cast(fp32 -> fp16)(x)) to read x directly; returns how many were removed."""
-    graph = model.graph
-    producer = {o: n for n in graph.node for o in n.output}
-    outputs = {o.name for o in graph.output}
+    g = Graph(model)
     fp32 = _float_tensors(model)
-    removed: set[int] = set()
+    removed: dict[int, onnx.NodeProto] = {}  # by id, node held (see Graph)
     rename: dict[str, str] = {}
-    for node in graph.node:
-        if _cast_to(node) != TensorProto.FLOAT or node.output[0] in outputs:
+    for node in g.nodes:
+        if _cast_to(node) != TensorProto.FLOAT or node.output[0] in g.outputs:
             continue
-        up = producer.get(node.input[0])
+        up = g.producer.get(node.input[0])
         # Only an fp32 -> fp16 -> fp32 round trip may be skipped (not e.g. int64 -> fp16 -> fp32).
         if up is None or _cast_to(up) != TensorProto.FLOAT16 or up.input[0] not in fp32:
             continue
         rename[node.output[0]] = up.input[0]
-        removed.add(id(node))
+        removed[id(node)] = node
     if not rename:
         return 0
-    for node in graph.node:
+    for node in g.nodes:
         for i, name in enumerate(node.input):
             if name in rename:
                 node.input[i] = rename[name]
     # Drop the now-unused casts (and fp16 casts left without readers).
-    readers: dict[str, int] = defaultdict(int)
-    for node in graph.node:
-        if id(node) not in removed:
-            for name in node.input:
-                readers[name] += 1
-    keep = [
-        n
-        for n in graph.node
-        if id(n) not in removed
-        and not (
-            _cast_to(n) == TensorProto.FLOAT16 and not readers[n.output[0]] and n.output[0] not in outputs
-        )
-    ]
-    del graph.node[:]
-    graph.node.extend(keep)
+    kept = [n for n in g.nodes if id(n) not in removed]
+    g.set_nodes(g.drop_dead(kept, lambda n: _cast_to(n) == TensorProto.FLOAT16, repeat=False), prune=False)
     return len(removed)
 
 

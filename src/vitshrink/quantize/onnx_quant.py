@@ -14,14 +14,16 @@ calibrators and calibration cache). vitshrink adds what ViTs need on top:
   `eval_fn`, the metric is top-1 (or per-pixel) agreement with the float model on the calibration
   data, a stricter target than an accuracy drop.
 
-The pieces live along their seams: `builders` (dynamic / static / mixed paths), `sensitivity`
-(per-node ranking and fallback), `rewrites` (ORT pre-processing, Gemm -> MatMul, verified smoothing,
-metadata). This module validates the request and runs validate -> build -> check -> record.
+The pieces live along their seams: `builders` (dynamic / static / mixed paths, one registered class
+each), `sensitivity` (per-node ranking and fallback), `steps` (ORT pre-processing, the verified exact
+rewrites of `fusions/`, verified smoothing, metadata), on `graph.Graph`. This module validates the
+request and runs validate -> build -> check -> record.
 """
 
 from __future__ import annotations
 
 import os
+import sys
 from collections.abc import Callable, Iterable, Sequence
 from pathlib import Path
 from typing import Any, Literal
@@ -35,50 +37,23 @@ from ..cpu import TARGET_CPUS, int8_note, resolve_target_cpu
 from ..errors import DataError, ModelError, VitshrinkError
 from ..options import CALIB_METHODS, QUANT_MODES
 from ..outputs import temp_dir
-from ._common import (
-    batch_size_for,
-    copy_metadata,
-    file_size,
-    input_spec,
-    load_onnx,
-    make_say,
-    ort_quiet,
-    outputs,
-    peak_rss_mb,
-    prepare_calib,
-    read_meta,
-    rel_error,
-    run,
-    weight_macs,
-    weight_nodes,
-)
 from .builders import (  # noqa: F401 - re-exported: the names callers used before the split
     ACT_MATMUL_REASON,
     CONV_DYNAMIC_REASON,
     FLOAT_REASONS,
     GEMM_DYNAMIC_REASON,
     NAIVE_SKIP,
-    Builder,
-    Ctx,
+    make_builder,
 )
+from .calib import batch_size_for, prepare_calib
+from .context import Ctx
+from .files import copy_metadata, file_size, load_onnx, read_meta
 from .fp16 import to_fp16
-from .rewrites import (  # noqa: F401 - some re-exported
-    SMOOTH_ALPHA,
-    apply_smoothing,
-    channels_last_reshapes,
-    channels_last_tail,
-    fold_concat_conv,
-    fuse_attention,
-    fuse_gelu,
-    gemm_to_matmul,
-    preprocess,
-    random_input,
-    record_int8_target,
-    residual_norms_2d,
-    sums_to_adds,
-)
+from .graph import input_spec, weight_macs, weight_nodes
+from .measure import ort_quiet, outputs, run
 from .sensitivity import MAX_SENSITIVITY_UNITS, SENSITIVITY_SAMPLES, guarantee  # noqa: F401
 from .sensitivity import groups as _groups  # noqa: F401 - tests import it from here
+from .steps import apply_smoothing, exact_rewrites, preprocess, record_int8_target
 
 Mode = Literal["fp16", "int8-dynamic", "int8-static", "int8-mixed", "int8"]
 MODES = QUANT_MODES  # declared once in vitshrink.options
@@ -88,6 +63,25 @@ SPEED_TIE = 0.05  # latencies within 5% count as equal; the more accurate varian
 METRIC_TIE = 1e-3  # then metrics this close count as equal; the smaller file wins
 GENERATED_SAMPLES = 16
 REL_ERROR_WARN = 0.1  # relative logit error vs fp32 above which int8 is suspect (typical: 0.01-0.05)
+
+
+def peak_rss_mb() -> float:
+    """Peak resident set size of this process, MB: VmHWM where /proc has it (ru_maxrss survives exec,
+    so a child started by a big process would report its parent's peak), else getrusage (macOS)."""
+    import resource
+
+    from .._proc import peak_rss_mb as vm_hwm
+
+    if (hwm := vm_hwm()) is not None:
+        return hwm
+    peak = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss
+    return peak / (2**20 if sys.platform == "darwin" else 2**10)  # bytes on macOS, KiB elsewhere
+
+
+def make_say(quiet: bool) -> Callable[[str], None]:
+    if quiet or os.environ.get("VITSHRINK_QUIET") == "1":
+        return lambda msg: None
+    return lambda msg: print(f"[quantize] {msg}", file=sys.stderr, flush=True)
 
 
 def _generated_inputs(model: onnx.ModelProto, n: int = GENERATED_SAMPLES) -> list[np.ndarray] | None:
@@ -274,7 +268,7 @@ def _context(
     preprocess(src, pre, original, say)
     # int8 for CPU is an onnxruntime model anyway; fp16 and TensorRT builds stay standard ONNX
     ort_only = mode != "fp16" and settings["target"] == "cpu"
-    rewrites = _exact_rewrites(pre, batches, say, ort_ops=ort_only) if settings["vit_aware"] else {}
+    rewrites = exact_rewrites(pre, batches, say, ort_ops=ort_only) if settings["vit_aware"] else {}
     ref = outputs(pre, batches, work / "ref" if not generated else None) if batches else None
     ctx = Ctx(
         work, batches, ref, eval_fn, None, say=say, quiet=quiet, generated=generated, pre=pre, **settings
@@ -289,63 +283,6 @@ def _context(
     ctx.base_metric = float(eval_fn(str(src))) if eval_fn is not None else (1.0 if ref is not None else None)
     ctx.rewrites = rewrites
     return ctx
-
-
-FOLD_TOL = 1e-4  # relative output change allowed for an exact-in-float rewrite (float rounding only)
-
-
-def _exact_rewrites(
-    pre: Path, batches: Sequence[np.ndarray], say: Callable[[str], None], *, ort_ops: bool = False
-) -> dict[str, Any]:
-    """Graph rewrites that are exact in float, in place in `pre`, kept only if the float output stays
-    the same: 1x1 Convs over a Concat folded into the Linears feeding it (rewrites.fold_concat_conv),
-    token <-> map conversions as 4-D transposes onnxruntime cancels (rewrites.channels_last_reshapes),
-    a decoder's upsample-and-sum tail run channels-last (rewrites.channels_last_tail), and its Sum as
-    Adds onnxruntime runs multi-threaded (rewrites.sums_to_adds), residual Add + LayerNorm pairs kept
-    out of onnxruntime's slow SkipLayerNorm form (rewrites.residual_norms_2d); with `ort_ops`, attention
-    and GELU as onnxruntime's MultiHeadAttention and Gelu (rewrites.fuse_attention / fuse_gelu,
-    onnxruntime-only ops)."""
-    model = onnx.load(str(pre))
-    new, counts = model, {}
-    steps = [fold_concat_conv, channels_last_reshapes, channels_last_tail, sums_to_adds, residual_norms_2d]
-    for rewrite in steps + ([fuse_attention, fuse_gelu] if ort_ops else []):
-        new, info = rewrite(new)
-        counts.update(info)
-    counts["concat_conv_folded"] = counts.pop("folded")
-    if not any(counts.values()):
-        return {}
-    probe = [batches[0][:1]] if batches else random_input(model)
-    if probe is None:
-        return {**dict.fromkeys(counts, 0), "rejected": "input size not fixed and no data: cannot verify"}
-    path = pre.with_name("rewritten.onnx")
-    onnx.save(new, str(path))
-    try:
-        err = rel_error(run(pre, probe), run(path, probe))
-    except Exception as e:  # noqa: BLE001 - a pattern that matched but is not what it looked like
-        return {**dict.fromkeys(counts, 0), "rejected": f"{type(e).__name__}: {str(e)[:120]}"}
-    if not err <= FOLD_TOL:
-        return {**dict.fromkeys(counts, 0), "rejected": f"float output changed by {err:.2e}"}
-    macs_before, macs_after = sum(weight_macs(model).values()), sum(weight_macs(new).values())
-    os.replace(path, pre)
-    if counts["concat_conv_folded"]:
-        say(
-            f"folded {counts['concat_conv_folded']} 1x1 conv(s) over a concat into the linears before it "
-            f"({macs_before / 1e9:.2f} -> {macs_after / 1e9:.2f} GMAC in weight layers, exact in float)"
-        )
-    if counts["channels_last_tails"]:
-        say("decoder upsample-and-sum tail runs channels-last (no 256-channel transposes, exact in float)")
-    if counts.get("attention_fused"):
-        say(
-            f"{counts['attention_fused']} attention block(s) as onnxruntime's MultiHeadAttention (exact in float)"
-        )
-    if counts["token_map_transposes"]:
-        say(f"{counts['token_map_transposes']} token <-> map conversions rewritten as 4-D transposes")
-    return {
-        **counts,
-        "float_rel_error": err,
-        "weight_gmacs_before": macs_before / 1e9,
-        "weight_gmacs_after": macs_after / 1e9,
-    }
 
 
 def _new_report(mode: str, src: Path, ctx: Ctx, max_drop: float | None) -> dict[str, Any]:
@@ -562,7 +499,7 @@ def _int8(
         kinds = ["int8-dynamic", "int8-static"] + (["int8-mixed"] if has_convs else [])
     candidates = []
     for kind in kinds:
-        builder = Builder(kind, src, ctx)
+        builder = make_builder(kind, src, ctx)
         ctx.say(f"building {kind} ({len(builder.candidates)} quantizable nodes)")
         path = builder.build()
         res = {"path": path, "metric": ctx.metric(path), "fallback": {}}
@@ -590,12 +527,9 @@ def _int8(
     extra.update(
         chosen=builder.kind,
         settings_chosen={
-            "calib_method": builder.calib_method if builder.kind != "int8-dynamic" else None,
+            "calib_method": builder.calib_method if builder.calibrated else None,
             **({"calib_note": builder.calib_note} if builder.calib_note else {}),
-            "activations": ("int8 symmetric" if ctx.target == "tensorrt" else "uint8")
-            + {"int8-static": " static", "int8-mixed": " static (Conv) / dynamic (MatMul)"}.get(
-                builder.kind, " dynamic (per batch)"
-            ),
+            "activations": ("int8 symmetric" if ctx.target == "tensorrt" else "uint8") + builder.activations,
             "weights": ("int8 (7-bit range) " if ctx.reduce_range else "int8 ")
             + ("per-channel" if ctx.per_channel else "per-tensor"),
             **({"attention": ATTENTION_SETTING} if attention.get("kept") == "int8" else {}),

@@ -8,8 +8,9 @@ from pathlib import Path
 from typing import Any
 
 from ..progress import progress
-from ._common import compare
-from .builders import Builder, Ctx
+from .builders import Builder
+from .context import Ctx
+from .measure import compare
 
 MAX_SENSITIVITY_UNITS = 32  # above this many weight nodes, rank and fall back whole block parts
 SENSITIVITY_SAMPLES = 32  # samples used to rank nodes; the final check uses all calibration data

@@ -14,27 +14,18 @@ neural-compressor and inserts Mul nodes; folding into LayerNorm keeps the graph 
 
 from __future__ import annotations
 
-import contextlib
 import os
-from collections import defaultdict
 from collections.abc import Iterable, Sequence
 from typing import Any
 
 import numpy as np
 import onnx
-from onnx import numpy_helper
 
 from ..artifacts import atomic_path
-from ._common import (
-    channel_absmax,
-    copy_metadata,
-    input_spec,
-    load_onnx,
-    node_attrs,
-    prepare_calib,
-    rel_error,
-    run,
-)
+from .calib import prepare_calib
+from .files import copy_metadata, load_onnx
+from .graph import Graph, inferred, input_spec, node_attrs
+from .measure import channel_absmax, rel_error, run
 
 # Ops that read a tensor's shape only: scaling channels cannot change what they compute.
 _SHAPE_ONLY = {"Shape", "Size"}
@@ -44,30 +35,23 @@ def _attr(node: onnx.NodeProto, name: str, default: Any) -> Any:
     return node_attrs(node).get(name, default)
 
 
-def _rank(model: onnx.ModelProto, name: str) -> int | None:
-    for vi in list(model.graph.value_info) + list(model.graph.output) + list(model.graph.input):
-        if vi.name == name and vi.type.tensor_type.HasField("shape"):
-            return len(vi.type.tensor_type.shape.dim)
-    return None
-
-
-def _keeps_last_dim(node: onnx.NodeProto, inits: dict, channels: int) -> bool:
+def _keeps_last_dim(g: Graph, node: onnx.NodeProto, channels: int) -> bool:
     """A Reshape to a constant shape whose last dim is still the channel count (e.g. (B,T,C) -> (B*T,C))."""
-    if len(node.input) < 2 or node.input[1] not in inits:
+    shape = g.const(node.input[1]) if len(node.input) >= 2 else None
+    if shape is None:
         return False
-    shape = numpy_helper.to_array(inits[node.input[1]]).reshape(-1)
+    shape = shape.reshape(-1)
     return shape.size > 0 and int(shape[-1]) == channels
 
 
-def _linear_targets(
-    model: onnx.ModelProto, tensor: str, consumers: dict, inits: dict, channels: int
-) -> list[tuple[onnx.NodeProto, int]] | str:
+def _linear_targets(g: Graph, tensor: str, channels: int) -> list[tuple[onnx.NodeProto, int]] | str:
     """(node, weight channel axis) for every weight that reads `tensor`'s channels; a reason string if the
     scale cannot be migrated exactly (some consumer is not linear in the channel)."""
-    if tensor in {o.name for o in model.graph.output}:
+    inits = g.inits
+    if tensor in g.outputs:
         return "output is a graph output"
     targets: list[tuple[onnx.NodeProto, int]] = []
-    for node, idx in consumers.get(tensor, []):
+    for node, idx in g.uses.get(tensor, []):
         if node.op_type in _SHAPE_ONLY:
             continue
         if (
@@ -79,19 +63,19 @@ def _linear_targets(
             targets.append((node, 0))  # B is (C_in, C_out): scale rows
         elif node.op_type == "Gemm" and idx == 0 and node.input[1] in inits and not _attr(node, "transA", 0):
             targets.append((node, 1 if _attr(node, "transB", 0) else 0))
-        elif node.op_type == "Reshape" and idx == 0 and _keeps_last_dim(node, inits, channels):
+        elif node.op_type == "Reshape" and idx == 0 and _keeps_last_dim(g, node, channels):
             # onnxslim exports Linear as Reshape(B*T, C) -> Gemm -> Reshape: channels stay last.
-            sub = _linear_targets(model, node.output[0], consumers, inits, channels)
+            sub = _linear_targets(g, node.output[0], channels)
             if isinstance(sub, str):
                 return sub
             targets += sub
         elif node.op_type == "Gather" and idx == 0:
             # Token selection (e.g. the CLS token before the classifier) keeps the channel axis last.
-            rank = _rank(model, tensor)
+            rank = len(g.shapes[tensor]) if tensor in g.shapes else None
             axis = _attr(node, "axis", 0)
             if rank is None or axis % rank == rank - 1:
                 return f"{node.name} gathers along the channel axis"
-            sub = _linear_targets(model, node.output[0], consumers, inits, channels)
+            sub = _linear_targets(g, node.output[0], channels)
             if isinstance(sub, str):
                 return sub
             targets += sub
@@ -100,15 +84,15 @@ def _linear_targets(
     return targets or "no MatMul/Gemm consumer"
 
 
-def affine_absmax(ln: onnx.NodeProto, inits: dict) -> np.ndarray:
+def affine_absmax(ln: onnx.NodeProto, g: Graph) -> np.ndarray:
     """Data-free stand-in for max|LayerNorm output| per channel: |gamma| + |beta|.
 
     The normalised input has unit variance in every channel, so the channel-to-channel spread of a
     LayerNorm output (what smoothing removes) comes from its affine parameters.
     """
-    gamma = np.abs(numpy_helper.to_array(inits[ln.input[1]]).astype(np.float64))
+    gamma = np.abs(g.const(ln.input[1]).astype(np.float64))  # type: ignore[union-attr]
     beta = (
-        np.abs(numpy_helper.to_array(inits[ln.input[2]]).astype(np.float64))
+        np.abs(g.const(ln.input[2]).astype(np.float64))  # type: ignore[union-attr]
         if len(ln.input) > 2 and ln.input[2]
         else 0.0
     )
@@ -127,18 +111,13 @@ def smooth_model(
     model = onnx.ModelProto.FromString(model.SerializeToString())
     if not model.graph.value_info:  # ranks are needed to see which axis a Gather selects on
         # Without shapes, Gather pass-through is skipped, which is safe.
-        with contextlib.suppress(Exception):
-            model = onnx.shape_inference.infer_shapes(model)
-    graph = model.graph
-    inits = {i.name: i for i in graph.initializer}
-    consumers: dict[str, list[tuple[onnx.NodeProto, int]]] = defaultdict(list)
-    for node in graph.node:
-        for i, name in enumerate(node.input):
-            consumers[name].append((node, i))
+        model = inferred(model)
+    g = Graph(model)
+    inits = g.inits
 
     plans: list[tuple[onnx.NodeProto, list[tuple[onnx.NodeProto, int]]]] = []
     skipped: dict[str, str] = {}
-    for node in graph.node:
+    for node in g.nodes:
         if node.op_type != "LayerNormalization":
             continue
         if (
@@ -149,7 +128,7 @@ def smooth_model(
             skipped[node.name] = "gamma/beta are not constants"
             continue
         channels = int(np.prod(inits[node.input[1]].dims))
-        targets = _linear_targets(model, node.output[0], consumers, inits, channels)
+        targets = _linear_targets(g, node.output[0], channels)
         if isinstance(targets, str):
             skipped[node.name] = targets
         else:
@@ -158,17 +137,14 @@ def smooth_model(
     if batches:
         stats = channel_absmax(model, [n.output[0] for n, _ in plans], batches)
     else:
-        stats = {n.output[0]: affine_absmax(n, inits) for n, _ in plans}
+        stats = {n.output[0]: affine_absmax(n, g) for n, _ in plans}
     counter = [0]
 
     def fresh(name: str, arr: np.ndarray) -> str:
         # New initializers, never in-place edits: exporters share identical tensors (e.g. all-ones gammas)
         # between unrelated nodes, and those must keep their values.
         counter[0] += 1
-        new = f"{name}_vsmooth{counter[0]}"
-        graph.initializer.append(numpy_helper.from_array(arr.astype(np.float32), new))
-        inits[new] = graph.initializer[-1]
-        return new
+        return g.add_init(arr.astype(np.float32), f"{name}_vsmooth{counter[0]}")
 
     report: dict[str, Any] = {}
     for ln, targets in plans:
@@ -178,16 +154,16 @@ def smooth_model(
             # Nothing to flatten; rescaling would only move range into the weights for no gain.
             skipped[ln.name] = f"no outlier channels (max/median {ratio:.1f} < {min_ratio})"
             continue
-        weights = [numpy_helper.to_array(inits[n.input[1]]).astype(np.float64) for n, _ in targets]
+        weights = [g.const(n.input[1]).astype(np.float64) for n, _ in targets]  # type: ignore[union-attr]
         wmax = np.max([np.abs(w).max(axis=1 - ax) for w, (_, ax) in zip(weights, targets)], axis=0)
         ok = (act > 0) & (wmax > 0)
         s = np.ones_like(act)
         s[ok] = act[ok] ** alpha / wmax[ok] ** (1 - alpha)
         s = np.clip(s, 1e-4, 1e4)
-        gamma = numpy_helper.to_array(inits[ln.input[1]]).astype(np.float64)
+        gamma = g.const(ln.input[1]).astype(np.float64)  # type: ignore[union-attr]
         ln.input[1] = fresh(ln.input[1], gamma / s)
         if len(ln.input) > 2 and ln.input[2]:
-            ln.input[2] = fresh(ln.input[2], numpy_helper.to_array(inits[ln.input[2]]).astype(np.float64) / s)
+            ln.input[2] = fresh(ln.input[2], g.const(ln.input[2]).astype(np.float64) / s)  # type: ignore[union-attr]
         for (node, ax), w in zip(targets, weights):
             node.input[1] = fresh(node.input[1], w * (s[:, None] if ax == 0 else s[None, :]))
         flat = act / s
@@ -197,10 +173,7 @@ def smooth_model(
             "weights": [n.name for n, _ in targets],
         }
 
-    used = {name for node in graph.node for name in node.input}
-    keep = [i for i in graph.initializer if i.name in used or i.name in {o.name for o in graph.output}]
-    del graph.initializer[:]
-    graph.initializer.extend(keep)
+    g.prune_initializers(keep=g.outputs)
     stats_from = "calibration data" if batches else "LayerNorm gamma/beta (data-free)"
     return model, {"alpha": alpha, "stats": stats_from, "smoothed": report, "skipped": skipped}
 
