@@ -232,15 +232,6 @@ def _granularity(v: Any) -> str | None:
 
 
 # -- declarations -------------------------------------------------------------------------------------
-_TYPE_NAMES = {
-    int: "an integer",
-    float: "a number",
-    str: "a string",
-    bool: "true or false",
-    dict: "a mapping",
-}
-
-
 @dataclass(frozen=True)
 class Option:
     """One argument of a command (a keyword of its function), as the CLI and recipes expose it.
@@ -298,12 +289,6 @@ class Option:
     @property
     def value_check(self) -> Callable[[Any], str | None] | None:
         return self.check or getattr(self.parse, "reason", None)
-
-    def type_name(self) -> str:
-        types = self.value_types
-        if types == (int, float):
-            return "a number"
-        return " or ".join(_TYPE_NAMES.get(t, "a list") for t in types)
 
 
 def check(o: Option, value: Any) -> str | None:
