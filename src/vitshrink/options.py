@@ -109,12 +109,16 @@ class Number:
                 f"expected {'an integer' if self.kind is int else 'a number'}, got '{text}'"
             ) from None
         if not self._ok(v):
-            if self.message:
-                raise argparse.ArgumentTypeError(self.message.format(v=v))
-            rng = f"{'>=' if self.lo_ok else '>'} {self.lo:g}"
-            rng += f" and {'<=' if self.hi_ok else '<'} {self.hi:g}" if self.hi is not None else ""
-            raise argparse.ArgumentTypeError(f"must be {rng}, got '{text}'")
+            raise argparse.ArgumentTypeError(self.refusal(v, text))
         return v
+
+    def refusal(self, v: Any, text: str | None = None) -> str:
+        """The one-line refusal of an out-of-range `v` (as typed: `text`) on the command line or the API."""
+        if self.message:
+            return self.message.format(v=v)
+        rng = f"{'>=' if self.lo_ok else '>'} {self.lo:g}"
+        rng += f" and {'<=' if self.hi_ok else '<'} {self.hi:g}" if self.hi is not None else ""
+        return f"must be {rng}, got '{v if text is None else text}'"
 
     def reason(self, v: Any) -> str | None:
         """Why the number `v` is out of range (None: it is fine), as recipes word it."""
