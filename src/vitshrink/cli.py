@@ -17,21 +17,17 @@ import warnings
 from collections.abc import Callable, Iterator
 from typing import Any, NoReturn
 
-from . import __version__
 from .options import (
+    COMMANDS,
     DISTILL,
     EVALUATE,
-    FORMAT,
-    NONNEG_FLOAT,
-    POS_FLOAT,
-    POS_INT,
+    GLOBAL,
     PRUNE,
     QUANTIZE,
     TRAIN,
+    Output,
     add_options,
     collect,
-    key_values,
-    number,
 )
 
 EXIT_USER, EXIT_BUG = 2, 1
@@ -46,17 +42,6 @@ class _Parser(argparse.ArgumentParser):
 
 def _one_line(text: str) -> str:
     return " ".join(str(text).split()) or "(no message)"
-
-
-def _image_size(text: str) -> tuple[int, int]:
-    """--image-size H or HxW (height x width)."""
-    from .deploy._meta import parse_image_size  # torch-free
-    from .errors import ModelError
-
-    try:
-        return parse_image_size(text)
-    except ModelError as e:
-        raise argparse.ArgumentTypeError(str(e)) from None
 
 
 def _is_rank0() -> bool:
@@ -300,215 +285,63 @@ def _onnx_kind(a: argparse.Namespace) -> str:
         return "file"  # the command itself refuses the name, in one line
 
 
-# command -> the outputs it writes: [(path, kind, into)] and the inputs none of them may be or contain
-_Outputs = tuple[list[tuple[str, str, bool]], list[Any]]
-_OUTPUTS: dict[str, Callable[[argparse.Namespace], _Outputs]] = {
-    "train": lambda a: ([(a.out, "model", False), (_ckpt(a.out), "ckpt", False)], [a.model, a.data]),
-    "distill": lambda a: (
-        [(a.out, "model", False), (_ckpt(a.out), "ckpt", False)],
-        [a.teacher, a.student, a.data],
-    ),
-    "prune": lambda a: (
-        [(a.out, "model", False), (_ckpt(a.out), "ckpt", False)],
-        [a.model, a.teacher, a.data, a.latency_table],
-    ),
-    "export": lambda a: ([(a.out, _onnx_kind(a), False)], [a.model]),
-    "quantize": lambda a: ([(a.out, _onnx_kind(a), False)], [a.model, a.calib_data]),
-    "bench": lambda a: ([(a.json, "file", False)] if a.json else [], list(a.models)),
-    "predict": lambda a: ([(a.out, "predict", True)] if a.out else [], [a.model, *a.images]),
-    "trt-recipe": lambda a: ([(_trt_out(a), "trt", True)], [a.model]),
-    "compress": lambda a: ([(a.out, "run", True)], [a.model, a.data, a.recipe]),
-    "demo": lambda a: ([(a.out, "run", True)], []),
-}
+def _output(a: argparse.Namespace, o: Output) -> tuple[str, str, bool] | None:
+    """(path, kind, into) of one declared output, or None when the command does not write it this time."""
+    path = getattr(a, o.dest)
+    if o.kind == "trt":
+        return (_trt_out(a), "trt", o.into)
+    if path is None:
+        return None
+    if o.kind == "ckpt":
+        return (_ckpt(path), "ckpt", o.into)
+    return (path, _onnx_kind(a) if o.kind == "onnx" else o.kind, o.into)
 
 
 def _check_outputs(a: argparse.Namespace) -> list[str]:
-    """Apply the output policy (see `outputs`) before anything runs; returns the paths to lock."""
+    """Apply the output policy (see `outputs`) to the outputs `options.COMMANDS` declares, before
+    anything runs; returns the paths to lock."""
     from .outputs import check_output
 
-    if a.cmd not in _OUTPUTS:
-        return [a.dir] if a.cmd == "report" else []
-    outs, inputs = _OUTPUTS[a.cmd](a)
+    command = COMMANDS[a.cmd]
+    outs = [out for o in command.outputs if (out := _output(a, o)) is not None]
+    inputs: list[Any] = []
+    for dest in command.inputs:
+        value = getattr(a, dest)
+        inputs.extend(value if isinstance(value, list) else [value])
     for path, kind, into in outs:
         check_output(path, kind, inputs=inputs, overwrite=a.overwrite, into=into)
-    return [path for path, _, _ in outs]
+    return [path for path, _, _ in outs] + [getattr(a, dest) for dest in command.locks]
 
 
 # ---------------------------------------------------------------------------------------- parser
 
+# command -> its handler; its arguments, outputs and inputs are declared in vitshrink.options.COMMANDS
+HANDLERS: dict[str, Callable[[argparse.Namespace], None]] = {
+    "train": cmd_train,
+    "eval": cmd_eval,
+    "bench": cmd_bench,
+    "export": cmd_export,
+    "demo": cmd_demo,
+    "distill": cmd_distill,
+    "prune": cmd_prune,
+    "quantize": cmd_quantize,
+    "predict": cmd_predict,
+    "trt-recipe": cmd_trt,
+    "compress": cmd_compress,
+    "report": cmd_report,
+    "presets": cmd_presets,
+}
+
 
 def build_parser() -> argparse.ArgumentParser:
+    """The whole CLI, generated from `vitshrink.options` (GLOBAL, COMMANDS)."""
     p = _Parser(prog="vitshrink", description="Compress Vision Transformers for edge devices.")
-    p.add_argument("--version", action="version", version=f"vitshrink {__version__}")
-    # Global options work before and after the subcommand: the subcommand's copies default to
-    # SUPPRESS, so they only override what was given before it when given themselves.
-    p.add_argument("--debug", action="store_true", help="show tracebacks for unexpected errors")
-    p.add_argument("--quiet", "-q", action="store_true", help="no progress bars")
+    add_options(p, GLOBAL)
     sub = p.add_subparsers(dest="cmd", required=True, metavar="COMMAND")
-
-    def add(name: str, fn: Any, help: str) -> argparse.ArgumentParser:
-        sp = sub.add_parser(name, help=help, description=help)
-        sp.set_defaults(fn=fn)
-        sp.add_argument(
-            "--quiet", "-q", action="store_true", default=argparse.SUPPRESS, help="no progress bars"
-        )
-        sp.add_argument("--debug", action="store_true", default=argparse.SUPPRESS, help=argparse.SUPPRESS)
-        return sp
-
-    def overwrite_arg(sp: argparse.ArgumentParser) -> None:
-        sp.add_argument(
-            "--overwrite",
-            action="store_true",
-            help="allow replacing an existing file vitshrink did not write (never a folder of yours, "
-            "never an input of this run)",
-        )
-
-    def size_args(sp: argparse.ArgumentParser, dynamic: bool = True) -> None:
-        sp.add_argument(
-            "--image-size",
-            type=_image_size,
-            metavar="H[xW]",
-            help="input size to export/run at (default: the model's preprocess size)",
-        )
-        if dynamic:
-            sp.add_argument(
-                "--dynamic-size",
-                action="store_true",
-                help="dynamic height/width axes (SegFormer; MobileViT and UperNet-MobileViT at multiples "
-                "of 32 x patch); parity is checked at two sizes",
-            )
-
-    def data_arg(sp: argparse.ArgumentParser) -> None:
-        sp.add_argument("--data", required=True, help="fashion-mnist | aerial | FOLDER")
-
-    sp = add("train", cmd_train, "Train a model (preset or directory) on a dataset.")
-    sp.add_argument("--model", required=True, help="preset name (see `vitshrink presets`) or model directory")
-    data_arg(sp)
-    sp.add_argument("--out", required=True)
-    add_options(sp, TRAIN)
-
-    sp = add("eval", cmd_eval, "Evaluate a model directory or ONNX file.")
-    sp.add_argument("model")
-    data_arg(sp)
-    add_options(sp, EVALUATE)
-    sp.add_argument("--json", action="store_true", help="print metrics as JSON")
-
-    sp = add("bench", cmd_bench, "Latency p50/p90/p99, throughput, peak RSS, size, params, MACs.")
-    sp.add_argument(
-        "models", nargs="+", help="model directories and/or ONNX files (several are compared in one run)"
-    )
-    sp.add_argument("--threads", type=POS_INT, help="intra-op threads")
-    sp.add_argument("--batch", type=POS_INT, default=8, help="batch size for throughput")
-    sp.add_argument("--runs", type=POS_INT, default=30)
-    sp.add_argument("--rounds", type=POS_INT, default=3)
-    sp.add_argument("--device", default="cpu", choices=["cpu", "cuda"])
-    sp.add_argument("--json", help="write results to this JSON file")
-    size_args(sp, dynamic=False)
-
-    sp = add("export", cmd_export, "Export a model directory to ONNX (simplified, parity-checked).")
-    sp.add_argument("model")
-    sp.add_argument("--out", required=True)
-    sp.add_argument("--opset", type=number(int, 7), default=17)
-    sp.add_argument("--dynamic-batch", action="store_true")
-    size_args(sp)
-    add_options(sp, [FORMAT])
-
-    sp = add("demo", cmd_demo, "Run the whole pipeline on embedded data.")
-    sp.add_argument("--task", default="all", choices=["classification", "segmentation", "all"])
-    sp.add_argument("--out", default="demo-out")
-    sp.add_argument("--quick", action="store_true", help="small budget: under 5 minutes on 2 cores")
-    sp.add_argument("--threads", type=POS_INT)
-    sp.add_argument(
-        "--student",
-        default="default",
-        choices=["default", "paper"],
-        help="paper: the segmentation student is the paper's UperNet + MobileViT",
-    )
-
-    sp = add("distill", cmd_distill, "Distil a teacher into a student.")
-    sp.add_argument("--teacher", required=True)
-    sp.add_argument("--student", required=True, help="preset name or model directory")
-    data_arg(sp)
-    sp.add_argument("--out", required=True)
-    add_options(sp, DISTILL)
-    sp.add_argument("--loss-weights", nargs="+", type=NONNEG_FLOAT, help="one weight per --loss")
-
-    sp = add("prune", cmd_prune, "Structured pruning that physically removes heads/neurons/dims/channels.")
-    sp.add_argument("model")
-    sp.add_argument("--out", required=True)
-    add_options(sp, PRUNE)
-
-    sp = add("quantize", cmd_quantize, "fp16 / int8 quantization (ONNX) with ViT-aware fallbacks.")
-    sp.add_argument("model", help="model directory, Hub id, ONNX file or ONNX folder")
-    sp.add_argument("--out", required=True)
-    add_options(sp, QUANTIZE)
-    size_args(sp)
-
-    sp = add("predict", cmd_predict, "Run an ONNX model on images (numpy + Pillow + onnxruntime only).")
-    sp.add_argument("model")
-    sp.add_argument("images", nargs="+", help="image files or folders")
-    sp.add_argument("--out")
-    sp.add_argument("--threads", type=POS_INT)
-    g = sp.add_mutually_exclusive_group()
-    g.add_argument(
-        "--tile",
-        type=_image_size,
-        metavar="N[xM]",
-        help="segmentation: sliding-window tiles of N px (default: the model input) at the frame's own "
-        "resolution, logits averaged where tiles overlap; by default tiles are used when a frame is "
-        ">= 2x the model input both ways",
-    )
-    g.add_argument(
-        "--resize", action="store_true", help="segmentation: always resize the frame to the model input"
-    )
-    sp.add_argument(
-        "--overlap",
-        type=number(float, 0, hi=0.9),
-        help="fraction of a tile shared with its neighbour (default 0.25)",
-    )
-    v = sp.add_argument_group("video (FILE.mp4 / .mov / .avi / .mkv, or folders with --frames)")
-    v.add_argument("--frames", action="store_true", help="each folder is one video's frames, in name order")
-    v.add_argument("--every", type=POS_INT, default=1, help="keep every Nth frame")
-    v.add_argument("--max-fps", type=POS_FLOAT, help="keep at most this many frames per second of video")
-    v.add_argument("--fps", type=POS_FLOAT, help="frame rate of a --frames folder (default 10)")
-
-    sp = add("trt-recipe", cmd_trt, "Write a TensorRT build command and runner for a Jetson.")
-    sp.add_argument("model")
-    sp.add_argument("--out")
-    sp.add_argument("--no-fp16", action="store_true")
-    sp.add_argument("--workspace-mb", type=POS_INT)
-
-    sp = add("compress", cmd_compress, "Run a recipe, or search recipes under a device budget.")
-    sp.add_argument("model")
-    data_arg(sp)
-    sp.add_argument(
-        "--data-opt",
-        type=key_values,
-        default={},
-        metavar="K=V,..",
-        help="dataset options, e.g. size=256,n_train=400 for aerial",
-    )
-    sp.add_argument("--out", required=True)
-    g = sp.add_mutually_exclusive_group(required=True)
-    g.add_argument("--recipe")
-    # passed through as text: compress.parse_budget validates keys and values with one-line errors
-    g.add_argument("--budget", help="latency_ms=..,size_mb=..,max_drop=..")
-    sp.add_argument("--device", default="cpu", choices=["cpu", "cuda", "jetson-nano"])
-    sp.add_argument(
-        "--trials",
-        type=POS_INT,
-        help="budget mode: an optional cap on trials (the time budget ends the search)",
-    )
-    # text: compress.parse_duration validates it (one-line errors), default 30m printed at start
-    sp.add_argument("--time-budget", help="budget mode: wall time for the whole run, e.g. 30m, 2h, 90s")
-
-    sp = add("report", cmd_report, "Write report.md and report.html for a run directory.")
-    sp.add_argument("dir")
-
-    add("presets", cmd_presets, "List model presets.")
-    for name, sp in sub.choices.items():
-        if name in _OUTPUTS:
-            overwrite_arg(sp)
+    for name, command in COMMANDS.items():
+        sp = sub.add_parser(name, help=command.help, description=command.help)
+        sp.set_defaults(fn=HANDLERS[name])
+        add_options(sp, command.arguments, command.required_groups)
     return p
 
 

@@ -12,7 +12,8 @@ A stage is a one-key mapping `KIND: {options}` (or a bare `KIND` for no options)
 `name`, the stage's label in results and reports (default: the kind, `quantize-MODE` for quantize),
 which is not part of its cache key. Validation is a small
 table-driven checker rather than pydantic (not a dependency) so every mistake is one line naming the
-stage and option. Quantize stages always start from the latest full-precision model, so consecutive
+stage and option; the table (`SCHEMA`: types, ranges, choices) is generated from the declarations in
+`vitshrink.options.RECIPE_STAGES`, which the CLI is generated from too. Quantize stages always start from the latest full-precision model, so consecutive
 quantize stages are siblings (e.g. fp16 and int8 of the same pruned model) and nothing but another
 quantize stage may follow one.
 """
@@ -24,13 +25,12 @@ import difflib
 import hashlib
 import json
 import os
-from collections.abc import Callable
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
 from ..errors import VitshrinkError
-from ..options import CALIB_METHODS, GRANULARITIES, IMPORTANCES, QUANT_MODES, TARGET_CPUS
+from ..options import RECIPE_STAGES, Option, check
 
 PRUNE_TARGETS = ("ratio", "target_params", "target_latency_ms", "target_macs")
 TOP_LEVEL = ("stages", "description", "data_options", "eval_limit")
@@ -42,121 +42,23 @@ class RecipeError(VitshrinkError):
 
 @dataclass(frozen=True)
 class Opt:
+    """A recipe key: its YAML types, whether the stage needs it, its choices, and its declaration
+    (`vitshrink.options.Option`, whose range check `options.check` applies)."""
+
     types: tuple[type, ...]
     required: bool = False
     choices: tuple[Any, ...] | None = None
-    check: Callable[[Any], str | None] | None = None  # returns a reason when the value is bad
+    option: Option | None = None
 
 
-def _positive(v: Any) -> str | None:
-    return None if v > 0 else "must be > 0"
+def _opt(o: Option) -> Opt:
+    return Opt(o.value_types, o.recipe_required, None if o.choices is None else tuple(o.choices), o)
 
 
-def _non_negative(v: Any) -> str | None:
-    return None if v >= 0 else "must be >= 0"
-
-
-def _fraction(v: Any) -> str | None:
-    return None if 0 <= v < 1 else "must be in [0, 1)"
-
-
-def _unit(v: Any) -> str | None:
-    return None if 0 <= v <= 1 else "must be in [0, 1]"
-
-
-def _depth_ratio(v: Any) -> str | None:
-    if isinstance(v, str):
-        return None if v == "auto" else "must be a number in [0, 1) or 'auto'"
-    return None if not isinstance(v, bool) and 0 <= v < 1 else "must be a number in [0, 1) or 'auto'"
-
-
-def _losses(v: Any) -> str | None:
-    if isinstance(v, list) and not all(isinstance(x, str) for x in v):
-        return "must be a loss name, a list of names or a {name: weight} mapping"
-    if isinstance(v, dict) and not all(
-        isinstance(k, str) and isinstance(w, int | float) and not isinstance(w, bool) for k, w in v.items()
-    ):
-        return "must map loss names to numeric weights"
-    return None
-
-
-def _granularity(v: Any) -> str | None:
-    if v == "auto":
-        return None
-    parts = v.split(",") if isinstance(v, str) else v
-    if not all(isinstance(p, str) for p in parts):
-        return f"must be names from {', '.join(GRANULARITIES)}"
-    bad = [p for p in parts if p.strip() not in GRANULARITIES]
-    return f"unknown {bad} (choose from {', '.join(GRANULARITIES)})" if bad else None
-
-
-INT, FLOAT, STR, BOOL, DICT = (int,), (int, float), (str,), (bool,), (dict,)
-
+FLOAT = (int, float)
+# stage kind -> option -> Opt, generated from options.RECIPE_STAGES (types, ranges and choices declared once)
 SCHEMA: dict[str, dict[str, Opt]] = {
-    "distill": {
-        "student": Opt(STR, required=True),  # preset name or model directory
-        "student_options": Opt(DICT),  # preset config overrides, e.g. {hidden_size: 32}
-        "epochs": Opt(INT, check=_positive),
-        "losses": Opt((str, list, dict), check=_losses),
-        "alpha": Opt(FLOAT, check=_unit),
-        "temperature": Opt(FLOAT, check=_positive),
-        "batch_size": Opt(INT, check=_positive),
-        "lr": Opt(FLOAT, check=_positive),
-        "weight_decay": Opt(FLOAT, check=_non_negative),
-        "limit": Opt(INT, check=_positive),
-        "val_limit": Opt(INT, check=_positive),
-        "image_size": Opt(INT, check=_positive),
-        "augment": Opt(BOOL),
-        "cache_teacher": Opt(BOOL),
-        "seed": Opt(INT, check=_non_negative),
-    },
-    "prune": {
-        "ratio": Opt(FLOAT, check=_fraction),
-        "target_params": Opt(INT, check=_positive),
-        "target_latency_ms": Opt(FLOAT, check=_positive),
-        "target_macs": Opt(INT, check=_positive),
-        "importance": Opt(STR, choices=IMPORTANCES),
-        "granularity": Opt((str, list), check=_granularity),
-        "round_to": Opt(INT, check=_positive),
-        "steps": Opt(INT, check=_positive),
-        "recover_epochs": Opt(INT, check=_non_negative),
-        "batch_size": Opt(INT, check=_positive),
-        "lr": Opt(FLOAT, check=_positive),
-        "limit": Opt(INT, check=_positive),
-        "seed": Opt(INT, check=_non_negative),
-        "unstructured": Opt(FLOAT, check=_fraction),
-        "latency_table": Opt((str, dict)),
-        "depth_ratio": Opt((float, int, str), check=_depth_ratio),
-        "recover_losses": Opt((str, list, dict), check=_losses),
-        "recover_temperature": Opt(FLOAT, check=_positive),
-        "augment": Opt(BOOL),
-    },
-    "quantize": {
-        "mode": Opt(STR, required=True, choices=QUANT_MODES),
-        "calib_method": Opt(STR, choices=CALIB_METHODS),
-        "max_drop": Opt(FLOAT, check=_non_negative),
-        "target_cpu": Opt(STR, choices=TARGET_CPUS),  # the CPU the int8 model runs on (see vitshrink.cpu)
-        # int8: keep the most accurate variant meeting these instead of the fastest (the budget search's)
-        "size_mb": Opt(FLOAT, check=_positive),
-        "latency_ms": Opt(FLOAT, check=_positive),
-        # Calibrate/score on the run's data (default: only where the mode or max_drop needs it).
-        "calibrate": Opt(BOOL),
-    },
-    # A CNN trained from scratch on the labels beside the pipeline (vitshrink.baseline), for about as
-    # long as the stage named `budget` took (or `budget` seconds); it does not feed the next stage.
-    "baseline": {
-        "model": Opt(STR),  # preset; default: the task's CNN baseline (baseline.BASELINES)
-        "budget": Opt((str, int, float)),  # a stage label (e.g. distill) or seconds; default: distill
-        "batch_size": Opt(INT, check=_positive),
-        "lr": Opt(FLOAT, check=_positive),
-        "limit": Opt(INT, check=_positive),
-        "augment": Opt(BOOL),
-        "seed": Opt(INT, check=_non_negative),
-    },
-    "export": {
-        "opset": Opt(INT, check=lambda v: None if 11 <= v <= 21 else "must be between 11 and 21"),
-        "dynamic_batch": Opt(BOOL),
-    },
+    kind: {o.name: _opt(o) for o in options if o.recipe} for kind, options in RECIPE_STAGES.items()
 }
 
 
@@ -205,11 +107,7 @@ def _check_value(where: str, name: str, value: Any, opt: Opt) -> Any:
                 float(value)
                 hint = " (YAML reads exponents without a dot as text: write e.g. 3.0e-3)"
         raise RecipeError(f"{where}: option '{name}' must be {_type_name(opt.types)}, got {value!r}{hint}")
-    if opt.choices is not None and value not in opt.choices:
-        raise RecipeError(
-            f"{where}: option '{name}' must be one of {', '.join(map(str, opt.choices))}, got {value!r}"
-        )
-    if opt.check is not None and (reason := opt.check(value)):
+    if opt.option is not None and (reason := check(opt.option, value)):  # choices and range
         raise RecipeError(f"{where}: option '{name}' {reason}, got {value!r}")
     return float(value) if opt.types == FLOAT else value
 

@@ -41,6 +41,7 @@ from typing import Any
 
 from ..artifacts import read_json, sha256_file, write_json
 from ..errors import VitshrinkError
+from ..options import key_value_pairs
 from .devices import DeviceProfile
 from .plan import MAX_EPOCHS, Plan, Throughput, fmt_minutes, measure_throughput, plan_search
 from .recipe import Stage, validate_stage
@@ -73,13 +74,10 @@ class BudgetNotMetError(VitshrinkError):
 def parse_budget(budget: str | dict[str, Any]) -> dict[str, float]:
     """`latency_ms=..,size_mb=..,max_drop=..` (or a dict) -> validated floats."""
     if isinstance(budget, str):
-        items: dict[str, Any] = {}
-        for part in filter(None, (p.strip() for p in budget.split(","))):
-            if "=" not in part:
-                raise VitshrinkError(f"budget: expected key=value, got '{part}'")
-            k, v = part.split("=", 1)
-            items[k.strip()] = v.strip()
-        budget = items
+        try:
+            budget = {k: v.strip() for k, v in key_value_pairs(budget, skip_empty=True)}
+        except ValueError as e:
+            raise VitshrinkError(f"budget: {e}") from None
     if not isinstance(budget, dict) or not budget:
         raise VitshrinkError(f"budget needs at least one of {', '.join(BUDGET_KEYS)}")
     out: dict[str, float] = {}

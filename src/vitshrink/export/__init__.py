@@ -27,6 +27,7 @@ from ..deploy._meta import (
     write_meta_props,
 )
 from ..errors import ModelError, VitshrinkError
+from ..options import DEFAULT_OPSET, OPSET  # declared once there (the CLI and recipes use them too)
 from .patches import StaticAdaptiveAvgPool2d
 
 __all__ = [
@@ -37,11 +38,6 @@ __all__ = [
     "make_exportable",
     "parity",
 ]
-
-DEFAULT_OPSET = 17
-# The oldest opset with scaled_dot_product_attention in the exporter (every family's attention needs
-# it); below it the exporter would fail and the dynamo fallback silently raise the opset to 18.
-MIN_OPSET = 14
 
 
 def make_exportable(model: nn.Module, *, dynamic_size: bool = False) -> nn.Module:
@@ -165,8 +161,8 @@ def export_onnx(
     out = Path(out)
     if out.suffix != ".onnx":
         raise VitshrinkError(f"output must end in .onnx: {out}")
-    if opset < MIN_OPSET:
-        raise VitshrinkError(f"opset {opset} is not supported: vitshrink exports opset {MIN_OPSET} or newer")
+    if OPSET.reason(opset):  # the same bound and words as the CLI's --opset and the recipe's export stage
+        raise VitshrinkError(OPSET.refusal(opset))
     from ..models import check_finite
 
     check_finite(net, model if not isinstance(model, nn.Module) else "the model")

@@ -19,6 +19,7 @@ from typing import Any
 import torch
 
 from ..errors import VitshrinkError
+from ..options import PRUNE, validate
 from ..outputs import temp_dir
 from .axes import choose_axes
 from .core import (
@@ -156,6 +157,8 @@ def prune(
     with distillation on the same subset) instead of running the teacher every step.
     `on_epoch_end(epoch, record)` is called after each recovery epoch (see train.fit).
     """
+    # ranges and choices as declared in options.PRUNE (the CLI and recipes check the same declarations)
+    validate(PRUNE, locals())
     from ..models import check_finite, load_model
 
     budget = _Budget(ratio, target_params, target_macs, target_latency_ms, latency_table)
@@ -163,12 +166,9 @@ def prune(
         budget,
         round_to=round_to,
         quiet=quiet,
-        steps=steps,
         recover_epochs=recover_epochs,
         importance=importance,
         data=data,
-        recover_temperature=recover_temperature,
-        unstructured=unstructured,
         granularity=granularity,
         depth_ratio=depth_ratio,
     )
@@ -283,12 +283,9 @@ def _validate(
     *,
     round_to: int,
     quiet: bool,
-    steps: int,
     recover_epochs: int,
     importance: str,
     data: str | None,
-    recover_temperature: float | None,
-    unstructured: float | None,
     granularity: Sequence[str] | str,
     depth_ratio: float | str,
 ) -> _Request:
@@ -297,18 +294,8 @@ def _validate(
     given = list(budget.given())
     if len(given) != 1:
         raise VitshrinkError(f"give exactly one of {', '.join(names)} (got {', '.join(given) or 'none'})")
-    if steps < 1:
-        raise VitshrinkError(f"steps must be >= 1, got {steps}")
-    if recover_epochs < 0:
-        raise VitshrinkError(f"recover_epochs must be >= 0, got {recover_epochs}")
     if (recover_epochs > 0 or importance == "taylor") and data is None:
         raise VitshrinkError("recovery fine-tuning and importance='taylor' need data")
-    if recover_temperature is not None and not recover_temperature > 0:
-        raise VitshrinkError(f"recover temperature must be > 0, got {recover_temperature}")
-    if unstructured is not None and not 0.0 <= unstructured < 1.0:
-        raise VitshrinkError(f"unstructured sparsity must be in [0, 1), got {unstructured}")
-    if importance not in IMPORTANCES:
-        raise VitshrinkError(f"unknown importance '{importance}' (choose from {', '.join(IMPORTANCES)})")
     if isinstance(granularity, str):  # "heads,mlp" from the CLI or a recipe
         granularity = tuple(p.strip() for p in granularity.split(",") if p.strip())
     bad = [g for g in granularity if g not in (*GRANULARITIES, "auto")]
@@ -324,8 +311,6 @@ def _validate(
         )
     if auto_shape and budget.target_latency_ms is not None:
         raise VitshrinkError("depth ratio 'auto' needs ratio, target_params or target_macs")
-    if not auto_shape and not (isinstance(depth_ratio, int | float) and 0.0 <= depth_ratio < 1.0):
-        raise VitshrinkError(f"depth ratio must be in [0, 1) or 'auto', got {depth_ratio!r}")
     return _Request(budget, granularity, depth_ratio, auto_axes, auto_shape, round_to, importance, quiet)
 
 
