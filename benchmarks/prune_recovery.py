@@ -53,6 +53,7 @@ from vitshrink.evaluate import evaluate_model  # noqa: E402
 from vitshrink.models import load_model  # noqa: E402
 from vitshrink.prune import count_params, prune  # noqa: E402
 from vitshrink.prune.recovery import recovery_datasets  # noqa: E402 - prune()'s own subset
+from vitshrink.tasks import TASK_METRIC  # noqa: E402
 from vitshrink.train import fit  # noqa: E402
 
 TASKS = ("classification", "segmentation")
@@ -140,7 +141,7 @@ def run_task(
 ) -> list[dict[str, Any]]:
     """All variants of one task; every recovered variant gets the same budget and, per seed, the same
     training subset and shuffling (prune() draws its subset with its seed, so fine-tuning does too)."""
-    metric = "accuracy" if task == "classification" else "miou"
+    metric = TASK_METRIC[task]
     opts = cfg.stage("prune")  # the demo's prune stage settings, for every recovered variant
     epochs = int(opts["recover_epochs"])
     lr, bs, limit, aug = opts["lr"], opts["batch_size"], opts.get("limit"), opts.get("augment", True)

@@ -14,9 +14,9 @@ from pathlib import Path
 from typing import Any
 
 from ..errors import ModelError
+from ..tasks import TASKS
 
 META_KEY = "vitshrink"
-TASKS = ("classification", "segmentation")
 
 # Used only when a model carries no metadata: the ImageNet statistics every HF ViT checkpoint uses.
 IMAGENET_MEAN = (0.485, 0.456, 0.406)

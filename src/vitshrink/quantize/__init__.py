@@ -20,6 +20,7 @@ if TYPE_CHECKING:
 from ..cpu import TARGET_CPUS
 from ..errors import VitshrinkError
 from ..outputs import temp_dir
+from ..tasks import TASK_METRIC
 from .onnx_quant import CALIB_METHODS, DEFAULT_MAX_DROP, MODES, Mode, quantize_onnx
 from .smooth import smooth_layernorm_outliers
 from .torch_quant import quantize_torch
@@ -127,7 +128,7 @@ def quantize(
             write_onnx_folder(out, final)
             report["path"] = str(final)
     if calib_data is not None:
-        report["metric_name"] = "accuracy" if meta["task"] == "classification" else "miou"
+        report["metric_name"] = TASK_METRIC[meta["task"]]
         report["data"] = calib_data
     return final, report
 
@@ -178,7 +179,7 @@ def _data(
         for b in calib_ds.batches(bs, view="fixed"):
             yield prepare(b.images, meta, torch.device("cpu")).numpy()
 
-    key = "accuracy" if meta["task"] == "classification" else "miou"
+    key = TASK_METRIC[meta["task"]]
 
     def eval_fn(p: str) -> float:
         return float(evaluate_onnx(p, ds, batch_size=bs, quiet=True)[key])
