@@ -6,6 +6,7 @@ from __future__ import annotations
 import numpy as np
 
 from ...errors import VitshrinkError
+from ...labels import AERIAL_PALETTE
 
 # Bump whenever rendering changes: it is part of the cache key, so stale caches are never reused.
 VERSION = 1
@@ -28,23 +29,7 @@ CLASSES: tuple[str, ...] = (
 )
 NUM_CLASSES = len(CLASSES)
 
-# Fixed colours for visualising masks (one per class id, in CLASSES order).
-PALETTE: tuple[tuple[int, int, int], ...] = (
-    (0, 0, 0),  # background
-    (170, 140, 255),  # avalanche
-    (240, 200, 0),  # building_undamaged
-    (220, 20, 40),  # building_damaged
-    (255, 0, 255),  # cracks_fissures
-    (0, 70, 230),  # flooding
-    (0, 230, 230),  # ice_jam
-    (140, 80, 30),  # mudslide
-    (128, 128, 128),  # road
-    (245, 225, 160),  # sand
-    (255, 110, 0),  # smoke_fire
-    (255, 255, 255),  # snow
-    (0, 150, 0),  # tree
-    (255, 150, 200),  # water_vehicle_person
-)
+PALETTE = AERIAL_PALETTE  # mask colours, one per class id (owned by vitshrink.labels)
 
 # Per-channel mean/std of rendered images (0..1 scale), measured over 200 samples at 128 px (seeds
 # 0..199); suitable for the "preprocess" metadata of models trained on this data.
