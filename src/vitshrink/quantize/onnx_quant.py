@@ -31,6 +31,7 @@ from typing import Any, Literal
 import numpy as np
 import onnx
 
+from .._proc import peak_rss_mb
 from ..artifacts import atomic_path
 from ..bench.timing import onnx_latencies_ms
 from ..cpu import TARGET_CPUS, int8_note, resolve_target_cpu
@@ -63,19 +64,6 @@ SPEED_TIE = 0.05  # latencies within 5% count as equal; the more accurate varian
 METRIC_TIE = 1e-3  # then metrics this close count as equal; the smaller file wins
 GENERATED_SAMPLES = 16
 REL_ERROR_WARN = 0.1  # relative logit error vs fp32 above which int8 is suspect (typical: 0.01-0.05)
-
-
-def peak_rss_mb() -> float:
-    """Peak resident set size of this process, MB: VmHWM where /proc has it (ru_maxrss survives exec,
-    so a child started by a big process would report its parent's peak), else getrusage (macOS)."""
-    import resource
-
-    from .._proc import peak_rss_mb as vm_hwm
-
-    if (hwm := vm_hwm()) is not None:
-        return hwm
-    peak = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss
-    return peak / (2**20 if sys.platform == "darwin" else 2**10)  # bytes on macOS, KiB elsewhere
 
 
 def make_say(quiet: bool) -> Callable[[str], None]:
@@ -200,7 +188,7 @@ def quantize_onnx(
         report.setdefault("warnings", []).append("the input has no vitshrink metadata")
     # Peak resident memory of this process so far (the whole quantize run when called from the CLI):
     # calibration streams batch by batch, so it should not grow with the number of images.
-    report["peak_rss_mb"] = peak_rss_mb()
+    report["peak_rss_mb"] = peak_rss_mb(rusage_fallback=True)
     say(
         f"{report['chosen']}: {report['size_before'] / 2**20:.2f} MB -> {report['size_after'] / 2**20:.2f} MB"
         f" (peak memory {report['peak_rss_mb']:.0f} MB)"
