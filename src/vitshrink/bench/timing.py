@@ -15,6 +15,13 @@ from typing import Any
 
 import numpy as np
 
+SPEED_TIE = 0.05  # latencies within 5% of each other count as equal: noise on a shared CPU
+
+
+def within_speed_tie(ms: float, reference_ms: float) -> bool:
+    """`ms` counts as no slower than `reference_ms` (at most SPEED_TIE slower)."""
+    return ms <= reference_ms * (1 + SPEED_TIE)
+
 
 def time_ms(fn: Callable[[], Any], n: int) -> list[float]:
     """Wall-clock milliseconds of `n` calls of `fn`."""

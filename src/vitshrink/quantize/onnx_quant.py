@@ -33,7 +33,7 @@ import onnx
 
 from .._proc import peak_rss_mb
 from ..artifacts import atomic_path
-from ..bench.timing import onnx_latencies_ms
+from ..bench.timing import onnx_latencies_ms, within_speed_tie
 from ..cpu import TARGET_CPUS, int8_note, resolve_target_cpu
 from ..errors import DataError, ModelError, VitshrinkError
 from ..options import CALIB_METHODS, QUANT_MODES
@@ -60,7 +60,6 @@ Mode = Literal["fp16", "int8-dynamic", "int8-static", "int8-mixed", "int8"]
 MODES = QUANT_MODES  # declared once in vitshrink.options
 TARGETS = ("cpu", "tensorrt")
 DEFAULT_MAX_DROP = 0.005
-SPEED_TIE = 0.05  # latencies within 5% count as equal; the more accurate variant wins
 METRIC_TIE = 1e-3  # then metrics this close count as equal; the smaller file wins
 GENERATED_SAMPLES = 16
 REL_ERROR_WARN = 0.1  # relative logit error vs fp32 above which int8 is suspect (typical: 0.01-0.05)
@@ -319,7 +318,7 @@ def _check_result(final: Path, ctx: Ctx, report: dict[str, Any]) -> None:
     if ctx.sample is not None:
         fp32_ms, q_ms = onnx_latencies_ms([ctx.pre, final], ctx.sample)
         report["latency_ms"] = {"fp32": fp32_ms, report["chosen"]: q_ms}
-        if q_ms > fp32_ms * (1 + SPEED_TIE):
+        if not within_speed_tie(q_ms, fp32_ms):
             report.setdefault("warnings", []).append(
                 f"{report['chosen']} runs slower than fp32 on this CPU (1 thread); the gain is the file size"
             )
@@ -418,7 +417,7 @@ def choose_variant(
     """
     if size_mb is None and latency_ms is None:
         fastest = min(c["latency_ms"] for c in candidates)
-        pool = [c for c in candidates if c["latency_ms"] <= fastest * (1 + SPEED_TIE)]
+        pool = [c for c in candidates if within_speed_tie(c["latency_ms"], fastest)]  # then the more accurate
         top = max(c["metric"] or 0 for c in pool)
         pool = [c for c in pool if (c["metric"] or 0) >= top - METRIC_TIE]
         best = min(pool, key=lambda c: c["size_mb"])
