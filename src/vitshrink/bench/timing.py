@@ -33,6 +33,27 @@ def time_ms(fn: Callable[[], Any], n: int) -> list[float]:
     return out
 
 
+def seconds_per_item(
+    fn: Callable[..., Any], batches: Sequence[Sequence[Any]], *, sync: Callable[[], Any] | None = None
+) -> float:
+    """Throughput: wall-clock seconds per item of `fn(*batch)` over one pass through `batches` (items:
+    the length of each batch's first argument), after one untimed warm-up call on the first batch.
+
+    One span over the whole pass, `sync` (e.g. torch.cuda.synchronize) at both ends so device work the
+    loop queued counts. With a single batch, that batch is timed again after its warm-up.
+    """
+    fn(*batches[0])  # warm-up: allocator, kernels, lazy init
+    if sync is not None:
+        sync()
+    t0, seen = time.perf_counter(), 0
+    for batch in batches[1:] or batches:
+        fn(*batch)
+        seen += len(batch[0])
+    if sync is not None:
+        sync()
+    return (time.perf_counter() - t0) / max(1, seen)
+
+
 def round_robin_ms(
     fns: Sequence[Callable[[], Any]],
     *,
