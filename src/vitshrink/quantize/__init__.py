@@ -73,8 +73,9 @@ def quantize(
     size_mb / latency_ms: "int8" keeps the most accurate variant meeting these (file MB, 1-thread ms)
     instead of the fastest (see `quantize_onnx`).
     """
+    from ..deploy.folder import write_onnx_folder
     from ..hub import resolve_model
-    from ..onnx_folder import onnx_file, wants_folder, write_onnx_folder
+    from ..onnx_folder import onnx_file, wants_folder
     from .files import load_onnx, read_meta
 
     path = onnx_file(resolve_model(model))
