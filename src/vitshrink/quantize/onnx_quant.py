@@ -38,22 +38,14 @@ from ..cpu import TARGET_CPUS, int8_note, resolve_target_cpu
 from ..errors import DataError, ModelError, VitshrinkError
 from ..options import CALIB_METHODS, QUANT_MODES
 from ..outputs import temp_dir
-from .builders import (  # noqa: F401 - re-exported: the names callers used before the split
-    ACT_MATMUL_REASON,
-    CONV_DYNAMIC_REASON,
-    FLOAT_REASONS,
-    GEMM_DYNAMIC_REASON,
-    NAIVE_SKIP,
-    make_builder,
-)
+from .builders import make_builder
 from .calib import batch_size_for, prepare_calib
 from .context import Ctx
 from .files import copy_metadata, file_size, load_onnx, read_meta
 from .fp16 import to_fp16
 from .graph import input_spec, weight_macs, weight_nodes
 from .measure import ort_quiet, outputs, run
-from .sensitivity import MAX_SENSITIVITY_UNITS, SENSITIVITY_SAMPLES, guarantee  # noqa: F401
-from .sensitivity import groups as _groups  # noqa: F401 - tests import it from here
+from .sensitivity import guarantee
 from .steps import apply_smoothing, exact_rewrites, preprocess, record_int8_target
 
 Mode = Literal["fp16", "int8-dynamic", "int8-static", "int8-mixed", "int8"]
