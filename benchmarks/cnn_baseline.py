@@ -26,10 +26,11 @@ from vitshrink.demo import configs, ensure_teacher
 from vitshrink.distill import distill
 from vitshrink.evaluate import evaluate
 from vitshrink.export import export_onnx
+from vitshrink.tasks import TASK_METRIC
 
 
 def _metric(task: str) -> str:
-    return "accuracy" if task == "classification" else "miou"
+    return TASK_METRIC[task]
 
 
 def run(task: str, quick: bool, tmp: Path, seed: int = 0) -> dict[str, Any]:

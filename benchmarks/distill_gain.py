@@ -25,6 +25,7 @@ import torch
 from vitshrink.demo import configs, ensure_teacher, stage_dirs
 from vitshrink.distill import distill
 from vitshrink.evaluate import evaluate
+from vitshrink.tasks import TASK_METRIC
 from vitshrink.train import train
 
 
@@ -65,7 +66,7 @@ def run(
         **dist.get("student_options", {}),
     )
     ev = dict(limit=cfg.eval_limit, quiet=True, data_options=cfg.data_options)
-    metric = "accuracy" if task == "classification" else "miou"
+    metric = TASK_METRIC[task]
     t0 = time.time()
     labels_dir, _ = train(student, cfg.data, out=tmp / f"{task}-labels", **common)
     t_labels = time.time() - t0

@@ -32,6 +32,7 @@ from __future__ import annotations
 
 import argparse
 import copy
+import functools
 import statistics
 import sys
 import tempfile
@@ -53,6 +54,7 @@ from vitshrink.evaluate import evaluate_model  # noqa: E402
 from vitshrink.models import load_model  # noqa: E402
 from vitshrink.prune import count_params, prune  # noqa: E402
 from vitshrink.prune.recovery import recovery_datasets  # noqa: E402 - prune()'s own subset
+from vitshrink.tasks import TASK_METRIC  # noqa: E402
 from vitshrink.train import fit  # noqa: E402
 
 TASKS = ("classification", "segmentation")
@@ -125,6 +127,17 @@ def score(model: nn.Module, meta: dict[str, Any], test_ds: Any, metric: str) -> 
     return float(evaluate_model(model, meta, test_ds, batch_size=128, device="cpu", quiet=True)[metric])
 
 
+def _finetune(
+    model: nn.Module, seed: int, *, meta: dict, cfg: DemoSpec, epochs: int, bs: int, lr: float, aug: bool,
+    limit: int | None, quiet: bool = True,
+) -> nn.Module:  # fmt: skip
+    """Label-only fine-tuning: the trainer, schedule and budget prune()'s recovery uses, no teacher."""
+    train_ds, val_ds = recovery_datasets(cfg.data, meta, limit, seed, cfg.data_options)
+    fit(model, meta, train_ds, val_ds, epochs=epochs, batch_size=bs, lr=lr, do_augment=aug, seed=seed,
+        quiet=quiet, device=torch.device("cpu"), desc="fine-tune")  # fmt: skip
+    return model.eval()
+
+
 def run_task(
     task: str,
     cfg: DemoSpec,
@@ -140,7 +153,7 @@ def run_task(
 ) -> list[dict[str, Any]]:
     """All variants of one task; every recovered variant gets the same budget and, per seed, the same
     training subset and shuffling (prune() draws its subset with its seed, so fine-tuning does too)."""
-    metric = "accuracy" if task == "classification" else "miou"
+    metric = TASK_METRIC[task]
     opts = cfg.stage("prune")  # the demo's prune stage settings, for every recovered variant
     epochs = int(opts["recover_epochs"])
     lr, bs, limit, aug = opts["lr"], opts["batch_size"], opts.get("limit"), opts.get("augment", True)
@@ -153,6 +166,7 @@ def run_task(
         cfg.data, "test", size=pre["size"], limit=cfg.eval_limit, data_options=cfg.data_options
     )
     rows: dict[tuple[float | None, str], dict[str, Any]] = {}
+    head = {"task": task, "metric_name": metric}  # every row's first keys
 
     def log(msg: str) -> None:
         print(f"[{task}] {msg}", flush=True)
@@ -160,7 +174,7 @@ def run_task(
     def add(ratio: float | None, variant: str, model: nn.Module, t0: float, reload: str, **kw: Any) -> None:
         row = rows.setdefault(
             (ratio, variant),
-            {"task": task, "metric_name": metric, "ratio": ratio, "variant": variant, "runs": [], **kw},
+            {**head, "ratio": ratio, "variant": variant, "runs": [], **kw},
         )
         row.update(params=count_params(model), reload=reload)
         row["runs"].append(
@@ -188,12 +202,9 @@ def run_task(
         )
         return load_model(d)[0]  # scored as reloaded from disk: what a user of `prune` gets
 
-    def finetune(model: nn.Module, seed: int) -> nn.Module:
-        """Label-only fine-tuning: the trainer, schedule and budget prune()'s recovery uses, no teacher."""
-        train_ds, val_ds = recovery_datasets(cfg.data, meta, limit, seed, cfg.data_options)
-        fit(model, meta, train_ds, val_ds, epochs=epochs, batch_size=bs, lr=lr, do_augment=aug, seed=seed,
-            quiet=quiet, device=torch.device("cpu"), desc="fine-tune")  # fmt: skip
-        return model.eval()
+    finetune = functools.partial(
+        _finetune, meta=meta, cfg=cfg, epochs=epochs, bs=bs, lr=lr, aug=aug, limit=limit
+    )
 
     add(None, "unpruned", net0, time.time(), "yes (demo artifact)")
     for r in ratios:
@@ -207,13 +218,7 @@ def run_task(
         except Exception as e:  # noqa: BLE001 - the recipe failing on a family is a result to report
             theirs0, err = None, f"{type(e).__name__}: {str(e).splitlines()[0][:120]}"
             log(f"r={r} Torch-Pruning failed: {err}")
-            rows[(r, "TP")] = {
-                "task": task,
-                "metric_name": metric,
-                "ratio": r,
-                "variant": TP_FT.format(epochs),
-                "error": err,
-            }
+            rows[(r, "TP")] = {**head, "ratio": r, "variant": TP_FT.format(epochs), "error": err}
         else:
             add(r, "Torch-Pruning, one-shot (no recovery)", theirs0, t0, "-", tp_ratio=round(r_tp, 4))
         for seed in range(seeds):
@@ -225,13 +230,17 @@ def run_task(
                 m = ours(r, seed, "kd-self", recover_epochs=epochs)  # teacher: the unpruned model itself
                 add(r, OURS_KD_SELF.format(epochs), m, t0, reloads(m, x))
                 t0 = time.time()
-                m = finetune(copy.deepcopy(oneshot), seed)
+                m = finetune(copy.deepcopy(oneshot), seed, quiet=quiet)
                 add(r, OURS_FT.format(epochs), m, t0, reloads(m, x))
             if theirs0 is not None:
                 t0 = time.time()
-                m = finetune(copy.deepcopy(theirs0), seed)
+                m = finetune(copy.deepcopy(theirs0), seed, quiet=quiet)
                 add(r, TP_FT.format(epochs), m, t0, reloads(m, x), tp_ratio=round(r_tp, 4))
-    out = list(rows.values())
+    return _summarise(list(rows.values()))
+
+
+def _summarise(out: list[dict[str, Any]]) -> list[dict[str, Any]]:
+    """Each variant's mean / std over its seeds and its gap to the unpruned model (the first row)."""
     base = out[0]["runs"][0]["metric"]
     for row in out:
         if "runs" in row:

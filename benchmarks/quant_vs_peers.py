@@ -40,6 +40,7 @@ from vitshrink.artifacts import atomic_file  # noqa: E402
 from vitshrink.bench.timing import onnx_latencies_ms as latencies_ms  # noqa: E402
 from vitshrink.quantize import quantize_onnx, quantize_torch  # noqa: E402
 from vitshrink.quantize.measure import ort_quiet, run  # noqa: E402
+from vitshrink.tasks import TASK_METRIC  # noqa: E402
 
 CLASSES = 10
 
@@ -338,7 +339,7 @@ def demo_rows(
         prepare(calib_ds.images[i : i + 16], meta, torch.device("cpu")).numpy()
         for i in range(0, len(calib_ds), 16)
     ]
-    key = "accuracy" if meta["task"] == "classification" else "miou"
+    key = TASK_METRIC[meta["task"]]
 
     def metric(p: str | Path, ds=val) -> float:
         return evaluate_onnx(p, ds, quiet=True)[key]

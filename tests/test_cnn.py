@@ -1,11 +1,15 @@
 """CNN presets (ResNet, UperNet + ResNet) through every stage that applies to a CNN; the others say so.
 
-Micro configs on 32-px inputs, a few images: what is checked is behaviour (parity, smaller and
-reloadable by plain transformers), not accuracy.
+Micro configs on 32-px inputs, a few images: what is checked is behaviour (the saved model scores what
+training reported, the ONNX file computes what PyTorch does, pruning and int8 make it smaller, plain
+transformers reloads it), not accuracy.
 """
 
 from __future__ import annotations
 
+import numpy as np
+import onnx
+import onnxruntime as ort
 import pytest
 import torch
 import transformers as T
@@ -13,11 +17,14 @@ import transformers as T
 from tests.conftest import FMNIST
 from vitshrink.distill import distill
 from vitshrink.errors import UnsupportedFamilyError, VitshrinkError
+from vitshrink.evaluate import evaluate
 from vitshrink.export import export_onnx
 from vitshrink.models import build_model, count_params, family_for, load_model, save_model
 from vitshrink.models.families import families
 from vitshrink.prune import prune
 from vitshrink.prune.depth import drop_blocks
+from vitshrink.quantize.files import read_meta
+from vitshrink.tasks import TASK_METRIC
 from vitshrink.train import train
 
 AERIAL = {"size": 32, "n_train": 8, "n_val": 4, "n_test": 4}
@@ -62,20 +69,36 @@ def test_cnn_trains_exports_prunes_and_reloads_plainly(tmp_path, preset):
         data_options=opts,
         quiet=True,
     )
-    assert (out / "model.safetensors").exists() and m["epochs"] == 1
+    assert m["epochs"] == 1
     net, meta = load_model(out)
+    channels = meta["preprocess"]["channels"]
+    fresh, _ = build_model(
+        preset, num_labels=len(meta["class_names"]), image_size=size, num_channels=channels
+    )
+    assert count_params(net) == count_params(fresh)  # the preset's architecture, its weights trained
+    assert any(not torch.equal(a, b) for a, b in zip(net.state_dict().values(), fresh.state_dict().values()))
+    # the saved model scores on the validation images what training reported for them
+    metric = TASK_METRIC[meta["task"]]
+    again = evaluate(out, data, split="val", limit=16, quiet=True, data_options=opts)[metric]
+    assert 0.0 <= m[metric] <= 1.0 and again == pytest.approx(m[metric], abs=0.07)
 
     _, r = export_onnx(out, tmp_path / "m.onnx")
     assert r["max_abs_diff"] < 1e-4 and r["params"] == count_params(net)
+    # and the ONNX file, run by onnxruntime, computes what PyTorch does
+    x = torch.randn(1, channels, size, size)  # exported at batch 1
+    fam = family_for(net)
+    with torch.no_grad():
+        want = fam.logits(net.eval(), x).numpy()
+    sess = ort.InferenceSession(str(tmp_path / "m.onnx"), providers=["CPUExecutionProvider"])
+    got = sess.run(None, {sess.get_inputs()[0].name: x.numpy()})[0]
+    np.testing.assert_allclose(got, want, atol=1e-4, rtol=1e-4)
 
     pruned, pm = prune(out, tmp_path / "p", ratio=0.5, quiet=True)
     assert pm["params_after"] < 0.5 * pm["params_before"]
     small, _ = load_model(pruned)
     # plain transformers rebuilds the narrower network from the rewritten config alone
     plain = type(net).from_pretrained(pruned).eval()
-    assert count_params(plain) == pm["params_after"]
-    x = torch.randn(2, meta["preprocess"]["channels"], size, size)
-    fam = family_for(small)
+    assert count_params(plain) == count_params(small) == pm["params_after"]
     with torch.no_grad():
         assert torch.equal(fam.logits(plain, x), fam.logits(small, x))
     _, r = export_onnx(pruned, tmp_path / "p.onnx")
@@ -107,9 +130,20 @@ def test_cnn_distils_as_student_and_quantizes(tmp_path, preset):
         data_options=opts,
         quiet=True,
     )
-    assert m["student_params"] > 0 and (out / "model.safetensors").exists()
+    student, smeta = load_model(out)
+    assert m["student_params"] == count_params(student)
+    assert family_for(student).name == family_for(build_model(preset, num_labels=2, image_size=size)[0]).name
+    # without calibration data the Convs (all of a CNN's weight multiply-adds) stay float, and it says so
     q, rep = quantize(out, tmp_path / "q.onnx", mode="int8", quiet=True)
-    assert q.exists()
+    assert rep["chosen"] == "int8-dynamic" and any("the Convs" in w for w in rep["warnings"])
+    assert rep["fidelity"]["finite"] and rep["fidelity"]["agreement"] >= 0.8, rep["fidelity"]
+    # static (QDQ) int8 with calibration data quantizes the Convs too: well under half the fp32 file
+    q, rep = quantize(
+        out, tmp_path / "q8.onnx", mode="int8-static", calib_data=data, data_options=opts, quiet=True
+    )
+    assert rep["size_ratio"] < 0.5, rep["size_ratio"]
+    assert rep["fidelity"]["finite"] and rep["fidelity"]["agreement"] >= 0.8, rep["fidelity"]
+    assert read_meta(onnx.load(str(q), load_external_data=False))["task"] == smeta["task"]
 
 
 def test_cnn_stages_that_do_not_apply_say_so(tmp_path):

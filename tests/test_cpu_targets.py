@@ -21,10 +21,13 @@ import pytest
 from onnx import numpy_helper
 
 from tests.test_quantize import META, export, gratings, rel, run, vit
-from vitshrink.cpu import INT16_MAX, REDUCED_WEIGHT_MAX, detect_cpu, reduce_range_for, resolve_target_cpu
+from vitshrink.cpu import detect_cpu, reduce_range_for, resolve_target_cpu
 from vitshrink.deploy.runtime import OnnxModel
 from vitshrink.quantize import quantize_onnx
 from vitshrink.quantize.files import read_meta
+
+INT16_MAX = 32767  # VPMADDUBSW's saturating pair sum
+REDUCED_WEIGHT_MAX = 64  # onnxruntime's reduce_range int8 weights lie in [-64, 64]
 
 
 def with_meta(path: Path) -> Path:

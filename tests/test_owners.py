@@ -5,6 +5,7 @@ from __future__ import annotations
 import json
 import subprocess
 import sys
+import time
 
 import numpy as np
 import onnx
@@ -16,8 +17,8 @@ from onnx import TensorProto, helper
 import vitshrink
 from vitshrink.batch import segmentation_ce
 from vitshrink.bench import onnx_meta
-from vitshrink.bench.timing import round_robin_ms, time_ms
-from vitshrink.deploy._meta import read_meta_props, write_meta_props
+from vitshrink.bench.timing import SPEED_TIE, round_robin_ms, seconds_per_item, time_ms, within_speed_tie
+from vitshrink.deploy._meta import META_KEY, read_meta_props, read_onnx_meta, write_meta_props
 from vitshrink.errors import ModelError
 from vitshrink.labels import IGNORE_COLOUR, IGNORE_INDEX
 from vitshrink.quantize.files import copy_metadata, read_meta
@@ -48,13 +49,18 @@ def test_metadata_has_one_reader_and_one_error_behaviour(tmp_path):
     assert read_meta(copy)["history"] == [stamped] and "history" not in read_meta(model)
     path = tmp_path / "m.onnx"
     onnx.save(model, str(path))
-    assert onnx_meta(path)["n"] == 4
+    assert onnx_meta(path)["n"] == 4 and read_onnx_meta(path) == read_meta(model)
+    assert META_KEY == "vitshrink"
+    (tmp_path / "junk.onnx").write_bytes(b"not onnx")
+    with pytest.raises(ModelError, match="not a valid ONNX file"):
+        read_onnx_meta(tmp_path / "junk.onnx")
     # corrupt metadata: the same ModelError from every reader (it used to be None, or a bare JSONDecodeError)
     bad = _identity("{not json")
     onnx.save(bad, str(path))
     for read in (
         lambda: read_meta(bad),
         lambda: onnx_meta(path),
+        lambda: read_onnx_meta(path),
         lambda: read_meta_props({"vitshrink": "[1"}, "x"),
     ):
         with pytest.raises(ModelError, match="metadata"):
@@ -65,11 +71,69 @@ def test_metadata_has_one_reader_and_one_error_behaviour(tmp_path):
 def test_timing_helpers():
     calls = []
     assert len(time_ms(lambda: calls.append(1), 4)) == 4 and len(calls) == 4
-    times = round_robin_ms([lambda: None, lambda: None], runs=6, budget_s=0.0, warmup=1, min_runs=3)
-    assert [len(t) for t in times] == [3, 3] and all(v >= 0 for t in times for v in t)
+    assert min(time_ms(lambda: time.sleep(0.01), 2)) >= 10  # wall-clock milliseconds of each call
+    order = []
+    slow, fast = (lambda: (order.append("s"), time.sleep(0.01))), (lambda: order.append("f"))
+    times = round_robin_ms([slow, fast], runs=6, budget_s=0.0, warmup=1, min_runs=3)
+    assert [len(t) for t in times] == [3, 3] and order == ["s", "f"] + ["s", "f"] * 3  # warm-up, then in turn
+    assert min(times[0]) >= 10 and max(times[1]) < min(times[0])  # each call timed as itself
     # the pause between calls (for the previous runtime's threads to go idle) is not timed
     times = round_robin_ms([lambda: None], runs=3, budget_s=0.0, warmup=0, min_runs=3, gap_s=0.05)
     assert len(times[0]) == 3 and max(times[0]) < 25
+
+
+def test_throughput_is_one_span_over_the_batches_after_a_warm_up():
+    seen, syncs = [], []
+
+    def step(x: list, y: None) -> None:
+        seen.append(len(x))
+        time.sleep(0.002 * len(x))
+
+    batches = [([0] * 4, None), ([0] * 2, None), ([0] * 3, None)]
+    s = seconds_per_item(step, batches, sync=lambda: syncs.append(1))
+    assert seen == [4, 2, 3] and len(syncs) == 2  # first batch only warms up; a sync at each end
+    assert 0.002 <= s < 0.02  # seconds per item over the 5 timed items
+    seen.clear()
+    seconds_per_item(step, batches[:1])
+    assert seen == [4, 4]  # a single batch is timed again after its warm-up
+
+
+def test_one_speed_tie():
+    assert SPEED_TIE == 0.05
+    assert within_speed_tie(10.5, 10.0) and not within_speed_tie(10.51, 10.0)
+
+
+def test_one_peak_memory_reader(monkeypatch):
+    import builtins
+
+    from vitshrink import _proc
+
+    hwm = _proc.peak_rss_mb()
+    assert hwm is None or 10 < hwm < 1e6  # MiB: this python process, torch loaded
+    real_open = builtins.open
+
+    def no_proc(path, *a, **k):
+        if str(path).startswith("/proc/"):
+            raise OSError("no /proc here")
+        return real_open(path, *a, **k)
+
+    monkeypatch.setattr(builtins, "open", no_proc)
+    assert _proc.peak_rss_mb() is None  # the deploy side reports "unknown"
+    assert _proc.peak_rss_mb(rusage_fallback=True) > 10  # quantize falls back to getrusage
+
+
+def test_task_metric_has_one_owner():
+    """The headline metric of each task is written once (tasks.TASK_METRIC)."""
+    import re
+    from pathlib import Path
+
+    from vitshrink.tasks import TASK_METRIC, TASKS
+
+    assert tuple(TASK_METRIC) == TASKS == ("classification", "segmentation")
+    root = Path(vitshrink.__file__).parent
+    pattern = re.compile(r"""["']accuracy["']\s+if\b|["']classification["']\s*:\s*["']accuracy""")
+    found = [str(p.relative_to(root)) for p in root.rglob("*.py") if pattern.search(p.read_text())]
+    assert found == ["tasks.py"], found
 
 
 def test_sessions_timed_in_turn_with_threads_do_not_spin():
@@ -89,6 +153,19 @@ def test_segmentation_ce_is_the_one_seg_loss():
     want = F.cross_entropy(up, masks, ignore_index=IGNORE_INDEX)
     torch.testing.assert_close(segmentation_ce(logits, masks), want)
     assert float(segmentation_ce(logits, torch.full((2, 8, 8), IGNORE_INDEX))) == 0.0  # not NaN
+
+
+def test_one_module_decides_the_colours():
+    from vitshrink.data import aerial
+    from vitshrink.deploy import PALETTE as DEPLOY_PALETTE
+    from vitshrink.labels import AERIAL_PALETTE, PALETTE, palette_for
+    from vitshrink.report import default_palette
+
+    assert aerial.PALETTE is AERIAL_PALETTE and DEPLOY_PALETTE is PALETTE
+    assert palette_for(14, "aerial") == list(AERIAL_PALETTE)
+    assert palette_for(15, "aerial") == [tuple(c) for c in PALETTE[:15].tolist()]  # does not fit: generic
+    assert palette_for(3) == default_palette(3) == [(230, 25, 75), (60, 180, 75), (255, 225, 25)]
+    assert len(set(palette_for(255))) == 255 and tuple(IGNORE_COLOUR) not in palette_for(255)
 
 
 def test_ignore_label_is_drawn_alike_everywhere():

@@ -456,7 +456,7 @@ def test_mixed_int8_quantizes_convs_that_dynamic_keeps_float(tmp_path: Path) -> 
 
 
 def test_big_models_fall_back_whole_block_parts() -> None:
-    from vitshrink.quantize.onnx_quant import _groups
+    from vitshrink.quantize.sensitivity import groups as _groups
 
     names = [f"/vit/layers.{i}/attention/{p}_proj/MatMul" for i in range(12) for p in "qkvo"]
     names += [f"/vit/layers.{i}/mlp/fc{j}/MatMul" for i in range(12) for j in (1, 2)] + ["/classifier/Gemm"]

@@ -19,9 +19,6 @@ from pathlib import Path
 
 TARGET_CPUS = ("auto", "avx2", "vnni", "arm64")
 VNNI_FLAGS = frozenset({"avx512_vnni", "avx_vnni", "amx_int8"})
-INT16_MAX = 32767
-U8_MAX = 255
-REDUCED_WEIGHT_MAX = 64  # onnxruntime's reduce_range int8 weights lie in [-64, 64]
 # Tests and users can pretend to be another CPU (e.g. an AVX2 CI machine on an AMX host).
 ENV_OVERRIDE = "VITSHRINK_CPU"
 

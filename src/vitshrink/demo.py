@@ -28,8 +28,8 @@ from typing import Any
 from .artifacts import atomic_dir, atomic_file, read_json
 from .compress.recipe import Recipe, RecipeError, parse_recipe
 from .errors import VitshrinkError
+from .tasks import TASKS
 
-TASKS = ("classification", "segmentation")
 # Keys of a demo recipe besides the compress recipe's own.
 DEMO_KEYS = ("task", "data", "teacher", "bench")
 TEACHER_KEYS = ("model", "epochs", "lr", "batch_size", "options", "limit", "augment", "amp")

@@ -4,7 +4,7 @@ This is the layout optimum's `ORTModelForImageClassification` / `ORTModelForSema
 other Hugging Face tooling load, so a vitshrink model can be deployed with them as well as with
 vitshrink's own runtime. The HF config travels inside the ONNX metadata (`hf_config`, written by
 `export`), so a quantized file can be turned into a folder without its PyTorch directory.
-Dependency-free apart from `onnx` (imported only when writing): the deploy path imports `onnx_file`.
+Dependency-free, so the deploy path imports `onnx_file`; `deploy.folder.write_onnx_folder` writes the layout.
 """
 
 from __future__ import annotations
@@ -58,37 +58,3 @@ def preprocessor_config(meta: dict[str, Any]) -> dict[str, Any]:
         "image_std": list(std),
         **({"do_reduce_labels": False} if seg else {}),
     }
-
-
-def write_onnx_folder(src: str | os.PathLike, folder: str | os.PathLike) -> Path:
-    """Lay out `src` (a vitshrink ONNX file) as an optimum-style folder at `folder` (atomically)."""
-    import shutil
-
-    import onnx
-
-    from .artifacts import atomic_dir, write_json
-    from .errors import ModelError
-
-    src = Path(src)
-    from .deploy._meta import read_meta_props
-
-    proto = onnx.load(str(src), load_external_data=False)
-    meta = read_meta_props(proto.metadata_props, str(src))
-    if not meta:
-        raise ModelError(f"{src} has no vitshrink metadata, so its config.json cannot be written")
-    config = meta.get("hf_config")
-    if not isinstance(config, dict):
-        raise ModelError(
-            f"{src} carries no Hugging Face config (exported by an older vitshrink?); re-export it"
-        )
-    config = dict(config)
-    names = meta.get("class_names") or []
-    config["id2label"] = {str(i): n for i, n in enumerate(names)}
-    config["label2id"] = {n: i for i, n in enumerate(names)}
-    sidecar = {k: v for k, v in meta.items() if k != "hf_config"}
-    with atomic_dir(Path(folder)) as tmp:
-        shutil.copyfile(src, tmp / MODEL_FILE)
-        write_json(tmp / "config.json", config)
-        write_json(tmp / "preprocessor_config.json", preprocessor_config(meta))
-        write_json(tmp / "vitshrink.json", sidecar)
-    return Path(folder)

@@ -99,15 +99,9 @@ def _numel(dims: Any) -> int:
 
 
 def onnx_meta(path: str | os.PathLike) -> dict[str, Any] | None:
-    import onnx
+    from ..deploy._meta import read_onnx_meta
 
-    try:
-        proto = onnx.load(str(path), load_external_data=False)
-    except Exception as e:  # noqa: BLE001 - any parse failure means a corrupt file
-        raise ModelError(f"not a valid ONNX file: {path} ({type(e).__name__})") from None
-    from ..deploy._meta import read_meta_props
-
-    return read_meta_props(proto.metadata_props, str(path)) or None
+    return read_onnx_meta(path) or None
 
 
 def _worker(spec: dict[str, Any], timeout: float) -> dict[str, Any]:

@@ -15,6 +15,13 @@ from typing import Any
 
 import numpy as np
 
+SPEED_TIE = 0.05  # latencies within 5% of each other count as equal: noise on a shared CPU
+
+
+def within_speed_tie(ms: float, reference_ms: float) -> bool:
+    """`ms` counts as no slower than `reference_ms` (at most SPEED_TIE slower)."""
+    return ms <= reference_ms * (1 + SPEED_TIE)
+
 
 def time_ms(fn: Callable[[], Any], n: int) -> list[float]:
     """Wall-clock milliseconds of `n` calls of `fn`."""
@@ -24,6 +31,27 @@ def time_ms(fn: Callable[[], Any], n: int) -> list[float]:
         fn()
         out.append((time.perf_counter() - t) * 1000)
     return out
+
+
+def seconds_per_item(
+    fn: Callable[..., Any], batches: Sequence[Sequence[Any]], *, sync: Callable[[], Any] | None = None
+) -> float:
+    """Throughput: wall-clock seconds per item of `fn(*batch)` over one pass through `batches` (items:
+    the length of each batch's first argument), after one untimed warm-up call on the first batch.
+
+    One span over the whole pass, `sync` (e.g. torch.cuda.synchronize) at both ends so device work the
+    loop queued counts. With a single batch, that batch is timed again after its warm-up.
+    """
+    fn(*batches[0])  # warm-up: allocator, kernels, lazy init
+    if sync is not None:
+        sync()
+    t0, seen = time.perf_counter(), 0
+    for batch in batches[1:] or batches:
+        fn(*batch)
+        seen += len(batch[0])
+    if sync is not None:
+        sync()
+    return (time.perf_counter() - t0) / max(1, seen)
 
 
 def round_robin_ms(

@@ -26,6 +26,7 @@ class _Runner:
         if path.endswith(".onnx"):
             import onnxruntime as ort
 
+            from vitshrink.deploy._meta import read_meta_props
             from vitshrink.deploy.runtime import session_options
 
             so = session_options(threads)
@@ -43,7 +44,7 @@ class _Runner:
             if len(self.shape) == 4:
                 # Symbolic height/width (a dynamic-size export): run at --image-size, else at the size
                 # recorded in the metadata, never at 1x1.
-                meta = json.loads(self.sess.get_modelmeta().custom_metadata_map.get("vitshrink") or "{}")
+                meta = read_meta_props(self.sess.get_modelmeta().custom_metadata_map, path)
                 want = image_size or (meta.get("preprocess") or {}).get("size") or [224, 224]
                 for axis, v in zip((2, 3), want):
                     if self.shape[axis] is None:

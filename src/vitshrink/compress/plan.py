@@ -244,6 +244,7 @@ def measure_throughput(
     batches of real images (one warm-up batch first), at torch's current thread count."""
     import torch
 
+    from ..bench.timing import seconds_per_item
     from ..data import load_dataset
     from ..models import family_for, load_model
     from ..train import prepare, resolve_model, task_loss, teacher_forward
@@ -265,16 +266,7 @@ def measure_throughput(
     task = ctx.meta["task"]
 
     def per_image(fn: Any) -> float:
-        fn(*batches[0])  # warm-up: allocator, kernels, lazy init
-        if device.type == "cuda":
-            torch.cuda.synchronize()
-        t0, seen = time.perf_counter(), 0
-        for xb, yb in batches[1:] or batches:
-            fn(xb, yb)
-            seen += len(xb)
-        if device.type == "cuda":
-            torch.cuda.synchronize()
-        return (time.perf_counter() - t0) / max(1, seen)
+        return seconds_per_item(fn, batches, sync=torch.cuda.synchronize if device.type == "cuda" else None)
 
     teacher, t_meta = load_model(ctx.teacher, verify=False)
     teacher.to(device).eval()

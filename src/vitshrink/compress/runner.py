@@ -36,12 +36,12 @@ from typing import Any
 from ..artifacts import read_json, sha256_file, write_json
 from ..errors import ModelError, VitshrinkError
 from ..report.examples import publish_final, write_examples
+from ..tasks import TASK_METRIC
 from .devices import DeviceProfile, device_info
 from .recipe import Stage, stage_key
 
 STATE_NAME = "state.json"
 STATE_FORMAT = 1
-TASK_METRIC = {"classification": "accuracy", "segmentation": "miou"}
 
 
 @dataclass

@@ -9,14 +9,15 @@ from __future__ import annotations
 
 import json
 import math
+import os
 from collections.abc import Iterable, Mapping
 from pathlib import Path
 from typing import Any
 
 from ..errors import ModelError
+from ..tasks import TASKS
 
 META_KEY = "vitshrink"
-TASKS = ("classification", "segmentation")
 
 # Used only when a model carries no metadata: the ImageNet statistics every HF ViT checkpoint uses.
 IMAGENET_MEAN = (0.485, 0.456, 0.406)
@@ -46,6 +47,18 @@ def read_meta_props(props: Iterable[Any] | Mapping[str, str], where: str) -> dic
     if isinstance(props, Mapping):
         return parse_meta(props.get(META_KEY), where)
     return parse_meta(next((p.value for p in props if p.key == META_KEY), None), where)
+
+
+def read_onnx_meta(path: str | os.PathLike) -> dict[str, Any]:
+    """The vitshrink metadata of the ONNX file at `path` (its weights stay on disk; onnx imported here
+    only): {} when absent, ModelError when the file is no ONNX model or the entry is corrupt."""
+    import onnx
+
+    try:
+        proto = onnx.load(str(path), load_external_data=False)
+    except Exception as e:  # noqa: BLE001 - any parse failure means a corrupt file
+        raise ModelError(f"not a valid ONNX file: {path} ({type(e).__name__})") from None
+    return read_meta_props(proto.metadata_props, str(path))
 
 
 def write_meta_props(props: Any, meta: dict[str, Any]) -> None:

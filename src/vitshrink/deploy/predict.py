@@ -7,7 +7,6 @@ Jetson Nano. Bad images in a folder are reported and skipped; one broken file ne
 from __future__ import annotations
 
 import contextlib
-import hashlib
 import os
 import shutil
 import sys
@@ -23,6 +22,7 @@ from PIL import Image, ImageOps
 from .._proc import peak_rss_mb
 from ..artifacts import _UMASK, atomic_file, write_json
 from ..errors import DataError
+from ..labels import PALETTE
 from ..outputs import PNG_SOFTWARE, check_file_target
 from .runtime import OnnxModel
 from .tiling import DEFAULT_OVERLAP
@@ -57,39 +57,6 @@ SUPPORTED_MODES = frozenset(
 # Below this an image holds no usable content at any model resolution: upscaled it is a flat patch and the
 # answer is noise, so it is reported (typically a tracking pixel or a thumbnail stub) rather than predicted.
 MIN_SIDE = 8
-
-# Overlay colours: 14 hand-picked, well-separated colours (the ids of a 14-class model), then a hashed
-# colour per higher id so every id maps to the same colour in every run and on every machine.
-_BASE_COLOURS = [
-    (230, 25, 75),
-    (60, 180, 75),
-    (255, 225, 25),
-    (0, 130, 200),
-    (245, 130, 48),
-    (145, 30, 180),
-    (70, 240, 240),
-    (240, 50, 230),
-    (210, 245, 60),
-    (250, 190, 212),
-    (0, 128, 128),
-    (220, 190, 255),
-    (170, 110, 40),
-    (128, 0, 0),
-]
-
-
-def _palette() -> np.ndarray:
-    from ..labels import IGNORE_COLOUR, IGNORE_INDEX
-
-    pal = np.zeros((256, 3), np.uint8)
-    pal[: len(_BASE_COLOURS)] = _BASE_COLOURS
-    for i in range(len(_BASE_COLOURS), IGNORE_INDEX):
-        pal[i] = list(hashlib.sha256(f"vitshrink-class-{i}".encode()).digest()[:3])
-    pal[IGNORE_INDEX] = IGNORE_COLOUR
-    return pal
-
-
-PALETTE: np.ndarray = _palette()  # (256, 3) uint8, indexed by class id
 
 
 _SIGNATURES = (

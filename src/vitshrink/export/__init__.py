@@ -398,7 +398,8 @@ def export(
     `config.json`, `preprocessor_config.json`, `vitshrink.json`); "auto" picks "dir" when `out` does not
     end in .onnx.
     """
-    from ..onnx_folder import wants_folder, write_onnx_folder
+    from ..deploy.folder import write_onnx_folder
+    from ..onnx_folder import wants_folder
     from ..outputs import temp_dir
 
     try:

@@ -18,6 +18,7 @@ from typing import Any
 import torch
 from transformers import PreTrainedModel
 
+from ..bench.timing import within_speed_tie
 from ..errors import VitshrinkError
 from ..models.families import GRANULARITIES
 from .core import count_macs, count_params
@@ -25,7 +26,6 @@ from .depth import drop_blocks
 from .target import fill_budget, pruned_architecture, ratio_for_target
 
 DEPTH_CANDIDATES = (0.0, 0.25, 0.5)
-SPEED_TIE = 0.05  # candidates within 5% of the fastest count as equally fast
 OVERSHOOT = 0.9  # a depth cut alone may not remove more than the budget asks (10% slack)
 
 
@@ -90,7 +90,7 @@ def choose_shape(
     full = [r for r in rows if r[budget_key] >= OVERSHOOT * target] or rows
     fastest = min(r["latency_ms"] for r in full)
     best = min(
-        (r for r in full if r["latency_ms"] <= fastest * (1 + SPEED_TIE)), key=lambda r: r["depth_ratio"]
+        (r for r in full if within_speed_tie(r["latency_ms"], fastest)), key=lambda r: r["depth_ratio"]
     )
     rows.sort(key=lambda r: r["latency_ms"])
     return best["depth_ratio"], best["width_ratio"], best["mlp_ratio"], rows

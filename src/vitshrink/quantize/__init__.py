@@ -20,6 +20,7 @@ if TYPE_CHECKING:
 from ..cpu import TARGET_CPUS
 from ..errors import VitshrinkError
 from ..outputs import temp_dir
+from ..tasks import TASK_METRIC
 from .onnx_quant import CALIB_METHODS, DEFAULT_MAX_DROP, MODES, Mode, quantize_onnx
 from .smooth import smooth_layernorm_outliers
 from .torch_quant import quantize_torch
@@ -72,8 +73,9 @@ def quantize(
     size_mb / latency_ms: "int8" keeps the most accurate variant meeting these (file MB, 1-thread ms)
     instead of the fastest (see `quantize_onnx`).
     """
+    from ..deploy.folder import write_onnx_folder
     from ..hub import resolve_model
-    from ..onnx_folder import onnx_file, wants_folder, write_onnx_folder
+    from ..onnx_folder import onnx_file, wants_folder
     from .files import load_onnx, read_meta
 
     path = onnx_file(resolve_model(model))
@@ -127,7 +129,7 @@ def quantize(
             write_onnx_folder(out, final)
             report["path"] = str(final)
     if calib_data is not None:
-        report["metric_name"] = "accuracy" if meta["task"] == "classification" else "miou"
+        report["metric_name"] = TASK_METRIC[meta["task"]]
         report["data"] = calib_data
     return final, report
 
@@ -178,7 +180,7 @@ def _data(
         for b in calib_ds.batches(bs, view="fixed"):
             yield prepare(b.images, meta, torch.device("cpu")).numpy()
 
-    key = "accuracy" if meta["task"] == "classification" else "miou"
+    key = TASK_METRIC[meta["task"]]
 
     def eval_fn(p: str) -> float:
         return float(evaluate_onnx(p, ds, batch_size=bs, quiet=True)[key])

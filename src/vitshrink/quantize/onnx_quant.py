@@ -31,51 +31,30 @@ from typing import Any, Literal
 import numpy as np
 import onnx
 
+from .._proc import peak_rss_mb
 from ..artifacts import atomic_path
-from ..bench.timing import onnx_latencies_ms
+from ..bench.timing import onnx_latencies_ms, within_speed_tie
 from ..cpu import TARGET_CPUS, int8_note, resolve_target_cpu
 from ..errors import DataError, ModelError, VitshrinkError
 from ..options import CALIB_METHODS, QUANT_MODES
 from ..outputs import temp_dir
-from .builders import (  # noqa: F401 - re-exported: the names callers used before the split
-    ACT_MATMUL_REASON,
-    CONV_DYNAMIC_REASON,
-    FLOAT_REASONS,
-    GEMM_DYNAMIC_REASON,
-    NAIVE_SKIP,
-    make_builder,
-)
+from .builders import make_builder
 from .calib import batch_size_for, prepare_calib
 from .context import Ctx
 from .files import copy_metadata, file_size, load_onnx, read_meta
 from .fp16 import to_fp16
 from .graph import input_spec, weight_macs, weight_nodes
 from .measure import ort_quiet, outputs, run
-from .sensitivity import MAX_SENSITIVITY_UNITS, SENSITIVITY_SAMPLES, guarantee  # noqa: F401
-from .sensitivity import groups as _groups  # noqa: F401 - tests import it from here
+from .sensitivity import guarantee
 from .steps import apply_smoothing, exact_rewrites, preprocess, record_int8_target
 
 Mode = Literal["fp16", "int8-dynamic", "int8-static", "int8-mixed", "int8"]
 MODES = QUANT_MODES  # declared once in vitshrink.options
 TARGETS = ("cpu", "tensorrt")
 DEFAULT_MAX_DROP = 0.005
-SPEED_TIE = 0.05  # latencies within 5% count as equal; the more accurate variant wins
 METRIC_TIE = 1e-3  # then metrics this close count as equal; the smaller file wins
 GENERATED_SAMPLES = 16
 REL_ERROR_WARN = 0.1  # relative logit error vs fp32 above which int8 is suspect (typical: 0.01-0.05)
-
-
-def peak_rss_mb() -> float:
-    """Peak resident set size of this process, MB: VmHWM where /proc has it (ru_maxrss survives exec,
-    so a child started by a big process would report its parent's peak), else getrusage (macOS)."""
-    import resource
-
-    from .._proc import peak_rss_mb as vm_hwm
-
-    if (hwm := vm_hwm()) is not None:
-        return hwm
-    peak = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss
-    return peak / (2**20 if sys.platform == "darwin" else 2**10)  # bytes on macOS, KiB elsewhere
 
 
 def make_say(quiet: bool) -> Callable[[str], None]:
@@ -200,7 +179,7 @@ def quantize_onnx(
         report.setdefault("warnings", []).append("the input has no vitshrink metadata")
     # Peak resident memory of this process so far (the whole quantize run when called from the CLI):
     # calibration streams batch by batch, so it should not grow with the number of images.
-    report["peak_rss_mb"] = peak_rss_mb()
+    report["peak_rss_mb"] = peak_rss_mb(rusage_fallback=True)
     say(
         f"{report['chosen']}: {report['size_before'] / 2**20:.2f} MB -> {report['size_after'] / 2**20:.2f} MB"
         f" (peak memory {report['peak_rss_mb']:.0f} MB)"
@@ -331,7 +310,7 @@ def _check_result(final: Path, ctx: Ctx, report: dict[str, Any]) -> None:
     if ctx.sample is not None:
         fp32_ms, q_ms = onnx_latencies_ms([ctx.pre, final], ctx.sample)
         report["latency_ms"] = {"fp32": fp32_ms, report["chosen"]: q_ms}
-        if q_ms > fp32_ms * (1 + SPEED_TIE):
+        if not within_speed_tie(q_ms, fp32_ms):
             report.setdefault("warnings", []).append(
                 f"{report['chosen']} runs slower than fp32 on this CPU (1 thread); the gain is the file size"
             )
@@ -430,7 +409,7 @@ def choose_variant(
     """
     if size_mb is None and latency_ms is None:
         fastest = min(c["latency_ms"] for c in candidates)
-        pool = [c for c in candidates if c["latency_ms"] <= fastest * (1 + SPEED_TIE)]
+        pool = [c for c in candidates if within_speed_tie(c["latency_ms"], fastest)]  # then the more accurate
         top = max(c["metric"] or 0 for c in pool)
         pool = [c for c in pool if (c["metric"] or 0) >= top - METRIC_TIE]
         best = min(pool, key=lambda c: c["size_mb"])

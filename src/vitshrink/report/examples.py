@@ -11,6 +11,7 @@ from pathlib import Path
 from typing import Any
 
 from ..artifacts import atomic_file
+from ..labels import palette_for
 
 
 def write_examples(
@@ -58,7 +59,7 @@ def write_examples(
                 "teacher": preds["teacher"].astype(np.uint8),
                 f"compressed ({stages[-1]['name']})": preds["compressed"].astype(np.uint8),
             }
-            save_example_panel(path, img, masks, _palette(data, len(names)), class_names=names)
+            save_example_panel(path, img, masks, palette_for(len(names), data), class_names=names)
             examples.append(
                 {
                     "image": f"examples/{path.name}",
@@ -83,16 +84,6 @@ def write_examples(
                 }
             )
     return examples
-
-
-def _palette(data: str, classes: int) -> list[tuple[int, int, int]]:
-    from ..data.aerial import PALETTE
-
-    if data == "aerial" and classes <= len(PALETTE):
-        return list(PALETTE)
-    from ..deploy.predict import PALETTE as GENERIC
-
-    return [tuple(int(v) for v in c) for c in GENERIC[:classes]]
 
 
 def publish_final(out: Path, artifact: str | os.PathLike) -> Path:

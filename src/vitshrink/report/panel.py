@@ -2,17 +2,15 @@
 
 from __future__ import annotations
 
-import colorsys
 from collections.abc import Mapping, Sequence
 from pathlib import Path
 
-import matplotlib
 import numpy as np
 from matplotlib.figure import Figure
 from matplotlib.patches import Patch
 
 from vitshrink.errors import DataError
-from vitshrink.labels import IGNORE_INDEX, colorize
+from vitshrink.labels import IGNORE_INDEX, colorize, palette_for
 
 from .plots import save_figure
 
@@ -20,14 +18,9 @@ __all__ = ["colorize", "default_palette", "save_example_panel"]
 
 
 def default_palette(n: int) -> list[tuple[int, int, int]]:
-    """`n` distinct RGB colours: matplotlib's tab20 (saturated half first), then golden-ratio hues.
-
-    Avoids pure black, which `colorize` reserves for the ignore index (labels.IGNORE_COLOUR).
-    """
-    tab20 = matplotlib.colormaps["tab20"].colors
-    base = [tab20[i] for i in (*range(0, 20, 2), *range(1, 20, 2))]
-    extra = [colorsys.hsv_to_rgb((i * 0.618034) % 1.0, 0.7, 0.9) for i in range(max(n - len(base), 0))]
-    return [(round(r * 255), round(g * 255), round(b * 255)) for r, g, b in (base + extra)[:n]]
+    """`n` distinct RGB colours for class ids 0..n-1: the generic palette of `vitshrink.labels`, the same
+    colours `predict` overlays (pure black stays reserved for the ignore index)."""
+    return palette_for(n)
 
 
 def _display_image(image: np.ndarray) -> np.ndarray:

@@ -14,9 +14,9 @@ from typing import Any
 from vitshrink.artifacts import read_json
 from vitshrink.errors import DataError, VitshrinkError
 from vitshrink.safeio import inside
+from vitshrink.tasks import TASK_METRIC
 
 RESULTS_NAME = "results.json"
-TASK_METRIC = {"classification": "accuracy", "segmentation": "miou"}
 EXAMPLE_ROLES = ("image", "ground_truth", "teacher", "compressed")
 
 
