@@ -26,6 +26,7 @@ from typing import Any
 
 from . import __version__
 from .cpu import TARGET_CPUS
+from .errors import ModelError
 
 # -- choices ------------------------------------------------------------------------------------------
 QUANT_MODES = ("fp16", "int8-dynamic", "int8-static", "int8-mixed", "int8")
@@ -204,11 +205,26 @@ def key_values(text: str) -> dict[str, Any]:
     return out
 
 
+def parse_image_size(text: str | int | tuple[int, int] | list[int]) -> tuple[int, int]:
+    """ "512" -> (512, 512), "512x384" -> (512, 384) (height x width); also ints and pairs."""
+    if isinstance(text, int) and not isinstance(text, bool):
+        parts: list[Any] = [text, text]
+    elif isinstance(text, (tuple, list)):
+        parts = list(text)
+    else:
+        parts = str(text).lower().replace("*", "x").split("x")
+        parts = parts * 2 if len(parts) == 1 else parts
+    try:
+        h, w = (int(p) for p in parts)
+    except (TypeError, ValueError):
+        raise ModelError(f"image size must be H or HxW in pixels, got {text!r}") from None
+    if h < 1 or w < 1:
+        raise ModelError(f"image size must be positive, got {text!r}")
+    return h, w
+
+
 def image_size(text: str) -> tuple[int, int]:
     """An argparse type: H or HxW (height x width)."""
-    from .deploy._meta import parse_image_size  # torch-free
-    from .errors import ModelError
-
     try:
         return parse_image_size(text)
     except ModelError as e:

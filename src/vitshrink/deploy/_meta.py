@@ -15,6 +15,7 @@ from pathlib import Path
 from typing import Any
 
 from ..errors import ModelError
+from ..options import parse_image_size  # noqa: F401  (re-exported; options owns the parsing)
 from ..tasks import TASKS
 
 META_KEY = "vitshrink"
@@ -166,24 +167,6 @@ def resolve_class_names(meta: dict[str, Any], num_classes: int | None, where: st
             f"{where}: metadata lists {len(names)} class names but the model outputs {num_classes}"
         )
     return names
-
-
-def parse_image_size(text: str | int | tuple[int, int] | list[int]) -> tuple[int, int]:
-    """ "512" -> (512, 512), "512x384" -> (512, 384) (height x width); also ints and pairs."""
-    if isinstance(text, int) and not isinstance(text, bool):
-        parts: list[Any] = [text, text]
-    elif isinstance(text, (tuple, list)):
-        parts = list(text)
-    else:
-        parts = str(text).lower().replace("*", "x").split("x")
-        parts = parts * 2 if len(parts) == 1 else parts
-    try:
-        h, w = (int(p) for p in parts)
-    except (TypeError, ValueError):
-        raise ModelError(f"image size must be H or HxW in pixels, got {text!r}") from None
-    if h < 1 or w < 1:
-        raise ModelError(f"image size must be positive, got {text!r}")
-    return h, w
 
 
 def dynamic_size_problem(pre: Mapping[str, Any], hw: Iterable[int]) -> str | None:
