@@ -395,3 +395,37 @@ def test_more_segmentation_classes_than_uint8_masks_hold_is_one_line(tmp_path):
     (root / "classes.json").write_text(json.dumps([f"c{i}" for i in range(300)]))
     with pytest.raises(DataError, match="at most 255"):
         load_dataset(root, "train")
+
+
+def test_planner_counts_a_slow_loader_as_the_training_rate(tmp_path, monkeypatch):
+    """The compress planner's probe reads batches through the loader; photos that decode slower than the
+    student trains bound the planned training rate (decoding runs beside the step, not before it)."""
+    import time as _time
+
+    from vitshrink.compress.plan import measure_throughput
+    from vitshrink.compress.runner import Context
+    from vitshrink.data.stream import StreamingDataset
+    from vitshrink.models import build_model, save_model
+
+    root = write_mixed_seg(tmp_path / "seg", n=24)
+    net, meta = build_model(
+        "segformer-micro",
+        task="segmentation",
+        image_size=32,
+        num_channels=3,
+        class_names=["red", "green", "blue"],
+    )
+    save_model(net, meta, tmp_path / "teacher")
+    ctx = Context(
+        teacher=tmp_path / "teacher", data=str(root), data_options={"workers": 1}, meta=meta, quiet=True
+    )
+    fast = measure_throughput(ctx, {"s": {"student": "segformer-micro"}}, batch_size=4)
+    decode = StreamingDataset._sample
+
+    def slow(self, *a, **k):
+        _time.sleep(0.1)
+        return decode(self, *a, **k)
+
+    monkeypatch.setattr(StreamingDataset, "_sample", slow)  # inherited by the forked worker
+    slowed = measure_throughput(ctx, {"s": {"student": "segformer-micro"}}, batch_size=4)
+    assert slowed.train_s["s"] >= 0.09 > fast.train_s["s"]

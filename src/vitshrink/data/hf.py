@@ -121,6 +121,31 @@ def _pick(
     return None
 
 
+def _columns(spec: str, feats: Any, options: dict[str, Any]) -> tuple[str, str | None, str | None]:
+    """(image, mask, label) column names: given in `options`, else by usual name or feature type."""
+    import datasets
+
+    img_col = options.get("image_column") or _pick(feats, IMAGE_COLUMNS, datasets.Image)
+    if img_col is None or img_col not in feats:
+        raise DataError(
+            f"{spec}: no image column (columns {list(feats)}); name it with --data-opt image_column=..."
+        )
+    mask_col = options.get("mask_column") or _pick(feats, MASK_COLUMNS, datasets.Image, exclude=img_col)
+    label_col = None
+    if mask_col is None or (options.get("label_column") and not options.get("mask_column")):
+        mask_col = None
+        label_col = options.get("label_column") or _pick(feats, LABEL_COLUMNS, datasets.ClassLabel)
+        label_col = label_col or _pick(feats, LABEL_COLUMNS, None)
+        if label_col is None or label_col not in feats:
+            raise DataError(
+                f"{spec}: no label or mask column (columns {list(feats)}); "
+                "name it with --data-opt label_column=... or mask_column=..."
+            )
+    if mask_col is not None and mask_col not in feats:
+        raise DataError(f"{spec}: no column {mask_col!r} (columns {list(feats)})")
+    return img_col, mask_col, label_col
+
+
 def hf_index(spec: str, split: str, options: dict[str, Any]) -> tuple[Index, Reader]:
     """Index and row reader of one split of a `datasets` SPEC."""
     import datasets
@@ -140,24 +165,7 @@ def hf_index(spec: str, split: str, options: dict[str, Any]) -> tuple[Index, Rea
     own = have[split]
     table = tables[own or have["train"]]
     feats = table.features
-    img_col = options.get("image_column") or _pick(feats, IMAGE_COLUMNS, datasets.Image)
-    if img_col is None or img_col not in feats:
-        raise DataError(
-            f"{spec}: no image column (columns {list(feats)}); name it with --data-opt image_column=..."
-        )
-    mask_col = options.get("mask_column") or _pick(feats, MASK_COLUMNS, datasets.Image, exclude=img_col)
-    label_col = None
-    if mask_col is None or (options.get("label_column") and not options.get("mask_column")):
-        mask_col = None
-        label_col = options.get("label_column") or _pick(feats, LABEL_COLUMNS, datasets.ClassLabel)
-        label_col = label_col or _pick(feats, LABEL_COLUMNS, None)
-        if label_col is None or label_col not in feats:
-            raise DataError(
-                f"{spec}: no label or mask column (columns {list(feats)}); "
-                "name it with --data-opt label_column=... or mask_column=..."
-            )
-    if mask_col is not None and mask_col not in feats:
-        raise DataError(f"{spec}: no column {mask_col!r} (columns {list(feats)})")
+    img_col, mask_col, label_col = _columns(spec, feats, options)
     for c in (img_col, mask_col):
         if c is not None and isinstance(feats[c], datasets.Image):
             table = table.cast_column(c, datasets.Image(decode=False))
