@@ -246,3 +246,10 @@ def read_json(path: str | os.PathLike) -> Any:
         raise VitshrinkError(f"expected a JSON file, got a directory: {path}") from None
     except (json.JSONDecodeError, UnicodeDecodeError) as e:
         raise VitshrinkError(f"corrupt JSON file {path}: {e}") from None
+
+
+def cache_root() -> Path:
+    """Where vitshrink keeps what it can rebuild (data indexes, decoded photos, generated sets, the
+    demo's teachers): ``$VITSHRINK_CACHE`` or ``~/.cache/vitshrink``."""
+    env = os.environ.get("VITSHRINK_CACHE")
+    return Path(env).expanduser() if env else Path.home() / ".cache" / "vitshrink"

@@ -25,7 +25,7 @@ from importlib import resources
 from pathlib import Path
 from typing import Any
 
-from .artifacts import atomic_dir, atomic_file, read_json
+from .artifacts import atomic_dir, atomic_file, cache_root, read_json
 from .compress.recipe import Recipe, RecipeError, parse_recipe
 from .errors import VitshrinkError
 from .tasks import TASKS
@@ -201,8 +201,8 @@ def configs(quick: bool) -> dict[str, DemoSpec]:
     return {t: load_demo(recipe_path(t), quick=quick) for t in TASKS}
 
 
-def cache_root() -> Path:
-    return Path(os.environ.get("VITSHRINK_CACHE", Path.home() / ".cache" / "vitshrink")) / "demo"
+def demo_cache() -> Path:
+    return cache_root() / "demo"
 
 
 def ensure_teacher(spec: DemoSpec, *, quiet: bool = True, log: Any = print) -> Path:
@@ -210,7 +210,7 @@ def ensure_teacher(spec: DemoSpec, *, quiet: bool = True, log: Any = print) -> P
     from .train import train
 
     t = spec.teacher
-    cached = cache_root() / f"{spec.task}-teacher-{spec.key()}"
+    cached = demo_cache() / f"{spec.task}-teacher-{spec.key()}"
     if not (cached / "config.json").exists():
         log(f"training teacher {t.model} ({t.epochs} epochs)")
         train(

@@ -177,13 +177,10 @@ def _score_batch(scorer: _Scorer, b: Any, meta: dict[str, Any], run: Any, device
         return
     from .deploy import tiling
 
-    pre = meta["preprocess"]
-    size = tuple(pre["size"])
-    mean = np.asarray(pre["mean"], np.float32).reshape(-1, 1, 1)
-    std = np.asarray(pre["std"], np.float32).reshape(-1, 1, 1)
+    size = tuple(meta["preprocess"]["size"])
 
-    def to_input(crop: np.ndarray) -> np.ndarray:
-        return (crop.astype(np.float32).transpose(2, 0, 1) / 255.0 - mean) / std
+    def to_input(crop: np.ndarray) -> np.ndarray:  # one (h, w, C) uint8 tile, normalised as every batch is
+        return prepare(torch.from_numpy(crop).permute(2, 0, 1)[None], meta, torch.device("cpu"))[0].numpy()
 
     def run_np(x: np.ndarray) -> np.ndarray:
         return run(torch.from_numpy(x)).numpy()

@@ -171,7 +171,6 @@ def _load_streamed(
     if hf.is_hf_spec(spec):
         index, reader = hf.hf_index(spec, split, source_opts)
         ds = StreamingDataset(index, size=(1, 1), channels=1, reader=reader, options=stream_opts)
-        ds.info["content_key"] = reader.content_key
     elif not path.exists():
         raise DataError(
             f"data not found: '{spec}' is neither a built-in dataset (fashion-mnist, aerial), a folder, "
@@ -186,7 +185,6 @@ def _load_streamed(
                 f"(allowed: {', '.join(StreamOptions.KEYS)})"
             )
         ds = StreamingDataset(folder_index(path, split), size=(1, 1), channels=1, options=stream_opts)
-        ds.info["content_key"] = fingerprint(path)
     if ds.task == "segmentation" and ds.num_classes > IGNORE_INDEX:
         # masks are uint8 class ids with 255 = ignore: a 256th class would collide with it
         raise DataError(

@@ -14,6 +14,7 @@ folders use), and ``train`` then keeps only its own share.
 
 from __future__ import annotations
 
+import functools
 import hashlib
 import io
 import os
@@ -56,7 +57,6 @@ class RowReader(Reader):
 
     def __init__(self, table: Any, image_column: str, mask_column: str | None, name: str) -> None:
         self.table, self.image_column, self.mask_column, self.name = table, image_column, mask_column, name
-        self.content_key = ""  # the index key (the dataset's fingerprint): names its decoded cache
 
     def _cell(self, row: int, column: str) -> tuple[Image.Image, str]:
         name = f"{self.name}[{row}].{column}"
@@ -77,6 +77,7 @@ class RowReader(Reader):
         return self._cell(ref, self.mask_column)
 
 
+@functools.lru_cache(maxsize=4)
 def load_splits(spec: str) -> Any:
     """The `datasets` DatasetDict (or Dataset) behind a SPEC; one-line errors for what cannot be read."""
     try:
@@ -234,9 +235,7 @@ def hf_index(spec: str, split: str, options: dict[str, Any]) -> tuple[Index, Rea
         )
 
     index = cached_index(key, build)
-    reader = RowReader(table, img_col, mask_col, name)
-    reader.content_key = key
-    return index, reader
+    return index, RowReader(table, img_col, mask_col, name)
 
 
 def _kept_by_train(row: int, have: dict[str, str | None]) -> bool:

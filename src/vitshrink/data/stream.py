@@ -25,7 +25,6 @@ import hashlib
 import io
 import json
 import os
-import time
 from collections.abc import Callable, Iterator, Sequence
 from dataclasses import dataclass, field, replace
 from pathlib import Path
@@ -35,6 +34,7 @@ import numpy as np
 import torch
 from PIL import Image, UnidentifiedImageError
 
+from ..artifacts import cache_root
 from ..errors import DataError
 from ..labels import IGNORE_INDEX
 from ..tile_rule import should_tile
@@ -48,10 +48,6 @@ Image.MAX_IMAGE_PIXELS = 1 << 30
 # for segmentation; classification gets a mild zoom-in only (ViTs on short CPU schedules lose
 # accuracy under strong geometric augmentation, see memory.augment).
 TRAIN_SCALE = {"segmentation": (0.5, 2.0), "classification": (1.0, 1.25)}
-
-
-def cache_root() -> Path:
-    return Path(os.environ.get("VITSHRINK_CACHE", Path.home() / ".cache" / "vitshrink"))
 
 
 def default_workers(n_samples: int | None = None, batch_size: int | None = None) -> int:
@@ -81,6 +77,7 @@ class Index:
     mode: str  # "L" or "RGB": the photos' colour mode
     source: str
     max_id: int | None = None  # segmentation: the largest class id seen in the masks (when scanned)
+    key: str = ""  # its cache key, which holds the data's fingerprint (names the decoded cache too)
 
     def to_json(self) -> dict[str, Any]:
         d = dict(self.__dict__)
@@ -100,10 +97,10 @@ def cached_index(key: str, build: Callable[[], Index]) -> Index:
     try:
         d = json.loads(path.read_text())
         if d.get("version") == INDEX_VERSION:
-            return Index.from_json(d)
+            return replace(Index.from_json(d), key=key)
     except (OSError, ValueError, TypeError):
         pass
-    index = build()
+    index = replace(build(), key=key)
     try:
         from ..artifacts import atomic_file
 
@@ -447,7 +444,7 @@ class StreamingDataset(torch.utils.data.Dataset):
             json.dumps(
                 [
                     self.index.source,
-                    self.info.get("content_key"),  # the folder's fingerprint / the dataset's: new files, new copy
+                    self.index.key,  # holds the folder's / dataset's fingerprint: new files, new copy
                     list(map(int, self.positions)),  # type: ignore[arg-type]
                     [h, w, c, self.shortest_edge, self.perm],
                 ]
@@ -534,17 +531,6 @@ def _pad(a: np.ndarray, size: tuple[int, int], fill: int) -> np.ndarray:
     return out
 
 
-def throughput(ds: Any, batch_size: int, n_batches: int = 4, *, train: bool = True) -> float:
-    """Images/s the loader delivers (decoding only), for the data benchmark and the planner."""
-    t0, seen = time.perf_counter(), 0
-    gen = torch.Generator().manual_seed(0)
-    for i, b in enumerate(ds.batches(batch_size, train=train, generator=gen)):
-        seen += len(b.index)
-        if i + 1 >= n_batches:
-            break
-    return seen / max(time.perf_counter() - t0, 1e-9)
-
-
 __all__ = [
     "Index",
     "Reader",
@@ -555,5 +541,4 @@ __all__ = [
     "mask_array",
     "open_image",
     "remap_targets",
-    "throughput",
 ]

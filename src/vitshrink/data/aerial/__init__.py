@@ -44,7 +44,6 @@ scene grids); this module writes splits, caches them and draws previews.
 from __future__ import annotations
 
 import contextlib
-import os
 import shutil
 from collections.abc import Iterator
 from pathlib import Path
@@ -52,7 +51,7 @@ from pathlib import Path
 import numpy as np
 from PIL import Image, ImageDraw
 
-from ...artifacts import atomic_dir, atomic_file, read_json, write_json
+from ...artifacts import atomic_dir, atomic_file, cache_root, read_json, write_json
 from ...errors import VitshrinkError
 from ...labels import IGNORE_INDEX
 from ...labels import colorize as _colorize
@@ -118,11 +117,6 @@ def generate(
     return root
 
 
-def _default_cache() -> Path:
-    env = os.environ.get("VITSHRINK_CACHE")
-    return Path(env).expanduser() if env else Path.home() / ".cache" / "vitshrink"
-
-
 def _is_complete(path: Path, n: int, size: int | tuple[int, int], seed: int) -> bool:
     info = path / "aerial.json"
     if not info.is_file():
@@ -176,7 +170,7 @@ def ensure(
     counts = {
         s: _check_int(f"n_{s}", n, 1) for s, n in (("train", n_train), ("val", n_val), ("test", n_test))
     }
-    base = (Path(cache_dir).expanduser() if cache_dir is not None else _default_cache()) / (
+    base = (Path(cache_dir).expanduser() if cache_dir is not None else cache_root()) / (
         f"aerial-{size}-s{seed}-v{VERSION}"
         if isinstance(size, int)
         else f"aerial-{size[0]}x{size[1]}-s{seed}-v{VERSION}"
