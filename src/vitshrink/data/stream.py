@@ -41,9 +41,6 @@ from ..tile_rule import should_tile
 from .memory import Batch, VisionDataset, remap_targets
 
 INDEX_VERSION = 1
-# Photos larger than this many pixels are refused by Pillow as decompression bombs; aerial mosaics
-# can be legitimately large (FloodNet is 12 Mpx), so the limit is raised to 1 Gpx, not removed.
-Image.MAX_IMAGE_PIXELS = 1 << 30
 # Random rescale ranges of the training view (relative to the eval scale): mmsegmentation's 0.5-2.0
 # for segmentation; classification gets a mild zoom-in only (ViTs on short CPU schedules lose
 # accuracy under strong geometric augmentation, see memory.augment).
