@@ -15,7 +15,7 @@ import pytest
 import torch
 
 from vitshrink.compress import (
-    STAGE_RUNNERS,
+    KINDS,
     BudgetNotMetError,
     RecipeError,
     compress,
@@ -85,13 +85,13 @@ def recipe_run(teacher, tmp_path_factory):
 
 def _count_stage_calls(monkeypatch) -> list[str]:
     calls: list[str] = []
-    for kind, fn in list(STAGE_RUNNERS.items()):
+    for kind, k in KINDS.items():
 
-        def wrapped(stage, ctx, cur, sdir, _fn=fn, _kind=kind):
+        def wrapped(stage, ctx, cur, sdir, _fn=k.run, _kind=kind):
             calls.append(_kind)
             return _fn(stage, ctx, cur, sdir)
 
-        monkeypatch.setitem(STAGE_RUNNERS, kind, wrapped)
+        monkeypatch.setattr(k, "run", wrapped)
     return calls
 
 
@@ -121,7 +121,7 @@ BAD_RECIPES = [
 
 def test_a_stage_name_labels_it_without_changing_its_key():
     from vitshrink.compress.recipe import stage_key
-    from vitshrink.compress.runner import stage_label
+    from vitshrink.compress.stages import stage_label
 
     named, plain = load_recipe(
         [{"quantize": {"name": "int8", "mode": "int8"}}, {"quantize": {"mode": "int8"}}]

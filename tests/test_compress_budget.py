@@ -14,7 +14,7 @@ from pathlib import Path
 import pytest
 import torch
 
-from vitshrink.compress import STAGE_RUNNERS, BudgetNotMetError, compress, parse_budget
+from vitshrink.compress import KINDS, BudgetNotMetError, compress, parse_budget
 from vitshrink.compress.plan import MAX_EPOCHS, Plan, Throughput, parse_duration, plan_search
 from vitshrink.errors import VitshrinkError
 
@@ -158,15 +158,15 @@ def test_resume_after_a_kill_continues_the_same_study(teacher, tmp_path, monkeyp
     out = tmp_path / "killed"
     student_only = {**SEARCH, "students": SEARCH["students"][1:]}
     calls: list[str] = []
-    for kind, fn in list(STAGE_RUNNERS.items()):
+    for kind, k in KINDS.items():
 
-        def wrapped(stage, ctx, cur, sdir, _fn=fn, _kind=kind):
+        def wrapped(stage, ctx, cur, sdir, _fn=k.run, _kind=kind):
             calls.append(_kind)
             if _kind == "quantize" and calls.count("quantize") == 1 and "distill" in calls:
                 raise _Killed  # killed inside the second trial (the first one quantizes nothing)
             return _fn(stage, ctx, cur, sdir)
 
-        monkeypatch.setitem(STAGE_RUNNERS, kind, wrapped)
+        monkeypatch.setattr(k, "run", wrapped)
     with pytest.raises(_Killed):
         _search(teacher, out, search=student_only)
     assert _trials(out) == {0: "COMPLETE", 1: "RUNNING"}
@@ -365,8 +365,9 @@ def fake_search(tmp_path, monkeypatch):
     import vitshrink.bench as bench
     import vitshrink.compress.runner as runner
     import vitshrink.compress.search as search
+    import vitshrink.compress.stages.base as stage_base
+    from vitshrink.compress.context import make_context
     from vitshrink.compress.devices import get_profile
-    from vitshrink.compress.runner import make_context
     from vitshrink.models import build_model, save_model
 
     clock = FakeClock()
@@ -433,7 +434,7 @@ def fake_search(tmp_path, monkeypatch):
         labels = list(students)
         return Throughput(0.001, dict.fromkeys(labels, 0.2), dict.fromkeys(labels, 0.001), 5.0)
 
-    monkeypatch.setattr(runner, "_export", export)
+    monkeypatch.setattr(stage_base, "export_model", export)
     monkeypatch.setattr(search, "evaluate_artifact", evaluate)
     monkeypatch.setattr(bench, "bench_many", bench_many)
     monkeypatch.setattr(search, "measure_throughput", rates)
@@ -441,7 +442,7 @@ def fake_search(tmp_path, monkeypatch):
         search, "_predicted_params", lambda ctx, space: {k: v[0] for k, v in FAKE_STUDENTS.items()}
     )
     for kind, fn in (("distill", distill), ("prune", prune), ("quantize", quantize)):
-        monkeypatch.setitem(STAGE_RUNNERS, kind, fn)
+        monkeypatch.setattr(KINDS[kind], "run", fn)
     ctx = make_context(teacher, "fashion-mnist", {}, quiet=True)
 
     def run(
@@ -580,7 +581,7 @@ def test_the_queue_skips_what_cannot_win_and_orders_quant_modes_by_the_binding_l
 
 
 def test_automatic_students_come_from_every_family_the_cnn_included(tmp_path):
-    from vitshrink.compress.runner import Context
+    from vitshrink.compress.context import Context
     from vitshrink.compress.search import auto_students
     from vitshrink.models import build_model, save_model
 

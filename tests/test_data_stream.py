@@ -402,8 +402,8 @@ def test_planner_counts_a_slow_loader_as_the_training_rate(tmp_path, monkeypatch
     student trains bound the planned training rate (decoding runs beside the step, not before it)."""
     import time as _time
 
+    from vitshrink.compress.context import Context
     from vitshrink.compress.plan import measure_throughput
-    from vitshrink.compress.runner import Context
     from vitshrink.data.stream import StreamingDataset
     from vitshrink.models import build_model, save_model
 

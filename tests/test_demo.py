@@ -9,7 +9,7 @@ from unittest import mock
 import pytest
 
 from vitshrink.compress.recipe import RecipeError
-from vitshrink.compress.runner import STAGE_RUNNERS, stage_label
+from vitshrink.compress.stages import KINDS, stage_label
 from vitshrink.demo import TASKS, configs, demo, load_demo
 
 from .conftest import needs_fmnist
@@ -67,7 +67,7 @@ def test_demo_recipes_keep_the_teacher_cache_keys_and_resolve_per_budget_and_mac
     assert tuple(specs[t].key() for t in TASKS) == TEACHER_KEYS[(quick, bf16)]
     cls, seg = specs["classification"], specs["segmentation"]
     # every demo stage is a compress recipe stage, run by the compress runner
-    assert all(s.kind in STAGE_RUNNERS for sp in specs.values() for s in sp.recipe.stages)
+    assert all(s.kind in KINDS for sp in specs.values() for s in sp.recipe.stages)
     assert [stage_label(s) for s in cls.recipe.stages] == STAGES[1:]
     assert cls.stage("distill")["epochs"] == (2 if quick else 6) and cls.eval_limit == (
         2000 if quick else None

@@ -25,16 +25,18 @@ from typing import Any
 
 from ..artifacts import read_json
 from ..errors import VitshrinkError
+from .context import make_context
 from .devices import PROFILES, DeviceProfile, get_profile, threads_for
 from .plan import DEFAULT_TIME_BUDGET, Plan, Throughput, fmt_minutes, parse_duration, plan_search
 from .recipe import SCHEMA, Recipe, RecipeError, Stage, load_recipe, parse_recipe, validate_stage
-from .runner import STAGE_RUNNERS, finish, make_context, measure, run_stages
+from .runner import finish, measure, run_stages
 from .search import BudgetNotMetError, describe_miss, parse_budget, search_budget
+from .stages import KINDS
 
 __all__ = [
     "PROFILES",
     "SCHEMA",
-    "STAGE_RUNNERS",
+    "KINDS",
     "DEFAULT_TIME_BUDGET",
     "BudgetNotMetError",
     "DeviceProfile",

@@ -25,7 +25,7 @@ from typing import TYPE_CHECKING, Any
 from ..errors import VitshrinkError
 
 if TYPE_CHECKING:
-    from .runner import Context
+    from .context import Context
 
 DEFAULT_TIME_BUDGET = "30m"
 DEFAULT_EPOCHS = 2  # distillation epochs the plan starts from (grown only once the whole split fits)

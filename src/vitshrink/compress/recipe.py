@@ -13,7 +13,9 @@ A stage is a one-key mapping `KIND: {options}` (or a bare `KIND` for no options)
 which is not part of its cache key. Validation is a small
 table-driven checker rather than pydantic (not a dependency) so every mistake is one line naming the
 stage and option; the table (`SCHEMA`: types, ranges, choices) is generated from the declarations in
-`vitshrink.options.RECIPE_STAGES`, which the CLI is generated from too. Quantize stages always start from the latest full-precision model, so consecutive
+`vitshrink.options.RECIPE_STAGES`, which the CLI is generated from too; each kind's own rules (one
+prune target, no student_options on a directory, what may follow a quantize stage) live with the kind
+in `compress.stages`. Quantize stages always start from the latest full-precision model, so consecutive
 quantize stages are siblings (e.g. fp16 and int8 of the same pruned model) and nothing but another
 quantize stage may follow one.
 """
@@ -29,47 +31,13 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
-from ..errors import VitshrinkError
-from ..options import RECIPE_STAGES, Option, check
+from ..options import check
+from .stages import KINDS, Opt, RecipeError, Stage
 
-PRUNE_TARGETS = ("ratio", "target_params", "target_latency_ms", "target_macs")
 TOP_LEVEL = ("stages", "description", "data_options", "eval_limit")
-
-
-class RecipeError(VitshrinkError):
-    """An invalid recipe; the message names the file, the stage and the option."""
-
-
-@dataclass(frozen=True)
-class Opt:
-    """A recipe key: its YAML types, whether the stage needs it, its choices, and its declaration
-    (`vitshrink.options.Option`, whose range check `options.check` applies)."""
-
-    types: tuple[type, ...]
-    required: bool = False
-    choices: tuple[Any, ...] | None = None
-    option: Option | None = None
-
-
-def _opt(o: Option) -> Opt:
-    return Opt(o.value_types, o.recipe_required, None if o.choices is None else tuple(o.choices), o)
-
-
 FLOAT = (int, float)
-# stage kind -> option -> Opt, generated from options.RECIPE_STAGES (types, ranges and choices declared once)
-SCHEMA: dict[str, dict[str, Opt]] = {
-    kind: {o.name: _opt(o) for o in options if o.recipe} for kind, options in RECIPE_STAGES.items()
-}
-
-
-@dataclass(frozen=True)
-class Stage:
-    kind: str  # distill | prune | quantize | export
-    options: dict[str, Any] = field(default_factory=dict)
-    name: str | None = None  # label in results (None: derived from the kind); not part of the key
-
-    def to_json(self) -> dict[str, Any]:
-        return {self.kind: {**({"name": self.name} if self.name else {}), **self.options}}
+# stage kind -> option -> Opt: each kind's view of options.RECIPE_STAGES (declared once, see stages/)
+SCHEMA: dict[str, dict[str, Opt]] = {name: kind.schema for name, kind in KINDS.items()}
 
 
 @dataclass(frozen=True)
@@ -153,14 +121,8 @@ def validate_stage(raw: Any, where: str) -> Stage:
     missing = [n for n, o in schema.items() if o.required and n not in out]
     if missing:
         raise RecipeError(f"{where}: missing required option '{missing[0]}'")
-    if kind == "prune":
-        given = [t for t in PRUNE_TARGETS if t in out]
-        if len(given) > 1:
-            raise RecipeError(f"{where}: give only one of {', '.join(PRUNE_TARGETS)}, got {', '.join(given)}")
-        if not given and "unstructured" not in out:
-            raise RecipeError(f"{where}: needs one of {', '.join(PRUNE_TARGETS)} (or 'unstructured')")
-    if kind == "distill" and "student_options" in out and Path(out["student"]).exists():
-        raise RecipeError(f"{where}: 'student_options' apply to a preset student, not a directory")
+    if KINDS[kind].check is not None:
+        KINDS[kind].check(out, where)
     return Stage(kind, out, label)
 
 
@@ -169,7 +131,7 @@ def validate_stages(items: Any, source: str = "<recipe>") -> list[Stage]:
         raise RecipeError(f"{source}: a recipe needs a non-empty list of stages")
     stages = [validate_stage(raw, f"{source}: stage {i + 1}") for i, raw in enumerate(items)]
     for i, s in enumerate(stages[1:], start=2):
-        if s.kind != "quantize" and stages[i - 2].kind == "quantize":
+        if not KINDS[s.kind].onnx_only and stages[i - 2].kind == "quantize":
             raise RecipeError(
                 f"{source}: stage {i} ({s.kind}) cannot follow a quantize stage (it needs a PyTorch model); "
                 "put quantize stages last"

@@ -14,105 +14,31 @@ resumes from its per-epoch checkpoint. In budget search (`cache_dir` set) stage 
 CACHE/KIND-KEY instead, so trials that share a prefix (same student, different prune ratio or quant
 mode) reuse it.
 
-The same runner runs `vitshrink demo` (its recipes are vitshrink/recipes/demo-*.yaml). A new stage kind
-is its options in `recipe.SCHEMA` and its function in `STAGE_RUNNERS`; a kind whose output does not
-feed the next stage (quantize: siblings from the same fp32 model) is also listed in `BRANCH_KINDS`.
+The same runner runs `vitshrink demo` (its recipes are vitshrink/recipes/demo-*.yaml). The runner is
+only the resumable engine: what a stage of each kind does, its label and whether the next stage builds
+on its output are the kind's own (`compress.stages`).
 """
 
 from __future__ import annotations
 
-import functools
 import hashlib
 import json
 import os
 import shutil
-import sys
 import time
-from collections.abc import Callable
-from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
 from ..artifacts import read_json, sha256_file, write_json
 from ..errors import ModelError, VitshrinkError
 from ..report.examples import publish_final, write_examples
-from ..tasks import TASK_METRIC
+from .context import Context, Current
 from .devices import DeviceProfile, device_info
-from .recipe import Stage, stage_key
+from .recipe import stage_key
+from .stages import KINDS, Stage, base, stage_label
 
 STATE_NAME = "state.json"
 STATE_FORMAT = 1
-
-
-@dataclass
-class Context:
-    teacher: Path
-    data: str
-    data_options: dict[str, Any]
-    meta: dict[str, Any]  # the teacher's meta (task, class names, preprocessing)
-    quiet: bool = False
-    # Budget search only: where teacher logits are shared between stages and trials, and a callback
-    # fed each training epoch's record (stage kind, {"epoch", "val"}) so weak trials can stop early;
-    # stages reused from the cache replay their stored epochs through it.
-    logits_dir: Path | None = None
-    epoch_hook: Callable[[str, dict[str, Any]], None] | None = None
-    logger: Callable[..., None] | None = None  # where log() lines go (default: stderr, "[compress]")
-    # Seconds each finished stage of this run took, by label (a baseline stage's time budget)
-    stage_seconds: dict[str, float] = field(default_factory=dict)
-
-    def log(self, *msg: Any) -> None:
-        # Stage lines and summaries print even under --quiet, which silences progress bars and the
-        # per-trial progress lines only: a quiet run still says what it did.
-        if self.logger is not None:
-            self.logger(*msg)
-        else:
-            print("[compress]", *msg, file=sys.stderr, flush=True)
-
-    @functools.cached_property
-    def data_fingerprint(self) -> str:
-        """The data folder's content key (names, sizes, mtimes), walked once per run, not per trial."""
-        from ..data import fingerprint
-
-        return fingerprint(self.data)
-
-    @property
-    def metric(self) -> str:
-        return TASK_METRIC[self.meta["task"]]
-
-
-def make_context(model: str | os.PathLike, data: str, data_options: dict[str, Any], quiet: bool) -> Context:
-    """Check the teacher and the data agree before anything long starts."""
-    from ..data import describe
-    from ..hub import resolve_model
-    from ..models import is_model_dir, load_model
-
-    teacher = resolve_model(model)
-    if not is_model_dir(teacher):
-        if teacher.suffix == ".onnx":
-            raise VitshrinkError(
-                f"compress needs the teacher as a model directory, not an ONNX file: {teacher}"
-            )
-        raise VitshrinkError(f"teacher model directory not found (no config.json): {teacher}")
-    _, meta = load_model(teacher)  # also verifies checksums and honours preprocessor_config.json
-    info = describe(data, data_options=data_options)
-    if info["task"] != meta["task"]:
-        raise VitshrinkError(f"the teacher is a {meta['task']} model but data '{data}' is {info['task']}")
-    if len(info["class_names"]) != len(meta["class_names"]):
-        raise VitshrinkError(
-            f"the teacher has {len(meta['class_names'])} classes but data '{data}' has {len(info['class_names'])}"
-        )
-    return Context(
-        teacher=teacher.resolve(), data=str(data), data_options=data_options, meta=meta, quiet=quiet
-    )
-
-
-@dataclass
-class Current:
-    """The latest full-precision model: what distill/prune/export/quantize take as input."""
-
-    model_dir: Path
-    onnx: Path
-    key: str
 
 
 # ------------------------------------------------------------------------------------------ identity
@@ -164,92 +90,6 @@ def _abs(root: Path, rel: str) -> Path:
     return (root / rel).resolve()
 
 
-# ---------------------------------------------------------------------------------------- the stages
-
-StageResult = dict[str, Any]  # {"model_dir": Path | None, "artifact": Path, "train_metrics": dict}
-
-
-def _export(model_dir: Path, out: Path, **kw: Any) -> Path:
-    from ..export import export_onnx
-
-    path, _ = export_onnx(model_dir, out, **kw)
-    return path
-
-
-def _build_student(preset: str, overrides: dict[str, Any], ctx: Context, out: Path, size: int | None) -> Path:
-    """A preset student with config overrides, normalised like the teacher (distill takes presets as is)."""
-    from ..models import build_model, save_model
-
-    pre = ctx.meta["preprocess"]
-    try:
-        net, meta = build_model(
-            preset,
-            task=ctx.meta["task"],
-            image_size=size or pre["size"][0],
-            num_channels=pre["channels"],
-            class_names=ctx.meta["class_names"],
-            mean=pre["mean"],
-            std=pre["std"],
-            **overrides,
-        )
-    except TypeError as e:
-        raise VitshrinkError(f"bad student_options for '{preset}': {str(e).splitlines()[0]}") from None
-    return save_model(net, meta, out, stage="build", options={"preset": preset, **overrides})
-
-
-def run_distill(stage: Stage, ctx: Context, cur: Current, sdir: Path) -> StageResult:
-    from ..distill import distill
-
-    opts = dict(stage.options)
-    student = opts.pop("student")
-    overrides = opts.pop("student_options", None)
-    if overrides:
-        student = str(_build_student(student, overrides, ctx, sdir / "student-init", opts.get("image_size")))
-        opts.pop("image_size", None)  # the built student carries its size
-    # The teacher is the latest full-precision model (MODEL itself when distill comes first).
-    out, m = distill(
-        cur.model_dir,
-        student,
-        ctx.data,
-        out=sdir / "model",
-        resume=True,  # an interrupted distillation continues from its last epoch
-        quiet=ctx.quiet,
-        data_options=ctx.data_options,
-        teacher_cache_dir=ctx.logits_dir if opts.get("cache_teacher") else None,
-        on_epoch_end=_epoch_hook(ctx, "distill"),
-        **opts,
-    )
-    return {"model_dir": out, "artifact": _export(out, sdir / "model.onnx"), "train_metrics": m}
-
-
-def run_prune(stage: Stage, ctx: Context, cur: Current, sdir: Path) -> StageResult:
-    try:
-        from ..prune import prune
-    except ImportError:
-        raise VitshrinkError("the prune stage is not available in this installation") from None
-    opts = dict(stage.options)
-    if isinstance(opts.get("granularity"), str):
-        opts["granularity"] = tuple(p.strip() for p in opts["granularity"].split(","))
-    elif "granularity" in opts:
-        opts["granularity"] = tuple(opts["granularity"])
-    if opts.get("recover_epochs"):
-        opts["teacher"] = str(ctx.teacher)  # recovery learns from MODEL, the strongest model in the run
-    if opts.get("recover_epochs") or opts.get("importance") == "taylor" or opts.get("depth_ratio"):
-        # depth pruning ranks blocks on real images when it has them
-        opts.update(data=ctx.data, data_options=ctx.data_options)
-    if opts.get("recover_epochs"):
-        opts.update(teacher_cache_dir=ctx.logits_dir, on_epoch_end=_epoch_hook(ctx, "prune"))
-    out, m = prune(cur.model_dir, sdir / "model", quiet=ctx.quiet, **opts)
-    return {"model_dir": Path(out), "artifact": _export(Path(out), sdir / "model.onnx"), "train_metrics": m}
-
-
-def _epoch_hook(ctx: Context, kind: str) -> Callable[[int, dict[str, Any]], None] | None:
-    hook = ctx.epoch_hook
-    if hook is None:
-        return None
-    return lambda epoch, rec: hook(kind, {k: rec[k] for k in ("epoch", "val") if k in rec})
-
-
 def replay_epochs(ctx: Context, rec: dict[str, Any]) -> None:
     """Feed a reused stage's stored epochs to ctx.epoch_hook, as if it had just trained them."""
     if ctx.epoch_hook is None:
@@ -257,76 +97,6 @@ def replay_epochs(ctx: Context, rec: dict[str, Any]) -> None:
     m = rec.get("train_metrics") or {}
     for r in m.get("history") or m.get("recovery_history") or []:
         ctx.epoch_hook(rec["kind"], r)
-
-
-def run_quantize(stage: Stage, ctx: Context, cur: Current, sdir: Path) -> StageResult:
-    from ..quantize import quantize
-
-    opts = dict(stage.options)
-    mode = opts.pop("mode")
-    calibrate = opts.pop("calibrate", mode in ("int8", "int8-static", "int8-mixed") or "max_drop" in opts)
-    out, rep = quantize(
-        cur.onnx,
-        sdir / "model.onnx",
-        mode=mode,
-        calib_data=ctx.data if calibrate else None,
-        # calibrate on the run's data as configured (e.g. the aerial scenes' size and counts)
-        data_options=ctx.data_options if calibrate else None,
-        quiet=ctx.quiet,
-        **opts,
-    )
-    return {"model_dir": None, "artifact": Path(out), "train_metrics": rep}
-
-
-def run_baseline(stage: Stage, ctx: Context, cur: Current, sdir: Path) -> StageResult:
-    from ..baseline import train_baseline
-
-    opts = dict(stage.options)
-    budget = opts.pop("budget", "distill")
-    if isinstance(budget, str):
-        if budget not in ctx.stage_seconds:
-            raise VitshrinkError(
-                f"baseline: budget '{budget}' names no earlier stage of this run "
-                f"(stages: {', '.join(ctx.stage_seconds) or 'none'}); give a stage label or seconds"
-            )
-        budget = ctx.stage_seconds[budget]
-    pre = ctx.meta["preprocess"]
-    out, m = train_baseline(
-        ctx.data,
-        out=sdir / "model",
-        budget_s=float(budget),
-        task=ctx.meta["task"],
-        preset=opts.pop("model", None),
-        image_size=pre["size"][0],
-        data_options=ctx.data_options,
-        quiet=ctx.quiet,
-        **opts,
-    )
-    return {"model_dir": out, "artifact": _export(out, sdir / "model.onnx"), "train_metrics": m}
-
-
-def run_export(stage: Stage, ctx: Context, cur: Current, sdir: Path) -> StageResult:
-    path = _export(cur.model_dir, sdir / "model.onnx", **stage.options)
-    return {"model_dir": cur.model_dir, "artifact": path, "train_metrics": {}}
-
-
-STAGE_RUNNERS: dict[str, Callable[[Stage, Context, Current, Path], StageResult]] = {
-    "distill": run_distill,
-    "prune": run_prune,
-    "quantize": run_quantize,
-    "export": run_export,
-    "baseline": run_baseline,
-}
-
-
-# Kinds whose output is a leaf: the stage after one starts from the same full-precision model.
-BRANCH_KINDS: frozenset[str] = frozenset({"quantize", "baseline"})
-
-
-def stage_label(stage: Stage) -> str:
-    if stage.name:
-        return stage.name
-    return f"quantize-{stage.options['mode']}" if stage.kind == "quantize" else stage.kind
 
 
 # -------------------------------------------------------------------------------------------- running
@@ -351,7 +121,7 @@ def prepare_teacher(ctx: Context, sdir: Path, root: Path, prev: dict[str, Any] |
         return dict(prev)
     t0 = time.time()
     ctx.log(f"exporting the teacher {ctx.teacher}")
-    onnx = _export(ctx.teacher, sdir / "model.onnx")
+    onnx = base.export_model(ctx.teacher, sdir / "model.onnx")
     return {
         "name": "teacher",
         "kind": "teacher",
@@ -438,7 +208,7 @@ def run_stages(
             ctx.stage_seconds[label] = float(rec["seconds"])
         if rec != prev or cache_dir is not None:
             _write_state(state_path, ctx, records + old[len(records) :])
-        if rec.get("model_dir") and stage.kind not in BRANCH_KINDS:
+        if rec.get("model_dir") and not KINDS[stage.kind].branch:
             cur = Current(_abs(root, rec["model_dir"]), _abs(root, rec["artifact"]), key)
     if len(old) > len(records):
         _write_state(state_path, ctx, records)  # the recipe got shorter: forget stages it no longer has
@@ -464,7 +234,7 @@ def _run_one(
     write_json(pending, {"key": key})
     ctx.log(f"stage {i} ({label}): running with {json.dumps(stage.options, default=str)}")
     t0 = time.time()
-    res = STAGE_RUNNERS[stage.kind](stage, ctx, cur, sdir)
+    res = KINDS[stage.kind].run(stage, ctx, cur, sdir)
     model_dir = Path(res["model_dir"]) if res.get("model_dir") else None
     artifact = Path(res["artifact"])
     base = sdir if cache_dir is not None else root
@@ -668,10 +438,10 @@ def jetson_recipe(out: Path, model_dir: Path, profile: DeviceProfile, ctx: Conte
     trt_dir = out / "trt"
     try:
         # TensorRT 8.2 (the Nano's last) has no LayerNormalization parser; below opset 17 it is decomposed.
-        src = _export(model_dir, trt_dir / "model.onnx", opset=16)
+        src = base.export_model(model_dir, trt_dir / "model.onnx", opset=16)
     except ModelError as e:
         ctx.log(f"opset-16 export failed ({e}); the recipe uses the opset-17 model")
-        src = _export(model_dir, trt_dir / "model.onnx")
+        src = base.export_model(model_dir, trt_dir / "model.onnx")
     trt_recipe(src, trt_dir, fp16=True, device="jetson-nano")
     readme = trt_dir / "README.txt"
     text = readme.read_text() if readme.exists() else ""

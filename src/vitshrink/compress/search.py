@@ -42,10 +42,11 @@ from typing import Any
 from ..artifacts import read_json, sha256_file, write_json
 from ..errors import VitshrinkError
 from ..options import key_value_pairs
+from .context import Context
 from .devices import DeviceProfile
 from .plan import MAX_EPOCHS, Plan, Throughput, fmt_minutes, measure_throughput, plan_search
 from .recipe import Stage, validate_stage
-from .runner import Context, evaluate_artifact, run_stages, shared_teacher, teacher_key
+from .runner import evaluate_artifact, run_stages, shared_teacher, teacher_key
 from .schedule import MAX_EXTEND, QUANT_BYTES, Tried, distance, extension, key, node_of, queue
 
 BUDGET_KEYS = ("latency_ms", "size_mb", "max_drop")
