@@ -21,6 +21,7 @@ from vitshrink.bench.timing import SPEED_TIE, round_robin_ms, seconds_per_item, 
 from vitshrink.deploy._meta import META_KEY, read_meta_props, read_onnx_meta, write_meta_props
 from vitshrink.errors import ModelError
 from vitshrink.labels import IGNORE_COLOUR, IGNORE_INDEX
+from vitshrink.outputs import is_vitshrink_onnx
 from vitshrink.quantize.files import copy_metadata, read_meta
 
 
@@ -34,6 +35,11 @@ def _identity(meta_value: str | None) -> onnx.ModelProto:
         entry = model.metadata_props.add()
         entry.key, entry.value = "vitshrink", meta_value
     return model
+
+
+def _save(model: onnx.ModelProto, path):
+    onnx.save(model, str(path))
+    return path
 
 
 def test_metadata_has_one_reader_and_one_error_behaviour(tmp_path):
@@ -51,7 +57,10 @@ def test_metadata_has_one_reader_and_one_error_behaviour(tmp_path):
     onnx.save(model, str(path))
     assert onnx_meta(path)["n"] == 4 and read_onnx_meta(path) == read_meta(model)
     assert META_KEY == "vitshrink"
+    # the output guard recognises vitshrink's ONNX by the same key (it used to spell it out itself)
+    assert is_vitshrink_onnx(path) and not is_vitshrink_onnx(_save(_identity(None), tmp_path / "plain.onnx"))
     (tmp_path / "junk.onnx").write_bytes(b"not onnx")
+    assert not is_vitshrink_onnx(tmp_path / "junk.onnx")
     with pytest.raises(ModelError, match="not a valid ONNX file"):
         read_onnx_meta(tmp_path / "junk.onnx")
     # corrupt metadata: the same ModelError from every reader (it used to be None, or a bare JSONDecodeError)

@@ -34,6 +34,7 @@ from pathlib import Path
 from typing import Any
 
 META_NAME = "vitshrink.json"
+ONNX_META_KEY = "vitshrink"  # the metadata_props entry every vitshrink ONNX carries (deploy._meta reads it)
 META_FORMAT = 1
 
 HANG_ENV = "VITSHRINK_TEST_HANG_IN_SAVE"

@@ -111,7 +111,6 @@ def cmd_export(a: argparse.Namespace) -> None:
         image_size=a.image_size,
         dynamic_size=a.dynamic_size,
         format=a.format,
-        quiet=a.quiet,
     )
     print(f"wrote {out} ({r['size_mb']:.2f} MB, {r['params']:,} params, {r['macs'] / 1e6:.1f}M MACs)")
     print(

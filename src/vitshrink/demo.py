@@ -235,8 +235,9 @@ def ensure_teacher(spec: DemoSpec, *, quiet: bool = True, log: Any = print) -> P
 
 def run_task(spec: DemoSpec, out: Path, *, quiet: bool, threads: int | None) -> Path:
     """Teacher (cached), then the recipe's stages, the benchmark, results.json and the report."""
+    from .compress.context import make_context
     from .compress.devices import get_profile
-    from .compress.runner import finish, make_context, measure, run_stages
+    from .compress.runner import finish, measure, run_stages
 
     t_start = time.time()
     out.mkdir(parents=True, exist_ok=True)

@@ -32,7 +32,7 @@ from collections.abc import Iterable, Iterator
 from pathlib import Path
 from typing import IO
 
-from .artifacts import META_NAME, _pid_alive
+from .artifacts import META_NAME, ONNX_META_KEY, _pid_alive
 from .errors import VitshrinkError
 
 PNG_SOFTWARE = "vitshrink"
@@ -69,7 +69,7 @@ def is_vitshrink_onnx(path: Path) -> bool:
         proto = onnx.load(str(path), load_external_data=False)
     except Exception:  # noqa: BLE001 - unreadable means "not ours"
         return False
-    return any(p.key == "vitshrink" for p in proto.metadata_props)
+    return any(p.key == ONNX_META_KEY for p in proto.metadata_props)
 
 
 def is_vitshrink_json(path: Path) -> bool:

@@ -14,11 +14,12 @@ from collections.abc import Iterable, Mapping
 from pathlib import Path
 from typing import Any
 
+from ..artifacts import ONNX_META_KEY
 from ..errors import ModelError
 from ..options import parse_image_size  # noqa: F401  (re-exported; options owns the parsing)
 from ..tasks import TASKS
 
-META_KEY = "vitshrink"
+META_KEY = ONNX_META_KEY
 
 # Used only when a model carries no metadata: the ImageNet statistics every HF ViT checkpoint uses.
 IMAGENET_MEAN = (0.485, 0.456, 0.406)

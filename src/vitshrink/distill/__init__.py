@@ -208,12 +208,9 @@ def distill(
             raise VitshrinkError(
                 "--cache-teacher caches logits only; it cannot serve feature/attention losses"
             )
-        train_ds = training_view(train_ds, need_index=True, quiet=quiet)  # cached logits follow its batches
-        cache_path = _cache_file(
-            out, teacher_cache_dir, teacher, data, limit, seed, load_size, data_options, augment
-        )
-        cache = teacher_logits_cache(
-            pair.t_model, pair.t_meta, train_ds, cache_path, device=device, quiet=quiet, flipped=augment
+        key = (teacher, data, limit, seed, load_size, data_options, augment)
+        train_ds, cache, cache_path = _logits_cache(
+            pair, train_ds, out, teacher_cache_dir, key, device, quiet
         )
     loss_fn = _loss_fn(pair, combined, cache, device, need_f, need_a, head(train_ds, 2))
     res = fit(
@@ -245,31 +242,32 @@ def distill(
     if dist_info()[0] == 0:
         if cache_path is not None and teacher_cache_dir is None:
             cache_path.unlink(missing_ok=True)
-        recorded = {
-            "teacher": str(teacher),
-            "student": str(student),
-            "data": str(data),
-            "losses": weights,
+        recorded = {"teacher": str(teacher), "student": str(student), "data": str(data), "losses": weights}
+        recorded |= {
             "alpha": alpha,
             "temperature": temperature,
             "epochs": epochs,
             "limit": limit,
             "seed": seed,
-            "lr": lr,
-            "batch_size": batch_size,
-            "augment": augment,
-            "cache_teacher": cache_teacher,
         }
-        save_model(
-            pair.s_model.cpu(),
-            pair.s_meta,
-            out,
-            stage="distill",
-            parent=teacher,
-            metrics=metrics,
-            options=recorded,
-        )
+        recorded |= {"lr": lr, "batch_size": batch_size, "augment": augment, "cache_teacher": cache_teacher}
+        opts = {"stage": "distill", "parent": teacher, "metrics": metrics, "options": recorded}
+        save_model(pair.s_model.cpu(), pair.s_meta, out, **opts)
     return out, metrics
+
+
+def _logits_cache(
+    pair: Any, train_ds: Any, out: Path, cache_dir: Any, key: tuple, device: Any, quiet: bool
+) -> tuple[Any, Any, Path]:
+    """The teacher's logits for every training view, computed once (kept in cache_dir when given, shared
+    by runs on the same subset; else beside OUT until the run ends); the training view they follow."""
+    teacher, data, limit, seed, load_size, data_options, augment = key
+    train_ds = training_view(train_ds, need_index=True, quiet=quiet)  # cached logits follow its batches
+    path = _cache_file(out, cache_dir, teacher, data, limit, seed, load_size, data_options, augment)
+    cache = teacher_logits_cache(
+        pair.t_model, pair.t_meta, train_ds, path, device=device, quiet=quiet, flipped=augment
+    )
+    return train_ds, cache, path
 
 
 def _build_losses(

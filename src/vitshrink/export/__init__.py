@@ -390,13 +390,13 @@ def export(
     dynamic_size: bool = False,
     simplify: bool = True,
     format: str = "auto",
-    quiet: bool = False,
 ) -> tuple[Path, dict[str, Any]]:
     """CLI/API stage: model directory (or Hub id) -> ONNX, with a parity report.
 
     format: "file" writes `out` as one .onnx file; "dir" writes an optimum-style folder (`model.onnx`,
     `config.json`, `preprocessor_config.json`, `vitshrink.json`); "auto" picks "dir" when `out` does not
-    end in .onnx.
+    end in .onnx. The exporter's own warnings are always silenced (export draws no progress bars, so
+    there is no quiet switch); what it found is in the returned report.
     """
     from ..deploy.folder import write_onnx_folder
     from ..onnx_folder import wants_folder
