@@ -11,11 +11,22 @@ from ..devices import DeviceProfile
 from ..plan import Plan, fmt_minutes
 from ..runner import Context, shared_teacher
 from ..schedule import extension, key, queue
+from .join import join_shared, local_root
 from .measure import _EvalCache
 from .objective import Objective
 from .progress import Progress, _print_summary
 from .run import SearchRun
 from .select import _binding, _extra_time, _family_verdict, _int8_choice, _select, _student_families
+from .shared import (
+    SharedOptions,
+    alive_workers,
+    claimed,
+    fail_orphans,
+    fail_stale,
+    is_last,
+    open_artifacts,
+    workers,
+)
 from .space import build_space
 from .study_setup import (
     _apply_plan,
@@ -33,7 +44,7 @@ def search_budget(
     ctx: Context,
     out: Path,
     *,
-    budget: dict[str, float],
+    budget: dict[str, float] | None,
     profile: DeviceProfile,
     threads: int | None,
     trials: int | None,
@@ -44,30 +55,54 @@ def search_budget(
     split: str = "val",
     time_budget: float = 1800.0,
     t_start: float | None = None,
+    shared: SharedOptions | None = None,
+    finish_only: bool = False,
 ) -> dict[str, Any]:
     """Run (or resume) the Optuna search within `time_budget` seconds (counted from `t_start`, plus
     what earlier runs of the same study spent), at most `trials` trials when given; returns
-    {"chosen", "met", "summary"} (see compress)."""
+    {"chosen", "met", "summary", "budget", "last"} (see compress).
+
+    shared: join the study shared by several workers (each with its own OUT and time budget); "last"
+    says whether this worker finished last (the one that ships the model). finish_only (with shared):
+    run nothing, select from the study as it stands (budget and space read from it)."""
     if trials is not None and trials < 1:
         raise VitshrinkError(f"--trials must be >= 1, got {trials}")
     t_start = now() if t_start is None else t_start
-    space = build_space(ctx, profile, search, budget)
+    space = None if finish_only else build_space(ctx, profile, search, budget)
     evals = _EvalCache(out / "evals.json")
     teacher_onnx = _teacher_onnx(ctx, out)
     t_eval = now()
     teacher_metric = evals.get(teacher_onnx, ctx, split, eval_limit, threads)[ctx.metric]
     teacher_eval_s = now() - t_eval  # ~0 when cached: then the plan is stored already, or rates stand in
+    worker, interrupted, resume_first = None, [], []
+    if shared is None:
+        assert space is not None and budget is not None
+        study = open_study(out, space, ctx.quiet)
+        check_config(study, search_config(ctx, space, profile, split, eval_limit), str(out / "search.db"))
+        clock = _Clock(study, t_start)
+        study.set_user_attr("time_budget_s", time_budget)
+        plan = load_or_make_plan(
+            ctx, study, space, search or {}, time_budget, trials, eval_limit, clock, teacher_eval_s
+        )
+        interrupted, resume_first = _fail_interrupted(study)
+    else:
+        study, space, clock, plan, worker, budget = join_shared(
+            ctx,
+            out,
+            space,
+            shared,
+            budget=budget,
+            profile=profile,
+            split=split,
+            eval_limit=eval_limit,
+            user=search or {},
+            time_budget=time_budget,
+            trials=trials,
+            t_start=t_start,
+            teacher_eval_s=teacher_eval_s,
+        )
     ctx.log(f"teacher {ctx.metric} {teacher_metric:.4f} on the {split} split; budget {budget}")
-
-    study = open_study(out, space, ctx.quiet)
-    check_config(study, search_config(ctx, space, profile, split, eval_limit), str(out / "search.db"))
-    clock = _Clock(study, t_start)
-    study.set_user_attr("time_budget_s", time_budget)
-    plan = load_or_make_plan(
-        ctx, study, space, search or {}, time_budget, trials, eval_limit, clock, teacher_eval_s
-    )
     _apply_plan(space, plan, search or {})
-    interrupted, resume_first = _fail_interrupted(study)
     run = SearchRun(
         ctx=ctx,
         out=out,
@@ -89,14 +124,61 @@ def search_budget(
         sizes=_predicted_params(ctx, space),
         rates=study.user_attrs.get("throughput") or {},
         interrupted=interrupted,
+        worker=worker,
+        artifacts=open_artifacts(shared.artifacts) if shared is not None else None,
+        latency_wait_s=shared.latency_wait_s if shared is not None else 600.0,
     )
-    run.progress = Progress(ctx, clock, time_budget, trials, len(run.counted()))
-    try:
-        stopped = _loop(run, Objective(run), trials, resume_first)
-    finally:
-        clock.save()
-        run.progress.close()
-    return _summarise(run, stopped, trials, search)
+    return _search(run, trials, resume_first, search, finish_only, shared)
+
+
+def _search(
+    run: SearchRun,
+    trials: int | None,
+    resume_first: list[dict[str, Any]],
+    search: dict[str, Any] | None,
+    finish_only: bool,
+    shared: SharedOptions | None,
+) -> dict[str, Any]:
+    """The loop (unless finish_only), then the summary; a shared study's worker also says whether it
+    finished last, and the last one fails the trials of workers that died (none stays RUNNING)."""
+    run.progress = Progress(run.ctx, run.clock, run.time_budget, trials, len(run.counted()))
+    stopped = "finish"
+    if not finish_only:
+        try:
+            stopped = _loop(run, Objective(run), trials, resume_first)
+        finally:
+            run.clock.save()
+            run.progress.close()
+            if run.worker is not None:
+                run.worker.stop()
+    last = True
+    if shared is not None:
+        others = alive_workers(run.study, shared.heartbeat_s)
+        last = finish_only or (
+            run.worker is not None and is_last(run.study, run.worker.id, shared.heartbeat_s)
+        )
+        if last:
+            lost = fail_orphans(run.study, shared.heartbeat_s)
+            if lost:
+                run.ctx.log(f"trials {lost} were left RUNNING by workers that stopped: marked failed")
+        else:
+            run.ctx.log(f"{len(others)} other worker(s) still searching, or one finished after this one")
+    found = _summarise(run, stopped, trials, search)
+    found["budget"], found["last"] = run.budget, last
+    if shared is not None:
+        found["summary"]["workers"] = _workers_summary(run)
+        if last:
+            found["chosen"]["root"] = str(local_root(run, found["chosen"], shared.artifacts))
+    return found
+
+
+def _workers_summary(run: SearchRun) -> dict[str, Any]:
+    """Each worker of the shared study: where it ran, its state and the trials it ran."""
+    out: dict[str, Any] = {}
+    for w, info in workers(run.study).items():
+        ran = [t.number for t in run.study.get_trials(deepcopy=False) if t.user_attrs.get("worker") == w]
+        out[w] = {k: info.get(k) for k in ("host", "out", "state", "time_budget_s")} | {"trials": ran}
+    return out
 
 
 def _teacher_onnx(ctx: Context, out: Path) -> Path:
@@ -118,6 +200,28 @@ def _fail_interrupted(study: Any) -> tuple[list[int], list[dict[str, Any]]]:
     return interrupted, resume_first
 
 
+def _retries_waiting(study: Any) -> bool:
+    import optuna
+
+    waiting = study.get_trials(deepcopy=False, states=(optuna.trial.TrialState.WAITING,))
+    return any("failed_trial" in t.system_attrs for t in waiting)
+
+
+def _unclaimed(run: SearchRun, todo: list[dict[str, Any]]) -> list[dict[str, Any]]:
+    """A shared study: leave out candidates other workers run or wait to run, and try the students
+    this worker trained (its stage cache has them) before those another worker trains or trained."""
+    if run.worker is None:
+        return todo
+    me = run.worker.id
+    keys, busy = claimed(run.study, me)
+    mine, theirs = set(), set(busy)
+    for t in run.counted():
+        if t.params:
+            (mine if t.user_attrs.get("worker") == me else theirs).add(t.params.get("student"))
+    elsewhere = (theirs - mine) - {"none"}
+    return sorted((p for p in todo if key(p) not in keys), key=lambda p: p["student"] in elsewhere)
+
+
 def _next_candidate(run: SearchRun, resume_first: list[dict[str, Any]]) -> dict[str, Any] | str:
     """The next candidate to run (run.pending says why), or why the search stops ('time', 'exhausted')."""
     tried = run.history()
@@ -127,7 +231,7 @@ def _next_candidate(run: SearchRun, resume_first: list[dict[str, Any]]) -> dict[
     q = queue(
         list(sp.students), sp.prune_ratios, sp.quant_modes, run.budget, run.teacher_metric, run.sizes, tried
     )
-    todo = [p for p in resume_first if key(p) not in done] + q.todo
+    todo = _unclaimed(run, [p for p in resume_first if key(p) not in done] + q.todo)
     pick = next((p for p in todo if run.estimate(p, tried) <= left), None)
     run.pending.clear()
     run.pending["why"] = "queued: " + (
@@ -160,6 +264,13 @@ def _loop(
     while True:
         if trials is not None and len(run.counted()) >= trials:
             return "trials"
+        if run.worker is not None:
+            fail_stale(run.study)  # a dead worker's trial: failed and enqueued once more (a retry)
+            if _retries_waiting(run.study) and run.left() > 0:
+                run.pending.clear()
+                run.study.optimize(objective, n_trials=1, catch=(Exception,))  # pops the oldest waiting
+                run.progress.update()
+                continue
         pick = _next_candidate(run, resume_first)
         if isinstance(pick, str):
             return pick
@@ -175,7 +286,7 @@ def _summarise(
     """Select the chosen candidate and add what the search left untried, the families, the extra
     time, the int8 choice, the clock and what bound the result; printed and returned."""
     ctx, sp, plan = run.ctx, run.space, run.plan
-    found = _select(run.study, run.budget, run.teacher_metric, run.profile, run.split, sp, run.interrupted)
+    found = _select(run.study, run.budget, run.teacher_metric, run.profile, run.split, sp, run.lost())
     summary = found["summary"]
     left_queue = queue(
         list(sp.students),

@@ -11,6 +11,7 @@ from ..runner import run_stages
 from ..schedule import MAX_EXTEND, QUANT_BYTES, key
 from .progress import _params_label
 from .run import SearchRun
+from .shared import share_trial
 from .study_setup import now
 
 
@@ -22,6 +23,21 @@ class Objective:
         self.distill_steps = int(run.space.distill.get("epochs", run.plan.epochs))
 
     def __call__(self, trial: Any) -> float:
+        try:
+            return self._trial(trial)
+        except Exception as e:
+            import optuna
+
+            if not isinstance(e, optuna.TrialPruned) and "error" not in trial.user_attrs:
+                # recorded, so the scheduler counts the candidate as tried (a trial failed without an
+                # error is one whose worker was killed, and its candidate is run again)
+                msg = str(e).splitlines()[0] if str(e) else type(e).__name__
+                trial.set_user_attr("error", f"{type(e).__name__}: {msg}")
+            raise
+
+    def _trial(self, trial: Any) -> float:
+        import optuna
+
         r = self.run
         t0 = now()
         params = {
@@ -30,10 +46,25 @@ class Objective:
             "quant": trial.suggest_categorical("quant", r.space.quant_modes),
             "extend": trial.suggest_int("extend", 0, MAX_EXTEND),
         }
-        trial.set_user_attr("why", r.pending.get("why", "queued"))
+        retry = r.study.get_trials(deepcopy=False)[trial.number].system_attrs.get("failed_trial")
+        why = (
+            f"retry of trial {retry}: its worker stopped"
+            if retry is not None
+            else r.pending.get("why", "queued")
+        )
+        trial.set_user_attr("why", why)
         if "extends" in r.pending:
             trial.set_user_attr("extends", r.pending["extends"])
         label = f"trial {trial.number} {_params_label(params)}"
+        if r.worker is not None:
+            trial.set_user_attr("worker", r.worker.id)
+            other = self._claimed_elsewhere(trial, params)
+            if other is not None:  # two workers enqueued the same candidate at once: the later one yields
+                why = f"claimed by trial {other.number} (worker {other.user_attrs.get('worker')})"
+                trial.set_user_attr("duplicate_of", other.number)
+                trial.set_user_attr("seconds", 0.0)
+                trial.set_user_attr("pruned", {"stage": None, "reason": why})
+                raise optuna.TrialPruned(why)
         owners, same = self._owners_and_same(trial, params)
         if same is not None:
             return self._answer_duplicate(trial, same, label)
@@ -43,6 +74,14 @@ class Objective:
             r.sizes.get(params["student"], 0) * (1 - params["prune_ratio"]) * bytes_per / 2**20,
         )
         return self._run_candidate(trial, params, owners, label, t0)
+
+    def _claimed_elsewhere(self, trial: Any, params: dict[str, Any]) -> Any:
+        """An earlier trial of the same candidate still running (on another worker), if any."""
+        import optuna
+
+        running = self.run.study.get_trials(deepcopy=False, states=(optuna.trial.TrialState.RUNNING,))
+        same = [t for t in running if t.number < trial.number and key(t.params) == key(params)]
+        return same[0] if same else None
 
     def _owners_and_same(self, trial: Any, params: dict[str, Any]) -> tuple[dict[str, int], Any]:
         """Stage key -> the trial that ran it; and an earlier trial of the same candidate, if any."""
@@ -154,6 +193,11 @@ class Objective:
             "artifact": str(final),
             "root": str(tdir.resolve()),
         }
+        if r.worker is not None:
+            extra = share_trial(r, trial, tdir, recs, final)
+            if "p50" in extra:  # the device's latency replaces this machine's (kept for the report)
+                extra["local_p50"] = measured["p50"]
+            measured.update(extra)
         v = r.record(trial, measured)
         trial.set_user_attr("seconds", round(now() - t0, 1))
         write_json(tdir / "trial.json", {"params": params, "measured": measured, "violations": v})

@@ -43,6 +43,24 @@ class SearchRun:
     rates: dict[str, Any]
     interrupted: list[int]
     pending: dict[str, Any] = field(default_factory=dict)  # why the next trial runs (and what it extends)
+    worker: Any = None  # shared.Worker in a shared study (compress --storage), else None
+    artifacts: Any = None  # an Optuna artifact store (compress --artifacts), else None
+    latency_wait_s: float = 600.0  # how long a trial waits for a measure-worker's latency
+
+    def lost(self) -> list[int]:
+        """Trials that do not count: left RUNNING by a killed run (marked failed on resume), or, in a
+        shared study, failed by the heartbeat (their candidate was enqueued once more)."""
+        import optuna
+
+        if self.worker is None:
+            return list(self.interrupted)
+        fail = (optuna.trial.TrialState.FAIL,)
+        stale = [
+            t.number
+            for t in self.study.get_trials(deepcopy=False, states=fail)
+            if "error" not in t.user_attrs and "duplicate_of" not in t.user_attrs
+        ]
+        return sorted(set(self.interrupted) | set(stale))
 
     @property
     def reserve(self) -> float:
@@ -57,7 +75,7 @@ class SearchRun:
             optuna.trial.TrialState.PRUNED,
             optuna.trial.TrialState.FAIL,
         )
-        skip = set(self.interrupted)
+        skip = set(self.lost())
         return [t for t in self.study.get_trials(deepcopy=False, states=states) if t.number not in skip]
 
     def has_candidate(self) -> bool:

@@ -166,7 +166,7 @@ def _select(
         # the search's accounting: time, why it ran, which stages it reused, what it re-trained
         acct = {
             k: t.user_attrs[k]
-            for k in ("seconds", "why", "stages", "extends", "duplicate_of")
+            for k in ("seconds", "why", "stages", "extends", "duplicate_of", "worker", "latency_source")
             if k in t.user_attrs
         }
         if t.state == optuna.trial.TrialState.FAIL and "error" in t.user_attrs:

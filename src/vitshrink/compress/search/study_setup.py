@@ -32,17 +32,20 @@ def now() -> float:
 
 class _Clock:
     """Search time across sessions: what earlier (killed or finished) runs spent, kept in the study,
-    plus this run's since it started; saved at every epoch and trial, so a kill loses at most one epoch."""
+    plus this run's since it started; saved at every epoch and trial, so a kill loses at most one epoch.
+    A worker of a shared study (`shared=True`) keeps its own time budget: its clock starts at zero and
+    is not stored (the other workers' time is theirs)."""
 
-    def __init__(self, study: Any, t_start: float) -> None:
-        self.study, self.t_start = study, t_start
-        self.before = float(study.user_attrs.get("elapsed_s", 0.0))
+    def __init__(self, study: Any, t_start: float, shared: bool = False) -> None:
+        self.study, self.t_start, self.shared = study, t_start, shared
+        self.before = 0.0 if shared else float(study.user_attrs.get("elapsed_s", 0.0))
 
     def elapsed(self) -> float:
         return self.before + now() - self.t_start
 
     def save(self) -> None:
-        self.study.set_user_attr("elapsed_s", round(self.elapsed(), 1))
+        if not self.shared:
+            self.study.set_user_attr("elapsed_s", round(self.elapsed(), 1))
 
 
 class _SmallerPeers:
