@@ -47,6 +47,8 @@ def measure_worker(
 
     opts = SharedOptions(storage, study, artifacts)
     optuna.logging.set_verbosity(optuna.logging.ERROR)
+    if not quiet:
+        print(f"measure-worker: serving study {opts.study}", flush=True)
     st = _wait_for_study(open_storage(opts.storage, HEARTBEAT_S), opts.study, idle_exit)
     profile = get_profile(device)
     threads = threads_for(profile, threads)

@@ -3,6 +3,7 @@ training once nothing is left), and summarise the study."""
 
 from __future__ import annotations
 
+import time
 from pathlib import Path
 from typing import Any
 
@@ -153,12 +154,10 @@ def _search(
                 run.worker.stop()
     last = True
     if shared is not None:
-        others = alive_workers(run.study, shared.heartbeat_s)
-        last = finish_only or (
-            run.worker is not None and is_last(run.study, run.worker.id, shared.heartbeat_s)
-        )
+        others = alive_workers(run.study)
+        last = finish_only or (run.worker is not None and is_last(run.study, run.worker.id))
         if last:
-            lost = fail_orphans(run.study, shared.heartbeat_s)
+            lost = fail_orphans(run.study)
             if lost:
                 run.ctx.log(f"trials {lost} were left RUNNING by workers that stopped: marked failed")
         else:
@@ -198,6 +197,22 @@ def _fail_interrupted(study: Any) -> tuple[list[int], list[dict[str, Any]]]:
         interrupted.append(t.number)
     study.set_user_attr("interrupted", interrupted)
     return interrupted, resume_first
+
+
+def _others_running(run: SearchRun) -> bool:
+    """A shared study: trials other workers are running (with heartbeats, until they finish or the
+    heartbeat fails them; a journal file has none: only those of workers still beating)."""
+    import optuna
+    from optuna.storages._heartbeat import is_heartbeat_enabled
+
+    if run.worker is None:
+        return False
+    running = run.study.get_trials(deepcopy=False, states=(optuna.trial.TrialState.RUNNING,))
+    others = [t for t in running if t.user_attrs.get("worker") != run.worker.id]
+    if is_heartbeat_enabled(run.study._storage):
+        return bool(others)
+    live = alive_workers(run.study)
+    return any(t.user_attrs.get("worker") in live for t in others)
 
 
 def _retries_waiting(study: Any) -> bool:
@@ -272,6 +287,10 @@ def _loop(
                 run.progress.update()
                 continue
         pick = _next_candidate(run, resume_first)
+        if pick == "exhausted" and _others_running(run) and run.left() > 0:
+            # another worker's trial may still fail and come back as a retry: wait for it
+            time.sleep(run.worker.heartbeat_s)
+            continue
         if isinstance(pick, str):
             return pick
         run.study.enqueue_trial(pick)

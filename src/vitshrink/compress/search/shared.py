@@ -101,19 +101,29 @@ def open_storage(url: str, heartbeat_s: int = HEARTBEAT_S) -> Any:
             raise SharedStoreError(
                 "--storage postgresql:// needs psycopg: pip install 'vitshrink[distributed]'"
             ) from None
-    with warnings.catch_warnings():
-        warnings.simplefilter("ignore", optuna.exceptions.ExperimentalWarning)
-        try:
-            return _retrying_rdb()(
-                url,
-                engine_kwargs={"pool_pre_ping": True},
-                heartbeat_interval=heartbeat_s,
-                grace_period=3 * heartbeat_s,
-                heartbeat_stale_trial_callback=RetryHeartbeatStaleTrialCallback(max_retry=1),
-            )
-        except Exception as e:  # noqa: BLE001 - SQLAlchemy/driver errors vary: one line names the URL
-            msg = str(e).splitlines()[0] if str(e) else type(e).__name__
-            raise SharedStoreError(f"--storage {url}: {msg}") from None
+    import sqlalchemy.exc
+
+    transient = (sqlalchemy.exc.DBAPIError, optuna.exceptions.StorageInternalError)
+    for i in range(RETRIES):
+        with warnings.catch_warnings():
+            warnings.simplefilter("ignore", optuna.exceptions.ExperimentalWarning)
+            try:
+                return _retrying_rdb()(
+                    url,
+                    engine_kwargs={"pool_pre_ping": True},
+                    heartbeat_interval=heartbeat_s,
+                    grace_period=3 * heartbeat_s,
+                    heartbeat_stale_trial_callback=RetryHeartbeatStaleTrialCallback(max_retry=1),
+                )
+            except Exception as e:  # noqa: BLE001 - SQLAlchemy/driver errors vary: one line names the URL
+                # Workers starting together on an empty database race to create Optuna's tables (a
+                # unique violation for the loser), and a server may be briefly unreachable: retry.
+                if i < RETRIES - 1 and isinstance(e, transient):
+                    time.sleep(0.5 * 2**i * (0.5 + random.random()))
+                    continue
+                msg = str(e).splitlines()[0] if str(e) else type(e).__name__
+                raise SharedStoreError(f"--storage {url}: {msg}") from None
+    raise AssertionError("unreachable")
 
 
 def open_artifacts(spec: str | None) -> Any:
@@ -206,6 +216,7 @@ class Worker:
             "out": str(self.out.resolve()),
             "started": round(time.time(), 1),
             "state": "running",
+            "heartbeat_s": self.heartbeat_s,
         }
 
     @property
@@ -244,11 +255,11 @@ class Worker:
         self.beat(state=state, done_at=time.time())
 
 
-def is_last(study: Any, me: str, heartbeat_s: int = HEARTBEAT_S) -> bool:
+def is_last(study: Any, me: str) -> bool:
     """Whether this (stopped) worker ships the model: no other worker is alive, and of those that
     finished, it finished last (each writes `done_at` before it looks, so of two finishing together
     the second sees the first's, and exactly one is last)."""
-    if alive_workers(study, heartbeat_s) - {me}:
+    if alive_workers(study) - {me}:
         return False
     done = {w: float(v.get("done_at", 0)) for w, v in workers(study).items() if v.get("state") == "done"}
     return not done or max(done, key=lambda w: (done[w], w)) == me
@@ -259,13 +270,14 @@ def workers(study: Any, role: str = "worker") -> dict[str, dict[str, Any]]:
     return {k.split(":", 1)[1]: v for k, v in study.user_attrs.items() if k.startswith(role + ":")}
 
 
-def alive_workers(study: Any, heartbeat_s: int = HEARTBEAT_S, role: str = "worker") -> set[str]:
-    """Workers still running: registered as running and beating within 3 beats."""
+def alive_workers(study: Any, role: str = "worker") -> set[str]:
+    """Workers still running: registered as running and beating within 3 of their own beats."""
     now = time.time()
     return {
         w
         for w, v in workers(study, role).items()
-        if v.get("state") == "running" and now - float(v.get("seen", 0)) < 3 * heartbeat_s
+        if v.get("state") == "running"
+        and now - float(v.get("seen", 0)) < 3 * float(v.get("heartbeat_s", HEARTBEAT_S))
     }
 
 
@@ -278,13 +290,13 @@ def fail_stale(study: Any) -> None:
         optuna.storages.fail_stale_trials(study)
 
 
-def fail_orphans(study: Any, heartbeat_s: int = HEARTBEAT_S) -> list[int]:
+def fail_orphans(study: Any) -> list[int]:
     """At the end: RUNNING trials whose worker is gone (a journal file has no heartbeats) are failed,
     so no trial stays RUNNING after the search; returns their numbers."""
     import optuna
 
     fail_stale(study)
-    live = alive_workers(study, heartbeat_s)
+    live = alive_workers(study)
     out = []
     for t in study.get_trials(deepcopy=False, states=(optuna.trial.TrialState.RUNNING,)):
         if t.user_attrs.get("worker") not in live:
@@ -375,7 +387,7 @@ def share_trial(
     if run.artifacts is not None:
         ids = upload_trial(run.artifacts, trial, root, records)
         trial.set_user_attr("uploads", ids)
-    if "latency_ms" in run.budget and alive_workers(run.study, run.worker.heartbeat_s, role="measurer"):
+    if "latency_ms" in run.budget and alive_workers(run.study, role="measurer"):
         rel = os.path.relpath(final, root)
         got = wait_for_latency(run, trial, str(final), ids.get(rel))
         if got is not None:
