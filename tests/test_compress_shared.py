@@ -48,13 +48,19 @@ def postgres():
     init = [str(bindir / "initdb"), "-D", str(data), "-U", "postgres", "--auth=trust", "--no-sync"]
     subprocess.run(as_user + init, check=True, capture_output=True)
     opts = f"-k {d} -c listen_addresses='' -c fsync=off"
-    ctl = [str(bindir / "pg_ctl"), "-D", str(data), "-l", str(d / "log")]
-    subprocess.run(as_user + ctl + ["-o", opts, "-w", "start"], check=True, capture_output=True)
+    ctl = as_user + [str(bindir / "pg_ctl"), "-D", str(data), "-l", str(d / "log")]
+    start = ctl + ["-o", opts, "-w", "start"]
+    subprocess.run(start, check=True, capture_output=True)
     try:
-        yield f"postgresql://postgres@/postgres?host={d}"
+        yield f"postgresql://postgres@/postgres?host={d}", ctl, start
     finally:
-        subprocess.run(as_user + ctl + ["-m", "immediate", "stop"], capture_output=True)
+        subprocess.run(ctl + ["-m", "immediate", "stop"], capture_output=True)
         shutil.rmtree(d, ignore_errors=True)
+
+
+@pytest.fixture
+def pg(postgres) -> str:
+    return postgres[0]
 
 
 @pytest.fixture(scope="module")
@@ -131,26 +137,26 @@ def _check_shared_run(study, results: list[dict], outs: list[Path]) -> None:
 
 @needs_fmnist
 @needs_pg
-def test_two_workers_share_one_study_and_one_ships(teacher, postgres, tmp_path):
+def test_two_workers_share_one_study_and_one_ships(teacher, pg, tmp_path):
     outs = [tmp_path / "w1", tmp_path / "w2"]
-    procs = [_start(teacher, o, postgres, "two") for o in outs]
+    procs = [_start(teacher, o, pg, "two") for o in outs]
     results = [_result(p) for p in procs]
-    _check_shared_run(_study(postgres, "two"), results, outs)
+    _check_shared_run(_study(pg, "two"), results, outs)
 
 
 @needs_fmnist
 @needs_pg
-def test_a_killed_workers_trial_is_retried_by_another(teacher, postgres, tmp_path):
+def test_a_killed_workers_trial_is_retried_by_another(teacher, pg, tmp_path):
     import optuna
 
     outs = [tmp_path / "w1", tmp_path / "w2"]
-    victim = _start(teacher, outs[0], postgres, "kill", stage_delay=3)
-    survivor = _start(teacher, outs[1], postgres, "kill", stage_delay=3)
+    victim = _start(teacher, outs[0], pg, "kill", stage_delay=3)
+    survivor = _start(teacher, outs[1], pg, "kill", stage_delay=3)
     t0, killed = time.time(), None
     while killed is None and time.time() - t0 < TIMEOUT:
         time.sleep(0.5)
         try:
-            study = _study(postgres, "kill")
+            study = _study(pg, "kill")
         except KeyError:
             continue
         for t in study.get_trials(states=(optuna.trial.TrialState.RUNNING,)):
@@ -162,7 +168,7 @@ def test_a_killed_workers_trial_is_retried_by_another(teacher, postgres, tmp_pat
     assert killed is not None, "the victim never ran a trial"
     victim.wait(timeout=10)
     result = _result(survivor)
-    study = _study(postgres, "kill")
+    study = _study(pg, "kill")
     trials = {t.number: t for t in study.trials}
     assert trials[killed].state == optuna.trial.TrialState.FAIL
     (retry,) = [t for t in study.trials if t.system_attrs.get("failed_trial") == killed]
@@ -176,17 +182,17 @@ def test_a_killed_workers_trial_is_retried_by_another(teacher, postgres, tmp_pat
 
 @needs_fmnist
 @needs_pg
-def test_a_measure_worker_supplies_the_latencies(teacher, postgres, tmp_path):
+def test_a_measure_worker_supplies_the_latencies(teacher, pg, tmp_path):
     env = {**os.environ, "PYTHONPATH": str(ROOT / "src"), "OMP_NUM_THREADS": "1"}
-    cmd = [sys.executable, "-m", "vitshrink.cli", "measure-worker", "--storage", postgres, "--study", "lat"]
+    cmd = [sys.executable, "-m", "vitshrink.cli", "measure-worker", "--storage", pg, "--study", "lat"]
     cmd += ["--artifacts", str(tmp_path / "artifacts"), "--runs", "2", "--rounds", "1", "--threads", "1"]
     measurer = subprocess.Popen(cmd + ["--idle-exit", "120"], stdout=subprocess.PIPE, text=True, env=env)
     budget = "latency_ms=1000,max_drop=1.0"
-    w = _start(teacher, tmp_path / "w", postgres, "lat", budget=budget, wait_for={"worker": 1, "measurer": 1})
+    w = _start(teacher, tmp_path / "w", pg, "lat", budget=budget, wait_for={"worker": 1, "measurer": 1})
     assert _result(w)["shipped"]
     out, _ = measurer.communicate(timeout=60)
     assert measurer.returncode == 0 and "measured" in out
-    study = _study(postgres, "lat")
+    study = _study(pg, "lat")
     summary = json.loads((tmp_path / "w" / "search.json").read_text())
     assert len(summary["trials"]) == len(MODES)
     for r in summary["trials"]:
@@ -223,3 +229,24 @@ def test_a_journal_file_works_too_and_finish_fetches_the_chosen_trial(teacher, t
     assert res["met"] and Path(res["final"]).read_bytes() == (tmp_path / "w" / "model.onnx").read_bytes()
     fetched = [p.name for p in (tmp_path / "finish" / "trials").iterdir()]
     assert len(fetched) == 1 and "-" in fetched[0]  # NNN-WORKER: downloaded, not the worker's folder
+
+
+@needs_pg
+def test_a_dropped_database_connection_is_retried(postgres):
+    import threading
+
+    from vitshrink.compress.search.shared import open_storage
+
+    url, ctl, start = postgres
+    import optuna
+
+    study = optuna.create_study(storage=open_storage(url), study_name="drop")
+    study.set_user_attr("before", 1)
+    subprocess.run(ctl + ["-m", "fast", "stop"], check=True, capture_output=True)  # every connection drops
+    restart = threading.Timer(1.5, lambda: subprocess.run(start, check=True, capture_output=True))
+    restart.start()
+    try:
+        study.set_user_attr("during", 2)  # refused at first, then retried with back-off until it is back
+    finally:
+        restart.join()
+    assert study.user_attrs == {"before": 1, "during": 2}
