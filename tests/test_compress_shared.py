@@ -250,3 +250,43 @@ def test_a_dropped_database_connection_is_retried(postgres):
     finally:
         restart.join()
     assert study.user_attrs == {"before": 1, "during": 2}
+
+
+def test_two_workers_never_share_an_out(tmp_path):
+    import optuna
+
+    from vitshrink.compress.search.shared import SharedStoreError, Worker, open_storage
+
+    optuna.logging.set_verbosity(optuna.logging.ERROR)
+    study = optuna.create_study(storage=open_storage(f"journal:{tmp_path / 's.log'}"), study_name="s")
+    out = tmp_path / "out"
+    out.mkdir()
+    first = Worker(study, out, heartbeat_s=1)
+    first.start()
+    try:
+        with pytest.raises(SharedStoreError, match="give each worker its own --out"):
+            Worker(study, out, heartbeat_s=1).start()
+    finally:
+        first.stop()
+    Worker(study, out, heartbeat_s=1).start()  # once the first has finished, the folder is free again
+
+
+@pytest.mark.parametrize(
+    "kw, message",
+    [
+        ({"budget": "max_drop=0.1", "artifacts": "a"}, "--artifacts needs --storage"),
+        ({"finish_only": True}, "--finish needs --storage"),
+        (
+            {"finish_only": True, "storage": "journal:x.log", "study": "s", "budget": "max_drop=0.1"},
+            "--finish",
+        ),
+        ({"recipe": [{"export": None}], "storage": "journal:x.log", "study": "s"}, "budget mode only"),
+        ({"budget": "max_drop=0.1", "storage": "journal:x.log"}, "--storage needs --study"),
+    ],
+)
+def test_shared_options_are_checked_first(tmp_path, kw, message):
+    from vitshrink.compress import compress
+    from vitshrink.errors import VitshrinkError
+
+    with pytest.raises(VitshrinkError, match=message):
+        compress(tmp_path / "m", "fashion-mnist", out=tmp_path / "o", **kw)
