@@ -130,13 +130,13 @@ def _search(teacher: Path, out: Path, **kw):
 def test_a_pruned_trial_is_recorded_as_pruned(teacher, tmp_path, monkeypatch):
     import optuna
 
-    import vitshrink.compress.search as search
+    import vitshrink.compress.search.study_setup as study_setup
 
     class PruneAllButFirst(optuna.pruners.BasePruner):
         def prune(self, study, trial):
             return trial.number > 0
 
-    monkeypatch.setattr(search, "_pruner", lambda name: PruneAllButFirst())
+    monkeypatch.setattr(study_setup, "_pruner", lambda name: PruneAllButFirst())
     out = tmp_path / "pruned"
     _search(teacher, out, trials=2, search={**SEARCH, "students": SEARCH["students"][1:]})
     summary = json.loads((out / "search.json").read_text())
@@ -365,13 +365,16 @@ def fake_search(tmp_path, monkeypatch):
     import vitshrink.bench as bench
     import vitshrink.compress.runner as runner
     import vitshrink.compress.search as search
+    import vitshrink.compress.search.loop as loop
+    import vitshrink.compress.search.measure as measure
+    import vitshrink.compress.search.study_setup as study_setup
     import vitshrink.compress.stages.base as stage_base
     from vitshrink.compress.context import make_context
     from vitshrink.compress.devices import get_profile
     from vitshrink.models import build_model, save_model
 
     clock = FakeClock()
-    monkeypatch.setattr(search, "_now", clock)
+    monkeypatch.setattr(study_setup, "_now", clock)
     monkeypatch.setattr(runner, "time", types.SimpleNamespace(time=clock))
     net, meta = build_model("vit-micro", task="classification", image_size=28, num_channels=1, num_labels=10)
     teacher = save_model(net, meta, tmp_path / "teacher", stage="build", options={})
@@ -435,11 +438,11 @@ def fake_search(tmp_path, monkeypatch):
         return Throughput(0.001, dict.fromkeys(labels, 0.2), dict.fromkeys(labels, 0.001), 5.0)
 
     monkeypatch.setattr(stage_base, "export_model", export)
-    monkeypatch.setattr(search, "evaluate_artifact", evaluate)
+    monkeypatch.setattr(measure, "evaluate_artifact", evaluate)
     monkeypatch.setattr(bench, "bench_many", bench_many)
-    monkeypatch.setattr(search, "measure_throughput", rates)
+    monkeypatch.setattr(study_setup, "measure_throughput", rates)
     monkeypatch.setattr(
-        search, "_predicted_params", lambda ctx, space: {k: v[0] for k, v in FAKE_STUDENTS.items()}
+        loop, "_predicted_params", lambda ctx, space: {k: v[0] for k, v in FAKE_STUDENTS.items()}
     )
     for kind, fn in (("distill", distill), ("prune", prune), ("quantize", quantize)):
         monkeypatch.setattr(KINDS[kind], "run", fn)

@@ -242,8 +242,33 @@ def cmd_compress(a: argparse.Namespace) -> None:
         quiet=a.quiet,
         data_options=a.data_opt,
         time_budget=a.time_budget,
+        storage=a.storage,
+        study=a.study,
+        artifacts=a.artifacts,
+        finish_only=a.finish,
+        heartbeat=a.heartbeat,
     )
+    if res.get("shipped") is False:
+        print(f"worker done ({res['search']}); the last worker (or compress --finish) writes the model")
+        return
     print(f"final artifact: {res.get('final')}")
+
+
+def cmd_measure_worker(a: argparse.Namespace) -> None:
+    from .compress.measure_worker import measure_worker
+
+    res = measure_worker(
+        a.storage,
+        a.study,
+        artifacts=a.artifacts,
+        device=a.device,
+        threads=a.threads,
+        runs=a.runs,
+        rounds=a.rounds,
+        idle_exit=a.idle_exit,
+        quiet=a.quiet,
+    )
+    print(f"measured {len(res['measured'])} candidates on {res['device']}")
 
 
 def cmd_report(a: argparse.Namespace) -> None:
@@ -327,6 +352,7 @@ HANDLERS: dict[str, Callable[[argparse.Namespace], None]] = {
     "predict": cmd_predict,
     "trt-recipe": cmd_trt,
     "compress": cmd_compress,
+    "measure-worker": cmd_measure_worker,
     "report": cmd_report,
     "presets": cmd_presets,
 }

@@ -675,6 +675,18 @@ _THREADS = _arg("threads", None, None, POS_INT)
 _MODEL_OUT = (Output("out", "model"), Output("out", "ckpt"))
 _VIDEO = "video (FILE.mp4 / .mov / .avi / .mkv, or folders with --frames)"
 
+_SHARED = "search on several machines (budget mode)"
+_STORAGE = _arg(
+    "storage",
+    None,
+    "Optuna storage shared by the workers: postgresql://.., mysql://.., sqlite:///.., journal:PATH",
+    section=_SHARED,
+)
+_STUDY = _arg("study", None, "study name: every worker that names it joins one search", section=_SHARED)
+_ARTIFACTS = _arg(
+    "artifacts", None, "artifact store for the trials' files: a folder or s3://bucket/prefix", section=_SHARED
+)
+
 _COMMANDS: tuple[Command, ...] = (
     Command(
         "train",
@@ -876,11 +888,50 @@ _COMMANDS: tuple[Command, ...] = (
             ),
             # text: compress.parse_duration validates it (one-line errors), default 30m printed at start
             _arg("time_budget", None, "budget mode: wall time for the whole run, e.g. 30m, 2h, 90s"),
+            _STORAGE,
+            _STUDY,
+            _ARTIFACTS,
+            _arg(
+                "finish",
+                False,
+                "write OUT from the shared study as it stands (the budget is read from the study)",
+                action="store_true",
+                group="recipe",
+                section=_SHARED,
+                kwarg="finish_only",
+            ),
+            _arg(
+                "heartbeat",
+                None,
+                "seconds between a worker's heartbeats (default 15; a trial is failed after 3 missed)",
+                POS_INT,
+                section=_SHARED,
+            ),
         ),
         ("vitshrink.compress:compress",),
         (Output("out", "run", into=True),),
         ("model", "data", "recipe"),
         required_groups=("recipe",),
+    ),
+    Command(
+        "measure-worker",
+        "Benchmark a shared budget search's candidates on this device (run it on the target).",
+        (
+            replace(_STORAGE, required=True, section=None),
+            replace(_STUDY, required=True, section=None),
+            replace(_ARTIFACTS, section=None, help="the search workers' artifact store (folder or s3://)"),
+            _arg("device", "cpu", None, choices=("cpu", "cuda", "jetson-nano")),
+            replace(_THREADS, help="intra-op threads"),
+            _arg("runs", 20, None, POS_INT),
+            _arg("rounds", 3, None, POS_INT),
+            _arg(
+                "idle_exit",
+                None,
+                "stop after this many seconds with nothing to measure (default: when the search ends)",
+                POS_FLOAT,
+            ),
+        ),
+        ("vitshrink.compress.measure_worker:measure_worker",),
     ),
     Command(
         "report",

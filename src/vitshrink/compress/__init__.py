@@ -73,6 +73,11 @@ def compress(
     bench_runs: int = 20,
     bench_rounds: int = 3,
     time_budget: str | float | None = None,
+    storage: str | None = None,
+    study: str | None = None,
+    artifacts: str | None = None,
+    finish_only: bool = False,
+    heartbeat: int | None = None,
 ) -> dict[str, Any]:
     """Compress MODEL (the teacher, a model directory) on DATA into OUT; exactly one of recipe / budget.
 
@@ -84,10 +89,22 @@ def compress(
     time_budget: budget mode only: the whole run's wall time, "30m", "2h", "90s" or seconds
     (default 30m); a resumed search counts the time earlier runs spent. It ends the search;
     trials: at most this many trials (default: no cap).
+    storage, study: budget mode: join the Optuna study NAME in storage URL (postgresql://, mysql://,
+    sqlite:///, or journal:PATH on a shared folder), shared by every worker that names it; each keeps
+    its own OUT and time budget, and the last to finish writes the model (see README, "Search on
+    several machines"). artifacts: an artifact store (folder or s3://bucket/prefix) for the trials'
+    files. finish_only (--finish): write OUT from the shared study as it stands (no --budget: it is read from the
+    study). heartbeat: seconds between a worker's heartbeats (a trial is failed after 3 missed).
     Returns {"final": deployable ONNX, "results": results.json, "report": report.html, "trt": dir or
     None, "stages": results.json stages, "met": budget met (budget mode)}.
     """
-    if (recipe is None) == (budget is None):
+    if finish_only and (storage is None or recipe is not None or budget is not None):
+        raise VitshrinkError("--finish needs --storage and --study, and no --recipe or --budget")
+    if (storage is not None or artifacts is not None) and recipe is not None:
+        raise VitshrinkError("--storage/--artifacts apply to budget mode only")
+    if artifacts is not None and storage is None:
+        raise VitshrinkError("--artifacts needs --storage (the study the workers share)")
+    if (recipe is None) == (budget is None) and not finish_only:
         raise VitshrinkError("compress needs exactly one of --recipe or --budget")
     if recipe is not None and search:
         raise VitshrinkError("search options apply to budget mode only (a recipe fixes every stage)")
@@ -132,7 +149,12 @@ def compress(
         ctx.log(f"final artifact: {res['final']}")
         return res
 
-    bud = parse_budget(budget)  # type: ignore[arg-type]
+    shared = None
+    if storage is not None:
+        from .search.shared import HEARTBEAT_S, SharedOptions
+
+        shared = SharedOptions(storage, study or "", artifacts, heartbeat or HEARTBEAT_S)
+    bud = None if finish_only else parse_budget(budget)  # type: ignore[arg-type]
     seconds = parse_duration(DEFAULT_TIME_BUDGET if time_budget is None else time_budget)
     ctx = make_context(model, data, dict(data_options or {}), quiet)
     ctx.log(
@@ -153,8 +175,16 @@ def compress(
         bench_rounds=bench_rounds,
         time_budget=seconds,
         t_start=t_start,
+        shared=shared,
+        finish_only=finish_only,
     )
-    chosen, summary = found["chosen"], found["summary"]
+    chosen, summary, bud = found["chosen"], found["summary"], found["budget"]
+    from ..artifacts import write_json
+
+    if not found["last"]:  # a shared study's other workers are still searching: the last one ships
+        write_json(out / "search.json", summary)
+        ctx.log("this worker is done; the last worker (or compress --finish) writes the model")
+        return {"final": None, "met": found["met"], "search": str(out / "search.json"), "shipped": False}
     root = Path(chosen["root"])
     records = read_json(root / "state.json")["stages"]
     stages = measure(
@@ -168,8 +198,6 @@ def compress(
         runs=bench_runs,
         rounds=bench_rounds,
     )
-    from ..artifacts import write_json
-
     write_json(out / "search.json", summary)
     res = finish(
         out,

@@ -321,6 +321,10 @@ def _search_accounting(s: dict[str, Any]) -> list[tuple[str, str]]:
     ]
     for r in sorted(trials, key=lambda r: r.get("number", 0)):
         parts = [f"{r.get('seconds') or 0:.0f} s", str(r.get("why") or "")]
+        if r.get("worker"):  # a shared study (compress --storage): who ran it, where its latency came from
+            parts.insert(0, f"worker {r['worker']}")
+        if r.get("latency_source"):
+            parts.append(f"latency from {r['latency_source']}")
         reused = [
             f"{st.get('kind')} from trial {st['reused_from']}"
             for st in r.get("stages") or []
