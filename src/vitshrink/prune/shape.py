@@ -1,11 +1,13 @@
-"""Depth or width? Pick the split of a pruning budget that runs fastest (`prune --depth-ratio auto`).
+"""Depth or width? Pick the split of a pruning budget that runs fastest (`prune`'s default, and
+`--depth-ratio auto`).
 
 At high ratios uniform width pruning leaves the op count unchanged while every op shrinks, so fixed
 per-op costs dominate: DeiT-S at width 0.75 runs 7.0x faster for 13.9x fewer MACs (ONNX Runtime, 2
 threads), while dropping half its blocks and half its widths reaches 10.7x for 14.6x fewer MACs
 (benchmarks/prune_speed.py). For a budget (parameters or MACs), each candidate depth ratio gets the
 width ratio that meets the same budget; candidates are timed on this machine and the fastest kept
-(near ties go to the shallower cut, which keeps more of the trained network). Written here because
+(near ties go to the candidate with fewer blocks removed, which keeps more of the trained network;
+so the default stays widths-only unless dropping blocks measures faster at the same MACs). Written here because
 Torch-Pruning prunes channels, not layers, and has no notion of a latency-optimal shape.
 """
 
