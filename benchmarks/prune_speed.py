@@ -242,7 +242,10 @@ def reload_check(model: nn.Module, x: torch.Tensor) -> str:
             back = type(model).from_pretrained(d).eval()
         except Exception as e:  # noqa: BLE001 - we report whatever transformers says
             pickled = io.BytesIO()
-            torch.save(model, pickled)
+            try:
+                torch.save(model, pickled)
+            except Exception as e2:  # noqa: BLE001 - e.g. transformers' output hooks are local functions
+                return f"no ({type(e).__name__}); torch.save fails too ({type(e2).__name__})"
             return f"no ({type(e).__name__}); torch.save only ({len(pickled.getvalue()) / 1e6:.0f} MB pickle)"
     with torch.no_grad():
         diff = float((back(pixel_values=x).logits - model(pixel_values=x).logits).abs().max())
