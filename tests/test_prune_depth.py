@@ -197,14 +197,18 @@ def test_the_default_drops_blocks_only_where_that_times_faster_at_equal_macs(tmp
     import vitshrink.prune as P
 
     net, meta = build_model(
-        "vit-micro", image_size=16, num_channels=1, num_labels=3, num_hidden_layers=4, hidden_size=32
+        "vit-micro", image_size=16, num_channels=1, num_labels=3, num_hidden_layers=2, hidden_size=32
     )
     save_model(net, meta, tmp_path / "m")
     # the probe stands in for onnxruntime: first each block costs time, then nothing is faster
     monkeypatch.setattr(P, "_latency_ms", lambda m, x: float(m.config.num_hidden_layers))
     out, m = prune(tmp_path / "m", tmp_path / "deep", ratio=0.5, quiet=True)
     rec = json.loads((out / "vitshrink.json").read_text())["history"][-1]["options"]
-    assert rec["depth_ratio"] == 0.5 and rec["shape"] == {"depth_ratio": "auto (default)", "ratio": 0.5}
+    assert (
+        rec["depth_ratio"] == 0.5
+        and m["config"]["num_hidden_layers"] == 1
+        and rec["shape"] == {"depth_ratio": "auto (default)", "ratio": 0.5}
+    )
     x = torch.randn(1, 1, 16, 16)
     widths_only = prune_model(
         load_model(tmp_path / "m")[0], ratio=0.5, round_to=rec["round_to"], example_inputs=x
@@ -220,7 +224,7 @@ def test_the_default_drops_blocks_only_where_that_times_faster_at_equal_macs(tmp
     monkeypatch.setattr(P, "_latency_ms", lambda m, x: pytest.fail("timed"))
     table = {"0": 2.0, "0.9": 0.5}  # a latency budget from another device's table
     _, m = prune(tmp_path / "m", tmp_path / "lat", target_latency_ms=1.0, latency_table=table, quiet=True)
-    assert "shape_candidates" not in m and m["config"]["num_hidden_layers"] == 4
+    assert "shape_candidates" not in m and m["config"]["num_hidden_layers"] == 2
 
 
 def test_a_size_budget_gives_the_mlp_what_whole_heads_leave(tmp_path):
