@@ -171,6 +171,8 @@ def prune(
     budget = _Budget(ratio, target_params, target_macs, target_latency_ms, latency_table)
     rounding = _rounding(round_to, target_cpu)
     round_to = rounding["multiple"]
+    if not quiet:
+        print(f"widths: multiples of {round_to} ({rounding['why']})")
     req = _validate(
         budget,
         round_to=round_to,
