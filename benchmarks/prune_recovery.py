@@ -44,7 +44,7 @@ import torch
 from torch import nn
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))  # benchmarks/ is not a package
-from prune_speed import reload_check, tp_prune  # noqa: E402 - Torch-Pruning's recipe, shared
+from prune_speed import head_caps, output_layers, reload_check, tp_prune  # noqa: E402 - Torch-Pruning's recipe, shared
 
 from vitshrink.artifacts import write_json  # noqa: E402
 from vitshrink.data import load_dataset  # noqa: E402
@@ -58,26 +58,6 @@ from vitshrink.tasks import TASK_METRIC  # noqa: E402
 from vitshrink.train import fit  # noqa: E402
 
 TASKS = ("classification", "segmentation")
-
-
-def output_layers(model: nn.Module) -> list[nn.Module]:
-    """The class-prediction layers (`classifier`, `decode_head.classifier`, ...): Torch-Pruning keeps them."""
-    return [m for name, m in model.named_modules() if name.rsplit(".", 1)[-1] == "classifier"]
-
-
-def head_caps(model: nn.Module, ratio: float) -> dict[nn.Module, float]:
-    """Per-attention head ratios that never remove the last head.
-
-    Torch-Pruning removes ceil(ratio * heads) heads per layer, so single-head layers (SegFormer's first
-    stages) would lose their only head and the model would break; capping at (heads - 1) / heads, with
-    its own `head_pruning_ratio_dict`, is the smallest change that makes the recipe run.
-    """
-    caps = {}
-    for m in model.modules():
-        heads = getattr(m, "num_attention_heads", None)
-        if hasattr(m, "q_proj") and isinstance(heads, int) and (heads - 1) / heads < ratio:
-            caps[m] = (heads - 1) / heads
-    return caps
 
 
 def tp_prune_to_params(

@@ -11,7 +11,7 @@ import transformers as T
 from vitshrink.errors import UnsupportedFamilyError, VitshrinkError
 from vitshrink.models import build_model, load_model, save_model
 from vitshrink.prune import prune
-from vitshrink.prune.core import count_params, prune_model
+from vitshrink.prune.core import count_macs, count_params, prune_model
 from vitshrink.prune.depth import block_influence, drop_blocks, kept_depth
 
 torch.set_num_threads(1)
@@ -191,6 +191,40 @@ def test_prune_depth_auto_records_the_choice(tmp_path):
     assert rec["depth_ratio"] in (0.0, 0.25, 0.5)
     with pytest.raises(VitshrinkError, match="'auto' needs ratio"):
         prune(tmp_path / "m", tmp_path / "q", target_latency_ms=1.0, depth_ratio="auto", quiet=True)
+
+
+def test_the_default_drops_blocks_only_where_that_times_faster_at_equal_macs(tmp_path, monkeypatch):
+    import vitshrink.prune as P
+
+    net, meta = build_model(
+        "vit-micro", image_size=16, num_channels=1, num_labels=3, num_hidden_layers=2, hidden_size=32
+    )
+    save_model(net, meta, tmp_path / "m")
+    # the probe stands in for onnxruntime: first each block costs time, then nothing is faster
+    monkeypatch.setattr(P, "_latency_ms", lambda m, x: float(m.config.num_hidden_layers))
+    out, m = prune(tmp_path / "m", tmp_path / "deep", ratio=0.5, quiet=True)
+    rec = json.loads((out / "vitshrink.json").read_text())["history"][-1]["options"]
+    assert (
+        rec["depth_ratio"] == 0.5
+        and m["config"]["num_hidden_layers"] == 1
+        and rec["shape"] == {"depth_ratio": "auto (default)", "ratio": 0.5}
+    )
+    x = torch.randn(1, 1, 16, 16)
+    widths_only = prune_model(
+        load_model(tmp_path / "m")[0], ratio=0.5, round_to=rec["round_to"], example_inputs=x
+    )
+    assert m["macs_after"] <= count_macs(widths_only, x)  # equal MACs (within rounding), not fewer params
+    assert all(r["macs"] >= 0.9 * count_macs(widths_only, x) for r in m["shape_candidates"])
+    monkeypatch.setattr(P, "_latency_ms", lambda m, x: 1.0)  # a tie: widths only, exactly the ratio
+    out, m = prune(tmp_path / "m", tmp_path / "tie", ratio=0.5, quiet=True)
+    rec = json.loads((out / "vitshrink.json").read_text())["history"][-1]["options"]
+    assert rec["depth_ratio"] == 0.0 and rec["ratio"] == rec["ratio_mlp"] == 0.5
+    assert m["params_after"] == count_params(widths_only)
+    # where no split can be searched, the default is widths only and nothing is timed
+    monkeypatch.setattr(P, "_latency_ms", lambda m, x: pytest.fail("timed"))
+    table = {"0": 2.0, "0.9": 0.5}  # a latency budget from another device's table
+    _, m = prune(tmp_path / "m", tmp_path / "lat", target_latency_ms=1.0, latency_table=table, quiet=True)
+    assert "shape_candidates" not in m and m["config"]["num_hidden_layers"] == 2
 
 
 def test_a_size_budget_gives_the_mlp_what_whole_heads_leave(tmp_path):

@@ -80,3 +80,26 @@ def runs_exactly_here(quantized_for: str | None, here: str | None = None) -> boo
     if quantized_for not in ("vnni", "arm64"):
         return True  # float models and 7-bit (avx2) int8 run exactly anywhere; no need to probe the CPU
     return (here or detect_cpu()) != "avx2"
+
+
+# fp32 lanes of the widest vector unit the int8/fp32 GEMM kernels use: AVX-512 16, AVX2 8. ARM64 NEON
+# holds 4 fp32 or 8 fp16 lanes; 8 serves both. A named 'vnni' means an AVX-512 VNNI server part.
+SIMD_LANES = {"avx2": 8, "vnni": 16, "arm64": 8}
+
+
+def width_multiple(target_cpu: str = "auto", flags: frozenset[str] | None = None) -> tuple[int, str]:
+    """(multiple, why) that pruned widths (heads x head size, MLP widths) should be rounded to on a CPU.
+
+    A width that is not a multiple of the vector width leaves a partly filled vector (or a scalar tail
+    loop) in every GEMM row. 'auto' looks at this CPU: AVX-VNNI without AVX-512 (client x86) is 8 lanes.
+    """
+    cpu = detect_cpu(flags=flags) if target_cpu == "auto" else resolve_target_cpu(target_cpu)
+    lanes = SIMD_LANES[cpu]
+    if target_cpu == "auto" and cpu == "vnni":
+        flags = cpu_flags() if flags is None else flags
+        lanes = 16 if "avx512f" in flags else 8
+    unit = {
+        "avx2": "AVX2 vectors hold 8 fp32",
+        "arm64": "NEON vectors hold 4 fp32 or 8 fp16 (8 serves both)",
+    }.get(cpu, f"{'AVX-512' if lanes == 16 else 'AVX-VNNI (256-bit)'} vectors hold {lanes} fp32")
+    return lanes, f"{'detected' if target_cpu == 'auto' else 'named'} CPU {cpu}: {unit}"

@@ -442,7 +442,19 @@ PRUNE: tuple[Option, ...] = (
         types=(str, list),
         check=_granularity,
     ),
-    Option("round_to", 8, "keep widths multiples of this (hardware-friendly)", POS_INT),
+    Option(
+        "round_to",
+        None,
+        "keep widths multiples of this (default: the target CPU's vector width: 16 AVX-512, 8 AVX2 / "
+        "arm64; compress --device: the device's, 32 for jetson-nano)",
+        POS_INT,
+    ),
+    Option(
+        "target_cpu",
+        "auto",
+        "CPU the pruned model will run on (auto = this one): sets the default --round-to",
+        choices=TARGET_CPUS,
+    ),
     Option("steps", 1, "prune in this many equal steps", POS_INT),
     Option("recover_epochs", 0, "distillation epochs after each step (needs --data)", NONNEG_INT),
     Option("teacher", None, "teacher for recovery (default: the unpruned model)", recipe=False),
@@ -470,10 +482,11 @@ PRUNE: tuple[Option, ...] = (
     ),
     Option(
         "depth_ratio",
-        0.0,
+        None,
         "first remove this fraction of the transformer blocks per stage, least influential first (ViT, "
-        "DeiT, Swin, SegFormer); 'auto': split the budget between depth (0, 0.25, 0.5) and width, fastest "
-        "measured here wins",
+        "DeiT, Swin, SegFormer); 'auto': split the budget between depth (0, 0.25, 0.5) and width at equal "
+        "MACs, fastest measured here wins (width only on a speed tie); default: auto where it applies "
+        "(those families, a ratio / params / MACs budget, fixed --granularity), else 0",
         fraction_or_auto,
     ),
     Option(

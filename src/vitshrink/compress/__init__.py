@@ -26,7 +26,7 @@ from typing import Any
 from ..artifacts import read_json
 from ..errors import VitshrinkError
 from .context import make_context
-from .devices import PROFILES, DeviceProfile, get_profile, threads_for
+from .devices import PROFILES, DeviceProfile, get_profile, threads_for, width_rule
 from .plan import DEFAULT_TIME_BUDGET, Plan, Throughput, fmt_minutes, parse_duration, plan_search
 from .recipe import SCHEMA, Recipe, RecipeError, Stage, load_recipe, parse_recipe, validate_stage
 from .runner import finish, measure, run_stages
@@ -123,7 +123,10 @@ def compress(
         ctx = make_context(model, data, data_opts, quiet)
         out.mkdir(parents=True, exist_ok=True)
         records = run_stages(
-            rec.stages, ctx, out, evaluate={"split": "test", "limit": limit, "threads": threads}
+            device_widths(rec.stages, profile),
+            ctx,
+            out,
+            evaluate={"split": "test", "limit": limit, "threads": threads},
         )
         stages = measure(
             records,
@@ -162,6 +165,9 @@ def compress(
         + (" (the default; set it with --time-budget)" if time_budget is None else "")
     )
     out.mkdir(parents=True, exist_ok=True)
+    search = dict(search or {})
+    cpu = search.get("quantize", {}).get("target_cpu", "auto")
+    search["prune"] = {"round_to": width_rule(profile, cpu)[0], **search.get("prune", {})}
     found = search_budget(
         ctx,
         out,
@@ -217,6 +223,20 @@ def compress(
         )
     ctx.log(f"chosen trial {chosen['number']} {chosen['params']}: final artifact {res['final']}")
     return res
+
+
+def device_widths(stages: list[Stage], profile: DeviceProfile) -> list[Stage]:
+    """Prune stages without their own round_to get the device's width multiple (`devices.width_rule`;
+    for a CPU, that of the recipe's quantize target_cpu). Set before the stage keys are computed, so a
+    stage cached for another device is not reused."""
+    cpu = next((s.options["target_cpu"] for s in stages if "target_cpu" in s.options), "auto")
+    multiple = width_rule(profile, cpu)[0]
+    return [
+        Stage(s.kind, {**s.options, "round_to": multiple}, s.name)
+        if s.kind == "prune" and s.options.get("round_to") is None
+        else s
+        for s in stages
+    ]
 
 
 def _chosen_stages(records: list[dict[str, Any]]) -> list[Stage]:

@@ -12,6 +12,7 @@ import platform
 from dataclasses import dataclass
 from typing import Any
 
+from ..cpu import width_multiple
 from ..errors import VitshrinkError
 
 # The OS (and desktop) keep about 1 GB of a Jetson's shared memory (see vitshrink.deploy.trt.DEVICES).
@@ -27,6 +28,9 @@ class DeviceProfile:
     quant_modes: tuple[str, ...]  # quantization modes the budget search tries ("none" = keep fp32)
     trt: bool  # emit a TensorRT recipe for the final model
     disclaimer: str = ""
+    # what pruned widths are rounded to (None: the CPU's vector width, see width_rule) and why
+    round_to: int | None = None
+    round_to_why: str = ""
 
 
 def _jetson_memory_mb() -> int:
@@ -51,7 +55,16 @@ def get_profile(name: str) -> DeviceProfile:
             raise VitshrinkError(
                 "--device cuda needs onnxruntime with the CUDA execution provider (pip install onnxruntime-gpu)"
             )
-        return DeviceProfile("cuda", "cuda", None, None, ("none", "fp16"), False)
+        return DeviceProfile(
+            "cuda",
+            "cuda",
+            None,
+            None,
+            ("none", "fp16"),
+            False,
+            round_to=8,
+            round_to_why="cuda: fp16 tensor-core GEMMs need channel counts that are multiples of 8",
+        )
     if name == "jetson-nano":
         return DeviceProfile(
             "jetson-nano",
@@ -66,8 +79,19 @@ def get_profile(name: str) -> DeviceProfile:
                 "onnxruntime CPU) with threads capped at the Nano's 4, not on a Jetson Nano: re-measure on "
                 "the device with the TensorRT recipe in trt/ (build_engine.sh, then run_engine.py)"
             ),
+            round_to=32,
+            round_to_why="jetson-nano: TensorRT fp16 kernels tile channels by 32 (tensor-core GEMM tiles on "
+            "newer Jetsons); widths off the tile pad to the next one and waste the remainder",
         )
     raise VitshrinkError(f"unknown device '{name}' (choose from {', '.join(PROFILES)})")
+
+
+def width_rule(profile: DeviceProfile, target_cpu: str = "auto") -> tuple[int, str]:
+    """(multiple, why) that prune rounds widths to for this profile: the profile's own rule (GPU
+    tiles), else the vector width of the target CPU (`vitshrink.cpu.width_multiple`)."""
+    if profile.round_to is not None:
+        return profile.round_to, profile.round_to_why
+    return width_multiple(target_cpu)
 
 
 def threads_for(profile: DeviceProfile, threads: int | None) -> int | None:
@@ -92,6 +116,7 @@ def device_info(profile: DeviceProfile, threads: int | None) -> dict[str, Any]:
     }
     if profile.memory_mb is not None:
         info["memory_cap_mb"] = profile.memory_mb
+    info["round_to"], info["round_to_why"] = width_rule(profile)
     if profile.disclaimer:
         info["disclaimer"] = profile.disclaimer
     return info

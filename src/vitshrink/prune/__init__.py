@@ -10,6 +10,7 @@ shrinks the compressed file; see ``sparsity.py``).
 from __future__ import annotations
 
 import copy
+import dataclasses
 import os
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass
@@ -18,6 +19,7 @@ from typing import Any
 
 import torch
 
+from ..cpu import width_multiple
 from ..errors import VitshrinkError
 from ..options import PRUNE, validate
 from ..outputs import temp_dir
@@ -116,7 +118,8 @@ def prune(
     target_macs: int | None = None,
     importance: str = "magnitude",
     granularity: Sequence[str] | str = GRANULARITIES,
-    round_to: int = 8,
+    round_to: int | None = None,
+    target_cpu: str = "auto",
     steps: int = 1,
     recover_epochs: int = 0,
     teacher: str | os.PathLike | None = None,
@@ -131,7 +134,7 @@ def prune(
     data_options: dict[str, Any] | None = None,
     augment: bool = True,
     recover_losses: str | dict[str, float] = "kd",
-    depth_ratio: float | str = 0.0,
+    depth_ratio: float | str | None = None,
     recover_temperature: float | None = None,
     teacher_cache_dir: str | os.PathLike | None = None,
     on_epoch_end: Callable[[int, dict[str, Any]], None] | None = None,
@@ -152,16 +155,24 @@ def prune(
     one-shot candidates meeting the same parameter budget (`prune.axes`). `depth_ratio="auto"` splits
     the budget (the parameters `ratio` leaves, or `target_params` / `target_macs`) between depth and
     width: each of depth 0, 0.25, 0.5 gets the width ratio meeting the same budget, and the fastest
-    measured here wins (`prune.shape`). `teacher_cache_dir`: recovery from `teacher` with logit
+    measured here wins (`prune.shape`). `depth_ratio=None` (the default) is "auto" where it applies
+    (a family with depth pruning, a ratio / parameter / MAC budget, fixed axes), else 0; a ratio is
+    then matched at equal MACs. `teacher_cache_dir`: recovery from `teacher` with logit
     losses reads the teacher's logits from the cache there (`distill.teacher_cache_path`, shared
     with distillation on the same subset) instead of running the teacher every step.
     `on_epoch_end(epoch, record)` is called after each recovery epoch (see train.fit).
+    `round_to`: widths are multiples of it; default: the vector width of `target_cpu` ("auto": this
+    CPU; `vitshrink.cpu.width_multiple`), recorded with the reason in the metrics' `round_to`.
     """
     # ranges and choices as declared in options.PRUNE (the CLI and recipes check the same declarations)
     validate(PRUNE, locals())
     from ..models import check_finite, load_model
 
     budget = _Budget(ratio, target_params, target_macs, target_latency_ms, latency_table)
+    rounding = _rounding(round_to, target_cpu)
+    round_to = rounding["multiple"]
+    if not quiet:
+        print(f"widths: multiples of {round_to} ({rounding['why']})")
     req = _validate(
         budget,
         round_to=round_to,
@@ -174,10 +185,14 @@ def prune(
     )
     net, meta = load_model(model)
     check_finite(net, model)  # importance scores of NaN weights rank nothing; the output would be garbage
-    family_for(net)  # refuses a model no family can prune before any data is loaded
+    req = _default_shape(req, family_for(net))  # refuses a model no family can prune, before any data
     pre = meta["preprocess"]
     x = torch.randn(1, pre["channels"], *pre["size"], generator=torch.Generator().manual_seed(seed))
-    metrics: dict[str, Any] = {"params_before": count_params(net), "macs_before": count_macs(net, x)}
+    metrics: dict[str, Any] = {
+        "params_before": count_params(net),
+        "macs_before": count_macs(net, x),
+        "round_to": rounding,
+    }
 
     train_ds = val_ds = calib = None
     if data is not None:  # loaded once: depth ranking, Taylor importance and recovery all use it
@@ -215,6 +230,7 @@ def prune(
         "importance": importance,
         "granularity": req.granularity,
         "round_to": round_to,
+        "target_cpu": target_cpu,
         "steps": steps,
         "recover_epochs": recover_epochs,
         "teacher": str(teacher) if teacher else None,
@@ -227,6 +243,14 @@ def prune(
     history = kd.history if kd is not None else []
     _record(net, meta, model, Path(out), x, plan, budget, metrics, settings, recovery, history, quiet)
     return Path(out), metrics
+
+
+def _rounding(round_to: int | None, target_cpu: str) -> dict[str, Any]:
+    """The width multiple and why: the user's --round-to, else the target CPU's vector width."""
+    if round_to is not None:
+        return {"multiple": round_to, "why": "set by round_to"}
+    multiple, why = width_multiple(target_cpu)
+    return {"multiple": multiple, "why": why}
 
 
 @dataclass(frozen=True)
@@ -261,6 +285,7 @@ class _Request:
     round_to: int
     importance: str
     quiet: bool
+    asked_depth: float | str | None  # depth_ratio as given (None: the default)
 
 
 @dataclass(frozen=True)
@@ -287,9 +312,10 @@ def _validate(
     importance: str,
     data: str | None,
     granularity: Sequence[str] | str,
-    depth_ratio: float | str,
+    depth_ratio: float | str | None,
 ) -> _Request:
     """Refuse bad options before anything is loaded."""
+    asked = depth_ratio
     names = ("ratio", "target_params", "target_macs", "target_latency_ms")
     given = list(budget.given())
     if len(given) != 1:
@@ -305,13 +331,27 @@ def _validate(
         )
     auto_shape = depth_ratio == "auto"
     auto_axes = tuple(granularity) == ("auto",)
+    if depth_ratio is None:  # the default: resolved once the family is known (_default_shape)
+        depth_ratio = 0.0
     if auto_axes and (auto_shape or budget.target_latency_ms is not None or budget.target_macs is not None):
         raise VitshrinkError(
             "granularity 'auto' needs ratio or target_params (and cannot be combined with depth ratio 'auto')"
         )
     if auto_shape and budget.target_latency_ms is not None:
         raise VitshrinkError("depth ratio 'auto' needs ratio, target_params or target_macs")
-    return _Request(budget, granularity, depth_ratio, auto_axes, auto_shape, round_to, importance, quiet)
+    return _Request(
+        budget, granularity, depth_ratio, auto_axes, auto_shape, round_to, importance, quiet, asked
+    )
+
+
+def _default_shape(req: _Request, family: Any) -> _Request:
+    """The default depth: measured depth/width split where one can be searched (see `prune.shape`:
+    a shallower candidate must run faster at equal MACs to win), else width only."""
+    if req.asked_depth is not None or req.auto_axes or req.budget.target_latency_ms is not None:
+        return req
+    if not family.depth_pruning:
+        return req
+    return dataclasses.replace(req, depth_ratio="auto", auto_shape=True)
 
 
 # -- plan: axes, depth, ratio search ------------------------------------------------------------------
@@ -337,10 +377,12 @@ def _plan(
                 f"axes: {','.join(granularity)} at ratio {ratio:.3f} (least output KL of {len(metrics['axes_candidates'])})"
             )
     if auto_shape:
-        if ratio is not None:
-            target_params = count_params(
-                pruned_architecture(net, ratio, granularity=granularity, round_to=round_to)
+        width_only = ratio
+        if ratio is not None:  # the shallower candidates match the width cut's MACs (what latency follows)
+            arch = pruned_architecture(
+                net, ratio, granularity=granularity, round_to=round_to, device=x.device
             )
+            target_macs = count_macs(arch, x)
         depth_ratio, ratio, ratio_mlp, metrics["shape_candidates"] = choose_shape(
             net,
             x,
@@ -350,6 +392,7 @@ def _plan(
             target_macs=target_macs,
             granularity=granularity,
             round_to=round_to,
+            ratio=width_only,
         )
         target_params = target_macs = None
         if not quiet:
@@ -505,8 +548,8 @@ def _record(
     # What was asked; ratio / granularity / depth_ratio above are what the searches chose.
     if plan.auto_axes:
         options["axes"] = {"granularity": "auto", **asked}
-    if plan.auto_shape:
-        options["shape"] = {"depth_ratio": "auto", **asked}
+    if plan.auto_shape:  # asked "auto", or the default (None) resolved to it
+        options["shape"] = {"depth_ratio": settings["depth_ratio"] or "auto (default)", **asked}
     check_finite(net, f"pruned from {model}")  # recovery training can diverge
     save_model(net, meta, out, stage="prune", options=options, metrics=metrics, parent=model)
     if not quiet:

@@ -1,11 +1,13 @@
-"""Depth or width? Pick the split of a pruning budget that runs fastest (`prune --depth-ratio auto`).
+"""Depth or width? Pick the split of a pruning budget that runs fastest (`prune`'s default, and
+`--depth-ratio auto`).
 
 At high ratios uniform width pruning leaves the op count unchanged while every op shrinks, so fixed
 per-op costs dominate: DeiT-S at width 0.75 runs 7.0x faster for 13.9x fewer MACs (ONNX Runtime, 2
 threads), while dropping half its blocks and half its widths reaches 10.7x for 14.6x fewer MACs
 (benchmarks/prune_speed.py). For a budget (parameters or MACs), each candidate depth ratio gets the
 width ratio that meets the same budget; candidates are timed on this machine and the fastest kept
-(near ties go to the shallower cut, which keeps more of the trained network). Written here because
+(near ties go to the candidate with fewer blocks removed, which keeps more of the trained network;
+so the default stays widths-only unless dropping blocks measures faster at the same MACs). Written here because
 Torch-Pruning prunes channels, not layers, and has no notion of a latency-optimal shape.
 """
 
@@ -40,11 +42,14 @@ def choose_shape(
     depths: Sequence[float] = DEPTH_CANDIDATES,
     granularity: Sequence[str] = GRANULARITIES,
     round_to: int = 8,
+    ratio: float | None = None,
 ) -> tuple[float, float, float, list[dict[str, Any]]]:
     """(depth_ratio, width_ratio, mlp_ratio, candidates table) meeting the one budget, fastest first.
 
     `samples` rank blocks for depth pruning (real images where available); `latency_ms` times a
     candidate architecture (randomly initialised from its config: speed does not depend on weights).
+    `ratio`: the width ratio the budget came from; the depth-0 candidate is exactly that width cut.
+    Nothing is timed when only depth 0 remains (a stage too shallow to lose a block).
     """
     if (target_params is None) == (target_macs is None):
         raise VitshrinkError("depth_ratio='auto' needs exactly one of a parameter or a MAC budget")
@@ -64,13 +69,16 @@ def choose_shape(
         seen.add(key)
         if measure(shallow) < OVERSHOOT * target:
             continue  # dropping blocks alone already removes far more than asked
-        try:
-            w = ratio_for_target(
-                shallow, example_inputs, **budget, granularity=granularity, round_to=round_to
-            )
-        except VitshrinkError:
-            continue  # this depth cannot reach the budget by widths alone
-        m = fill_budget(shallow, w, example_inputs, **budget, granularity=granularity, round_to=round_to)
+        if d == 0 and ratio is not None:
+            w = m = ratio
+        else:
+            try:
+                w = ratio_for_target(
+                    shallow, example_inputs, **budget, granularity=granularity, round_to=round_to
+                )
+            except VitshrinkError:
+                continue  # this depth cannot reach the budget by widths alone
+            m = fill_budget(shallow, w, example_inputs, **budget, granularity=granularity, round_to=round_to)
         arch = pruned_architecture(shallow, w, granularity=granularity, round_to=round_to, ratio_mlp=m)
         rows.append(
             {
@@ -80,11 +88,16 @@ def choose_shape(
                 "kept_depths": kept,
                 "params": count_params(arch),
                 "macs": count_macs(arch, example_inputs),
-                "latency_ms": round(latency_ms(arch), 3),
+                "arch": arch,
             }
         )
     if not rows:
         raise VitshrinkError(f"no depth/width split reaches the budget {target:,}")
+    for r in rows:  # timed only when there is a choice to make
+        arch = r.pop("arch")
+        r["latency_ms"] = round(latency_ms(arch), 3) if len(rows) > 1 else None
+    if len(rows) == 1:
+        return rows[0]["depth_ratio"], rows[0]["width_ratio"], rows[0]["mlp_ratio"], rows
     # a candidate that stays well under the budget is not at the same size: it would win on speed
     # by being smaller, so it competes only when no candidate fills the budget
     full = [r for r in rows if r[budget_key] >= OVERSHOOT * target] or rows
