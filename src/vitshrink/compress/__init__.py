@@ -20,12 +20,13 @@ from __future__ import annotations
 
 import os
 import time
+from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
 from ..artifacts import read_json
 from ..errors import VitshrinkError
-from .context import make_context
+from .context import Context, make_context
 from .devices import PROFILES, DeviceProfile, get_profile, threads_for, width_rule
 from .plan import DEFAULT_TIME_BUDGET, Plan, Throughput, fmt_minutes, parse_duration, plan_search
 from .recipe import SCHEMA, Recipe, RecipeError, Stage, load_recipe, parse_recipe, validate_stage
@@ -98,57 +99,21 @@ def compress(
     Returns {"final": deployable ONNX, "results": results.json, "report": report.html, "trt": dir or
     None, "stages": results.json stages, "met": budget met (budget mode)}.
     """
-    if finish_only and (storage is None or recipe is not None or budget is not None):
-        raise VitshrinkError("--finish needs --storage and --study, and no --recipe or --budget")
-    if (storage is not None or artifacts is not None) and recipe is not None:
-        raise VitshrinkError("--storage/--artifacts apply to budget mode only")
-    if artifacts is not None and storage is None:
-        raise VitshrinkError("--artifacts needs --storage (the study the workers share)")
-    if (recipe is None) == (budget is None) and not finish_only:
-        raise VitshrinkError("compress needs exactly one of --recipe or --budget")
-    if recipe is not None and search:
-        raise VitshrinkError("search options apply to budget mode only (a recipe fixes every stage)")
-    if recipe is not None and time_budget is not None:
-        raise VitshrinkError("--time-budget applies to budget mode only (a recipe fixes every stage)")
-    t_start = time.time()
-    profile = get_profile(device)
-    threads = threads_for(profile, threads)
+    _check_modes(recipe, budget, search, time_budget, storage, artifacts, finish_only)
     out = Path(out)
     if out.exists() and not out.is_dir():
         raise VitshrinkError(f"--out must be a directory: {out}")
+    profile = get_profile(device)
+    run = _Ship(out, profile, threads_for(profile, threads), bench_runs, bench_rounds, time.time())
     if recipe is not None:
         rec = load_recipe(recipe)
-        data_opts = {**rec.data_options, **(data_options or {})}
         limit = eval_limit if eval_limit is not None else rec.eval_limit
-        ctx = make_context(model, data, data_opts, quiet)
+        ctx = make_context(model, data, {**rec.data_options, **(data_options or {})}, quiet)
         out.mkdir(parents=True, exist_ok=True)
-        records = run_stages(
-            device_widths(rec.stages, profile),
-            ctx,
-            out,
-            evaluate={"split": "test", "limit": limit, "threads": threads},
-        )
-        stages = measure(
-            records,
-            ctx,
-            out,
-            profile=profile,
-            threads=threads,
-            split="test",
-            limit=limit,
-            runs=bench_runs,
-            rounds=bench_rounds,
-        )
-        res = finish(
-            out,
-            ctx,
-            stages,
-            profile=profile,
-            threads=threads,
-            split="test",
-            extra={"recipe": rec.to_json(), "recipe_source": rec.source, "description": rec.description},
-            t_start=t_start,
-        )
+        evaluate = {"split": "test", "limit": limit, "threads": run.threads}
+        records = run_stages(device_widths(rec.stages, profile), ctx, out, evaluate=evaluate)
+        extra = {"recipe": rec.to_json(), "recipe_source": rec.source, "description": rec.description}
+        res = run.ship(ctx, out, records, limit, extra)
         ctx.log(f"final artifact: {res['final']}")
         return res
 
@@ -173,48 +138,59 @@ def compress(
         out,
         budget=bud,
         profile=profile,
-        threads=threads,
+        threads=run.threads,
         trials=trials,
         search=search,
         eval_limit=eval_limit,
         bench_runs=bench_runs,
         bench_rounds=bench_rounds,
         time_budget=seconds,
-        t_start=t_start,
+        t_start=run.t_start,
         shared=shared,
         finish_only=finish_only,
     )
-    chosen, summary, bud = found["chosen"], found["summary"], found["budget"]
+    return _ship_search(run, ctx, found, eval_limit)
+
+
+@dataclass(frozen=True)
+class _Ship:
+    """How a run's artifacts are measured and written: the same for a recipe and a search's choice."""
+
+    out: Path
+    profile: DeviceProfile
+    threads: int | None
+    runs: int
+    rounds: int
+    t_start: float
+
+    def ship(
+        self,
+        ctx: Context,
+        root: Path,
+        records: list[dict[str, Any]],
+        limit: int | None,
+        extra: dict[str, Any],
+    ) -> dict[str, Any]:
+        """Measure every artifact of `records` (under root) in one benchmark; results.json and the report."""
+        kw = {"profile": self.profile, "threads": self.threads, "split": "test"}
+        stages = measure(records, ctx, root, limit=limit, runs=self.runs, rounds=self.rounds, **kw)
+        return finish(self.out, ctx, stages, extra=extra, t_start=self.t_start, **kw)
+
+
+def _ship_search(run: _Ship, ctx: Context, found: dict[str, Any], eval_limit: int | None) -> dict[str, Any]:
     from ..artifacts import write_json
 
+    chosen, summary, bud = found["chosen"], found["summary"], found["budget"]
+    out = run.out
     if not found["last"]:  # a shared study's other workers are still searching: the last one ships
         write_json(out / "search.json", summary)
         ctx.log("this worker is done; the last worker (or compress --finish) writes the model")
         return {"final": None, "met": found["met"], "search": str(out / "search.json"), "shipped": False}
     root = Path(chosen["root"])
     records = read_json(root / "state.json")["stages"]
-    stages = measure(
-        records,
-        ctx,
-        root,
-        profile=profile,
-        threads=threads,
-        split="test",
-        limit=eval_limit,
-        runs=bench_runs,
-        rounds=bench_rounds,
-    )
     write_json(out / "search.json", summary)
-    res = finish(
-        out,
-        ctx,
-        stages,
-        profile=profile,
-        threads=threads,
-        split="test",
-        extra={"search": summary, "recipe": [s.to_json() for s in _chosen_stages(records)]},
-        t_start=t_start,
-    )
+    extra = {"search": summary, "recipe": [s.to_json() for s in _chosen_stages(records)]}
+    res = run.ship(ctx, root, records, eval_limit, extra)
     res["met"] = found["met"]
     if not found["met"]:
         n = summary["trials_run"]
@@ -223,6 +199,30 @@ def compress(
         )
     ctx.log(f"chosen trial {chosen['number']} {chosen['params']}: final artifact {res['final']}")
     return res
+
+
+def _check_modes(
+    recipe: Any,
+    budget: Any,
+    search: dict[str, Any] | None,
+    time_budget: Any,
+    storage: str | None,
+    artifacts: str | None,
+    finish_only: bool,
+) -> None:
+    """One line for every combination of modes that cannot run together, before anything starts."""
+    if finish_only and (storage is None or recipe is not None or budget is not None):
+        raise VitshrinkError("--finish needs --storage and --study, and no --recipe or --budget")
+    if (storage is not None or artifacts is not None) and recipe is not None:
+        raise VitshrinkError("--storage/--artifacts apply to budget mode only")
+    if artifacts is not None and storage is None:
+        raise VitshrinkError("--artifacts needs --storage (the study the workers share)")
+    if (recipe is None) == (budget is None) and not finish_only:
+        raise VitshrinkError("compress needs exactly one of --recipe or --budget")
+    if recipe is not None and search:
+        raise VitshrinkError("search options apply to budget mode only (a recipe fixes every stage)")
+    if recipe is not None and time_budget is not None:
+        raise VitshrinkError("--time-budget applies to budget mode only (a recipe fixes every stage)")
 
 
 def device_widths(stages: list[Stage], profile: DeviceProfile) -> list[Stage]:
