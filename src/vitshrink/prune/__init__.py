@@ -5,12 +5,24 @@ whole heads, head size kept), so it reloads with ``from_pretrained`` and runs fa
 runtime. Optional: a parameter / MAC / latency budget instead of a ratio, iterative pruning with
 distillation from the unpruned model between steps, and unstructured sparsity on top (which only
 shrinks the compressed file; see ``sparsity.py``).
+
+Shape: `depth_ratio` first removes that fraction of the transformer blocks of every stage (least
+influential on sample images first; ViT, DeiT, Swin, SegFormer), before any width pruning or budget
+search. `depth_ratio="auto"` splits the budget (the parameters `ratio` leaves, or `target_params` /
+`target_macs`) between depth and width: each of depth 0, 0.25, 0.5 gets the width ratio meeting the
+same budget, and the fastest measured here wins (`prune.shape`). `depth_ratio=None` (the default) is
+"auto" where it applies (a family with depth pruning, a ratio / parameter / MAC budget, fixed axes),
+else 0; a ratio is then matched at equal MACs. `granularity="auto"` picks the axes to cut (heads/embed,
+mlp, channels) by the least output KL of one-shot candidates meeting the same parameter budget
+(`prune.axes`). Widths are multiples of `round_to`, by default the vector width of `target_cpu`
+(`vitshrink.cpu.width_multiple`).
 """
 
 from __future__ import annotations
 
 import copy
 import dataclasses
+import functools
 import os
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass
@@ -148,16 +160,9 @@ def prune(
     `steps` equal steps; with `recover_epochs` > 0 each step is followed by that many epochs of
     distillation on `data` from the unpruned model (or `teacher`), with `recover_losses` at
     `recover_temperature` (default: 1 for segmentation, 4 otherwise). importance="taylor" needs `data`
-    too. `unstructured` zeroes that fraction of the remaining weights at the very end. `depth_ratio`
-    first removes that fraction of the transformer blocks of every stage (least influential on sample
-    images first; ViT, DeiT, Swin, SegFormer), before any width pruning or budget search.
-    `granularity="auto"` picks the axes to cut (heads/embed, mlp, channels) by the least output KL of
-    one-shot candidates meeting the same parameter budget (`prune.axes`). `depth_ratio="auto"` splits
-    the budget (the parameters `ratio` leaves, or `target_params` / `target_macs`) between depth and
-    width: each of depth 0, 0.25, 0.5 gets the width ratio meeting the same budget, and the fastest
-    measured here wins (`prune.shape`). `depth_ratio=None` (the default) is "auto" where it applies
-    (a family with depth pruning, a ratio / parameter / MAC budget, fixed axes), else 0; a ratio is
-    then matched at equal MACs. `teacher_cache_dir`: recovery from `teacher` with logit
+    too. `unstructured` zeroes that fraction of the remaining weights at the very end. `depth_ratio`,
+    `granularity` and `round_to` shape the cut (see the module's docstring: depth and width are chosen
+    together by default). `teacher_cache_dir`: recovery from `teacher` with logit
     losses reads the teacher's logits from the cache there (`distill.teacher_cache_path`, shared
     with distillation on the same subset) instead of running the teacher every step.
     `on_epoch_end(epoch, record)` is called after each recovery epoch (see train.fit).
@@ -173,26 +178,15 @@ def prune(
     round_to = rounding["multiple"]
     if not quiet:
         print(f"widths: multiples of {round_to} ({rounding['why']})")
-    req = _validate(
-        budget,
-        round_to=round_to,
-        quiet=quiet,
-        recover_epochs=recover_epochs,
-        importance=importance,
-        data=data,
-        granularity=granularity,
-        depth_ratio=depth_ratio,
-    )
+    shape = {"importance": importance, "granularity": granularity, "depth_ratio": depth_ratio}
+    req = _validate(budget, round_to=round_to, quiet=quiet, recover_epochs=recover_epochs, data=data, **shape)
     net, meta = load_model(model)
     check_finite(net, model)  # importance scores of NaN weights rank nothing; the output would be garbage
     req = _default_shape(req, family_for(net))  # refuses a model no family can prune, before any data
     pre = meta["preprocess"]
     x = torch.randn(1, pre["channels"], *pre["size"], generator=torch.Generator().manual_seed(seed))
-    metrics: dict[str, Any] = {
-        "params_before": count_params(net),
-        "macs_before": count_macs(net, x),
-        "round_to": rounding,
-    }
+    metrics: dict[str, Any] = {"params_before": count_params(net), "macs_before": count_macs(net, x)}
+    metrics["round_to"] = rounding
 
     train_ds = val_ds = calib = None
     if data is not None:  # loaded once: depth ranking, Taylor importance and recovery all use it
@@ -204,45 +198,35 @@ def prune(
 
     if recover_temperature is None:
         recover_temperature = default_temperature(meta.get("task"))
-    kd = None
+    kd = recover = None
     if recover_epochs > 0:
         kd = Recovery(plan.unpruned, meta, teacher, recover_losses, recover_temperature)
         if teacher is not None and teacher_cache_dir is not None and train_ds is not None:
             kd.use_cache(teacher_cache_dir, teacher, data, limit, seed, data_options, augment, quiet)
+        fit = (train_ds, val_ds, recover_epochs, batch_size, lr, seed, quiet)
+        recover = functools.partial(_recover_step, kd, net, fit, augment, on_epoch_end)
 
-    def recover(desc: str) -> dict[str, Any]:
-        assert kd is not None
-        return kd.recover(
-            net, train_ds, val_ds, recover_epochs, batch_size, lr, seed, quiet, desc, augment, on_epoch_end
-        )
-
+    taylor = calib if importance == "taylor" else None
     schedule = _schedule(net, plan, steps, round_to)
-    recovery = _apply_steps(
-        net,
-        schedule,
-        importance=importance,
-        x=x,
-        taylor_batches=calib if importance == "taylor" else None,
-        recover=recover if kd is not None else None,
-        quiet=quiet,
-    )
-    settings = {  # the options as recorded (granularity / depth_ratio: _record writes what the plan chose)
-        "importance": importance,
-        "granularity": req.granularity,
-        "round_to": round_to,
-        "target_cpu": target_cpu,
-        "steps": steps,
-        "recover_epochs": recover_epochs,
-        "teacher": str(teacher) if teacher else None,
-        "data": data,
-        "unstructured": unstructured,
-        "depth_ratio": depth_ratio,
-        "recover_losses": recover_losses,
-        "recover_temperature": recover_temperature,
-    }
+    step = {"importance": importance, "x": x, "taylor_batches": taylor, "recover": recover, "quiet": quiet}
+    recovery = _apply_steps(net, schedule, **step)
+    # the options as recorded (granularity / depth_ratio: _record writes what the plan chose)
+    settings = {"importance": importance, "granularity": req.granularity, "round_to": round_to}
+    settings |= {"target_cpu": target_cpu, "steps": steps, "recover_epochs": recover_epochs}
+    settings |= {"teacher": str(teacher) if teacher else None, "data": data, "unstructured": unstructured}
+    settings |= {"depth_ratio": depth_ratio, "recover_losses": recover_losses}
+    settings |= {"recover_temperature": recover_temperature}
     history = kd.history if kd is not None else []
     _record(net, meta, model, Path(out), x, plan, budget, metrics, settings, recovery, history, quiet)
     return Path(out), metrics
+
+
+def _recover_step(
+    kd: Recovery, net: Any, fit: tuple, augment: bool, on_epoch_end: Callable | None, desc: str
+) -> dict[str, Any]:
+    """One recovery between pruning steps (`_apply_steps` calls it with the step's description)."""
+    train_ds, val_ds, epochs, batch_size, lr, seed, quiet = fit
+    return kd.recover(net, train_ds, val_ds, epochs, batch_size, lr, seed, quiet, desc, augment, on_epoch_end)
 
 
 def _rounding(round_to: int | None, target_cpu: str) -> dict[str, Any]:
