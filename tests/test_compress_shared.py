@@ -137,11 +137,24 @@ def _check_shared_run(study, results: list[dict], outs: list[Path]) -> None:
 
 @needs_fmnist
 @needs_pg
-def test_two_workers_share_one_study_and_one_ships(teacher, pg, tmp_path):
+def test_two_workers_share_one_study_one_ships_and_a_measure_worker_supplies_latencies(teacher, pg, tmp_path):
+    env = {**os.environ, "PYTHONPATH": str(ROOT / "src"), "OMP_NUM_THREADS": "1"}
+    cmd = [sys.executable, "-m", "vitshrink.cli", "measure-worker", "--storage", pg, "--study", "two"]
+    cmd += ["--artifacts", str(tmp_path / "artifacts"), "--runs", "2", "--rounds", "1", "--threads", "1"]
+    measurer = subprocess.Popen(cmd + ["--idle-exit", "120"], stdout=subprocess.PIPE, text=True, env=env)
     outs = [tmp_path / "w1", tmp_path / "w2"]
-    procs = [_start(teacher, o, pg, "two") for o in outs]
+    kw = {"budget": "latency_ms=1000,max_drop=1.0", "wait_for": {"worker": 2, "measurer": 1}}
+    procs = [_start(teacher, o, pg, "two", **kw) for o in outs]
     results = [_result(p) for p in procs]
-    _check_shared_run(_study(pg, "two"), results, outs)
+    study = _study(pg, "two")
+    _check_shared_run(study, results, outs)
+
+    out, _ = measurer.communicate(timeout=60)  # it stops once the search has ended
+    assert measurer.returncode == 0 and f"measured {len(MODES)} candidates" in out
+    summary = json.loads(next(o / "search.json" for o, r in zip(outs, results) if r["shipped"]).read_text())
+    for r in summary["trials"]:  # the device's figures, not the worker's own
+        device = study.user_attrs[f"latency:{r['number']}"]
+        assert "measure-worker" in r["latency_source"] and r["p50"] == device["p50"]
 
 
 @needs_fmnist
@@ -178,26 +191,6 @@ def test_a_killed_workers_trial_is_retried_by_another(teacher, pg, tmp_path):
     assert result["shipped"] and (outs[1] / "model.onnx").is_file()
     summary = json.loads((outs[1] / "search.json").read_text())
     assert killed in summary["interrupted_trials"]
-
-
-@needs_fmnist
-@needs_pg
-def test_a_measure_worker_supplies_the_latencies(teacher, pg, tmp_path):
-    env = {**os.environ, "PYTHONPATH": str(ROOT / "src"), "OMP_NUM_THREADS": "1"}
-    cmd = [sys.executable, "-m", "vitshrink.cli", "measure-worker", "--storage", pg, "--study", "lat"]
-    cmd += ["--artifacts", str(tmp_path / "artifacts"), "--runs", "2", "--rounds", "1", "--threads", "1"]
-    measurer = subprocess.Popen(cmd + ["--idle-exit", "120"], stdout=subprocess.PIPE, text=True, env=env)
-    budget = "latency_ms=1000,max_drop=1.0"
-    w = _start(teacher, tmp_path / "w", pg, "lat", budget=budget, wait_for={"worker": 1, "measurer": 1})
-    assert _result(w)["shipped"]
-    out, _ = measurer.communicate(timeout=60)
-    assert measurer.returncode == 0 and "measured" in out
-    study = _study(pg, "lat")
-    summary = json.loads((tmp_path / "w" / "search.json").read_text())
-    assert len(summary["trials"]) == len(MODES)
-    for r in summary["trials"]:
-        device = study.user_attrs[f"latency:{r['number']}"]
-        assert "measure-worker" in r["latency_source"] and r["p50"] == device["p50"]
 
 
 @needs_fmnist

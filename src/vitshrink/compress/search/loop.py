@@ -27,6 +27,7 @@ from .shared import (
     fail_stale,
     is_last,
     open_artifacts,
+    trained_node,
     workers,
 )
 from .space import build_space
@@ -224,8 +225,10 @@ def _retries_waiting(study: Any) -> bool:
 
 
 def _unclaimed(run: SearchRun, todo: list[dict[str, Any]]) -> list[dict[str, Any]]:
-    """A shared study: leave out candidates other workers run or wait to run, and try the students
-    this worker trained (its stage cache has them) before those another worker trains or trained."""
+    """A shared study: leave out candidates other workers run or wait to run, and try what this
+    worker's stage cache holds before what another worker builds or built (stage caches are per
+    worker): first the trained models (student, prune ratio, extra training) nobody else has, then
+    the students nobody else has."""
     if run.worker is None:
         return todo
     me = run.worker.id
@@ -233,9 +236,14 @@ def _unclaimed(run: SearchRun, todo: list[dict[str, Any]]) -> list[dict[str, Any
     mine, theirs = set(), set(busy)
     for t in run.counted():
         if t.params:
-            (mine if t.user_attrs.get("worker") == me else theirs).add(t.params.get("student"))
-    elsewhere = (theirs - mine) - {"none"}
-    return sorted((p for p in todo if key(p) not in keys), key=lambda p: p["student"] in elsewhere)
+            (mine if t.user_attrs.get("worker") == me else theirs).add(trained_node(t.params))
+    free = ("none", 0.0, 0)  # the teacher itself: nothing to train
+    nodes = (theirs - mine) - {free}
+    students = {n[0] for n in nodes} - {n[0] for n in mine} - {"none"}
+    return sorted(
+        (p for p in todo if key(p) not in keys),
+        key=lambda p: (trained_node(p) in nodes, p["student"] in students),
+    )
 
 
 def _next_candidate(run: SearchRun, resume_first: list[dict[str, Any]]) -> dict[str, Any] | str:

@@ -308,8 +308,13 @@ def fail_orphans(study: Any) -> list[int]:
     return out
 
 
-def claimed(study: Any, me: str) -> tuple[set[str], set[str]]:
-    """Keys of candidates other workers run or wait to run, and the students they are training."""
+def trained_node(p: dict[str, Any]) -> tuple[str, float, int]:
+    """What a candidate trains before quantizing: (student, prune ratio, extra-training factor)."""
+    return (str(p.get("student")), float(p.get("prune_ratio", 0.0)), int(p.get("extend", 0)))
+
+
+def claimed(study: Any, me: str) -> tuple[set[Any], set[tuple[str, float, int]]]:
+    """Keys of candidates other workers run or wait to run, and the models they are training."""
     import optuna
 
     from ..schedule import key
@@ -322,7 +327,7 @@ def claimed(study: Any, me: str) -> tuple[set[str], set[str]]:
             continue
         keys.add(key({"extend": 0, **p}))
         if t.user_attrs.get("worker") != me:
-            busy.add(p.get("student"))
+            busy.add(trained_node(p))
     return keys, busy
 
 
