@@ -272,3 +272,20 @@ def test_latency_budgets_time_the_exported_model(tmp_path, monkeypatch):
 
     monkeypatch.setattr(export_mod, "export_onnx", broken)  # falls back to PyTorch timing
     assert _latency_ms(net, torch.randn(1, 1, 16, 16)) > 0
+
+
+def test_width_pruning_after_depth_keeps_each_blocks_drop_path(monkeypatch):
+    import vitshrink.prune.depth as D
+
+    # SegFormer's drop-path rate grows with the block index: after depth pruning a kept block's rate
+    # is not what a fresh config gives that position (block 0: Identity); widths must still prune
+    cfg = T.SegformerConfig(
+        num_labels=3, hidden_sizes=[16, 32, 32, 32], num_attention_heads=[1, 2, 2, 2], decoder_hidden_size=16
+    )
+    model = T.SegformerForSemanticSegmentation(cfg).eval()
+    x = torch.randn(1, 3, 32, 32)
+    monkeypatch.setattr(D, "block_influence", lambda m, b: [[0.0, 1.0]] * 4)  # every stage keeps block 1
+    drop_blocks(model, 0.5, [x])
+    pruned = prune_model(model, ratio=0.25, example_inputs=x)
+    assert pruned.config.depths == [1, 1, 1, 1]
+    assert pruned(pixel_values=x).logits.shape[1] == 3

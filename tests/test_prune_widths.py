@@ -72,3 +72,15 @@ def test_prune_rounds_to_the_target_cpu_by_default_and_records_why(vit, tmp_path
     _, m4 = prune(vit, tmp_path / "c", ratio=0.3, target_cpu="vnni", round_to=4, quiet=True)
     assert m4["round_to"] == {"multiple": 4, "why": "set by round_to"}
     assert any(w % 8 for w in _widths(m4)), _widths(m4)
+
+
+def test_segformer_mlp_widths_never_grow_past_the_trained_ones() -> None:
+    import transformers as T
+
+    from vitshrink.prune.core import pruned_config
+
+    model = T.SegformerForSemanticSegmentation(T.SegformerConfig(num_labels=3))  # B0: 32/64/160/256 x 4
+    cfg = pruned_config(model, 0.4, ratio_mlp=0.0)  # 160 -> 96 wide: 640 / 96 = 6.67 must not round to 7
+    widths = [h * r for h, r in zip(cfg.hidden_sizes, cfg.mlp_ratios)]
+    assert all(w <= h * 4 for w, h in zip(widths, [32, 64, 160, 256])), widths
+    assert widths[2] == 576

@@ -376,6 +376,12 @@ def _is_plain(value: Any) -> bool:
     return isinstance(value, _SCALARS)
 
 
+def _stochastic_depth(mod: nn.Module) -> bool:
+    """A drop-path module or the Identity that stands in for one at rate 0 (depth pruning changes which
+    rate a config gives each kept block, SegFormer / Swin linearly by block index)."""
+    return isinstance(mod, nn.Identity) or "DropPath" in type(mod).__name__
+
+
 def _sync_attributes(model: nn.Module, reference: nn.Module) -> None:
     """Copy derived sizes (num_attention_heads, all_head_size, in/out features...) from the fresh model.
 
@@ -386,6 +392,8 @@ def _sync_attributes(model: nn.Module, reference: nn.Module) -> None:
     ref_modules = dict(reference.named_modules())
     for name, mod in model.named_modules():
         ref = ref_modules.get(name)
+        if ref is not None and _stochastic_depth(ref) and _stochastic_depth(mod):
+            continue  # a kept block keeps its drop-path rate (Identity at rate 0); both are identity in eval
         if ref is None or type(ref) is not type(mod):
             raise ModelError(f"internal: pruned model structure differs at '{name}'")
         for key, value in vars(ref).items():

@@ -227,6 +227,15 @@ def weight_macs(model: onnx.ModelProto) -> dict[str, int]:
     """Multiply-adds per sample of the constant-weight MatMul / Gemm / Conv nodes, by op type, from the
     output shapes shape inference recorded (nodes without a known shape are left out; 2-D outputs,
     tokens folded into the batch dim, count whole, which assumes batch 1 there)."""
+    macs: dict[str, int] = {}
+    types = {n.name: n.op_type for n in weight_nodes(model)}
+    for name, m in node_macs(model).items():
+        macs[types[name]] = macs.get(types[name], 0) + m
+    return macs
+
+
+def node_macs(model: onnx.ModelProto) -> dict[str, int]:
+    """Multiply-adds per sample of each constant-weight node with a known output shape (see weight_macs)."""
     shapes = {
         vi.name: [d.dim_value if d.HasField("dim_value") else 0 for d in vi.type.tensor_type.shape.dim]
         for vi in (*model.graph.value_info, *model.graph.output)
@@ -242,5 +251,5 @@ def weight_macs(model: onnx.ModelProto) -> dict[str, int]:
             trans_b = any(a.name == "transB" and a.i for a in n.attribute)
             per_out = w[1] if trans_b else w[0]
         rows = out if len(out) == 2 else out[1:]  # a 2-D Gemm / MatMul holds batch x tokens in dim 0
-        macs[n.op_type] = macs.get(n.op_type, 0) + int(np.prod(rows)) * per_out
+        macs[n.name] = int(np.prod(rows)) * per_out
     return macs

@@ -53,9 +53,10 @@ class SegformerFamily(Family):
                 new_hidden.append(k * (h // n))
             cfg.hidden_sizes, cfg.num_attention_heads = new_hidden, new_heads
         # MLP width = hidden * mlp_ratio, and mlp_ratios is list[int] in the (strict) config, so the MLP
-        # width can only move in steps of the stage width: take the integer ratio closest to the target.
+        # width can only move in steps of the stage width: take the integer ratio closest to the target,
+        # never wider than the trained MLP (160 * 4 over 96 kept would round 6.67 up to 672 > 640).
         cfg.mlp_ratios = [
-            max(1, math.floor(h * m * (1 - r_mlp) / h_new + 0.5))
+            max(1, min(math.floor(h * m * (1 - r_mlp) / h_new + 0.5), (h * m) // h_new))
             for h, m, h_new in zip(hidden, mlp, cfg.hidden_sizes)
         ]
         if "channels" in gran:
