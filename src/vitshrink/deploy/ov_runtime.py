@@ -76,7 +76,7 @@ def read_model(xml: Path) -> Any:
     try:
         return ov.Core().read_model(str(xml))
     except Exception as e:  # noqa: BLE001 - OpenVINO raises RuntimeError subclasses of its own
-        msg = (str(e).strip().splitlines() or [type(e).__name__])[0][:200]
+        msg = _ov_message(e)
         raise ModelError(f"not a valid OpenVINO model: {xml}: {msg}") from None
 
 
@@ -93,8 +93,15 @@ def compile_model(model: Any, threads: int | None) -> Any:
     try:
         return ov.Core().compile_model(model, "CPU", compile_config(threads))
     except Exception as e:  # noqa: BLE001
-        msg = (str(e).strip().splitlines() or [type(e).__name__])[0][:200]
+        msg = _ov_message(e)
         raise ModelError(f"OpenVINO cannot compile the model: {msg}") from None
+
+
+def _ov_message(e: BaseException) -> str:
+    """OpenVINO's message in one line: its first lines only name the C++ source file that raised."""
+    lines = [ln.strip() for ln in str(e).splitlines() if ln.strip()]
+    useful = [ln for ln in lines if not ln.startswith(("Exception from", "Check '"))] or lines
+    return (useful[0] if useful else type(e).__name__)[:200]
 
 
 def _dims(pshape: Any) -> list[int | None]:
@@ -148,7 +155,7 @@ class OpenVinoModel(DeployModel):
         try:
             self._request.infer({0: batch})
         except Exception as e:  # noqa: BLE001 - OpenVINO raises RuntimeError subclasses of its own
-            msg = (str(e).strip().splitlines() or [type(e).__name__])[0][:200]
+            msg = _ov_message(e)
             raise DataError(f"inference failed on {self.path.name}: {msg}") from None
         # the request reuses its output buffer on the next call: hand out a copy
         return np.array(self._request.get_output_tensor(self._out).data)

@@ -104,6 +104,8 @@ def quantize_onnx(
     image_size: Sequence[int] | None = None,
     size_mb: float | None = None,
     latency_ms: float | None = None,
+    runtime: str = "onnxruntime",
+    openvino_out: str | os.PathLike | None = None,
 ) -> dict[str, Any]:
     """Quantize an ONNX model to fp16 / int8 and write it atomically to `dst`; returns a report.
 
@@ -128,6 +130,9 @@ def quantize_onnx(
     "arm64", or "auto" (this machine). Recorded in the report and the model's metadata.
     Without `calib`, int8-dynamic (and "int8", which then builds only the dynamic variant) is still
     compared with fp32 on generated image-like inputs (`fidelity`, with `inputs: generated`).
+    runtime: "onnxruntime" (an ONNX file at `dst`), "openvino" (OpenVINO IR: NNCF int8 or fp16 weights,
+    a folder at `openvino_out`) or "auto": for "int8", both are built and the one faster here at the
+    deployment thread count at equal accuracy is kept (`runtime_choice` says why; see `quantize.ov`).
 
     The report holds: mode, chosen, settings / settings_chosen, smoothing, kept_float (op types and
     fallback nodes, each with its reason), quantized_nodes, candidates (metric, latency, fallbacks of
@@ -146,6 +151,9 @@ def quantize_onnx(
     original = load_onnx(src)
     check_float_model(original, src)
     check_finite_initializers(original, src)
+    from . import ov
+
+    ov_skip = ov.check_request(runtime, mode, target_cpu, openvino_out)
     target_cpu = resolve_target_cpu(target_cpu)
     with temp_dir("quant") as tmp:
         work = Path(tmp)
@@ -164,15 +172,30 @@ def quantize_onnx(
         )
         ctx = _context(work, src, original, batches, generated, eval_fn, say, quiet, settings, mode)
         report = _new_report(mode, src, ctx, max_drop)
-        final, extra = (
-            _fp16(ctx.pre, ctx)
-            if mode == "fp16"
-            else _int8(mode, ctx.pre, ctx, max_drop, size_mb=size_mb, latency_ms=latency_ms)
-        )
+        if runtime == "openvino":  # from the export itself: ctx.pre holds onnxruntime-only fused ops
+            final, extra = ov.fp16_ir(src, ctx) if mode == "fp16" else ov.int8_ir(src, ctx, max_drop)
+        elif mode == "fp16":
+            final, extra = _fp16(ctx.pre, ctx)
+        else:
+            final, extra = _int8(mode, ctx.pre, ctx, max_drop, size_mb=size_mb, latency_ms=latency_ms)
         report.update(extra)
         _check_result(final, ctx, report)
-        _write(final, dst, original, ctx, report, image_size)
-    report["size_after"] = file_size(dst)
+        if ov_skip is None and runtime == "auto":
+            ov_final, extra = ov.choose_runtime(final, report, src, ctx, max_drop)
+            ov.apply_choice(report, extra)
+            if ov_final is not None:
+                final = ov_final
+                _check_result(final, ctx, report)
+        elif runtime != "openvino":
+            report["runtime_choice"] = {"kept": "onnxruntime", "why": ov_skip}
+        report.setdefault("runtime", "onnxruntime")
+        if report["runtime"] == "openvino":
+            check_finite_outputs(final, ctx.sample, original, openvino_out)  # type: ignore[arg-type]
+            ov.write_openvino(final, Path(openvino_out), original, report, image_size)  # type: ignore[arg-type]
+            dst = Path(openvino_out)  # type: ignore[arg-type]
+        else:
+            _write(final, dst, original, ctx, report, image_size)
+    report["size_after"] = file_size(dst) if report["runtime"] != "openvino" else ov.folder_bytes(dst)
     report["size_ratio"] = report["size_after"] / report["size_before"]
     report["path"] = str(dst)
     if read_meta(original) is None:
