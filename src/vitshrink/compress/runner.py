@@ -264,6 +264,12 @@ def run_quantize(stage: Stage, ctx: Context, cur: Current, sdir: Path) -> StageR
 
     opts = dict(stage.options)
     mode = opts.pop("mode")
+    if opts.get("runtime") == "openvino":
+        # stage artifacts are single files (checksums, the published final model); an IR is a folder
+        raise VitshrinkError(
+            "compress: quantize stages write one .onnx file, so runtime 'openvino' is for `vitshrink "
+            "quantize` (here 'auto' keeps onnxruntime and says so in the stage report)"
+        )
     calibrate = opts.pop("calibrate", mode in ("int8", "int8-static", "int8-mixed") or "max_drop" in opts)
     out, rep = quantize(
         cur.onnx,
