@@ -32,11 +32,12 @@ def nncf_peer(src: Path, calib: list[np.ndarray], out: Path, meta: dict[str, Any
 
     from vitshrink.deploy.ov_runtime import save_ir, write_openvino_folder
 
+    samples = [b[i : i + 1] for b in calib for i in range(len(b))]  # one image per item, as NNCF shows it
     q = nncf.quantize(
         ov.convert_model(str(src)),
-        nncf.Dataset(calib),
+        nncf.Dataset(samples),
         model_type=nncf.ModelType.TRANSFORMER,
-        subset_size=len(calib),
+        subset_size=len(samples),
     )
     xml = out.with_suffix(".xml")
     save_ir(q, xml, meta)  # the metadata only lets vitshrink's evaluate read its preprocessing
