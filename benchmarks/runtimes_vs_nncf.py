@@ -86,7 +86,8 @@ def teacher_model(teacher: Path | None, work: Path) -> tuple[Path, list[np.ndarr
     from vitshrink.quantize.files import load_onnx, read_meta
 
     if teacher is None:
-        found = [p for p in demo_cache().glob("classification-teacher-*") if p.is_dir()]
+        found = [p for p in demo_cache().glob("classification-teacher-*") if (p / "config.json").is_file()]
+        found = [p for p in found if p.suffix != ".ckpt"]  # a training checkpoint, not a finished teacher
         found.sort(key=lambda p: p.stat().st_mtime)
         if not found:
             raise SystemExit("no demo classification teacher cached: run `vitshrink demo` first")
