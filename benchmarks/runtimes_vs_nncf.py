@@ -47,8 +47,11 @@ def nncf_peer(src: Path, calib: list[np.ndarray], out: Path, meta: dict[str, Any
 def runner(path: Path, threads: int) -> Any:
     from vitshrink.deploy.ov_runtime import OvSession, is_openvino
     from vitshrink.deploy.runtime import cpu_session
+    from vitshrink.onnx_folder import onnx_file
 
-    return OvSession(path, threads) if is_openvino(path) else cpu_session(path, threads, spin=threads == 1)
+    if is_openvino(path):
+        return OvSession(path, threads)
+    return cpu_session(onnx_file(path), threads, spin=threads == 1)  # an ONNX folder runs its model.onnx
 
 
 def latencies(paths: dict[str, Path], x: np.ndarray, runs: int, budget_s: float) -> dict[str, dict]:
