@@ -172,3 +172,32 @@ def test_without_openvino_one_line_and_auto_says_it_skipped(ov_tiny: dict, tmp_p
     assert proc.returncode == 0, proc.stderr[-2000:]
     choice = json.loads(proc.stdout.strip().splitlines()[-1])
     assert choice["kept"] == "onnxruntime" and choice["why"].startswith("OpenVINO skipped: openvino")
+
+
+def test_fallback_layers_stay_float_through_nncf_ignored_scope(ov_tiny: dict, tmp_path: Path) -> None:
+    """The names the sensitivity fallback excludes are the ones NNCF leaves unquantized."""
+    import openvino as ov
+
+    from vitshrink.quantize.context import Ctx
+    from vitshrink.quantize.ov import OpenVinoBuilder
+
+    x, _ = gratings(16, seed=3)
+    ctx = Ctx(
+        tmp_path, [x[i : i + 1] for i in range(16)], None, None, None, True, "minmax", True, "cpu", print
+    )
+    builder = OpenVinoBuilder(ov_tiny["onnx"], ctx)
+    assert len(builder.candidates) >= 8 and all(
+        any(op in c for op in ("MatMul", "Conv", "Gemm")) for c in builder.candidates
+    )
+    kept = builder.candidates[1]
+    ops = {
+        op.get_friendly_name(): op
+        for op in ov.Core().read_model(str(builder.build(excluded=[kept]))).get_ordered_ops()
+    }
+
+    def quantized(name: str) -> bool:  # NNCF quantizes a layer's input (FakeQuantize) and its weight (int8)
+        act = ops[name].input_value(0).get_node().get_type_name() == "FakeQuantize"
+        return act and ops[name].input_value(1).get_node().get_type_name() != "Constant"
+
+    assert not quantized(kept)
+    assert all(quantized(c) for c in builder.candidates if c != kept)
