@@ -16,6 +16,12 @@ fp32, onnxruntime dynamic int8, onnxruntime static int8 with its default setting
 and vitshrink int8 on the test split.
 
     PYTHONPATH=src .venv/bin/python benchmarks/quant_vs_peers.py [--quick] [--demo demo-out] [--json out.json]
+
+With ``--runtimes deit,teacher,segformer`` it instead compares deploy runtimes (issue 30): vitshrink int8
+with ``--runtime auto`` (onnxruntime or OpenVINO, chosen by its own timing here) against NNCF int8 on
+OpenVINO with NNCF's defaults (``model_type=TRANSFORMER``, the same calibration batches), batch 1 at 1
+and 2 threads, all variants interleaved in this process; DeiT-S 224 and SegFormer-B0 512 with random
+weights (latency), the demo classification teacher on Fashion-MNIST (accuracy on 2000 test images too).
 """
 
 from __future__ import annotations
@@ -255,7 +261,14 @@ def main() -> None:
         "--demo", type=Path, help="also run on the demo teachers found in this demo output folder"
     )
     ap.add_argument("--demo-only", action="store_true", help="skip the synthetic outlier ViT")
+    ap.add_argument("--runtimes", help="comma list of deit, teacher, segformer: onnxruntime vs OpenVINO")
+    ap.add_argument("--teacher", type=Path, help="demo classification teacher (default: newest cached)")
     args = ap.parse_args()
+    if args.runtimes:
+        from runtimes_vs_nncf import main as runtimes_main
+
+        runtimes_main(args.runtimes.split(","), args.teacher, args.json)
+        return
     torch.set_num_threads(1)
     hidden, layers, steps = (64, 2, 100) if args.quick else (192, 6, 300)
     results: dict[str, Any] = {"config": {"hidden": hidden, "layers": layers, "train_steps": steps}}

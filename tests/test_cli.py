@@ -40,7 +40,7 @@ def test_user_error_is_one_line_exit_2_in_a_real_process(tmp_path):
             ["train", "--model", "vit-micro", "--data", "/nonexistent/data", "--out", "OUT"],
             "neither a built-in dataset",
         ),
-        (["bench", "pyproject.toml"], "expected a model directory or an .onnx file"),
+        (["bench", "pyproject.toml"], "expected a model directory, an .onnx file or an OpenVINO model"),
     ],
 )
 def test_cli_errors(capsys, tmp_path, argv, message):

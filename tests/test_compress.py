@@ -457,3 +457,10 @@ def test_cli_resumes_a_finished_run(recipe_run, tmp_path, monkeypatch, capsys):
     assert rc == 0 and calls == []
     printed = capsys.readouterr().out
     assert f"final artifact: {out.resolve()}" in printed and printed.strip().endswith(".onnx")
+
+
+def test_a_quantize_stage_refuses_the_openvino_runtime_when_the_recipe_loads():
+    # stage artifacts are single .onnx files; an OpenVINO IR is a folder (vitshrink quantize writes those)
+    with pytest.raises(RecipeError, match=r"stage 1 \(quantize\): quantize stages write one .onnx file"):
+        load_recipe([{"quantize": {"mode": "int8", "runtime": "openvino"}}])
+    assert load_recipe([{"quantize": {"mode": "int8", "runtime": "auto"}}]).stages[0].options["runtime"] == "auto"

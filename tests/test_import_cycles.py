@@ -102,7 +102,7 @@ def test_the_checker_finds_a_circle():
     assert cycles(graph) == [["a", "b", "c"]]
     g = import_graph()
     assert "vitshrink.compress.runner" in g["vitshrink.demo"]  # lazy imports count
-    assert "vitshrink.deploy.tiling" in g["vitshrink.deploy.runtime"]  # `from . import tiling`
+    assert "vitshrink.deploy.tiling" in g["vitshrink.deploy._base"]  # `from . import tiling`
     # `from ..deploy._meta import ...` runs deploy/__init__ (runtime, predict, ...) too
     assert {"vitshrink.deploy", "vitshrink.deploy._meta"} <= g["vitshrink.quantize.files"]
 

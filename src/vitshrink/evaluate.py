@@ -147,10 +147,10 @@ def evaluate_onnx(
     threads: int | None = None,
     quiet: bool = False,
 ) -> dict[str, Any]:
-    """Score an ONNX file with onnxruntime, preprocessing as its embedded metadata says."""
-    from .deploy.runtime import OnnxModel
+    """Score an ONNX file (onnxruntime) or OpenVINO model, preprocessing as its metadata says."""
+    from .deploy.loader import open_model
 
-    m = OnnxModel(path, threads=threads)
+    m = open_model(path, threads=threads)
     meta = onnx_model_meta(m)
     ds = _check_data(meta, ds, str(path))
     scorer = _Scorer(meta["task"], meta["class_names"])
@@ -261,16 +261,17 @@ def evaluate(
     quiet: bool = False,
     data_options: dict[str, Any] | None = None,
 ) -> dict[str, Any]:
-    """Evaluate a model directory (or Hub id), ONNX file or ONNX folder on one split of a data SPEC."""
+    """Evaluate a model directory (or Hub id), ONNX file, ONNX folder or OpenVINO folder on one split of a
+    data SPEC."""
+    from .deploy.loader import open_model
+    from .deploy.ov_runtime import is_openvino
     from .hub import resolve_model
     from .onnx_folder import onnx_file
 
     path = onnx_file(resolve_model(model))
     data_options = data_options or {}
-    if path.suffix == ".onnx" or path.is_file():
-        from .deploy.runtime import OnnxModel
-
-        om = OnnxModel(path, threads=threads)
+    if path.suffix == ".onnx" or path.is_file() or is_openvino(path):
+        om = open_model(path, threads=threads)
         ds = eval_dataset(data, split, onnx_model_meta(om), limit=limit, data_options=data_options)
         return evaluate_onnx(path, ds, batch_size=batch_size, threads=threads, quiet=quiet)
     from .models import load_model

@@ -31,6 +31,7 @@ from .errors import ModelError
 # -- choices ------------------------------------------------------------------------------------------
 QUANT_MODES = ("fp16", "int8-dynamic", "int8-static", "int8-mixed", "int8")
 CALIB_METHODS = ("minmax", "percentile", "entropy", "distribution")
+RUNTIMES = ("auto", "onnxruntime", "openvino")
 IMPORTANCES = ("magnitude", "taylor", "random")
 GRANULARITIES = ("heads", "mlp", "embed", "channels")
 ONNX_FORMATS = ("auto", "file", "dir")
@@ -58,6 +59,7 @@ __all__ = [
     "QUANT_MODES",
     "QUANTIZE",
     "RECIPE_STAGES",
+    "RUNTIMES",
     "SPLITS",
     "TARGET_CPUS",
     "TRAIN",
@@ -540,6 +542,14 @@ QUANTIZE: tuple[Option, ...] = (
         "CPU the int8 model will run on (auto = this one); avx2 = x86 without VNNI: 7-bit weights, because "
         "onnxruntime's AVX2 int8 kernels saturate with full 8-bit weights",
         choices=TARGET_CPUS,
+    ),
+    Option(
+        "runtime",
+        "auto",
+        "onnxruntime (an ONNX file), openvino (OpenVINO IR through NNCF: a folder) or auto: for int8, "
+        "build both and keep the faster on this CPU at equal accuracy (needs --calib-data and a folder "
+        "--out; otherwise onnxruntime, and the report says why)",
+        choices=RUNTIMES,
     ),
     FORMAT,
 )

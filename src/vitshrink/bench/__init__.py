@@ -28,6 +28,10 @@ def model_stats(path: str | os.PathLike, image_size: tuple[int, int] | None = No
     path = onnx_file(resolve_model(path))
     if not path.exists():
         raise ModelError(f"model not found: {path}")
+    from ..deploy.ov_runtime import is_openvino
+
+    if is_openvino(path):
+        return _openvino_stats(path, image_size)
     if path.is_dir():
         import torch
 
@@ -62,6 +66,26 @@ def model_stats(path: str | os.PathLike, image_size: tuple[int, int] | None = No
         "params": params,
         "macs": macs,
         "format": "onnx",
+    }
+
+
+def _openvino_stats(path: Path, image_size: tuple[int, int] | None) -> dict[str, Any]:
+    """Size (.xml + .bin), params and MACs of an OpenVINO model, from the metadata it carries (the
+    export's counts: quantizing or converting changes neither)."""
+    from ..deploy.ov_runtime import ir_meta, ir_size_bytes, openvino_xml, read_model
+
+    xml = openvino_xml(path)
+    assert xml is not None
+    meta = ir_meta(read_model(xml), xml)
+    stats = meta.get("stats") or {}
+    macs = stats.get("macs")
+    if image_size is not None and list(image_size) != (meta.get("preprocess") or {}).get("size"):
+        macs = _macs_at(meta, image_size)
+    return {
+        "size_mb": ir_size_bytes(xml) / 2**20,
+        "params": stats.get("params"),
+        "macs": macs,
+        "format": "openvino",
     }
 
 
@@ -157,12 +181,18 @@ def bench_many(
     quiet: bool = True,
 ) -> list[dict[str, Any]]:
     """Benchmark several models comparably: one interleaved latency process + one memory process each."""
+    from ..deploy.ov_runtime import is_openvino
+
     paths = [str(onnx_file(resolve_model(m))) for m in models]
     for p in paths:
         if not Path(p).exists():
             raise ModelError(f"model not found: {p}")
-        if not Path(p).is_dir() and not p.endswith(".onnx"):
-            raise ModelError(f"expected a model directory or an .onnx file: {p}")
+        if not Path(p).is_dir() and not p.endswith((".onnx", ".xml")):
+            raise ModelError(f"expected a model directory, an .onnx file or an OpenVINO model: {p}")
+        if is_openvino(p):
+            from ..deploy.ov_runtime import import_openvino
+
+            import_openvino()  # one line here rather than a worker's traceback
     spec = {
         "models": paths,
         "threads": threads,

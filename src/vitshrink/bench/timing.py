@@ -90,20 +90,27 @@ def onnx_latencies_ms(
     budget_s: float = 4.0,
     threads: int | None = 1,
 ) -> list[float]:
-    """Median latency (ms) of one batch for each ONNX model, onnxruntime CPU, `threads` intra-op threads
-    (None: onnxruntime's default)."""
+    """Median latency (ms) of one batch for each ONNX model (onnxruntime CPU) or OpenVINO IR (OpenVINO
+    CPU), `threads` intra-op threads (None: each runtime's default)."""
+    from ..deploy.ov_runtime import OvSession, is_openvino
     from ..deploy.runtime import cpu_session
 
     # Several sessions with worker threads: each pool spins for a while after its run and steals the
     # cores from the next session (SegFormer-B0 at 512, 2 threads: 58 ms alone, 90 ms in turn with two
     # others). Without spinning every model runs as alone (+2 %), so the comparison stays fair.
     spin = threads == 1 or len(paths) == 1
-    sessions = [cpu_session(p, threads=threads, spin=spin) for p in paths]
+    sessions = [
+        OvSession(p, threads) if is_openvino(p) else cpu_session(p, threads=threads, spin=spin) for p in paths
+    ]
     calls = [
         (lambda s=s, f={s.get_inputs()[0].name: sample}: s.run(None, f))  # noqa: B008
         for s in sessions
     ]
-    return [statistics.median(t) for t in round_robin_ms(calls, runs=runs, budget_s=budget_s)]
+    # OpenVINO's (TBB) workers also stay busy for a moment after a call and cannot be told not to:
+    # with several threads, a short untimed pause lets them sleep before the next model runs.
+    gap = 0.1 if threads != 1 and len(paths) > 1 and any(is_openvino(p) for p in paths) else 0.0
+    times = round_robin_ms(calls, runs=runs, budget_s=budget_s, gap_s=gap)
+    return [statistics.median(t) for t in times]
 
 
 def torch_latency_ms(model: Any, x: Any, runs: int = 10) -> float:

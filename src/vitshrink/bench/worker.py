@@ -1,8 +1,8 @@
 """Benchmark worker, run as a fresh process: `python -m vitshrink.bench.worker SPEC_JSON`.
 
 A fresh process keeps training memory and other models out of the peak-RSS reading. ONNX models are
-run with onnxruntime only (torch is never imported for them, as on the device); model directories
-run eagerly in PyTorch. Prints one JSON line on stdout.
+run with onnxruntime only and OpenVINO models with OpenVINO only (torch is never imported for them, as
+on the device); model directories run eagerly in PyTorch. Prints one JSON line on stdout.
 """
 
 from __future__ import annotations
@@ -23,7 +23,11 @@ class _Runner:
         self, path: str, threads: int | None, device: str, image_size: list[int] | None = None
     ) -> None:
         self.path = path
-        if path.endswith(".onnx"):
+        from vitshrink.deploy.ov_runtime import is_openvino
+
+        if is_openvino(path):
+            self._openvino(path, threads, image_size)
+        elif path.endswith(".onnx"):
             import onnxruntime as ort
 
             from vitshrink.deploy._meta import read_meta_props
@@ -71,6 +75,20 @@ class _Runner:
             self.dynamic_batch = True
             self.kind = "torch"
 
+    def _openvino(self, path: str, threads: int | None, image_size: list[int] | None) -> None:
+        """An OpenVINO model through the deploy runtime (what predict runs), timed like an ONNX one."""
+        from vitshrink.deploy.ov_runtime import OpenVinoModel
+
+        m = OpenVinoModel(path, threads=threads)
+        h, w = image_size or list(m.size)
+        if not m.takes((h, w)):
+            raise ValueError(f"{path} takes {m.size[0]}x{m.size[1]} only, not {h}x{w}")
+        self.shape = [m._batch, m.channels, h, w]
+        self.dtype = np.float32
+        self.dynamic_batch = m._batch is None
+        self.fn = m._infer
+        self.kind = "openvino"
+
     def input(self, batch: int) -> np.ndarray:
         shape = [batch] + [d or 1 for d in self.shape[1:]]
         return np.random.default_rng(0).standard_normal(shape).astype(self.dtype)
@@ -78,6 +96,8 @@ class _Runner:
     def __call__(self, x: np.ndarray) -> None:
         if self.kind == "onnx":
             self.sess.run(None, {self.input_name: x})
+        elif self.kind == "openvino":
+            self.fn(x)
         else:
             with self.torch.inference_mode():
                 self.fn(self.torch.from_numpy(x).to(self.dev))
@@ -114,7 +134,7 @@ def run(spec: dict[str, Any]) -> dict[str, Any]:
         t = np.asarray(best[i])
         res: dict[str, Any] = {
             "model": r.path,
-            "runtime": "onnxruntime" if r.kind == "onnx" else "pytorch",
+            "runtime": {"onnx": "onnxruntime", "openvino": "openvino"}.get(r.kind, "pytorch"),
             "latency_ms": {
                 "p50": float(np.percentile(t, 50)),
                 "p90": float(np.percentile(t, 90)),

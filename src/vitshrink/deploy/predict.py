@@ -24,7 +24,8 @@ from ..artifacts import _UMASK, atomic_file, write_json
 from ..errors import DataError
 from ..labels import PALETTE
 from ..outputs import PNG_SOFTWARE, check_file_target
-from .runtime import OnnxModel
+from ._base import DeployModel
+from .loader import open_model
 from .tiling import DEFAULT_OVERLAP
 
 IMAGE_EXTENSIONS = frozenset({".png", ".jpg", ".jpeg", ".bmp", ".webp"})
@@ -236,7 +237,7 @@ def predict(
     overlap: float = DEFAULT_OVERLAP,
     tile_batch: int = 4,
 ) -> dict[str, Any]:
-    """Predict every image in `images` (files and/or folders) with an exported ONNX model.
+    """Predict every image in `images` (files and/or folders) with an exported ONNX or OpenVINO model.
 
     With `out`: classification writes out/predictions.json (file -> label, score, top-5); segmentation
     writes out/<stem>_mask.png (class ids, mode L, original size), out/<stem>_overlay.png and
@@ -253,7 +254,7 @@ def predict(
         images = [images]
     out_dir = Path(out) if out is not None else None
     # A bad model is fatal (raised before touching any image); bad images are only reported.
-    net = OnnxModel(model, threads=threads, low_memory=low_memory)
+    net = open_model(model, threads=threads, low_memory=low_memory)
     files, errors = collect_images(list(images), exclude=out_dir)
     if not files and not errors:
         raise DataError(f"no images found in: {', '.join(str(i) for i in images)}")
@@ -281,7 +282,7 @@ def predict(
 
 
 def _predict_files(
-    net: OnnxModel,
+    net: DeployModel,
     files: list[Path],
     errors: list[dict],
     stems: dict[Path, str],

@@ -24,7 +24,8 @@ from PIL import Image
 from .._proc import peak_rss_mb
 from ..artifacts import atomic_file, atomic_path, write_json
 from ..errors import DataError, ModelError
-from .runtime import OnnxModel
+from ._base import DeployModel
+from .loader import open_model
 from .tiling import DEFAULT_OVERLAP
 
 VIDEO_EXTENSIONS = frozenset({".mp4", ".mov", ".avi", ".mkv", ".webm", ".m4v", ".ts"})
@@ -116,7 +117,7 @@ class _Writer:
 
 
 def predict_video(
-    model: str | os.PathLike | OnnxModel,
+    model: str | os.PathLike | DeployModel,
     source: str | os.PathLike,
     out: str | os.PathLike,
     *,
@@ -150,7 +151,7 @@ def predict_video(
         raise DataError(f"every must be >= 1, got {every}")
     if max_fps is not None and max_fps <= 0:
         raise DataError(f"max_fps must be > 0, got {max_fps}")
-    net = model if isinstance(model, OnnxModel) else OnnxModel(model, threads=threads)
+    net = model if isinstance(model, DeployModel) else open_model(model, threads=threads)
     if net.task != "segmentation":
         raise ModelError(f"{net.path.name} is a {net.task} model; video output needs segmentation")
     source = Path(source)

@@ -56,6 +56,7 @@ def quantize(
     dynamic_size: bool = False,
     size_mb: float | None = None,
     latency_ms: float | None = None,
+    runtime: str = "auto",
 ) -> tuple[Path, dict[str, Any]]:
     """Quantize a model directory (or Hub id), ONNX file or ONNX folder into `out`; returns (path, report).
 
@@ -72,6 +73,9 @@ def quantize(
     dynamic-size, which is then calibrated at `image_size`.
     size_mb / latency_ms: "int8" keeps the most accurate variant meeting these (file MB, 1-thread ms)
     instead of the fastest (see `quantize_onnx`).
+    runtime: "onnxruntime", "openvino" (OpenVINO IR through NNCF, a folder) or "auto": for "int8" with
+    calibration data and a folder output, both are built and the faster here (at equal accuracy) is
+    kept; other modes, a .onnx output or another --target-cpu keep onnxruntime (the report says why).
     """
     from ..deploy.folder import write_onnx_folder
     from ..hub import resolve_model
@@ -124,8 +128,10 @@ def quantize(
             image_size=meta["preprocess"]["size"] if image_size is not None and meta is not None else None,
             size_mb=size_mb,
             latency_ms=latency_ms,
+            runtime=runtime,
+            openvino_out=final if folder else None,
         )
-        if folder:
+        if folder and report["runtime"] == "onnxruntime":
             write_onnx_folder(out, final)
             report["path"] = str(final)
     if calib_data is not None:

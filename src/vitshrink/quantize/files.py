@@ -47,11 +47,21 @@ def copy_metadata(
         entry.key, entry.value = prop.key, prop.value
     meta = read_meta(src)
     if meta is not None and history is not None:
-        if size is not None and isinstance(meta.get("preprocess"), dict):
-            meta["preprocess"] = {**meta["preprocess"], "size": [int(v) for v in size]}
-        meta.setdefault("history", []).append({**history, "version": __version__})
-        meta["vitshrink_version"] = __version__
-        write_meta_props(dst.metadata_props, meta)
+        write_meta_props(dst.metadata_props, with_history(meta, history, size))
+
+
+def with_history(
+    meta: dict[str, Any] | None, history: dict[str, Any], size: Sequence[int] | None = None
+) -> dict[str, Any] | None:
+    """`meta` (changed in place) with `history` appended and, for a dynamic-size graph calibrated at
+    `size`, that size as the deployed one; None stays None (a model without vitshrink metadata)."""
+    if meta is None:
+        return None
+    if size is not None and isinstance(meta.get("preprocess"), dict):
+        meta["preprocess"] = {**meta["preprocess"], "size": [int(v) for v in size]}
+    meta.setdefault("history", []).append({**history, "version": __version__})
+    meta["vitshrink_version"] = __version__
+    return meta
 
 
 def file_size(path: str | os.PathLike) -> int:

@@ -62,14 +62,19 @@ def outputs(
 
 
 def session(model: str | os.PathLike | bytes, threads: int | None = 1) -> ort.InferenceSession:
+    """An onnxruntime CPU session, or for an OpenVINO IR the same API over OpenVINO (`OvSession`), so
+    every fidelity check measures candidates of both runtimes alike."""
+    from ..deploy.ov_runtime import OvSession, is_openvino
     from ..deploy.runtime import cpu_session
 
+    if not isinstance(model, bytes) and is_openvino(model):
+        return OvSession(model, threads)  # type: ignore[return-value]
     return cpu_session(model, threads)
 
 
 def run(model: str | os.PathLike | bytes | ort.InferenceSession, batches: Sequence[np.ndarray]) -> np.ndarray:
     """First output of the model over all batches, concatenated."""
-    sess = model if isinstance(model, ort.InferenceSession) else session(model)
+    sess = model if hasattr(model, "get_inputs") else session(model)
     name = sess.get_inputs()[0].name
     return np.concatenate([np.asarray(sess.run(None, {name: b})[0], dtype=np.float32) for b in batches])
 

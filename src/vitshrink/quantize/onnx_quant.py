@@ -38,6 +38,7 @@ from ..cpu import TARGET_CPUS, int8_note, resolve_target_cpu
 from ..errors import DataError, ModelError, VitshrinkError
 from ..options import CALIB_METHODS, QUANT_MODES
 from ..outputs import temp_dir
+from . import ov
 from .builders import make_builder
 from .calib import batch_size_for, prepare_calib
 from .context import Ctx
@@ -104,6 +105,8 @@ def quantize_onnx(
     image_size: Sequence[int] | None = None,
     size_mb: float | None = None,
     latency_ms: float | None = None,
+    runtime: str = "onnxruntime",
+    openvino_out: str | os.PathLike | None = None,
 ) -> dict[str, Any]:
     """Quantize an ONNX model to fp16 / int8 and write it atomically to `dst`; returns a report.
 
@@ -128,6 +131,8 @@ def quantize_onnx(
     "arm64", or "auto" (this machine). Recorded in the report and the model's metadata.
     Without `calib`, int8-dynamic (and "int8", which then builds only the dynamic variant) is still
     compared with fp32 on generated image-like inputs (`fidelity`, with `inputs: generated`).
+    runtime: "onnxruntime" (ONNX at `dst`), "openvino" (IR folder at `openvino_out`: NNCF int8 / fp16) or
+    "auto": "int8" of both, the faster here at equal accuracy kept (`runtime_choice`; see `quantize.ov`).
 
     The report holds: mode, chosen, settings / settings_chosen, smoothing, kept_float (op types and
     fallback nodes, each with its reason), quantized_nodes, candidates (metric, latency, fallbacks of
@@ -146,6 +151,7 @@ def quantize_onnx(
     original = load_onnx(src)
     check_float_model(original, src)
     check_finite_initializers(original, src)
+    ov_skip = ov.check_request(runtime, mode, target_cpu, openvino_out)
     target_cpu = resolve_target_cpu(target_cpu)
     with temp_dir("quant") as tmp:
         work = Path(tmp)
@@ -164,15 +170,10 @@ def quantize_onnx(
         )
         ctx = _context(work, src, original, batches, generated, eval_fn, say, quiet, settings, mode)
         report = _new_report(mode, src, ctx, max_drop)
-        final, extra = (
-            _fp16(ctx.pre, ctx)
-            if mode == "fp16"
-            else _int8(mode, ctx.pre, ctx, max_drop, size_mb=size_mb, latency_ms=latency_ms)
-        )
-        report.update(extra)
-        _check_result(final, ctx, report)
-        _write(final, dst, original, ctx, report, image_size)
-    report["size_after"] = file_size(dst)
+        final = _build(runtime, mode, src, ctx, max_drop, report, size_mb, latency_ms)
+        final = _runtime_choice(runtime, ov_skip, final, src, ctx, max_drop, report)
+        dst = _write(final, dst, original, ctx, report, image_size, openvino_out)
+    report["size_after"] = ov.folder_bytes(dst) if report["runtime"] == "openvino" else file_size(dst)
     report["size_ratio"] = report["size_after"] / report["size_before"]
     report["path"] = str(dst)
     if read_meta(original) is None:
@@ -185,6 +186,51 @@ def quantize_onnx(
         f" (peak memory {report['peak_rss_mb']:.0f} MB)"
     )
     return report
+
+
+def _build(
+    runtime: str,
+    mode: str,
+    src: Path,
+    ctx: Ctx,
+    max_drop: float | None,
+    report: dict[str, Any],
+    size_mb: float | None,
+    latency_ms: float | None,
+) -> Path:
+    """The requested build (report updated with its fields and `_check_result`'s); its path."""
+    if runtime == "openvino":  # from the export itself: ctx.pre holds onnxruntime-only fused ops
+        final, extra = ov.fp16_ir(src, ctx) if mode == "fp16" else ov.int8_ir(src, ctx, max_drop)
+    elif mode == "fp16":
+        final, extra = _fp16(ctx.pre, ctx)  # type: ignore[arg-type]
+    else:
+        final, extra = _int8(mode, ctx.pre, ctx, max_drop, size_mb=size_mb, latency_ms=latency_ms)  # type: ignore[arg-type]
+    report.update(extra)
+    _check_result(final, ctx, report)
+    return final
+
+
+def _runtime_choice(
+    runtime: str,
+    ov_skip: str | None,
+    final: Path,
+    src: Path,
+    ctx: Ctx,
+    max_drop: float | None,
+    report: dict[str, Any],
+) -> Path:
+    """`--runtime auto`: OpenVINO's int8 instead of `final` when it measures faster here (see
+    `ov.choose_runtime`); the report's `runtime` and `runtime_choice` say what was kept and why."""
+    if ov_skip is None and runtime == "auto":
+        ov_final, extra = ov.choose_runtime(final, report, src, ctx, max_drop)
+        ov.apply_choice(report, extra)
+        if ov_final is not None:
+            final = ov_final
+            _check_result(final, ctx, report)
+    elif runtime != "openvino":
+        report["runtime_choice"] = {"kept": "onnxruntime", "why": ov_skip}
+    report.setdefault("runtime", "onnxruntime")
+    return final
 
 
 def _check_options(
@@ -323,8 +369,15 @@ def _write(
     ctx: Ctx,
     report: dict[str, Any],
     image_size: Sequence[int] | None = None,
-) -> None:
-    """History and int8 target into the chosen model's metadata, then an atomic write to `dst`."""
+    openvino_out: str | os.PathLike | None = None,
+) -> Path:
+    """History and int8 target into the chosen model's metadata, then an atomic write to `dst`; an
+    OpenVINO result goes to the folder `openvino_out` instead. Returns where it went."""
+    if report["runtime"] == "openvino":
+        folder = Path(openvino_out)  # type: ignore[arg-type]
+        check_finite_outputs(final, ctx.sample, original, folder)  # before anything is written
+        ov.write_openvino(final, folder, original, report, image_size)
+        return folder
     out_model = onnx.load(str(final))
     # Shape annotations from pre-processing are only hints (runtimes re-infer them); they cost
     # ~4% of a small int8 file.
@@ -340,6 +393,7 @@ def _write(
     with atomic_path(dst) as tmp_out:
         onnx.save(out_model, str(tmp_out))
         check_finite_outputs(tmp_out, ctx.sample, original, dst)  # before the rename
+    return dst
 
 
 def check_float_model(model: onnx.ModelProto, src: Path) -> None:

@@ -31,14 +31,14 @@ def write_examples(
     import torch
 
     from ..data import load_dataset
-    from ..deploy.runtime import OnnxModel
+    from ..deploy.loader import open_model
     from ..evaluate import onnx_model_meta
     from ..train import prepare
 
     ds = load_dataset(data, "test", limit=n, seed=1, data_options=data_options or {})
     ex_dir = out / "examples"
     ex_dir.mkdir(exist_ok=True)
-    first, last = OnnxModel(stages[0]["artifact"]), OnnxModel(stages[-1]["artifact"])
+    first, last = open_model(stages[0]["artifact"]), open_model(stages[-1]["artifact"])
     if getattr(ds, "streaming", False):
         ds = ds.with_view(tuple(first.size), first.channels)
     names = list(first.class_names)

@@ -4,9 +4,10 @@ quantize stages are siblings of the same fp32 model (e.g. fp16 and int8 side by 
 from __future__ import annotations
 
 from pathlib import Path
+from typing import Any
 
 from ..context import Context, Current
-from .base import Stage, StageKind, StageResult
+from .base import RecipeError, Stage, StageKind, StageResult
 
 CALIBRATED = ("int8", "int8-static", "int8-mixed")
 
@@ -30,8 +31,17 @@ def run(stage: Stage, ctx: Context, cur: Current, sdir: Path) -> StageResult:
     return {"model_dir": None, "artifact": Path(out), "train_metrics": rep}
 
 
+def check(options: dict[str, Any], where: str) -> None:
+    if options.get("runtime") == "openvino":
+        # stage artifacts are single files (checksums, the published final model); an IR is a folder
+        raise RecipeError(
+            f"{where}: quantize stages write one .onnx file, so runtime 'openvino' is for `vitshrink "
+            "quantize` (here 'auto' keeps onnxruntime and says so in the stage report)"
+        )
+
+
 def label(stage: Stage) -> str:
     return f"quantize-{stage.options['mode']}"
 
 
-KIND = StageKind("quantize", run, branch=True, onnx_only=True, label=label)
+KIND = StageKind("quantize", run, check=check, branch=True, onnx_only=True, label=label)
