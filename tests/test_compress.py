@@ -463,4 +463,7 @@ def test_a_quantize_stage_refuses_the_openvino_runtime_when_the_recipe_loads():
     # stage artifacts are single .onnx files; an OpenVINO IR is a folder (vitshrink quantize writes those)
     with pytest.raises(RecipeError, match=r"stage 1 \(quantize\): quantize stages write one .onnx file"):
         load_recipe([{"quantize": {"mode": "int8", "runtime": "openvino"}}])
-    assert load_recipe([{"quantize": {"mode": "int8", "runtime": "auto"}}]).stages[0].options["runtime"] == "auto"
+    assert (
+        load_recipe([{"quantize": {"mode": "int8", "runtime": "auto"}}]).stages[0].options["runtime"]
+        == "auto"
+    )
