@@ -20,7 +20,7 @@ import onnxruntime as ort
 import pytest
 from onnx import numpy_helper
 
-from tests.test_quantize import META, export, gratings, rel, run, vit
+from tests.quant_models import META, export, gratings, rel, run, vit
 from vitshrink.cpu import detect_cpu, reduce_range_for, resolve_target_cpu
 from vitshrink.deploy.runtime import OnnxModel
 from vitshrink.quantize import quantize_onnx

@@ -15,7 +15,7 @@ import pytest
 import torch
 from PIL import Image
 
-from tests.test_quantize import export, gratings, train, vit
+from tests.quant_models import export, gratings, train, vit
 
 pytest.importorskip("openvino")
 pytest.importorskip("nncf")
