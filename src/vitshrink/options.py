@@ -173,6 +173,45 @@ class _FractionOrAuto:
 fraction_or_auto = _FractionOrAuto()
 
 
+class _Resolution:
+    """The size a network runs at inside its graph (export/quantize --resolution): H or HxW pixels, or
+    a fraction in (0, 1] of the deployed size (0.5 = half the side)."""
+
+    __name__ = "resolution"
+    types = (float, int, str, list)
+
+    def __call__(self, v: str) -> float | tuple[int, int]:
+        why = self.reason(v)
+        if why:
+            raise argparse.ArgumentTypeError(f"{why}, got '{v}'")
+        return parse_resolution(v)
+
+    def reason(self, v: Any) -> str | None:
+        try:
+            parse_resolution(v)
+        except ModelError:
+            return "must be H or HxW pixels, or a fraction in (0, 1] of the deployed size"
+        return None
+
+
+def parse_resolution(v: Any) -> float | tuple[int, int]:
+    """--resolution as (H, W) pixels, or a float fraction in (0, 1]; ModelError otherwise."""
+    if isinstance(v, bool):
+        raise ModelError(f"resolution must be H[xW] pixels or a fraction, got {v!r}")
+    if isinstance(v, float) or (isinstance(v, str) and "." in v and "x" not in v.lower()):
+        try:
+            f = float(v)
+        except ValueError:
+            raise ModelError(f"resolution must be H[xW] pixels or a fraction, got {v!r}") from None
+        if not (math.isfinite(f) and 0 < f <= 1):
+            raise ModelError(f"a resolution fraction must be in (0, 1], got {v!r}")
+        return f
+    return parse_image_size(v)
+
+
+resolution = _Resolution()
+
+
 def key_value_pairs(text: str, *, skip_empty: bool = False) -> list[tuple[str, str]]:
     """`k=v,k=v` -> [(k, v)] (keys stripped, values as written); ValueError names a part without '='.
     The one `key=value` parser: --data-opt (`key_values`) and compress budgets use it."""
@@ -494,6 +533,24 @@ FORMAT = Option(
     recipe=False,
 )
 
+# export and quantize (a model directory in) both take these; recipes too
+_ARGMAX = Option(
+    "argmax",
+    False,
+    "segmentation: end the graph in ArgMax + Cast to a uint8 class map (N, H, W) instead of logits; "
+    "such a model cannot be tiled (overlaps are averaged on logits)",
+    action="store_true",
+)
+_RESOLUTION = Option(
+    "resolution",
+    None,
+    "segmentation: run the network at this size inside the graph (H[xW] px, or a fraction such as 0.5 "
+    "of the deployed size): the graph takes the photo at any size, resizes it, and returns masks at the "
+    "photo's size (SegFormer, MobileViT, UperNet, Swin at its multiples)",
+    resolution,
+    metavar="H[xW]|F",
+)
+
 QUANTIZE: tuple[Option, ...] = (
     Option(
         "mode",
@@ -528,6 +585,12 @@ QUANTIZE: tuple[Option, ...] = (
         "onnxruntime's AVX2 int8 kernels saturate with full 8-bit weights",
         choices=TARGET_CPUS,
     ),
+    replace(_ARGMAX, help="segmentation: end the quantized graph in ArgMax + Cast to a uint8 class map"),
+    replace(
+        _RESOLUTION,
+        help="segmentation, model directory in (a recipe exports the stage's model): export it to run "
+        "at this size inside the graph first (see export --resolution)",
+    ),
     FORMAT,
 )
 
@@ -552,12 +615,14 @@ _DYNAMIC_SIZE = _arg(
     action="store_true",
 )
 
-# export writes ONNX; its first two options are also the recipe's export stage
+# export writes ONNX; all but image_size/dynamic_size/format are also the recipe's export stage
 EXPORT: tuple[Option, ...] = (
     Option("opset", DEFAULT_OPSET, None, OPSET),
     Option("dynamic_batch", False, None, action="store_true"),
     _IMAGE_SIZE,
     _DYNAMIC_SIZE,
+    _ARGMAX,
+    _RESOLUTION,
     FORMAT,
 )
 

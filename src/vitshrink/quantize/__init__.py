@@ -56,6 +56,8 @@ def quantize(
     dynamic_size: bool = False,
     size_mb: float | None = None,
     latency_ms: float | None = None,
+    argmax: bool = False,
+    resolution: str | float | tuple[int, int] | None = None,
 ) -> tuple[Path, dict[str, Any]]:
     """Quantize a model directory (or Hub id), ONNX file or ONNX folder into `out`; returns (path, report).
 
@@ -72,6 +74,9 @@ def quantize(
     dynamic-size, which is then calibrated at `image_size`.
     size_mb / latency_ms: "int8" keeps the most accurate variant meeting these (file MB, 1-thread ms)
     instead of the fastest (see `quantize_onnx`).
+    argmax (segmentation): the quantized graph, calibrated and scored on its logits, then ends in a
+    uint8 class map (`deploy.class_map`). resolution: a model directory is exported to run at this
+    size inside the graph (see `export_onnx`); an ONNX input must have been exported so already.
     """
     from ..deploy.folder import write_onnx_folder
     from ..hub import resolve_model
@@ -86,6 +91,12 @@ def quantize(
     except ValueError as e:
         raise VitshrinkError(str(e)) from None
     final = Path(out)
+    if resolution is not None and not path.is_dir():
+        raise VitshrinkError(
+            f"--resolution needs the model directory (it re-exports the network); {path} is ONNX: "
+            "export it with --resolution, then quantize that file"
+        )
+    _refuse_class_map(path)
     with temp_dir("quant-export") as tmp:
         if folder:
             out = Path(tmp) / "quantized.onnx"
@@ -97,6 +108,7 @@ def quantize(
                 Path(tmp) / "model.onnx",
                 image_size=image_size,
                 dynamic_size=dynamic_size,
+                resolution=resolution,
                 quiet=quiet,
             )
         else:
@@ -125,6 +137,11 @@ def quantize(
             size_mb=size_mb,
             latency_ms=latency_ms,
         )
+        if argmax:
+            from ..deploy.class_map import append_argmax_file
+
+            append_argmax_file(out)
+            report["output"] = "class_ids"
         if folder:
             write_onnx_folder(out, final)
             report["path"] = str(final)
@@ -132,6 +149,20 @@ def quantize(
         report["metric_name"] = TASK_METRIC[meta["task"]]
         report["data"] = calib_data
     return final, report
+
+
+def _refuse_class_map(path: Path) -> None:
+    """A graph that already ends in a class map has no logits to calibrate or score on."""
+    if path.is_dir() or path.suffix != ".onnx":
+        return
+    from ..deploy.class_map import is_class_map
+    from .files import load_onnx
+
+    if is_class_map(load_onnx(path)):
+        raise VitshrinkError(
+            f"{path} ends in a class map (exported with --argmax): quantize the logits export and pass "
+            "--argmax to quantize instead"
+        )
 
 
 def _onnx_at_size(meta: dict[str, Any] | None, image_size: Any, src: Path) -> dict[str, Any] | None:
