@@ -49,7 +49,16 @@ from .runner import Context, evaluate_artifact, run_stages, shared_teacher, teac
 from .schedule import MAX_EXTEND, QUANT_BYTES, Tried, distance, extension, key, node_of, queue
 
 BUDGET_KEYS = ("latency_ms", "size_mb", "max_drop")
-SEARCH_KEYS = ("students", "prune_ratios", "quant_modes", "distill", "prune", "quantize", "pruner")
+SEARCH_KEYS = (
+    "students",
+    "prune_ratios",
+    "quant_modes",
+    "resolutions",
+    "distill",
+    "prune",
+    "quantize",
+    "pruner",
+)
 # v3: every trial enqueued by the scheduler, with an `extend` parameter; older studies are left alone.
 STUDY_NAME = "vitshrink-compress-3"
 PRUNERS = ("asha", "hyperband", "none")
@@ -108,12 +117,16 @@ class Space:
     pruner: str = "asha"
     int8_targets: dict[str, float] = field(default_factory=dict)  # size_mb / latency_ms for mode int8
     n_train: int | None = None  # training images (an extended distillation grows its subset up to it)
+    # Sizes the network runs at inside the deployed graph (segmentation; `export --resolution`): None is
+    # the model's own. With more than one, "resolution" is a trial parameter like "quant".
+    resolutions: list[Any] = field(default_factory=lambda: [None])
 
     def describe(self) -> dict[str, Any]:
         return {
             "students": self.students,
             "prune_ratios": self.prune_ratios,
             "quant_modes": self.quant_modes,
+            **({"resolutions": self.resolutions} if self.resolutions != [None] else {}),
             "distill": self.distill,
             "prune": self.prune,
             "quantize": self.quantize,
@@ -134,11 +147,16 @@ class Space:
             if k and student is None:  # the teacher has no distillation: extra time goes to recovery
                 pr["recover_epochs"] = min(MAX_EPOCHS, max(1, int(pr.get("recover_epochs", 0))) * k)
             out.append(validate_stage({"prune": pr}, "search prune"))
+        res = params.get("resolution")
         if params["quant"] != "none":
             q = {**self.quantize, "mode": params["quant"]}
             if params["quant"] == "int8":
                 q.update(self.int8_targets)
+            if res is not None:  # quantize re-exports the stage's model to run at `res` inside
+                q["resolution"] = res
             out.append(validate_stage({"quantize": q}, "search quantize"))
+        elif res is not None:
+            out.append(validate_stage({"export": {"resolution": res}}, "search export"))
         return out
 
     def more_training(self, d: dict[str, Any], k: int) -> dict[str, Any]:
@@ -220,6 +238,16 @@ def build_space(
     except ImportError:
         ratios = [0.0]
     modes = list(search.get("quant_modes", profile.quant_modes))
+    resolutions = list(search.get("resolutions", [None]))
+    if not resolutions:
+        raise VitshrinkError("search resolutions: give at least one (null: the model's own size)")
+    if any(r is not None for r in resolutions) and ctx.meta["task"] != "segmentation":
+        raise VitshrinkError(
+            "search resolutions apply to segmentation (the network resized inside the graph)"
+        )
+    for r in resolutions:
+        if r is not None:
+            validate_stage({"export": {"resolution": r}}, "search resolutions")
     pruner = search.get("pruner", "asha")
     if pruner not in PRUNERS:
         raise VitshrinkError(f"search pruner must be one of {', '.join(PRUNERS)}, got {pruner!r}")
@@ -233,6 +261,7 @@ def build_space(
         pruner=pruner,
         # int8 keeps the variant that fits the budget's size / latency best, not only the fastest
         int8_targets={k: budget[k] for k in ("size_mb", "latency_ms") if k in (budget or {})},
+        resolutions=resolutions,
     )
     # Validate every option now, not an hour into the search.
     for st in students.values():
@@ -581,6 +610,8 @@ def search_budget(
             "quant": trial.suggest_categorical("quant", space.quant_modes),
             "extend": trial.suggest_int("extend", 0, MAX_EXTEND),
         }
+        if len(space.resolutions) > 1:  # only then a parameter: studies without it are unchanged
+            params["resolution"] = trial.suggest_categorical("resolution", space.resolutions)
         trial.set_user_attr("why", pending.get("why", "queued"))
         if "extends" in pending:
             trial.set_user_attr("extends", pending["extends"])
@@ -704,6 +735,7 @@ def search_budget(
                 teacher_metric,
                 sizes,
                 tried,
+                resolutions=space.resolutions,
             )
             todo = [p for p in resume_first if key(p) not in done] + q.todo
             pick = next((p for p in todo if estimate(p, tried) <= left), None)
@@ -743,7 +775,14 @@ def search_budget(
     summary = found["summary"]
     tried = history()
     left_queue = queue(
-        list(space.students), space.prune_ratios, space.quant_modes, budget, teacher_metric, sizes, tried
+        list(space.students),
+        space.prune_ratios,
+        space.quant_modes,
+        budget,
+        teacher_metric,
+        sizes,
+        tried,
+        resolutions=space.resolutions,
     )
     untried_why = {"trials": "the --trials cap", "time": "the time budget ran out"}.get(stopped, "")
     summary["skipped"] = [{"params": p, "reason": r} for p, r in left_queue.skipped]
@@ -989,6 +1028,7 @@ def _bar(total: int | None, initial: int, *, quiet: bool) -> Any:
 
 def _params_label(p: dict[str, Any]) -> str:
     more = f", {p['extend']}x training" if p.get("extend") else ""
+    more += f", at {p['resolution']} inside" if p.get("resolution") is not None else ""
     return f"[{p['student']}, prune {p['prune_ratio']:g}, {p['quant']}{more}]"
 
 
