@@ -107,7 +107,8 @@ def test_refusals_and_the_int8_class_map(seg, tmp_path):
 
 
 def test_trt_recipe_builds_int32_class_ids(seg, tmp_path):
-    folder = trt_recipe(seg["ids"], tmp_path / "trt")
+    with pytest.warns(UserWarning, match="LayerNormalization"):  # the Nano's TensorRT 8.2: opset 17
+        folder = trt_recipe(seg["ids"], tmp_path / "trt")
     copy = next(folder.glob("*_int32ids.onnx"))
     m = onnx.load(str(copy))
     assert m.graph.output[0].type.tensor_type.elem_type == onnx.TensorProto.INT32

@@ -238,7 +238,11 @@ def build_space(
     except ImportError:
         ratios = [0.0]
     modes = list(search.get("quant_modes", profile.quant_modes))
-    resolutions = list(search.get("resolutions", [None]))
+    # [H, W] pairs as "HxW": optuna's categorical choices are scalars
+    resolutions = [
+        "x".join(map(str, r)) if isinstance(r, (list, tuple)) else r
+        for r in search.get("resolutions", [None])
+    ]
     if not resolutions:
         raise VitshrinkError("search resolutions: give at least one (null: the model's own size)")
     if any(r is not None for r in resolutions) and ctx.meta["task"] != "segmentation":

@@ -174,15 +174,11 @@ def export_onnx(
 
     where = str(model if not isinstance(model, nn.Module) else "model")
     check_finite(net, model if not isinstance(model, nn.Module) else "the model")
-    if (argmax or resolution is not None) and meta.get("task") != "segmentation":
-        flag = "--argmax" if argmax else "--resolution"
-        raise ModelError(f"{where}: {flag} is for segmentation models; this one is {meta.get('task')}")
-    inner = None if resolution is None else _inner_size(net, resolution, meta, image_size, where)
+    inner = _inner_size(net, resolution, argmax, meta, image_size, where)
     dynamic_size = dynamic_size or inner is not None  # a resized-inside graph takes any size
     size = _resolve_size(meta, image_size, net, dynamic_size and inner is None, where)
     meta = {**meta, "preprocess": _preprocess(meta, size, net, dynamic_size, inner is not None)}
-    if inner is not None:
-        meta["inner_size"] = list(inner)
+    meta.update({"inner_size": list(inner)} if inner else {})
     pre = meta["preprocess"]
     example = torch.randn(1, pre["channels"], *pre["size"])
     family = family_for(net)
@@ -230,22 +226,24 @@ def export_onnx(
             if check:
                 result["argmax_agreement"] = _class_map_agreement(tmp, wrapper, example.shape, out)
         result["size_mb"] = tmp.stat().st_size / 2**20
-    result["image_size"] = list(size)
-    result["dynamic_size"] = bool(dynamic_size)
-    if inner is not None:
-        result["inner_size"] = list(inner)
-    if argmax:
-        result["output"] = CLASS_IDS
+    result.update(image_size=list(size), dynamic_size=bool(dynamic_size))
+    result.update({"inner_size": list(inner)} if inner else {}, **({"output": CLASS_IDS} if argmax else {}))
     return out, result
 
 
 def _inner_size(
-    net: nn.Module, resolution: Any, meta: dict[str, Any], image_size: Any, where: str
-) -> tuple[int, int]:
-    """The size the network runs at inside a resized-inside graph: pixels, or a fraction of the
-    deployed size rounded to the family's size multiple; refused where the family keeps its traced size."""
+    net: nn.Module, resolution: Any, argmax: bool, meta: dict[str, Any], image_size: Any, where: str
+) -> tuple[int, int] | None:
+    """The size the network runs at inside a resized-inside graph (None: no --resolution): pixels, or
+    a fraction of the deployed size rounded to the family's size multiple; refused for other tasks
+    and where the family keeps its traced size."""
     from ..options import parse_resolution
 
+    if (argmax or resolution is not None) and meta.get("task") != "segmentation":
+        flag = "--argmax" if argmax else "--resolution"
+        raise ModelError(f"{where}: {flag} is for segmentation models; this one is {meta.get('task')}")
+    if resolution is None:
+        return None
     m = size_multiple(net)
     if m is None:
         raise ModelError(

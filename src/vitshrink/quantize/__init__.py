@@ -74,9 +74,8 @@ def quantize(
     dynamic-size, which is then calibrated at `image_size`.
     size_mb / latency_ms: "int8" keeps the most accurate variant meeting these (file MB, 1-thread ms)
     instead of the fastest (see `quantize_onnx`).
-    argmax (segmentation): the quantized graph, calibrated and scored on its logits, then ends in a
-    uint8 class map (`deploy.class_map`). resolution: a model directory is exported to run at this
-    size inside the graph (see `export_onnx`); an ONNX input must have been exported so already.
+    argmax / resolution (segmentation): the graph ends in a uint8 class map (calibrated and scored on
+    its logits first); a model directory is exported to run at `resolution` inside (see `export_onnx`).
     """
     from ..deploy.folder import write_onnx_folder
     from ..hub import resolve_model
@@ -91,12 +90,7 @@ def quantize(
     except ValueError as e:
         raise VitshrinkError(str(e)) from None
     final = Path(out)
-    if resolution is not None and not path.is_dir():
-        raise VitshrinkError(
-            f"--resolution needs the model directory (it re-exports the network); {path} is ONNX: "
-            "export it with --resolution, then quantize that file"
-        )
-    _refuse_class_map(path)
+    _check_input(path, resolution)
     with temp_dir("quant-export") as tmp:
         if folder:
             out = Path(tmp) / "quantized.onnx"
@@ -137,11 +131,8 @@ def quantize(
             size_mb=size_mb,
             latency_ms=latency_ms,
         )
-        if argmax:
-            from ..deploy.class_map import append_argmax_file
-
-            append_argmax_file(out)
-            report["output"] = "class_ids"
+        if argmax:  # calibrated and scored on the logits; the class map comes after
+            _append_argmax(out, report)
         if folder:
             write_onnx_folder(out, final)
             report["path"] = str(final)
@@ -151,8 +142,14 @@ def quantize(
     return final, report
 
 
-def _refuse_class_map(path: Path) -> None:
-    """A graph that already ends in a class map has no logits to calibrate or score on."""
+def _check_input(path: Path, resolution: Any) -> None:
+    """--resolution re-exports, so it needs the model directory; a graph that already ends in a class
+    map has no logits to calibrate or score on."""
+    if resolution is not None and not path.is_dir():
+        raise VitshrinkError(
+            f"--resolution needs the model directory (it re-exports the network); {path} is ONNX: "
+            "export it with --resolution, then quantize that file"
+        )
     if path.is_dir() or path.suffix != ".onnx":
         return
     from ..deploy.class_map import is_class_map
@@ -163,6 +160,13 @@ def _refuse_class_map(path: Path) -> None:
             f"{path} ends in a class map (exported with --argmax): quantize the logits export and pass "
             "--argmax to quantize instead"
         )
+
+
+def _append_argmax(out: Path, report: dict[str, Any]) -> None:
+    from ..deploy.class_map import CLASS_IDS, append_argmax_file
+
+    append_argmax_file(out)
+    report["output"] = CLASS_IDS
 
 
 def _onnx_at_size(meta: dict[str, Any] | None, image_size: Any, src: Path) -> dict[str, Any] | None:
