@@ -110,9 +110,18 @@ def cmd_export(a: argparse.Namespace) -> None:
         dynamic_batch=a.dynamic_batch,
         image_size=a.image_size,
         dynamic_size=a.dynamic_size,
+        argmax=a.argmax,
+        resolution=a.resolution,
         format=a.format,
     )
     print(f"wrote {out} ({r['size_mb']:.2f} MB, {r['params']:,} params, {r['macs'] / 1e6:.1f}M MACs)")
+    if r.get("inner_size") or r.get("output"):
+        inner = r.get("inner_size")
+        print(
+            ("network at " + "x".join(map(str, inner)) + " inside, photo at any size" if inner else "")
+            + (", " if inner and r.get("output") else "")
+            + ("output: uint8 class map" if r.get("output") else "")
+        )
     print(
         f"parity vs PyTorch: max abs diff {r['max_abs_diff']:.2e}, argmax agreement {r['argmax_agreement']:.4f}"
         + (f" (at {', '.join(r['parity_sizes'])})" if r.get("parity_sizes") else "")

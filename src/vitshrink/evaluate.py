@@ -55,6 +55,9 @@ class _Scorer:
         if torch.isnan(logits).any():
             # argmax of NaN is index 0, which would score as a silently wrong accuracy
             raise VitshrinkError("the model produced NaN outputs (corrupt weights or invalid preprocessing)")
+        if self.task == "segmentation" and logits.ndim == 3:  # class ids of a class-map graph (--argmax)
+            self._add_ids(logits, targets)
+            return
         if self.task == "segmentation":
             masks = list(targets) if isinstance(targets, list) else None
             if masks is None and logits.shape[-2:] != targets.shape[-2:]:
@@ -69,6 +72,14 @@ class _Scorer:
                     self.add_pred(lg.argmax(1).cpu(), m[None].cpu())
                 return
         self.add_pred(logits.argmax(1).cpu(), targets)
+
+    def _add_ids(self, ids: torch.Tensor, targets: Any) -> None:
+        """(B, H, W) class ids, resized nearest to each mask's size where they differ."""
+        for p, m in zip(ids, list(targets)):
+            p = p[None, None].float()
+            if p.shape[-2:] != m.shape[-2:]:
+                p = F.interpolate(p, size=m.shape[-2:], mode="nearest")
+            self.add_pred(p[:, 0].long().cpu(), m[None].cpu())
 
     def add_pred(self, pred: torch.Tensor, targets: torch.Tensor) -> None:
         """Class ids (B,) or (B, H, W) against the targets."""
@@ -187,7 +198,7 @@ def _score_batch(scorer: _Scorer, b: Any, meta: dict[str, Any], run: Any, device
 
     for img, tgt in zip(b.images, b.targets):
         frame = tuple(img.shape[-2:])
-        if not tiling.should_tile(frame, size):
+        if meta.get("output") == "class_ids" or not tiling.should_tile(frame, size):
             scorer.add(run(prepare(img[None], meta, device)), [tgt])
             continue
         pixels = img.permute(1, 2, 0).numpy()
@@ -204,6 +215,7 @@ def onnx_model_meta(m: Any) -> dict[str, Any]:
     """The meta dict as the deploy runtime resolved it (works for ONNX files without our metadata)."""
     return {
         "task": m.task,
+        **({"output": "class_ids"} if getattr(m, "class_ids", False) else {}),
         "class_names": list(m.class_names),
         "preprocess": {
             "mean": m.mean.ravel().tolist(),

@@ -2,7 +2,7 @@
 
 Pure (trial records in, ordered candidates out), so the order is unit-tested with fake metrics.
 
-A candidate is (student, prune_ratio, quant, extend); a *node* is (student, extend), one trained
+A candidate is (student, prune_ratio, quant, extend[, resolution]); a *node* is (student, extend), one trained
 network: the teacher itself for 'none', and for extend k >= 2 the same student trained on k times the
 planned images (`extension`). Stages cost very different amounts (a distillation minutes, a prune
 recovery tens of seconds, a quantization seconds), so `queue` lists
@@ -19,6 +19,7 @@ pruned variant of the same node already meeting the budget, a node or prune rati
 
 from __future__ import annotations
 
+from collections.abc import Sequence
 from dataclasses import dataclass, field
 from typing import Any
 
@@ -63,8 +64,8 @@ class Queue:
     skipped: list[tuple[Params, str]]
 
 
-def key(p: Params) -> tuple[str, float, str, int]:
-    return (p["student"], float(p["prune_ratio"]), p["quant"], int(p.get("extend", 0)))
+def key(p: Params) -> tuple[str, float, str, int, Any]:
+    return (p["student"], float(p["prune_ratio"]), p["quant"], int(p.get("extend", 0)), p.get("resolution"))
 
 
 def node_of(p: Params) -> tuple[str, int]:
@@ -105,6 +106,8 @@ def queue(
     teacher_metric: float,
     n_params: dict[str, int],
     tried: list[Tried],
+    *,
+    resolutions: Sequence[Any] = (None,),
 ) -> Queue:
     """The candidates to run next, in order, and the ones skipped with why (see the module doc)."""
     done = {key(t.params) for t in tried}
@@ -132,9 +135,12 @@ def queue(
         rs = sorted(ratios)
         if student == "none" and extend:  # the teacher's extra time goes to recovery: pruned variants only
             rs = [r for r in rs if r > 0]
-        return [
+        base = [
             {"student": student, "prune_ratio": r, "quant": q, "extend": extend} for r in rs for q in quants
         ]
+        if list(resolutions) == [None]:
+            return base
+        return [{**p, "resolution": res} for p in base for res in resolutions]
 
     def why_not(p: Params, ts: list[Tried]) -> str | None:
         """Why variant p of a node with trials ts cannot win (None: worth running)."""

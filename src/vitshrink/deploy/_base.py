@@ -38,6 +38,7 @@ class DeployModel:
 
     path: Path
     runtime = "?"
+    class_ids = False  # the graph ends in a uint8 class map (export --argmax), set before _setup
 
     def _setup(
         self, where: str, shape: Sequence[Any], out_shape: Sequence[Any] | None, meta: dict[str, Any]
@@ -46,7 +47,10 @@ class DeployModel:
         (`shape`: the NCHW input, `out_shape`: the logits; unknown dims as None)."""
         self._batch = static_dim(shape[0])
         self.meta = meta
-        self.task = resolve_task(self.meta, len(out_shape) if out_shape else None, where)
+        rank = (len(out_shape) + self.class_ids) if out_shape else None
+        self.task = resolve_task(self.meta, rank, where)
+        if self.class_ids and self.task != "segmentation":
+            raise ModelError(f"{where}: a uint8 class-map output is for segmentation, not {self.task}")
         self.channels, self.size, mean, std = resolve_preprocess(
             self.meta, static_dim(shape[1]), (static_dim(shape[2]), static_dim(shape[3])), where
         )
@@ -56,9 +60,19 @@ class DeployModel:
         multiple = (self.meta.get("preprocess") or {}).get("size_multiple") if dyn_hw else None
         self.size_multiple: int | None = int(multiple) if isinstance(multiple, int) and multiple > 0 else None
         self._pre = self.meta.get("preprocess") or {}
+        # A resized-inside graph (export --resolution) runs its network at `inner_size` and takes the
+        # photo at its own size: the host only normalises (see _feed_size).
+        inner = self.meta.get("inner_size")
+        self.inner_size: tuple[int, int] | None = (
+            (int(inner[0]), int(inner[1])) if isinstance(inner, list) and len(inner) == 2 else None
+        )
+        if self.inner_size is not None and self.size_multiple != 1:
+            self.inner_size = None  # metadata without the any-size graph it describes: use the fixed path
         self.mean = np.asarray(mean, np.float32).reshape(-1, 1, 1)
         self.std = np.asarray(std, np.float32).reshape(-1, 1, 1)
-        num_classes = static_dim(out_shape[1]) if out_shape and len(out_shape) > 1 else None
+        num_classes = (
+            static_dim(out_shape[1]) if out_shape and len(out_shape) > 1 and not self.class_ids else None
+        )
         self.class_names = resolve_class_names(self.meta, num_classes, where)
         if self.task == "segmentation" and num_classes is not None and num_classes > 255:
             raise ModelError(f"{where}: {num_classes} classes do not fit uint8 masks (255 is 'ignore')")
@@ -67,9 +81,18 @@ class DeployModel:
     def _infer(self, batch: np.ndarray) -> np.ndarray:
         raise NotImplementedError
 
+    def _feed_size(self, img: Image.Image) -> tuple[int, int]:
+        """(H, W) the image enters the graph at: the model input, or for a resized-inside graph the
+        photo's own size, unless it is tiling-large (>= 2x the input both ways): then the host's
+        antialiased resize to the input comes first, so the graph's plain bilinear shrink stays <= 2x."""
+        frame = (img.height, img.width)
+        if self.inner_size is not None and not tiling.should_tile(frame, self.size):
+            return frame
+        return self.size
+
     def preprocess(self, img: Image.Image) -> np.ndarray:
         """PIL image -> (1, C, H, W) float32: grey/RGB, bilinear resize, [0, 1], normalised."""
-        h, w = self.size
+        h, w = self._feed_size(img)
         if img.mode in _HIGH_DEPTH_MODES:
             # convert("L"/"RGB") clips 16-bit samples at 255; scale them to [0, 1] ourselves instead.
             grey = Image.fromarray(np.asarray(img, np.float32) / 65535.0)
@@ -188,12 +211,22 @@ class DeployModel:
                 "(its own size only); re-export with --image-size or --dynamic-size"
             )
         auto = mode == "auto"
+        if mode == "tile" and self.class_ids:
+            raise ModelError(
+                f"{self.path.name} outputs a class map (exported with --argmax): tiles need logits to average "
+                "where they overlap; use --resize, or export without --argmax to tile"
+            )
         if auto:
-            mode = "tile" if tiling.should_tile(frame, (th, tw)) else "resize"
+            mode = "tile" if tiling.should_tile(frame, (th, tw)) and not self.class_ids else "resize"
         if mode == "resize":
-            res = self._segment(self.run(self.preprocess(img))[0], img)
-            res["inference"] = {"mode": "resized", "input": list(self.size)}
-            if auto:
+            x = self.preprocess(img)
+            res = self._segment(self.run(x)[0], img)
+            res["inference"] = {"mode": "resized", "input": list(x.shape[2:])}
+            if self.inner_size is not None:
+                res["inference"]["inner"] = list(self.inner_size)
+            if auto and self.class_ids and tiling.should_tile(frame, (th, tw)):
+                res["inference"]["reason"] = "class-map output (--argmax): tiling needs logits"
+            elif auto:
                 res["inference"]["reason"] = (
                     f"frame {img.width}x{img.height} is within {tiling.AUTO_TILE_FACTOR:g}x of the "
                     f"model input {self.size[1]}x{self.size[0]}"
@@ -225,7 +258,8 @@ class DeployModel:
         """
         if isinstance(images, Image.Image):
             images = [images]
-        step = self._batch or max(1, int(batch_size))
+        # resized-inside graphs take each photo at its own size: one at a time unless the batch is fixed
+        step = self._batch or (1 if self.inner_size is not None else max(1, int(batch_size)))
         results: list[dict[str, Any]] = []
         for start in range(0, len(images), step):
             chunk = list(images[start : start + step])
@@ -269,14 +303,23 @@ class DeployModel:
         }
 
     def _segment(self, logits: np.ndarray, img: Image.Image) -> dict[str, Any]:
-        if logits.ndim != 3:
+        if logits.ndim != (2 if self.class_ids else 3):
+            want = "(H, W) class ids" if self.class_ids else "(K, H, W)"
             raise ModelError(
-                f"{self.path}: segmentation output per image has shape {logits.shape}; expected (K, H, W)"
+                f"{self.path}: segmentation output per image has shape {logits.shape}; expected {want}"
             )
-        names = self._names(logits.shape[0])
-        # argmax at model resolution, then a nearest resize of the ids: upsampling the K float maps to a
-        # 12 MP photo first would cost K x 48 MB, more than a Nano can spare.
-        ids = logits.argmax(axis=0).astype(np.uint8)
+        if self.class_ids:
+            ids = logits
+            if self.class_names is None:
+                raise ModelError(f"{self.path}: a class-map model needs class_names in its metadata")
+            names = self.class_names
+        else:
+            names = self._names(logits.shape[0])
+            # argmax at model resolution, then a nearest resize of the ids: upsampling the K float maps to
+            # a 12 MP photo first would cost K x 48 MB, more than a Nano can spare.
+            ids = logits.argmax(axis=0).astype(np.uint8)
+        if ids.shape == (img.height, img.width):  # a resized-inside graph answers at the photo's size
+            return {"mask": ids, "class_fractions": _fractions(ids, names)}
         mask = np.asarray(Image.fromarray(ids).resize(img.size, Image.Resampling.NEAREST))
         return {"mask": mask, "class_fractions": _fractions(mask, names)}
 

@@ -32,6 +32,7 @@ CHANNELS = 3
 INPUT_NAME = "pixel_values"
 OUTPUT_NAME = "logits"
 ENGINE_NAME = "model_fp16.engine"
+CLASS_IDS = False  # the engine returns class ids (an --argmax export), not logits
 # --- end constants ---
 
 HIGH_DEPTH_MODES = ("I", "I;16", "I;16L", "I;16B", "I;16N")
@@ -198,6 +199,9 @@ class TrtRunner:
 
 
 def postprocess(logits, img):
+    if CLASS_IDS:  # int32 class ids (N, H, W) from the engine's ArgMax: narrowed to uint8 here
+        ids = Image.fromarray(np.asarray(logits)[0].astype(np.uint8))
+        return mask_result(ids.resize(img.size, Image.NEAREST))
     logits = np.asarray(logits, np.float32)[0]
     if TASK == "classification":
         z = logits.astype(np.float64)
@@ -244,7 +248,10 @@ def main(argv=None):
     img = load_image(args.image)
     x = preprocess(img)
     runner = TrtRunner(args.engine)
-    tiled = TASK == "segmentation" and (args.tile == "on" or (args.tile == "auto" and should_tile(img)))
+    if CLASS_IDS and args.tile == "on":
+        ap.error("this engine outputs class ids (--argmax export): tiles need logits; use --tile off")
+    tiled = TASK == "segmentation" and not CLASS_IDS
+    tiled = tiled and (args.tile == "on" or (args.tile == "auto" and should_tile(img)))
     if tiled:
         result = mask_result(Image.fromarray(segment_tiled(img, runner.run, args.overlap)))
     else:

@@ -159,6 +159,8 @@ class OnnxModel(DeployModel):
         out = outputs[names.index("logits")] if "logits" in names else outputs[0]
         self.output_name = out.name
         out_shape = list(out.shape) if out.shape is not None else None
+        # A class-map graph (export --argmax) returns uint8 class ids (N, H, W), not logits.
+        self.class_ids = out.type == "tensor(uint8)"
         meta = read_meta_props(self.session.get_modelmeta().custom_metadata_map, where)
         self._setup(where, shape, out_shape, meta)
         made_for = (self.meta.get("int8") or {}).get("target_cpu")

@@ -219,9 +219,12 @@ def trt_recipe(
         d.dim_value if d.HasField("dim_value") and d.dim_value > 0 else None
         for d in out.type.tensor_type.shape.dim
     ]
-    task = resolve_task(meta, len(out_dims) or None, where)
+    from .class_map import is_class_map
+
+    class_ids = is_class_map(model)
+    task = resolve_task(meta, (len(out_dims) + class_ids) or None, where)
     channels, size, mean, std = resolve_preprocess(meta, dims[1], (dims[2], dims[3]), where)
-    num_classes = out_dims[1] if len(out_dims) > 1 else None
+    num_classes = out_dims[1] if len(out_dims) > 1 and not class_ids else None
     class_names = resolve_class_names(meta, num_classes, where) or [
         f"class_{i}" for i in range(num_classes or 0)
     ]
@@ -231,6 +234,9 @@ def trt_recipe(
     # shapes"); a dynamic one is pinned to the single deployed shape, the cheapest engine to build and hold.
     profile = None if None not in dims else (dims[0] or 1, channels, *size)
 
+    out_dir = Path(out_dir) if out_dir is not None else onnx_path.parent / f"{onnx_path.stem}_trt"
+    if class_ids:  # TensorRT builds a copy whose class ids are int32 (see _int32_class_map)
+        onnx_path = _int32_class_map(model, onnx_path, out_dir)
     nodes = _fp32_nodes(model) if fp16 else []
     fp32_layers = [n.name for n in nodes if n.name]
     opset = max((o.version for o in model.opset_import if o.domain in ("", "ai.onnx")), default=0)
@@ -272,6 +278,7 @@ def trt_recipe(
             "INPUT_NAME": input_name,
             "OUTPUT_NAME": out.name,
             "ENGINE_NAME": r.engine_name,
+            "CLASS_IDS": class_ids,
         },
     )
     builder = _fill_template(
@@ -285,7 +292,6 @@ def trt_recipe(
             "ENGINE_NAME": r.engine_name,
         },
     )
-    out_dir = Path(out_dir) if out_dir is not None else onnx_path.parent / f"{onnx_path.stem}_trt"
     for name, text, mode in (
         ("build_engine.sh", _build_script(r), 0o755),
         ("build_engine.py", builder, 0o755),
@@ -296,6 +302,33 @@ def trt_recipe(
             f.write(text)
             os.fchmod(f.fileno(), mode)
     return out_dir
+
+
+def _int32_class_map(model: Any, onnx_path: Path, out_dir: Path) -> Path:
+    """A copy of a class-map graph (export --argmax) for TensorRT, written into the recipe folder, whose
+    last Cast yields int32 instead of uint8: TensorRT 8.2 (the Nano's) has no uint8 type at all, and
+    TensorRT's ArgMax (a TopK) gives int32 indices anyway. run_engine.py narrows them to uint8 on the
+    host; the copy out is 4 bytes a pixel, still 1/K of the float logits."""
+    import onnx
+
+    m = onnx.ModelProto()
+    m.CopyFrom(model)
+    out = m.graph.output[0]
+    cast = next(n for n in m.graph.node if out.name in n.output)
+    if cast.op_type != "Cast":
+        raise ModelError(
+            f"{onnx_path}: a uint8 output that is not a Cast of the argmax; re-export with --argmax"
+        )
+    for a in cast.attribute:
+        if a.name == "to":
+            a.i = onnx.TensorProto.INT32
+    out.type.tensor_type.elem_type = onnx.TensorProto.INT32
+    dst = out_dir / f"{onnx_path.stem}_int32ids.onnx"
+    from ..artifacts import atomic_path
+
+    with atomic_path(dst) as tmp:
+        onnx.save(m, str(tmp))
+    return dst
 
 
 def _trtexec_args(

@@ -23,12 +23,13 @@ from torch import nn
 from .. import __version__
 from ..artifacts import atomic_path
 from ..deploy._meta import (
-    parse_image_size,  # noqa: F401 - torch-free, re-exported
+    parse_image_size,  # torch-free, re-exported
     write_meta_props,
 )
+from ..deploy.class_map import CLASS_IDS, append_argmax_file
 from ..errors import ModelError, VitshrinkError
 from ..options import DEFAULT_OPSET, OPSET  # declared once there (the CLI and recipes use them too)
-from .patches import StaticAdaptiveAvgPool2d
+from .patches import ResizedInside, StaticAdaptiveAvgPool2d
 
 __all__ = [
     "StaticAdaptiveAvgPool2d",
@@ -140,6 +141,8 @@ def export_onnx(
     dynamic_batch: bool = False,
     image_size: str | int | tuple[int, int] | None = None,
     dynamic_size: bool = False,
+    argmax: bool = False,
+    resolution: str | float | tuple[int, int] | None = None,
     simplify: bool = True,
     check: bool = True,
     quiet: bool = True,
@@ -149,6 +152,10 @@ def export_onnx(
     image_size: H, (H, W) or "HxW" to export at instead of the model's preprocess size (needed for a
     plain HF directory that records no size). dynamic_size: symbolic height/width axes, for families
     whose graphs allow it (see `size_multiple`); parity is then checked at two sizes.
+    argmax (segmentation): the graph ends in a uint8 class map `class_ids` (N, H, W) (`class_map`).
+    resolution (segmentation): the network runs at this size (pixels, or a fraction of the deployed
+    size) inside a graph that takes any size and returns outputs at it (`patches.ResizedInside`); the
+    metadata's preprocess size stays the deployed one and `inner_size` records the network's.
     """
     from ..models import count_params, family_for, load_model
 
@@ -165,30 +172,27 @@ def export_onnx(
         raise VitshrinkError(OPSET.refusal(opset))
     from ..models import check_finite
 
+    where = str(model if not isinstance(model, nn.Module) else "model")
     check_finite(net, model if not isinstance(model, nn.Module) else "the model")
-    size = _resolve_size(
-        meta, image_size, net, dynamic_size, str(model if not isinstance(model, nn.Module) else "model")
-    )
-    pre = {**meta["preprocess"], "size": list(size)}
-    if dynamic_size:
-        pre["size_multiple"] = size_multiple(net)  # the runtime accepts any multiple (tiles, full frames)
-        if size_floor(net) > pre["size_multiple"]:
-            pre["size_min"] = size_floor(net)
-        else:
-            pre.pop("size_min", None)
-    else:
-        pre.pop("size_multiple", None)
-        pre.pop("size_min", None)
-    meta = {**meta, "preprocess": pre}
+    inner = _inner_size(net, resolution, argmax, meta, image_size, where)
+    dynamic_size = dynamic_size or inner is not None  # a resized-inside graph takes any size
+    size = _resolve_size(meta, image_size, net, dynamic_size and inner is None, where)
+    meta = {**meta, "preprocess": _preprocess(meta, size, net, dynamic_size, inner is not None)}
+    meta.update({"inner_size": list(inner)} if inner else {})
+    pre = meta["preprocess"]
     example = torch.randn(1, pre["channels"], *pre["size"])
     family = family_for(net)
-    wrapper = family.export_wrapper(family.make_exportable(net, dynamic_size=dynamic_size)).eval().cpu()
+    wrapper = family.export_wrapper(family.make_exportable(net, dynamic_size=dynamic_size and inner is None))
+    if inner is not None:
+        wrapper = ResizedInside(wrapper, inner)
+    wrapper = wrapper.eval().cpu()
     with torch.no_grad():
         try:
             ref = wrapper(example).numpy()
         except (ValueError, RuntimeError) as e:  # e.g. ViT position embeddings made for another size
             msg = str(e).strip().splitlines()[0] if str(e).strip() else type(e).__name__
-            raise ModelError(f"{_family(net)} cannot run at {size[0]}x{size[1]}: {msg}") from None
+            run_at = inner or size
+            raise ModelError(f"{_family(net)} cannot run at {run_at[0]}x{run_at[1]}: {msg}") from None
     if not np.isfinite(ref).all():
         raise ModelError("the model produces NaN or infinite outputs; refusing to export it")
     stats = {"params": count_params(net), "macs": count_macs(wrapper, example)}
@@ -214,26 +218,119 @@ def export_onnx(
         onnx.save(proto, str(tmp))
         # Validate the temporary file, not the destination: a file that does not load or disagrees
         # (at either size, for a dynamic-size graph) never replaces a good one.
-        result: dict[str, Any] = {"artifact": str(out), **stats, "size_mb": tmp.stat().st_size / 2**20}
+        result: dict[str, Any] = {"artifact": str(out), **stats}
         if check:
-            result.update(parity(tmp, wrapper, example.shape, ref_first=ref, opset=opset, name=out))
-            if dynamic_size:
-                other = _second_size(size, pre["size_multiple"])
-                second = parity(tmp, wrapper, (1, pre["channels"], *other), n=2, opset=opset, name=out)
-                result["parity_sizes"] = {
-                    f"{size[0]}x{size[1]}": {k: result[k] for k in ("max_abs_diff", "argmax_agreement")},
-                    f"{other[0]}x{other[1]}": second,
-                }
-                if second["max_abs_diff"] > DYNAMIC_TOLERANCE:
-                    raise ModelError(
-                        f"dynamic-size {_family(net)} graph differs from PyTorch at {other[0]}x{other[1]} "
-                        f"(max abs diff {second['max_abs_diff']:.2e}): export at a fixed --image-size instead"
-                    )
-                result["max_abs_diff"] = max(result["max_abs_diff"], second["max_abs_diff"])
-                result["argmax_agreement"] = min(result["argmax_agreement"], second["argmax_agreement"])
-    result["image_size"] = list(size)
-    result["dynamic_size"] = bool(dynamic_size)
+            result.update(_check(tmp, wrapper, example, ref, pre, opset, out, dynamic_size, _family(net)))
+        if argmax:  # appended after the logits parity check: the class map is checked on its own below
+            append_argmax_file(tmp)
+            if check:
+                result["argmax_agreement"] = _class_map_agreement(tmp, wrapper, example.shape, out)
+        result["size_mb"] = tmp.stat().st_size / 2**20
+    result.update(image_size=list(size), dynamic_size=bool(dynamic_size))
+    result.update({"inner_size": list(inner)} if inner else {}, **({"output": CLASS_IDS} if argmax else {}))
     return out, result
+
+
+def _inner_size(
+    net: nn.Module, resolution: Any, argmax: bool, meta: dict[str, Any], image_size: Any, where: str
+) -> tuple[int, int] | None:
+    """The size the network runs at inside a resized-inside graph (None: no --resolution): pixels, or
+    a fraction of the deployed size rounded to the family's size multiple; refused for other tasks
+    and where the family keeps its traced size."""
+    from ..options import parse_resolution
+
+    if (argmax or resolution is not None) and meta.get("task") != "segmentation":
+        flag = "--argmax" if argmax else "--resolution"
+        raise ModelError(f"{where}: {flag} is for segmentation models; this one is {meta.get('task')}")
+    if resolution is None:
+        return None
+    m = size_multiple(net)
+    if m is None:
+        raise ModelError(
+            f"{where}: --resolution needs a family whose graph runs at other sizes (SegFormer, MobileViT, "
+            f"UperNet, Swin); {_family(net)} keeps the size it was traced at"
+        )
+    r = parse_resolution(resolution)
+    if isinstance(r, float):
+        base = parse_image_size(image_size) if image_size is not None else tuple(meta["preprocess"]["size"])
+        r = tuple(max(m, round(b * r / m) * m) for b in base)
+    lo = size_floor(net)
+    if r[0] % m or r[1] % m or min(r) < lo:
+        raise ModelError(
+            f"{where}: {_family(net)} runs exactly at multiples of {m} px from {lo} px; "
+            f"--resolution {r[0]}x{r[1]} is not one"
+        )
+    return (int(r[0]), int(r[1]))
+
+
+def _preprocess(
+    meta: dict[str, Any], size: tuple[int, int], net: nn.Module, dynamic_size: bool, resized_inside: bool
+) -> dict[str, Any]:
+    pre = {**meta["preprocess"], "size": list(size)}
+    pre.pop("size_multiple", None)
+    pre.pop("size_min", None)
+    if resized_inside:
+        pre["size_multiple"] = 1  # the graph's first op resizes: any photo size runs
+    elif dynamic_size:
+        pre["size_multiple"] = size_multiple(net)  # the runtime accepts any multiple (tiles, full frames)
+        if size_floor(net) > pre["size_multiple"]:
+            pre["size_min"] = size_floor(net)
+    return pre
+
+
+def _check(
+    tmp: Path,
+    wrapper: nn.Module,
+    example: torch.Tensor,
+    ref: np.ndarray,
+    pre: dict[str, Any],
+    opset: int,
+    out: Path,
+    dynamic_size: bool,
+    family: str,
+) -> dict[str, Any]:
+    """Parity of the written graph with PyTorch: at the export size, and for a dynamic-size graph at a
+    second, larger size too (where a frozen shape would show)."""
+    result = parity(tmp, wrapper, example.shape, ref_first=ref, opset=opset, name=out)
+    if not dynamic_size:
+        return result
+    size = pre["size"]
+    other = _second_size(size, pre["size_multiple"])
+    second = parity(tmp, wrapper, (1, pre["channels"], *other), n=2, opset=opset, name=out)
+    result["parity_sizes"] = {
+        f"{size[0]}x{size[1]}": {k: result[k] for k in ("max_abs_diff", "argmax_agreement")},
+        f"{other[0]}x{other[1]}": second,
+    }
+    if second["max_abs_diff"] > DYNAMIC_TOLERANCE:
+        raise ModelError(
+            f"dynamic-size {family} graph differs from PyTorch at {other[0]}x{other[1]} "
+            f"(max abs diff {second['max_abs_diff']:.2e}): export at a fixed --image-size instead"
+        )
+    result["max_abs_diff"] = max(result["max_abs_diff"], second["max_abs_diff"])
+    result["argmax_agreement"] = min(result["argmax_agreement"], second["argmax_agreement"])
+    return result
+
+
+# Below this a class-map graph disagrees with PyTorch's argmax beyond near-tied pixels: refused.
+CLASS_MAP_AGREEMENT = 0.999
+
+
+def _class_map_agreement(path: Path, wrapper: nn.Module, shape: torch.Size, name: Path) -> float:
+    """Share of pixels where the ONNX class map equals PyTorch's argmax of the logits."""
+    from ..deploy.runtime import cpu_session
+
+    sess = cpu_session(path, threads=None)
+    x = torch.randn(*shape, generator=torch.Generator().manual_seed(0))
+    with torch.no_grad():
+        want = wrapper(x).argmax(1).numpy()
+    got = sess.run(None, {"pixel_values": x.numpy()})[0]
+    agree = float((got.astype(np.int64) == want).mean())
+    if got.shape != want.shape or agree < CLASS_MAP_AGREEMENT:
+        raise ModelError(
+            f"the exported class map disagrees with PyTorch's argmax ({agree:.4f} of pixels, shape "
+            f"{got.shape} vs {want.shape}); nothing was written to {name}"
+        )
+    return agree
 
 
 def _torch_export(
@@ -388,6 +485,8 @@ def export(
     dynamic_batch: bool = False,
     image_size: str | int | tuple[int, int] | None = None,
     dynamic_size: bool = False,
+    argmax: bool = False,
+    resolution: str | float | tuple[int, int] | None = None,
     simplify: bool = True,
     format: str = "auto",
 ) -> tuple[Path, dict[str, Any]]:
@@ -411,6 +510,8 @@ def export(
         dynamic_batch=dynamic_batch,
         image_size=image_size,
         dynamic_size=dynamic_size,
+        argmax=argmax,
+        resolution=resolution,
         simplify=simplify,
         quiet=True,
     )

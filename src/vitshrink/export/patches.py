@@ -89,3 +89,24 @@ def unroll_adaptive_pooling(model: nn.Module, *, dynamic_size: bool = False) -> 
             ):
                 setattr(mod, attr, [static(v) if isinstance(v, nn.AdaptiveAvgPool2d) else v for v in val])
     return model
+
+
+class ResizedInside(nn.Module):
+    """`net` (pixel_values -> segmentation logits at the input size) run at a fixed `size` inside the
+    graph: the photo comes in at any size, is resized bilinearly to `size`, and the logits are resized
+    back to the photo's size (bilinear, before any argmax, as evaluation upsamples them).
+
+    Plain bilinear, not antialiased: the TorchScript exporter has no antialiased Resize. At ratios down
+    to 0.5 every input pixel still contributes (0.5 is an exact 2x2 mean); the runtime shrinks photos
+    larger than twice the deployed size on the host (antialiased) before they reach the graph.
+    """
+
+    def __init__(self, net: nn.Module, size: tuple[int, int]) -> None:
+        super().__init__()
+        self.net = net
+        self.size = (int(size[0]), int(size[1]))
+
+    def forward(self, pixel_values: torch.Tensor) -> torch.Tensor:
+        x = F.interpolate(pixel_values, size=self.size, mode="bilinear", align_corners=False)
+        logits = self.net(x)
+        return F.interpolate(logits, size=pixel_values.shape[-2:], mode="bilinear", align_corners=False)

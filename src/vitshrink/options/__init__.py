@@ -46,6 +46,7 @@ from .core import (
     key_value_pairs,
     key_values,
     parse_image_size,
+    parse_resolution,
     validate,
 )
 from .stages import (
@@ -63,6 +64,7 @@ __all__ = [
     "GLOBAL",
     "OPSET",
     "parse_image_size",
+    "parse_resolution",
     "AMP_MODES",
     "CALIB_METHODS",
     "COMMANDS",

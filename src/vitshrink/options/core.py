@@ -127,6 +127,45 @@ class _FractionOrAuto:
 fraction_or_auto = _FractionOrAuto()
 
 
+class _Resolution:
+    """The size a network runs at inside its graph (export/quantize --resolution): H or HxW pixels, or
+    a fraction in (0, 1] of the deployed size (0.5 = half the side)."""
+
+    __name__ = "resolution"
+    types = (float, int, str, list)
+
+    def __call__(self, v: str) -> float | tuple[int, int]:
+        why = self.reason(v)
+        if why:
+            raise argparse.ArgumentTypeError(f"{why}, got '{v}'")
+        return parse_resolution(v)
+
+    def reason(self, v: Any) -> str | None:
+        try:
+            parse_resolution(v)
+        except ModelError:
+            return "must be H or HxW pixels, or a fraction in (0, 1] of the deployed size"
+        return None
+
+
+def parse_resolution(v: Any) -> float | tuple[int, int]:
+    """--resolution as (H, W) pixels, or a float fraction in (0, 1]; ModelError otherwise."""
+    if isinstance(v, bool):
+        raise ModelError(f"resolution must be H[xW] pixels or a fraction, got {v!r}")
+    if isinstance(v, float) or (isinstance(v, str) and "." in v and "x" not in v.lower()):
+        try:
+            f = float(v)
+        except ValueError:
+            raise ModelError(f"resolution must be H[xW] pixels or a fraction, got {v!r}") from None
+        if not (math.isfinite(f) and 0 < f <= 1):
+            raise ModelError(f"a resolution fraction must be in (0, 1], got {v!r}")
+        return f
+    return parse_image_size(v)
+
+
+resolution = _Resolution()
+
+
 def key_value_pairs(text: str, *, skip_empty: bool = False) -> list[tuple[str, str]]:
     """`k=v,k=v` -> [(k, v)] (keys stripped, values as written); ValueError names a part without '='.
     The one `key=value` parser: --data-opt (`key_values`) and compress budgets use it."""

@@ -31,6 +31,7 @@ from .core import (
     fraction_or_auto,
     image_size,
     key_values,
+    resolution,
 )
 
 
@@ -205,6 +206,24 @@ FORMAT = Option(
     recipe=False,
 )
 
+# export and quantize (a model directory in) both take these; recipes too
+_ARGMAX = Option(
+    "argmax",
+    False,
+    "segmentation: end the graph in ArgMax + Cast to a uint8 class map (N, H, W) instead of logits; "
+    "such a model cannot be tiled (overlaps are averaged on logits)",
+    action="store_true",
+)
+_RESOLUTION = Option(
+    "resolution",
+    None,
+    "segmentation: run the network at this size inside the graph (H[xW] px, or a fraction such as 0.5 "
+    "of the deployed size): the graph takes the photo at any size, resizes it, and returns masks at the "
+    "photo's size (SegFormer, MobileViT, UperNet, Swin at its multiples)",
+    resolution,
+    metavar="H[xW]|F",
+)
+
 QUANTIZE: tuple[Option, ...] = (
     Option(
         "mode",
@@ -247,6 +266,12 @@ QUANTIZE: tuple[Option, ...] = (
         "--out; otherwise onnxruntime, and the report says why)",
         choices=RUNTIMES,
     ),
+    replace(_ARGMAX, help="segmentation: end the quantized graph in ArgMax + Cast to a uint8 class map"),
+    replace(
+        _RESOLUTION,
+        help="segmentation, model directory in (a recipe exports the stage's model): export it to run "
+        "at this size inside the graph first (see export --resolution)",
+    ),
     FORMAT,
 )
 
@@ -266,12 +291,14 @@ _DYNAMIC_SIZE = _arg(
     action="store_true",
 )
 
-# export writes ONNX; its first two options are also the recipe's export stage
+# export writes ONNX; all but image_size/dynamic_size/format are also the recipe's export stage
 EXPORT: tuple[Option, ...] = (
     Option("opset", DEFAULT_OPSET, None, OPSET),
     Option("dynamic_batch", False, None, action="store_true"),
     _IMAGE_SIZE,
     _DYNAMIC_SIZE,
+    _ARGMAX,
+    _RESOLUTION,
     FORMAT,
 )
 

@@ -57,6 +57,8 @@ def quantize(
     size_mb: float | None = None,
     latency_ms: float | None = None,
     runtime: str = "auto",
+    argmax: bool = False,
+    resolution: str | float | tuple[int, int] | None = None,
 ) -> tuple[Path, dict[str, Any]]:
     """Quantize a model directory (or Hub id), ONNX file or ONNX folder into `out`; returns (path, report).
 
@@ -76,6 +78,9 @@ def quantize(
     runtime: "onnxruntime", "openvino" (OpenVINO IR through NNCF, a folder) or "auto": for "int8" with
     calibration data and a folder output, both are built and the faster here (at equal accuracy) is
     kept; other modes, a .onnx output or another --target-cpu keep onnxruntime (the report says why).
+    argmax / resolution (segmentation): the graph ends in a uint8 class map (calibrated and scored on
+    its logits first); a model directory is exported to run at `resolution` inside (see `export_onnx`).
+    The class map is an ONNX rewrite, so argmax keeps onnxruntime (runtime "openvino" is refused).
     """
     from ..deploy.folder import write_onnx_folder
     from ..hub import resolve_model
@@ -90,6 +95,12 @@ def quantize(
     except ValueError as e:
         raise VitshrinkError(str(e)) from None
     final = Path(out)
+    _check_input(path, resolution)
+    if argmax and runtime == "openvino":
+        raise VitshrinkError(
+            "--argmax ends the ONNX graph in a class map: use --runtime onnxruntime (or auto)"
+        )
+    runtime = "onnxruntime" if argmax else runtime  # the class map is appended to the ONNX file
     with temp_dir("quant-export") as tmp:
         if folder:
             out = Path(tmp) / "quantized.onnx"
@@ -101,6 +112,7 @@ def quantize(
                 Path(tmp) / "model.onnx",
                 image_size=image_size,
                 dynamic_size=dynamic_size,
+                resolution=resolution,
                 quiet=quiet,
             )
         else:
@@ -131,6 +143,8 @@ def quantize(
             runtime=runtime,
             openvino_out=final if folder else None,
         )
+        if argmax:  # calibrated and scored on the logits; the class map comes after
+            _append_argmax(out, report)
         if folder and report["runtime"] == "onnxruntime":
             write_onnx_folder(out, final)
             report["path"] = str(final)
@@ -138,6 +152,33 @@ def quantize(
         report["metric_name"] = TASK_METRIC[meta["task"]]
         report["data"] = calib_data
     return final, report
+
+
+def _check_input(path: Path, resolution: Any) -> None:
+    """--resolution re-exports, so it needs the model directory; a graph that already ends in a class
+    map has no logits to calibrate or score on."""
+    if resolution is not None and not path.is_dir():
+        raise VitshrinkError(
+            f"--resolution needs the model directory (it re-exports the network); {path} is ONNX: "
+            "export it with --resolution, then quantize that file"
+        )
+    if path.is_dir() or path.suffix != ".onnx":
+        return
+    from ..deploy.class_map import is_class_map
+    from .files import load_onnx
+
+    if is_class_map(load_onnx(path)):
+        raise VitshrinkError(
+            f"{path} ends in a class map (exported with --argmax): quantize the logits export and pass "
+            "--argmax to quantize instead"
+        )
+
+
+def _append_argmax(out: Path, report: dict[str, Any]) -> None:
+    from ..deploy.class_map import CLASS_IDS, append_argmax_file
+
+    append_argmax_file(out)
+    report["output"] = CLASS_IDS
 
 
 def _onnx_at_size(meta: dict[str, Any] | None, image_size: Any, src: Path) -> dict[str, Any] | None:

@@ -48,7 +48,8 @@ def write_examples(
         preds = {}
         for key, m in (("teacher", first), ("compressed", last)):
             x = prepare(img_u8, onnx_model_meta(m), torch.device("cpu")).numpy()
-            preds[key] = m.run(x.astype(np.float32))[0].argmax(0)
+            out = m.run(x.astype(np.float32))[0]
+            preds[key] = out if m.class_ids else out.argmax(0)  # a class-map graph (--argmax) gives ids
         img = img_u8[0].permute(1, 2, 0).numpy()
         path = ex_dir / f"{i}.png"
         if task == "segmentation":

@@ -253,7 +253,14 @@ def _next_candidate(run: SearchRun, resume_first: list[dict[str, Any]]) -> dict[
     done = {key(t.params) for t in tried}
     sp = run.space
     q = queue(
-        list(sp.students), sp.prune_ratios, sp.quant_modes, run.budget, run.teacher_metric, run.sizes, tried
+        list(sp.students),
+        sp.prune_ratios,
+        sp.quant_modes,
+        run.budget,
+        run.teacher_metric,
+        run.sizes,
+        tried,
+        resolutions=sp.resolutions,
     )
     todo = _unclaimed(run, [p for p in resume_first if key(p) not in done] + q.todo)
     pick = next((p for p in todo if run.estimate(p, tried) <= left), None)
@@ -324,6 +331,7 @@ def _summarise(
         run.teacher_metric,
         run.sizes,
         run.history(),
+        resolutions=sp.resolutions,
     )
     untried_why = {"trials": "the --trials cap", "time": "the time budget ran out"}.get(stopped, "")
     summary["skipped"] = [{"params": p, "reason": r} for p, r in left_queue.skipped]

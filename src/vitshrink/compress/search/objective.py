@@ -46,6 +46,8 @@ class Objective:
             "quant": trial.suggest_categorical("quant", r.space.quant_modes),
             "extend": trial.suggest_int("extend", 0, MAX_EXTEND),
         }
+        if len(r.space.resolutions) > 1:  # only then a parameter: studies without it are unchanged
+            params["resolution"] = trial.suggest_categorical("resolution", r.space.resolutions)
         retry = r.study.get_trials(deepcopy=False)[trial.number].system_attrs.get("failed_trial")
         why = (
             f"retry of trial {retry}: its worker stopped"

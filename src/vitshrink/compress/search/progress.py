@@ -23,6 +23,7 @@ def _bar(total: int | None, initial: int, *, quiet: bool) -> Any:
 
 def _params_label(p: dict[str, Any]) -> str:
     more = f", {p['extend']}x training" if p.get("extend") else ""
+    more += f", at {p['resolution']} inside" if p.get("resolution") is not None else ""
     return f"[{p['student']}, prune {p['prune_ratio']:g}, {p['quant']}{more}]"
 
 

@@ -15,7 +15,16 @@ from ..plan import MAX_EPOCHS
 from ..recipe import Stage, validate_stage
 
 BUDGET_KEYS = ("latency_ms", "size_mb", "max_drop")
-SEARCH_KEYS = ("students", "prune_ratios", "quant_modes", "distill", "prune", "quantize", "pruner")
+SEARCH_KEYS = (
+    "students",
+    "prune_ratios",
+    "quant_modes",
+    "resolutions",
+    "distill",
+    "prune",
+    "quantize",
+    "pruner",
+)
 PRUNERS = ("asha", "hyperband", "none")
 # Base options of the searched stages; override with compress(search={"distill": {...}, ...}).
 DEFAULT_DISTILL: dict[str, Any] = {"epochs": 2}
@@ -66,12 +75,16 @@ class Space:
     pruner: str = "asha"
     int8_targets: dict[str, float] = field(default_factory=dict)  # size_mb / latency_ms for mode int8
     n_train: int | None = None  # training images (an extended distillation grows its subset up to it)
+    # Sizes the network runs at inside the deployed graph (segmentation; `export --resolution`): None is
+    # the model's own. With more than one, "resolution" is a trial parameter like "quant".
+    resolutions: list[Any] = field(default_factory=lambda: [None])
 
     def describe(self) -> dict[str, Any]:
         return {
             "students": self.students,
             "prune_ratios": self.prune_ratios,
             "quant_modes": self.quant_modes,
+            **({"resolutions": self.resolutions} if self.resolutions != [None] else {}),
             "distill": self.distill,
             "prune": self.prune,
             "quantize": self.quantize,
@@ -92,11 +105,16 @@ class Space:
             if k and student is None:  # the teacher has no distillation: extra time goes to recovery
                 pr["recover_epochs"] = min(MAX_EPOCHS, max(1, int(pr.get("recover_epochs", 0))) * k)
             out.append(validate_stage({"prune": pr}, "search prune"))
+        res = params.get("resolution")
         if params["quant"] != "none":
             q = {**self.quantize, "mode": params["quant"]}
             if params["quant"] == "int8":
                 q.update(self.int8_targets)
+            if res is not None:  # quantize re-exports the stage's model to run at `res` inside
+                q["resolution"] = res
             out.append(validate_stage({"quantize": q}, "search quantize"))
+        elif res is not None:
+            out.append(validate_stage({"export": {"resolution": res}}, "search export"))
         return out
 
     def more_training(self, d: dict[str, Any], k: int) -> dict[str, Any]:
@@ -178,6 +196,7 @@ def build_space(
     except ImportError:
         ratios = [0.0]
     modes = list(search.get("quant_modes", profile.quant_modes))
+    resolutions = _resolutions(search, ctx)
     pruner = search.get("pruner", "asha")
     if pruner not in PRUNERS:
         raise VitshrinkError(f"search pruner must be one of {', '.join(PRUNERS)}, got {pruner!r}")
@@ -191,6 +210,7 @@ def build_space(
         pruner=pruner,
         # int8 keeps the variant that fits the budget's size / latency best, not only the fastest
         int8_targets={k: budget[k] for k in ("size_mb", "latency_ms") if k in (budget or {})},
+        resolutions=resolutions,
     )
     # Validate every option now, not an hour into the search.
     for st in students.values():
@@ -207,3 +227,21 @@ def build_space(
 
 def _short(opts: dict[str, Any] | None) -> str:
     return "" if not opts else "(" + ",".join(f"{k}={v}" for k, v in sorted(opts.items())) + ")"
+
+
+def _resolutions(search: dict[str, Any], ctx: Context) -> list[Any]:
+    """The searched sizes inside the graph; [H, W] pairs as "HxW" (optuna's choices are scalars)."""
+    resolutions = [
+        "x".join(map(str, r)) if isinstance(r, (list, tuple)) else r
+        for r in search.get("resolutions", [None])
+    ]
+    if not resolutions:
+        raise VitshrinkError("search resolutions: give at least one (null: the model's own size)")
+    if any(r is not None for r in resolutions) and ctx.meta["task"] != "segmentation":
+        raise VitshrinkError(
+            "search resolutions apply to segmentation (the network resized inside the graph)"
+        )
+    for r in resolutions:
+        if r is not None:
+            validate_stage({"export": {"resolution": r}}, "search resolutions")
+    return resolutions

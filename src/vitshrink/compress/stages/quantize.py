@@ -18,8 +18,10 @@ def run(stage: Stage, ctx: Context, cur: Current, sdir: Path) -> StageResult:
     opts = dict(stage.options)
     mode = opts.pop("mode")
     calibrate = opts.pop("calibrate", mode in CALIBRATED or "max_drop" in opts)
+    # At a resolution inside the graph the stage's model is re-exported: the ONNX it has runs at its own
+    src = cur.model_dir if opts.get("resolution") is not None and cur.model_dir is not None else cur.onnx
     out, rep = quantize(
-        cur.onnx,
+        src,
         sdir / "model.onnx",
         mode=mode,
         calib_data=ctx.data if calibrate else None,
