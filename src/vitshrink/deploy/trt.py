@@ -189,26 +189,7 @@ def trt_recipe(
         raise VitshrinkError(f"workspace_mb must be between 1 and {dev.memory_mb - 1} on a {dev.label}")
     if not onnx_path.is_file():
         raise ModelError(f"ONNX model not found: {onnx_path}")
-    try:
-        import onnx
-        from google.protobuf.message import DecodeError
-    except ImportError:
-        raise VitshrinkError("trt_recipe needs the 'onnx' package: pip install onnx") from None
-    try:
-        # Weights stay on disk: only the graph structure and metadata are needed.
-        model = onnx.load(str(onnx_path), load_external_data=False)
-    except (DecodeError, ValueError, OSError) as e:
-        raise ModelError(
-            f"not a valid ONNX model: {onnx_path}: {str(e).splitlines()[0] if str(e) else e}"
-        ) from None
-    if not model.graph.node:
-        raise ModelError(f"not a valid ONNX model (empty graph): {onnx_path}")
-    ort_ops = sorted({n.op_type for n in model.graph.node if n.domain == "com.microsoft"})
-    if ort_ops:
-        raise ModelError(
-            f"{onnx_path} uses onnxruntime-only ops ({', '.join(ort_ops)}): it is an int8 model for "
-            "onnxruntime on CPU; give TensorRT the fp32 / fp16 ONNX or `vitshrink quantize --target tensorrt`"
-        )
+    model = _load_graph(onnx_path)
 
     where = str(onnx_path)
     meta = read_meta_props(model.metadata_props, where)
@@ -239,16 +220,7 @@ def trt_recipe(
         onnx_path = _int32_class_map(model, onnx_path, out_dir)
     nodes = _fp32_nodes(model) if fp16 else []
     fp32_layers = [n.name for n in nodes if n.name]
-    opset = max((o.version for o in model.opset_import if o.domain in ("", "ai.onnx")), default=0)
-    warn = []
-    if dev.tensorrt == "8.2" and any(n.op_type == "LayerNormalization" for n in model.graph.node):
-        warn.append(
-            f"This graph uses the LayerNormalization op (opset {opset}). TensorRT 8.2, the newest for the "
-            f"{dev.label}, has no parser for it: re-export below opset 17 (14-16 for transformers' SDPA "
-            "attention), where LayerNorm becomes ReduceMean/Pow/Sqrt, which this recipe also pins to fp32."
-        )
-    for w in warn:
-        warnings.warn(w, stacklevel=2)
+    warn = _version_warnings(model, dev)
 
     r = _Recipe(
         onnx_path=onnx_path,
@@ -292,6 +264,50 @@ def trt_recipe(
             "ENGINE_NAME": r.engine_name,
         },
     )
+    _write_recipe(out_dir, r, builder, runner)
+    return out_dir
+
+
+def _load_graph(onnx_path: Path) -> Any:
+    """The graph and metadata (weights stay on disk), refusing what TensorRT cannot build."""
+    try:
+        import onnx
+        from google.protobuf.message import DecodeError
+    except ImportError:
+        raise VitshrinkError("trt_recipe needs the 'onnx' package: pip install onnx") from None
+    try:
+        model = onnx.load(str(onnx_path), load_external_data=False)
+    except (DecodeError, ValueError, OSError) as e:
+        raise ModelError(
+            f"not a valid ONNX model: {onnx_path}: {str(e).splitlines()[0] if str(e) else e}"
+        ) from None
+    if not model.graph.node:
+        raise ModelError(f"not a valid ONNX model (empty graph): {onnx_path}")
+    ort_ops = sorted({n.op_type for n in model.graph.node if n.domain == "com.microsoft"})
+    if ort_ops:
+        raise ModelError(
+            f"{onnx_path} uses onnxruntime-only ops ({', '.join(ort_ops)}): it is an int8 model for "
+            "onnxruntime on CPU; give TensorRT the fp32 / fp16 ONNX or `vitshrink quantize --target tensorrt`"
+        )
+    return model
+
+
+def _version_warnings(model: Any, dev: Any) -> list[str]:
+    """What the device's TensorRT cannot parse in this graph (also issued as Python warnings)."""
+    opset = max((o.version for o in model.opset_import if o.domain in ("", "ai.onnx")), default=0)
+    warn = []
+    if dev.tensorrt == "8.2" and any(n.op_type == "LayerNormalization" for n in model.graph.node):
+        warn.append(
+            f"This graph uses the LayerNormalization op (opset {opset}). TensorRT 8.2, the newest for the "
+            f"{dev.label}, has no parser for it: re-export below opset 17 (14-16 for transformers' SDPA "
+            "attention), where LayerNorm becomes ReduceMean/Pow/Sqrt, which this recipe also pins to fp32."
+        )
+    for w in warn:
+        warnings.warn(w, stacklevel=3)  # the caller of trt_recipe
+    return warn
+
+
+def _write_recipe(out_dir: Path, r: _Recipe, builder: str, runner: str) -> None:
     for name, text, mode in (
         ("build_engine.sh", _build_script(r), 0o755),
         ("build_engine.py", builder, 0o755),
@@ -301,7 +317,6 @@ def trt_recipe(
         with atomic_file(out_dir / name, "w") as f:
             f.write(text)
             os.fchmod(f.fileno(), mode)
-    return out_dir
 
 
 def _int32_class_map(model: Any, onnx_path: Path, out_dir: Path) -> Path:

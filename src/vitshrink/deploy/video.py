@@ -203,6 +203,23 @@ def predict_video(
             writer.close()
         if not latencies:
             raise DataError(f"no frames could be read from {source}")
+    summary = _summary(net, source, video_path, lines_path, read, latencies, rate, out_rate, start)
+    write_json(out_dir / f"{stem}_video.json", summary)
+    return summary
+
+
+def _summary(
+    net: DeployModel,
+    source: Path,
+    video_path: Path,
+    lines_path: Path,
+    read: int,
+    latencies: list[float],
+    rate: float,
+    out_rate: float,
+    start: float,
+) -> dict[str, Any]:
+    """What <stem>_video.json says: frames, rates (sustained includes decoding and encoding), latency."""
     wall = time.perf_counter() - start
     lat = np.asarray(latencies)
     summary = {
@@ -223,5 +240,4 @@ def predict_video(
         },
         "peak_rss_mb": None if (rss := peak_rss_mb()) is None else round(rss, 1),
     }
-    write_json(out_dir / f"{stem}_video.json", summary)
     return summary

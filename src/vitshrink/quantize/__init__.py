@@ -85,7 +85,6 @@ def quantize(
     from ..deploy.folder import write_onnx_folder
     from ..hub import resolve_model
     from ..onnx_folder import onnx_file, wants_folder
-    from .files import load_onnx, read_meta
 
     path = onnx_file(resolve_model(model))
     if not path.exists():
@@ -104,28 +103,10 @@ def quantize(
     with temp_dir("quant-export") as tmp:
         if folder:
             out = Path(tmp) / "quantized.onnx"
-        if path.is_dir():
-            from ..export import export_onnx
-
-            src, _ = export_onnx(
-                path,
-                Path(tmp) / "model.onnx",
-                image_size=image_size,
-                dynamic_size=dynamic_size,
-                resolution=resolution,
-                quiet=quiet,
-            )
-        else:
-            src = path
-        meta = read_meta(load_onnx(src)) if calib_data is not None or image_size is not None else None
-        if image_size is not None and not path.is_dir():
-            meta = _onnx_at_size(meta, image_size, src)
+        sizes = {"image_size": image_size, "dynamic_size": dynamic_size, "resolution": resolution}
+        src, meta = _source(path, Path(tmp), sizes, quiet, need_meta=calib_data is not None)
         calib, eval_fn = (None, None)
         if calib_data is not None:
-            if meta is None:
-                raise VitshrinkError(
-                    f"{path} has no vitshrink metadata, so calibration data cannot be prepared for it"
-                )
             calib, eval_fn = _data(calib_data, meta, src, data_options)
         report = quantize_onnx(
             src,
@@ -152,6 +133,30 @@ def quantize(
         report["metric_name"] = TASK_METRIC[meta["task"]]
         report["data"] = calib_data
     return final, report
+
+
+def _source(
+    path: Path, tmp: Path, sizes: dict[str, Any], quiet: bool, *, need_meta: bool
+) -> tuple[Path, dict[str, Any] | None]:
+    """The ONNX to quantize (a model directory exported first, at `sizes`) and its metadata when
+    calibration or a new image size needs it."""
+    from .files import load_onnx, read_meta
+
+    image_size = sizes["image_size"]
+    if path.is_dir():
+        from ..export import export_onnx
+
+        src, _ = export_onnx(path, tmp / "model.onnx", quiet=quiet, **sizes)
+    else:
+        src = path
+    meta = read_meta(load_onnx(src)) if need_meta or image_size is not None else None
+    if image_size is not None and not path.is_dir():
+        meta = _onnx_at_size(meta, image_size, src)
+    if need_meta and meta is None:
+        raise VitshrinkError(
+            f"{path} has no vitshrink metadata, so calibration data cannot be prepared for it"
+        )
+    return src, meta
 
 
 def _check_input(path: Path, resolution: Any) -> None:
