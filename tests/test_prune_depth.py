@@ -215,6 +215,8 @@ def test_the_default_drops_blocks_only_where_that_times_faster_at_equal_macs(tmp
     )
     assert m["macs_after"] <= count_macs(widths_only, x)  # equal MACs (within rounding), not fewer params
     assert all(r["macs"] >= 0.9 * count_macs(widths_only, x) for r in m["shape_candidates"])
+    # depth 0.25 of 2-block stages keeps both: the same network as depth 0, not a candidate of its own
+    assert sorted(r["depth_ratio"] for r in m["shape_candidates"]) == [0.0, 0.5]
     monkeypatch.setattr(P, "_latency_ms", lambda m, x: 1.0)  # a tie: widths only, exactly the ratio
     out, m = prune(tmp_path / "m", tmp_path / "tie", ratio=0.5, quiet=True)
     rec = json.loads((out / "vitshrink.json").read_text())["history"][-1]["options"]

@@ -62,9 +62,9 @@ def choose_shape(
     seen: set[tuple[int, ...]] = set()
     for d in depths:
         shallow = copy.deepcopy(model)
-        kept = drop_blocks(shallow, d, samples)["kept"] if d > 0 else None
-        key = tuple(kept) if kept else ()
-        if key in seen:  # e.g. 0.25 of a 2-block stage keeps both: same network as depth 0
+        kept = drop_blocks(shallow, d, samples)["kept"]  # depth 0: every stage's full depth
+        key = tuple(kept)
+        if key in seen:  # e.g. 0.25 of 2-block stages keeps both: the same network as depth 0
             continue
         seen.add(key)
         if measure(shallow) < OVERSHOOT * target:
