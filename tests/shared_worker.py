@@ -15,7 +15,7 @@ import time
 
 import vitshrink.compress.search.loop as loop
 import vitshrink.compress.search.study_setup as study_setup
-from vitshrink.compress import STAGE_RUNNERS, BudgetNotMetError, compress
+from vitshrink.compress import KINDS, BudgetNotMetError, compress
 from vitshrink.compress.plan import Throughput
 
 
@@ -38,13 +38,13 @@ def main() -> None:
     study_setup.measure_throughput = lambda ctx, students, batch_size: Throughput(
         0.001, dict.fromkeys(students, 0.001), dict.fromkeys(students, 0.001), 1.0
     )
-    for kind, fn in list(STAGE_RUNNERS.items()):
+    for k in KINDS.values():
 
-        def slow(stage, ctx, cur, sdir, _fn=fn):
+        def slow(stage, ctx, cur, sdir, _fn=k.run):
             time.sleep(delay)
             return _fn(stage, ctx, cur, sdir)
 
-        STAGE_RUNNERS[kind] = slow
+        k.run = slow
     try:
         res = compress(**args)
     except BudgetNotMetError as e:
