@@ -12,7 +12,7 @@ from ..context import Context
 from ..devices import DeviceProfile
 from ..plan import Plan, fmt_minutes
 from ..runner import shared_teacher
-from ..schedule import extension, key, queue
+from ..schedule import Tried, extension, key, queue
 from .join import join_shared, local_root
 from .measure import _EvalCache
 from .objective import Objective
@@ -251,17 +251,7 @@ def _next_candidate(run: SearchRun, resume_first: list[dict[str, Any]]) -> dict[
     tried = run.history()
     left = run.left()
     done = {key(t.params) for t in tried}
-    sp = run.space
-    q = queue(
-        list(sp.students),
-        sp.prune_ratios,
-        sp.quant_modes,
-        run.budget,
-        run.teacher_metric,
-        run.sizes,
-        tried,
-        resolutions=sp.resolutions,
-    )
+    q = _queue(run, tried)
     todo = _unclaimed(run, [p for p in resume_first if key(p) not in done] + q.todo)
     pick = next((p for p in todo if run.estimate(p, tried) <= left), None)
     run.pending.clear()
@@ -323,16 +313,7 @@ def _summarise(
     ctx, sp, plan = run.ctx, run.space, run.plan
     found = _select(run.study, run.budget, run.teacher_metric, run.profile, run.split, sp, run.lost())
     summary = found["summary"]
-    left_queue = queue(
-        list(sp.students),
-        sp.prune_ratios,
-        sp.quant_modes,
-        run.budget,
-        run.teacher_metric,
-        run.sizes,
-        run.history(),
-        resolutions=sp.resolutions,
-    )
+    left_queue = _queue(run, run.history())
     untried_why = {"trials": "the --trials cap", "time": "the time budget ran out"}.get(stopped, "")
     summary["skipped"] = [{"params": p, "reason": r} for p, r in left_queue.skipped]
     summary["untried"] = [{"params": p, "reason": untried_why} for p in left_queue.todo]
@@ -355,3 +336,18 @@ def _time_summary(run: SearchRun, stopped: str, plan: Plan) -> dict[str, Any]:
         "plan": plan.to_json(),
         "throughput": run.study.user_attrs.get("throughput"),
     }
+
+
+def _queue(run: SearchRun, tried: list[Tried]) -> Any:
+    """What is left to try in order (and what cannot win), given what was tried."""
+    sp = run.space
+    return queue(
+        list(sp.students),
+        sp.prune_ratios,
+        sp.quant_modes,
+        run.budget,
+        run.teacher_metric,
+        run.sizes,
+        tried,
+        resolutions=sp.resolutions,
+    )
