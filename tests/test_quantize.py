@@ -10,7 +10,6 @@ from __future__ import annotations
 import json
 import os
 import tempfile
-from collections.abc import Iterator
 from pathlib import Path
 
 import numpy as np
@@ -18,10 +17,11 @@ import onnx
 import pytest
 import torch
 
-from tests.quant_models import (
+from tests.quant_models import (  # _one_thread: autouse in every module that imports it
     CLASSES,
     META,
     SIZE,
+    _one_thread,  # noqa: F401
     agree,
     export,
     gratings,
@@ -36,15 +36,6 @@ from vitshrink.errors import DataError, ModelError, VitshrinkError
 from vitshrink.quantize import quantize, quantize_onnx, quantize_torch, smooth_layernorm_outliers
 
 transformers = pytest.importorskip("transformers")
-
-
-@pytest.fixture(scope="module", autouse=True)
-def _one_thread() -> Iterator[None]:
-    # The machine is shared; conftest asks for 2 threads, which oversubscribes under load (8x slower).
-    before = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(before)
 
 
 @pytest.fixture(scope="module")

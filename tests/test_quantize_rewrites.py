@@ -3,7 +3,6 @@ residual norms), int8 attention, pre-processing, and the builder registry."""
 
 from __future__ import annotations
 
-from collections.abc import Iterator
 from pathlib import Path
 from types import SimpleNamespace
 
@@ -13,22 +12,14 @@ import onnxruntime as ort
 import pytest
 import torch
 
-from tests.quant_models import (
+from tests.quant_models import (  # _one_thread: autouse in every module that imports it
+    _one_thread,  # noqa: F401
     ort_ops,
     run,
 )
 from vitshrink.quantize import quantize_onnx
 
 transformers = pytest.importorskip("transformers")
-
-
-@pytest.fixture(scope="module", autouse=True)
-def _one_thread() -> Iterator[None]:
-    # The machine is shared; conftest asks for 2 threads, which oversubscribes under load (8x slower).
-    before = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(before)
 
 
 def test_segformer_decoder_fuse_conv_folds_into_the_stage_linears(tmp_path: Path) -> None:
