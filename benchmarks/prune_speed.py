@@ -60,7 +60,7 @@ from vitshrink.artifacts import read_json
 from vitshrink.deploy.runtime import session_options
 from vitshrink.export import make_exportable
 from vitshrink.models.families.swin import SwinPatchMergingPruner
-from vitshrink.prune import _latency_ms
+from vitshrink.prune import _latencies_ms
 from vitshrink.prune.core import count_macs, count_params, family_for, prune_model
 from vitshrink.prune.depth import drop_blocks
 from vitshrink.prune.shape import choose_shape
@@ -398,7 +398,7 @@ def auto_variant(
     """`prune --depth-ratio auto` at `target` params (default: width_only's): the budget split between
     depth and width, fastest exported model on onnxruntime here (as prune() measures) wins."""
     d, w, m, _ = choose_shape(
-        base, x, [x], lambda net: _latency_ms(net, x), target_params=target or width_only.params
+        base, x, [x], lambda nets: _latencies_ms(nets, x), target_params=target or width_only.params
     )
     mlp = f", MLP {m:.2f}" if m != w else ""
     a = Variant(mname, f"{label} (depth {d:g}, width {w:.2f}{mlp})", r)

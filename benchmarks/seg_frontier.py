@@ -16,7 +16,8 @@ The chosen point: the fastest int8 point within 0.01 mIoU of today's chosen int8
 
     PYTHONPATH=src nice -n 19 .venv/bin/python benchmarks/seg_frontier.py build    # no timing in it
     PYTHONPATH=src flock /tmp/vitshrink-bench.lock .venv/bin/python benchmarks/seg_frontier.py latency
-    (data, models and artifacts are cached under runs/seg_frontier/; `all` does both in one process)
+    (data, models and artifacts are cached under runs/seg_frontier/ or --work; `all` does both in one
+    process; `--n-train 384 --epochs 8 --work runs/seg_frontier_384` trains a stronger student)
 """
 
 from __future__ import annotations
@@ -239,7 +240,10 @@ def main() -> None:
     ap.add_argument("--threads", type=int, default=1)
     ap.add_argument("--runs", type=int, default=20)
     ap.add_argument("--budget-s", type=float, default=60.0)
+    ap.add_argument("--n-train", type=int, default=DATA_OPTS["n_train"], help="512 px training renders")
+    ap.add_argument("--work", type=Path, default=WORK, help="cache folder (one per --n-train / --epochs)")
     args = ap.parse_args()
+    _configure(args.work, args.n_train)
     WORK.mkdir(parents=True, exist_ok=True)
     if args.phase in ("build", "all"):
         rows = build(args)
@@ -250,6 +254,13 @@ def main() -> None:
     for r, m in zip(rows, ms):
         r["ms"] = m
     report(rows, args)
+
+
+def _configure(work: Path, n_train: int) -> None:
+    """Point the module's cache folder and training-set size at the command line's."""
+    global WORK
+    WORK = work
+    DATA_OPTS.update(n_train=n_train, cache_dir=str(work.parent / f"data-{n_train}"))
 
 
 def _cpu() -> str:

@@ -165,14 +165,14 @@ def test_shape_search_meets_the_budget_and_picks_the_fastest_split():
     x = torch.randn(1, 3, size, size)
     target = count_params(pruned_architecture(model, 0.5, round_to=1))  # fine steps for a toy width
     # a latency that counts blocks: the deepest cut that still meets the budget wins
-    by_depth = lambda m: float(m.config.num_hidden_layers)  # noqa: E731
+    by_depth = lambda ms: [float(m.config.num_hidden_layers) for m in ms]  # noqa: E731
     d, w, _, rows = choose_shape(model, x, [x], by_depth, target_params=target, round_to=1)
     assert d == 0.5 and rows[0]["depth_ratio"] == 0.5 and rows[0]["latency_ms"] == 2.0
     assert {r["depth_ratio"] for r in rows} == {0.0, 0.25, 0.5}
     for r in rows:  # every candidate meets the same budget, none by far overshooting it
         assert 0.85 * target <= r["params"] <= target, r
     # equal speed: the shallower cut (keeps more of the trained network)
-    d, w, _, _ = choose_shape(model, x, [x], lambda m: 1.0, target_params=target, round_to=1)
+    d, w, _, _ = choose_shape(model, x, [x], lambda ms: [1.0] * len(ms), target_params=target, round_to=1)
     assert d == 0.0 and w == pytest.approx(0.5, abs=0.02)
     with pytest.raises(VitshrinkError, match="exactly one"):
         choose_shape(model, x, [x], by_depth)
@@ -201,7 +201,7 @@ def test_the_default_drops_blocks_only_where_that_times_faster_at_equal_macs(tmp
     )
     save_model(net, meta, tmp_path / "m")
     # the probe stands in for onnxruntime: first each block costs time, then nothing is faster
-    monkeypatch.setattr(P, "_latency_ms", lambda m, x: float(m.config.num_hidden_layers))
+    monkeypatch.setattr(P, "_latencies_ms", lambda ms, x: [float(m.config.num_hidden_layers) for m in ms])
     out, m = prune(tmp_path / "m", tmp_path / "deep", ratio=0.5, quiet=True)
     rec = json.loads((out / "vitshrink.json").read_text())["history"][-1]["options"]
     assert (
@@ -217,13 +217,13 @@ def test_the_default_drops_blocks_only_where_that_times_faster_at_equal_macs(tmp
     assert all(r["macs"] >= 0.9 * count_macs(widths_only, x) for r in m["shape_candidates"])
     # depth 0.25 of 2-block stages keeps both: the same network as depth 0, not a candidate of its own
     assert sorted(r["depth_ratio"] for r in m["shape_candidates"]) == [0.0, 0.5]
-    monkeypatch.setattr(P, "_latency_ms", lambda m, x: 1.0)  # a tie: widths only, exactly the ratio
+    monkeypatch.setattr(P, "_latencies_ms", lambda ms, x: [1.0] * len(ms))  # a tie: widths only, the ratio
     out, m = prune(tmp_path / "m", tmp_path / "tie", ratio=0.5, quiet=True)
     rec = json.loads((out / "vitshrink.json").read_text())["history"][-1]["options"]
     assert rec["depth_ratio"] == 0.0 and rec["ratio"] == rec["ratio_mlp"] == 0.5
     assert m["params_after"] == count_params(widths_only)
     # where no split can be searched, the default is widths only and nothing is timed
-    monkeypatch.setattr(P, "_latency_ms", lambda m, x: pytest.fail("timed"))
+    monkeypatch.setattr(P, "_latencies_ms", lambda ms, x: pytest.fail("timed"))
     table = {"0": 2.0, "0.9": 0.5}  # a latency budget from another device's table
     _, m = prune(tmp_path / "m", tmp_path / "lat", target_latency_ms=1.0, latency_table=table, quiet=True)
     assert "shape_candidates" not in m and m["config"]["num_hidden_layers"] == 2

@@ -74,6 +74,37 @@ def test_prune_rounds_to_the_target_cpu_by_default_and_records_why(vit, tmp_path
     assert any(w % 8 for w in _widths(m4)), _widths(m4)
 
 
+def test_plain_prune_rounds_to_a_named_gpu_target(vit, tmp_path) -> None:
+    """`prune --target-device` reads the same table as compress's profiles: 32 for a Jetson, 8 for CUDA."""
+    from vitshrink.artifacts import read_json
+    from vitshrink.cli import main
+    from vitshrink.prune import prune
+
+    assert (
+        main(
+            [
+                "prune",
+                str(vit),
+                "--ratio",
+                "0.3",
+                "--target-device",
+                "jetson-nano",
+                "--out",
+                str(tmp_path / "j"),
+                "--quiet",
+            ]
+        )
+        == 0
+    )
+    rec = read_json(tmp_path / "j" / "vitshrink.json")["history"][-1]
+    assert rec["options"]["target_device"] == "jetson-nano"
+    assert rec["metrics"]["round_to"] == {"multiple": 32, "why": width_rule(get_profile("jetson-nano"))[1]}
+    assert all(w % 32 == 0 for w in _widths(rec["metrics"])), _widths(rec["metrics"])
+    _, m = prune(vit, tmp_path / "c", ratio=0.3, target_device="cuda", target_cpu="vnni", quiet=True)
+    assert m["round_to"]["multiple"] == 8 and "tensor-core" in m["round_to"]["why"]
+    assert any(w % 16 for w in _widths(m)), _widths(m)  # not the CPU's 16: the device wins
+
+
 def test_segformer_mlp_widths_never_grow_past_the_trained_ones() -> None:
     import transformers as T
 

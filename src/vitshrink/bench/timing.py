@@ -82,6 +82,24 @@ def round_robin_ms(
     return times
 
 
+def interleaved_ms(fns: Sequence[Callable[[], Any]], *, rounds: int = 5, calls: int = 5) -> list[float]:
+    """Per function, the best over `rounds` of the median of `calls` calls in a row, functions taken in
+    turn (order reversed every other round against drift): what it costs on a quiet moment.
+
+    For ranking models against each other where the deployed session spins (the default): each block
+    runs as the model would alone, where `round_robin_ms`'s single calls pay the previous session's
+    spinning workers. Best-of-rounds drops rounds that other processes on the machine disturbed.
+    """
+    for fn in fns:
+        time_ms(fn, 2)
+    best = [float("inf")] * len(fns)
+    for r in range(rounds):
+        order = list(range(len(fns)))[:: 1 if r % 2 == 0 else -1]
+        for i in order:
+            best[i] = min(best[i], statistics.median(time_ms(fns[i], calls)))
+    return best
+
+
 def onnx_latencies_ms(
     paths: Sequence[str | os.PathLike],
     sample: np.ndarray,

@@ -12,8 +12,9 @@ import platform
 from dataclasses import dataclass
 from typing import Any
 
-from ..cpu import width_multiple
 from ..errors import VitshrinkError
+from ..targets import TARGET_DEVICES
+from ..targets import width_rule as _target_width
 
 # The OS (and desktop) keep about 1 GB of a Jetson's shared memory (see vitshrink.deploy.trt.DEVICES).
 JETSON_OS_RESERVED_MB = 1024
@@ -28,9 +29,6 @@ class DeviceProfile:
     quant_modes: tuple[str, ...]  # quantization modes the budget search tries ("none" = keep fp32)
     trt: bool  # emit a TensorRT recipe for the final model
     disclaimer: str = ""
-    # what pruned widths are rounded to (None: the CPU's vector width, see width_rule) and why
-    round_to: int | None = None
-    round_to_why: str = ""
 
 
 def _jetson_memory_mb() -> int:
@@ -39,7 +37,7 @@ def _jetson_memory_mb() -> int:
     return DEVICES["jetson-nano"].memory_mb - JETSON_OS_RESERVED_MB
 
 
-PROFILES = ("cpu", "cuda", "jetson-nano")
+PROFILES = TARGET_DEVICES
 
 
 def get_profile(name: str) -> DeviceProfile:
@@ -62,8 +60,6 @@ def get_profile(name: str) -> DeviceProfile:
             None,
             ("none", "fp16"),
             False,
-            round_to=8,
-            round_to_why="cuda: fp16 tensor-core GEMMs need channel counts that are multiples of 8",
         )
     if name == "jetson-nano":
         return DeviceProfile(
@@ -79,19 +75,14 @@ def get_profile(name: str) -> DeviceProfile:
                 "onnxruntime CPU) with threads capped at the Nano's 4, not on a Jetson Nano: re-measure on "
                 "the device with the TensorRT recipe in trt/ (build_engine.sh, then run_engine.py)"
             ),
-            round_to=32,
-            round_to_why="jetson-nano: TensorRT fp16 kernels tile channels by 32 (tensor-core GEMM tiles on "
-            "newer Jetsons); widths off the tile pad to the next one and waste the remainder",
         )
     raise VitshrinkError(f"unknown device '{name}' (choose from {', '.join(PROFILES)})")
 
 
 def width_rule(profile: DeviceProfile, target_cpu: str = "auto") -> tuple[int, str]:
-    """(multiple, why) that prune rounds widths to for this profile: the profile's own rule (GPU
-    tiles), else the vector width of the target CPU (`vitshrink.cpu.width_multiple`)."""
-    if profile.round_to is not None:
-        return profile.round_to, profile.round_to_why
-    return width_multiple(target_cpu)
+    """(multiple, why) that prune rounds widths to for this profile: a GPU's tile, else the vector
+    width of the target CPU (one table: `vitshrink.targets`)."""
+    return _target_width(profile.name, target_cpu)
 
 
 def threads_for(profile: DeviceProfile, threads: int | None) -> int | None:

@@ -6,6 +6,7 @@ from __future__ import annotations
 from dataclasses import replace
 
 from ..cpu import TARGET_CPUS
+from ..targets import TARGET_DEVICES
 from .core import (
     AMP_MODES,
     CALIB_METHODS,
@@ -144,8 +145,8 @@ PRUNE: tuple[Option, ...] = (
     Option(
         "round_to",
         None,
-        "keep widths multiples of this (default: the target CPU's vector width: 16 AVX-512, 8 AVX2 / "
-        "arm64; compress --device: the device's, 32 for jetson-nano)",
+        "keep widths multiples of this (default: what --target-device's kernels want: a CPU's vector "
+        "width, 16 AVX-512, 8 AVX2 / arm64; 8 cuda; 32 jetson-nano)",
         POS_INT,
     ),
     Option(
@@ -153,6 +154,14 @@ PRUNE: tuple[Option, ...] = (
         "auto",
         "CPU the pruned model will run on (auto = this one): sets the default --round-to",
         choices=TARGET_CPUS,
+    ),
+    Option(
+        "target_device",
+        "cpu",
+        "device the pruned model will run on: cpu (--target-cpu's vector width), cuda (8: fp16 tensor "
+        "cores) or jetson-nano (32: TensorRT fp16 tiles) sets the default --round-to; the depth/width "
+        "split is still timed on this machine",
+        choices=TARGET_DEVICES,
     ),
     Option("steps", 1, "prune in this many equal steps", POS_INT),
     Option("recover_epochs", 0, "distillation epochs after each step (needs --data)", NONNEG_INT),

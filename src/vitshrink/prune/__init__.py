@@ -14,8 +14,8 @@ same budget, and the fastest measured here wins (`prune.shape`). `depth_ratio=No
 "auto" where it applies (a family with depth pruning, a ratio / parameter / MAC budget, fixed axes),
 else 0; a ratio is then matched at equal MACs. `granularity="auto"` picks the axes to cut (heads/embed,
 mlp, channels) by the least output KL of one-shot candidates meeting the same parameter budget
-(`prune.axes`). Widths are multiples of `round_to`, by default the vector width of `target_cpu`
-(`vitshrink.cpu.width_multiple`).
+(`prune.axes`). Widths are multiples of `round_to`, by default what `target_device` wants (a GPU's
+tile; on a CPU the vector width of `target_cpu`: `vitshrink.targets`).
 """
 
 from __future__ import annotations
@@ -31,10 +31,10 @@ from typing import Any
 
 import torch
 
-from ..cpu import width_multiple
 from ..errors import VitshrinkError
 from ..options import PRUNE, validate
 from ..outputs import temp_dir
+from ..targets import width_rule
 from .axes import choose_axes
 from .core import (
     GRANULARITIES,
@@ -71,9 +71,16 @@ __all__ = [
 ]
 
 
-def _latency_ms(model: torch.nn.Module, x: torch.Tensor, runs: int = 20) -> float:
-    """Median single-batch latency of `model` exported to ONNX and run with onnxruntime here, as
-    `vitshrink bench` runs the exported artifact; PyTorch eager if the export fails.
+def _latency_ms(model: torch.nn.Module, x: torch.Tensor) -> float:
+    """Single-batch latency of `model` exported to ONNX and run with onnxruntime here (`_latencies_ms`)."""
+    return _latencies_ms([model], x)[0]
+
+
+def _latencies_ms(models: Sequence[torch.nn.Module], x: torch.Tensor) -> list[float]:
+    """Single-batch latency of each model exported to ONNX and run with onnxruntime here, as `vitshrink
+    bench` runs the exported artifact (all cores, spinning workers), the models timed in turn
+    (`bench.timing.interleaved_ms`) so drift on a shared machine cannot decide between them; PyTorch
+    eager for all of them if one fails to export.
 
     The depth/width choice and latency budgets are about the deployed model, and PyTorch eager's
     per-op overhead ranks shapes differently: at Swin-T 0.25 the eager probe kept width alone, while
@@ -81,18 +88,22 @@ def _latency_ms(model: torch.nn.Module, x: torch.Tensor, runs: int = 20) -> floa
     """
     import numpy as np
 
-    from ..bench.timing import onnx_latencies_ms, torch_latency_ms
+    from ..bench.timing import interleaved_ms, torch_latency_ms
+    from ..deploy.runtime import cpu_session
     from ..export import export_onnx
 
     meta = {"preprocess": {"channels": int(x.shape[1]), "size": [int(x.shape[2]), int(x.shape[3])]}}
     with temp_dir("probe") as tmp:
-        path = Path(tmp) / "probe.onnx"
+        paths = [Path(tmp) / f"probe{i}.onnx" for i in range(len(models))]
         try:
-            export_onnx(model, path, meta=meta, check=False)
+            for model, path in zip(models, paths):
+                export_onnx(model, path, meta=meta, check=False)
         except VitshrinkError:
-            return torch_latency_ms(model, x)
-        sample = x.cpu().numpy().astype(np.float32)
-        return onnx_latencies_ms([path], sample, runs=runs, budget_s=float("inf"), threads=None)[0]
+            return [torch_latency_ms(model, x) for model in models]
+        feed = x.cpu().numpy().astype(np.float32)
+        sessions = [cpu_session(p, threads=None) for p in paths]
+        calls = [lambda s=s: s.run(None, {s.get_inputs()[0].name: feed}) for s in sessions]
+        return interleaved_ms(calls)
 
 
 def _widths(config: Any) -> dict[str, Any]:
@@ -132,6 +143,7 @@ def prune(
     granularity: Sequence[str] | str = GRANULARITIES,
     round_to: int | None = None,
     target_cpu: str = "auto",
+    target_device: str = "cpu",
     steps: int = 1,
     recover_epochs: int = 0,
     teacher: str | os.PathLike | None = None,
@@ -166,15 +178,16 @@ def prune(
     losses reads the teacher's logits from the cache there (`distill.teacher_cache_path`, shared
     with distillation on the same subset) instead of running the teacher every step.
     `on_epoch_end(epoch, record)` is called after each recovery epoch (see train.fit).
-    `round_to`: widths are multiples of it; default: the vector width of `target_cpu` ("auto": this
-    CPU; `vitshrink.cpu.width_multiple`), recorded with the reason in the metrics' `round_to`.
+    `round_to`: widths are multiples of it; default: what `target_device`'s kernels want (a GPU's
+    tile, or on "cpu" the vector width of `target_cpu`, "auto": this CPU; `vitshrink.targets`),
+    recorded with the reason in the metrics' `round_to`.
     """
     # ranges and choices as declared in options.PRUNE (the CLI and recipes check the same declarations)
     validate(PRUNE, locals())
     from ..models import check_finite, load_model
 
     budget = _Budget(ratio, target_params, target_macs, target_latency_ms, latency_table)
-    rounding = _rounding(round_to, target_cpu)
+    rounding = _rounding(round_to, target_cpu, target_device)
     round_to = rounding["multiple"]
     if not quiet:
         print(f"widths: multiples of {round_to} ({rounding['why']})")
@@ -212,7 +225,8 @@ def prune(
     recovery = _apply_steps(net, schedule, **step)
     # the options as recorded (granularity / depth_ratio: _record writes what the plan chose)
     settings = {"importance": importance, "granularity": req.granularity, "round_to": round_to}
-    settings |= {"target_cpu": target_cpu, "steps": steps, "recover_epochs": recover_epochs}
+    settings |= {"target_cpu": target_cpu, "target_device": target_device, "steps": steps}
+    settings |= {"recover_epochs": recover_epochs}
     settings |= {"teacher": str(teacher) if teacher else None, "data": data, "unstructured": unstructured}
     settings |= {"depth_ratio": depth_ratio, "recover_losses": recover_losses}
     settings |= {"recover_temperature": recover_temperature}
@@ -229,11 +243,11 @@ def _recover_step(
     return kd.recover(net, train_ds, val_ds, epochs, batch_size, lr, seed, quiet, desc, augment, on_epoch_end)
 
 
-def _rounding(round_to: int | None, target_cpu: str) -> dict[str, Any]:
-    """The width multiple and why: the user's --round-to, else the target CPU's vector width."""
+def _rounding(round_to: int | None, target_cpu: str, target_device: str = "cpu") -> dict[str, Any]:
+    """The width multiple and why: the user's --round-to, else what the target device wants."""
     if round_to is not None:
         return {"multiple": round_to, "why": "set by round_to"}
-    multiple, why = width_multiple(target_cpu)
+    multiple, why = width_rule(target_device, target_cpu)
     return {"multiple": multiple, "why": why}
 
 
@@ -371,7 +385,7 @@ def _plan(
             net,
             x,
             samples,
-            lambda m: _latency_ms(m, x),
+            lambda models: _latencies_ms(models, x),
             target_params=target_params,
             target_macs=target_macs,
             granularity=granularity,

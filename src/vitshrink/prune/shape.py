@@ -35,7 +35,7 @@ def choose_shape(
     model: PreTrainedModel,
     example_inputs: torch.Tensor,
     samples: Sequence[torch.Tensor],
-    latency_ms: Callable[[PreTrainedModel], float],
+    latencies_ms: Callable[[list[PreTrainedModel]], list[float]],
     *,
     target_params: int | None = None,
     target_macs: int | None = None,
@@ -46,8 +46,9 @@ def choose_shape(
 ) -> tuple[float, float, float, list[dict[str, Any]]]:
     """(depth_ratio, width_ratio, mlp_ratio, candidates table) meeting the one budget, fastest first.
 
-    `samples` rank blocks for depth pruning (real images where available); `latency_ms` times a
-    candidate architecture (randomly initialised from its config: speed does not depend on weights).
+    `samples` rank blocks for depth pruning (real images where available); `latencies_ms` times the
+    candidate architectures together (randomly initialised from their configs: speed does not depend
+    on weights; timed in turn, so drift cannot pick the winner).
     `ratio`: the width ratio the budget came from; the depth-0 candidate is exactly that width cut.
     Nothing is timed when only depth 0 remains (a stage too shallow to lose a block).
     """
@@ -93,9 +94,10 @@ def choose_shape(
         )
     if not rows:
         raise VitshrinkError(f"no depth/width split reaches the budget {target:,}")
-    for r in rows:  # timed only when there is a choice to make
-        arch = r.pop("arch")
-        r["latency_ms"] = round(latency_ms(arch), 3) if len(rows) > 1 else None
+    archs = [r.pop("arch") for r in rows]
+    times = latencies_ms(archs) if len(rows) > 1 else [None]  # timed only when there is a choice
+    for r, t in zip(rows, times):
+        r["latency_ms"] = round(t, 3) if t is not None else None
     if len(rows) == 1:
         return rows[0]["depth_ratio"], rows[0]["width_ratio"], rows[0]["mlp_ratio"], rows
     # a candidate that stays well under the budget is not at the same size: it would win on speed
