@@ -470,7 +470,7 @@ def efficiency(variants: list[Variant]) -> str:
     return "\n".join(lines)
 
 
-def recovery_accuracy(teacher: Path, ratio: float, epochs: int, limit: int) -> str:
+def recovery_accuracy(teacher: Path, ratio: float, epochs: int, limit: int, seed: int = 0) -> str:
     """Accuracy after the same recovery: `prune --ratio R` widths only vs the default (depth + width),
     both distilled from the unpruned teacher on `limit` training images for `epochs`; test split."""
     from vitshrink.evaluate import eval_dataset, evaluate_model
@@ -480,9 +480,9 @@ def recovery_accuracy(teacher: Path, ratio: float, epochs: int, limit: int) -> s
     t_meta = load_model(teacher)[1]
     test = eval_dataset("fashion-mnist", "test", t_meta)
     lines = [
-        "| prune --ratio {r:g}, {e} recovery epoch(s) on {n} images | depth | params | MACs | test top-1 |"
+        "| prune --ratio {r:g}, {e} recovery epoch(s) on {n} images, seed {s} | depth | params | MACs | test top-1 |"
     ]
-    lines[0] = lines[0].format(r=ratio, e=epochs, n=limit) + "\n|---|---|---|---|---|"
+    lines[0] = lines[0].format(r=ratio, e=epochs, n=limit, s=seed) + "\n|---|---|---|---|---|"
     with tempfile.TemporaryDirectory() as d:
         for label, depth in (("widths only (--depth-ratio 0)", 0.0), ("default (depth + width)", None)):
             t0 = time.time()
@@ -494,13 +494,16 @@ def recovery_accuracy(teacher: Path, ratio: float, epochs: int, limit: int) -> s
                 recover_epochs=epochs,
                 data="fashion-mnist",
                 limit=limit,
+                seed=seed,
                 quiet=True,
             )
             net, meta = load_model(out)
             acc = evaluate_model(net, meta, test, quiet=True)["accuracy"]
             chosen = read_json(out / "vitshrink.json")["history"][-1]["options"]["depth_ratio"]
+            check = m.get("shape_check")  # the default's race: split vs widths only, val after recovery
+            why = f" (val: split {check['split']:.4f}, widths {check['widths_only']:.4f})" if check else ""
             lines.append(
-                f"| {label} | {chosen:g} | {m['params_after'] / 1e6:.3f} M | {m['macs_after'] / 1e6:.1f} M | "
+                f"| {label} | {chosen:g}{why} | {m['params_after'] / 1e6:.3f} M | {m['macs_after'] / 1e6:.1f} M | "
                 f"{acc:.4f} |"
             )
             print(lines[-1], f"({time.time() - t0:.0f}s)", flush=True)
@@ -534,12 +537,14 @@ def main() -> None:
     )
     ap.add_argument("--recover-epochs", type=int, default=1)
     ap.add_argument("--recover-limit", type=int, default=10000)
+    ap.add_argument("--seeds", nargs="+", type=int, default=[0], help="--accuracy: recovery seeds")
     ap.add_argument("--rounds", type=int, default=None)
     ap.add_argument("--iters", type=int, default=None)
     args = ap.parse_args()
     if args.accuracy:
         for r in [0.5] if args.quick else args.ratios:
-            print(recovery_accuracy(args.accuracy, r, args.recover_epochs, args.recover_limit))
+            for seed in args.seeds:
+                print(recovery_accuracy(args.accuracy, r, args.recover_epochs, args.recover_limit, seed))
         return
     load = os.getloadavg()[0]
     args.threads = (1 if load > 1.0 else 2) if args.threads == "auto" else int(args.threads)

@@ -411,6 +411,43 @@ def vit_dir(tmp_path_factory):
     return save_model(model, meta, tmp_path_factory.mktemp("vit") / "vit")
 
 
+@pytest.mark.parametrize("split_score", [0.9, 0.1])
+def test_the_default_keeps_dropped_blocks_only_if_they_recover_as_well_as_widths_only(
+    vit_dir, tmp_path, monkeypatch, split_score
+):
+    import vitshrink.prune as P
+    from vitshrink.models import load_model
+    from vitshrink.prune.recovery import Recovery
+
+    data = _image_folder(tmp_path / "data")
+    # the probe stands in for onnxruntime: fewer blocks run faster, so the default drops some
+    monkeypatch.setattr(P, "_latencies_ms", lambda ms, x: [float(m.config.num_hidden_layers) for m in ms])
+    real, seen = Recovery.recover, []
+
+    def scored(self, net, *a, **k):  # the real recovery runs; its score is set per candidate
+        val = real(self, net, *a, **k)
+        seen.append(net.config.num_hidden_layers)
+        return {**val, "accuracy": split_score if net.config.num_hidden_layers < 4 else 0.5}
+
+    monkeypatch.setattr(Recovery, "recover", scored)
+    kw = {"ratio": 0.5, "recover_epochs": 1, "data": str(data), "batch_size": 8, "quiet": True}
+    out, m = P.prune(vit_dir, tmp_path / "p", **kw)
+    assert seen == [2, 4]  # the split (half the blocks) recovered first, then widths only at its MACs
+    kept = "split" if split_score >= 0.5 else "widths only"
+    assert m["shape_check"] == {"metric": "accuracy", "split": split_score, "widths_only": 0.5, "kept": kept}
+    model, meta = load_model(out)
+    opts = meta["history"][-1]["options"]
+    assert model.config.num_hidden_layers == (2 if kept == "split" else 4)
+    assert opts["depth_ratio"] == (0.5 if kept == "split" else 0.0) and ("depth" in m) == (kept == "split")
+    assert m["recovery"]["accuracy"] == (split_score if kept == "split" else 0.5)
+    if kept == "widths only":
+        assert opts["ratio"] == opts["ratio_mlp"] == 0.5 and m["params_after"] == count_params(model)
+    # an explicit "auto" is the fastest split, unchecked (the budget search measures accuracy itself)
+    seen.clear()
+    _, m = P.prune(vit_dir, tmp_path / "auto", depth_ratio="auto", **kw)
+    assert seen == [2] and "shape_check" not in m
+
+
 def test_stage_api_iterative_prune_with_recovery_and_sparsity(vit_dir, tmp_path):
     import vitshrink
     from vitshrink.models import load_model

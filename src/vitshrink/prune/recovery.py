@@ -159,17 +159,35 @@ class Recovery:
             )  # cached logits follow its batches
         cache = None if labels_only else self._cached(train_ds)
 
+        # feature / attention losses (hint distillation) read the internals of both networks; their
+        # width projections are trained with the student (distill's pattern)
+        internals = {
+            "features": "features" in combined.requires,
+            "attentions": "attentions" in combined.requires,
+        }
+
         def teacher_out(xb, idx, aug):
             if labels_only:
                 return {}
             if cache is not None:
                 return {"logits": cached_teacher_logits(cache, idx, aug, xb.shape[-2:]).to(device)}
-            return teacher_forward(self.teacher, prepare(xb, self.t_meta, device))
+            return teacher_forward(self.teacher, prepare(xb, self.t_meta, device), **internals)
 
         def loss_fn(model, x, xb, y, idx, aug):
             t_out = teacher_out(xb, idx, aug)
-            total, _ = combined(s_family.forward_kd(model, x), t_out, y)
+            total, _ = combined(s_family.forward_kd(model, x, **internals), t_out, y)
             return total
+
+        extra: list[torch.nn.Parameter] = []
+        if any(internals.values()):  # materialise the lazily built projections before the optimiser
+            from ..data import head
+
+            xb0, yb0 = head(train_ds, 2)
+            net.eval()
+            with torch.no_grad():
+                s_out = s_family.forward_kd(net, prepare(xb0, self.meta, device), **internals)
+                combined.prepare(s_out, teacher_out(xb0, torch.arange(2), False), yb0.to(device))
+            extra = list(combined.parameters())
 
         res = fit(
             net,
@@ -186,6 +204,7 @@ class Recovery:
             desc=desc,
             do_augment=augment,
             on_epoch_end=on_epoch_end,
+            extra_params=extra,
         )
         self.history += [{k: r[k] for k in ("epoch", "val") if k in r} for r in res["history"]]
         return res["val"]

@@ -28,7 +28,9 @@ SEARCH_KEYS = (
 PRUNERS = ("asha", "hyperband", "none")
 # Base options of the searched stages; override with compress(search={"distill": {...}, ...}).
 DEFAULT_DISTILL: dict[str, Any] = {"epochs": 2}
-DEFAULT_PRUNE: dict[str, Any] = {"recover_epochs": 1}
+# depth_ratio "auto": the fastest split at equal MACs, unchecked: each trial's accuracy is measured by the
+# search itself, so prune's default check against widths only (a second recovery) would only halve the trials
+DEFAULT_PRUNE: dict[str, Any] = {"recover_epochs": 1, "depth_ratio": "auto"}
 DEFAULT_RATIOS = (0.0, 0.25, 0.5)
 STUDENT_SHARE = 0.7  # an automatic student has fewer than this share of the teacher's parameters
 
