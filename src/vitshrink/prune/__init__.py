@@ -477,10 +477,11 @@ def _race(
     """Keep the faster depth + width split only if, after the same recovery, it scores no lower on the
     validation split than the widths-only cut at the same MACs; else that cut.
 
-    Measured why (benchmarks/prune_speed.py --accuracy, demo ViTs, 1-2 recovery epochs): at equal MACs
-    dropping half the blocks ran 1.1-1.3x faster but scored from +0.02 to -0.05 top-1 against widths
-    only, depending on the teacher, the ratio and the seed: no rule predicts which, the recovery does.
-    Costs one more recovery, only where the default dropped blocks.
+    Measured why (benchmarks/prune_speed.py --accuracy: two demo ViTs, ratios 0.3 / 0.5 / 0.7, one
+    recovery epoch, 2 seeds): at equal MACs, half the blocks + wider layers ran 1.1-1.3x faster and
+    scored +0.006 to +0.024 validation top-1 over widths only, except on the weaker teacher at 0.7
+    (-0.037, -0.044): no rule predicts which, the recovery shows it. Costs one more recovery, only
+    where the default dropped blocks.
     """
     from ..tasks import TASK_METRIC
 
