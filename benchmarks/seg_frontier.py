@@ -43,13 +43,13 @@ DATA_OPTS = {"size": SIZE, "n_train": 96, "n_val": 32, "n_test": 48, "cache_dir"
 STUDENT = ("segformer-micro", {"decoder_hidden_size": 32})  # the demo's student (demo-segmentation.yaml)
 
 
-def _tiles(images: Any, masks: Any) -> tuple[Any, Any]:
-    """128 px tiles of every frame at each of SCALES (images antialiased, masks nearest)."""
+def _tiles(images: Any, masks: Any, scales: tuple[float, ...] = SCALES) -> tuple[Any, Any]:
+    """128 px tiles of every frame at each of `scales` (images antialiased, masks nearest)."""
     import torch
     import torch.nn.functional as F
 
     out_i, out_m = [], []
-    for s in SCALES:
+    for s in scales:
         side = int(SIZE * s) // TILE * TILE
         im = F.interpolate(
             images.float(), size=(side, side), mode="bilinear", antialias=True, align_corners=False
@@ -68,7 +68,9 @@ def _tiles(images: Any, masks: Any) -> tuple[Any, Any]:
     return torch.cat(out_i), torch.cat(out_m)
 
 
-def _fit_tiles(model: Any, meta: dict[str, Any], epochs: float, lr: float) -> None:
+def _fit_tiles(
+    model: Any, meta: dict[str, Any], epochs: float, lr: float, scales: tuple[float, ...] = SCALES
+) -> None:
     """`epochs` passes over the multi-scale tiles (a fraction: one pass over that share of them); a
     fixed schedule, not a time budget, so a rerun on a busy machine trains the same model."""
     import torch
@@ -77,7 +79,7 @@ def _fit_tiles(model: Any, meta: dict[str, Any], epochs: float, lr: float) -> No
     from vitshrink.train import fit
 
     ds = load_dataset("aerial", "train", data_options=dict(DATA_OPTS))
-    imgs, masks = _tiles(ds.images, ds.targets)
+    imgs, masks = _tiles(ds.images, ds.targets, scales)
     n = int(len(imgs) * min(1.0, epochs))
     perm = torch.randperm(len(imgs), generator=torch.Generator().manual_seed(0))[:n]
     train = VisionDataset(imgs[perm], masks[perm], "segmentation", list(aerial.CLASSES), "aerial-tiles")
@@ -121,6 +123,20 @@ def pruned(src: Path, ratio: float, epochs: float) -> Path:
     prune(src, tmp, ratio=ratio, quiet=True)
     model, meta = load_model(tmp)
     _fit_tiles(model, meta, epochs, lr=1e-3)
+    save_model(model, meta, out)
+    return out
+
+
+def tuned(src: Path, tag: str, res: int, epochs: float) -> Path:
+    """`src` fine-tuned on tiles at the one scale its network sees when it runs at `res` inside a 512 px
+    photo (`vitshrink train` / `distill` at --data-opt size=RES do the same for a user)."""
+    from vitshrink.models import load_model, save_model
+
+    out = WORK / f"tuned-{tag}-r{res}"
+    if (out / "config.json").exists():
+        return out
+    model, meta = load_model(src)
+    _fit_tiles(model, meta, epochs, lr=3e-4, scales=(res / SIZE,))
     save_model(model, meta, out)
     return out
 
@@ -201,6 +217,10 @@ def build(args: argparse.Namespace) -> list[dict[str, Any]]:
                 rows.append({"name": f"fp32 w{w} r{res} argmax", "path": fp32, "int8": False})
             path, _ = quantized(d, f"int8-{tag}", mode, resolution=res, argmax=True)
             rows.append({"name": f"int8 w{w} r{res} argmax", "path": path, "int8": True})
+            if res < SIZE and args.tune_epochs > 0:  # the same network fine-tuned at that resolution
+                t = tuned(d, f"w{w}", res, args.tune_epochs)
+                path, _ = quantized(t, f"int8-{tag}-tuned", mode, resolution=res, argmax=True)
+                rows.append({"name": f"int8 w{w} r{res} argmax, tuned at {res}", "path": path, "int8": True})
     for r in rows:
         r["miou"] = miou(r["path"])
         r["path"] = str(r["path"])
@@ -228,7 +248,9 @@ def report(rows: list[dict[str, Any]], args: argparse.Namespace) -> None:
     else:
         gain = base["ms"] / chosen["ms"]
         print(f"\nchosen: {chosen['name']}: {gain:.2f}x faster, {chosen['miou'] - base['miou']:+.4f} mIoU")
-    (WORK / "results.json").write_text(json.dumps({"args": vars(args), "cpu": cpu, "rows": rows}, indent=1))
+    (WORK / "results.json").write_text(
+        json.dumps({"args": vars(args), "cpu": cpu, "rows": rows}, indent=1, default=str)
+    )
 
 
 def main() -> None:
@@ -240,6 +262,12 @@ def main() -> None:
     ap.add_argument("--threads", type=int, default=1)
     ap.add_argument("--runs", type=int, default=20)
     ap.add_argument("--budget-s", type=float, default=60.0)
+    ap.add_argument(
+        "--tune-epochs",
+        type=float,
+        default=3.0,
+        help="epochs fine-tuning each width at each lower resolution",
+    )
     ap.add_argument("--n-train", type=int, default=DATA_OPTS["n_train"], help="512 px training renders")
     ap.add_argument("--work", type=Path, default=WORK, help="cache folder (one per --n-train / --epochs)")
     args = ap.parse_args()

@@ -386,3 +386,28 @@ def test_browser_renders_report(seg_out, tmp_path):
     # shows only its alt text, with no such pixels).
     assert _count_colour(arr, FRONT_FILL) > 500
     assert not [p for p in tmp_path.iterdir() if p.name.startswith(".")]
+
+
+def test_search_rows_show_each_resolution_tried():
+    """compress --budget with search resolutions: per size inside the graph, its best and fastest trial."""
+    from vitshrink.report.render import _search_rows
+
+    def trial(n, res, miou, ms):
+        return {"number": n, "params": {"resolution": res, "quant": "int8"}, "metric": miou, "p50": ms}
+
+    s = {
+        "trials": [
+            trial(0, None, 0.41, 32.0),
+            trial(1, 384, 0.40, 23.0),
+            trial(2, 384, 0.39, 21.0),
+            trial(3, None, 0.40, 30.0),
+        ]
+    }
+    rows = dict(_search_rows(s, "mIoU"))
+    assert rows["resolution the model's own"] == (
+        "best mIoU 0.4100 at 32.00 ms (trial 0); fastest 30.00 ms at mIoU 0.4000 (trial 3); 2 trial(s)"
+    )
+    assert rows["resolution 384"].startswith("best mIoU 0.4000 at 23.00 ms (trial 1); fastest 21.00 ms")
+    # one size only (or none searched): no per-resolution rows
+    one = {"trials": [trial(0, None, 0.4, 1.0), trial(1, None, 0.3, 0.5)]}
+    assert not any(k.startswith("resolution") for k, _ in _search_rows(one, "mIoU"))

@@ -284,6 +284,7 @@ def _search_rows(s: dict[str, Any], mlabel: str) -> list[tuple[str, str]]:
         rows.append(
             ("bound by", "; ".join(f"{k}: {v}" for k, v in binding.items()) or "nothing (all limits slack)")
         )
+    rows += _per_resolution(s, mlabel)
     for r in s.get("pareto_front") or []:
         if isinstance(r, dict):
             rows.append(
@@ -293,6 +294,26 @@ def _search_rows(s: dict[str, Any], mlabel: str) -> list[tuple[str, str]]:
                     + ("" if r.get("feasible") else " (over budget)"),
                 )
             )
+    return rows
+
+
+def _per_resolution(s: dict[str, Any], mlabel: str) -> list[tuple[str, str]]:
+    """Where the search tried several sizes inside the graph: per size, its most accurate and its
+    fastest measured trial (what resolution buys and costs, next to each other)."""
+    trials = [r for r in s.get("trials") or [] if isinstance(r, dict) and isinstance(r.get("params"), dict)]
+    sizes = {str(r["params"].get("resolution")) for r in trials if "resolution" in r["params"]}
+    if len(sizes) < 2:
+        return []
+    rows = []
+    for size in sorted(sizes, key=lambda v: (v != "None", v)):
+        at = [r for r in trials if str(r["params"].get("resolution")) == size]
+        best = max(at, key=lambda r: r.get("metric", 0))
+        fast = min(at, key=lambda r: r.get("p50", float("inf")))
+        label = "the model's own" if size == "None" else size
+        text = f"best {mlabel} {best.get('metric', 0):.4f} at {best.get('p50', 0):.2f} ms (trial {best.get('number')})"
+        if fast is not best:
+            text += f"; fastest {fast.get('p50', 0):.2f} ms at {mlabel} {fast.get('metric', 0):.4f} (trial {fast.get('number')})"
+        rows.append((f"resolution {label}", f"{text}; {len(at)} trial(s)"))
     return rows
 
 
