@@ -85,7 +85,20 @@ def _fit_tiles(
     train = VisionDataset(imgs[perm], masks[perm], "segmentation", list(aerial.CLASSES), "aerial-tiles")
     passes = max(1, round(epochs))
     t = time.perf_counter()
-    fit(model, meta, train, None, epochs=passes, batch_size=16, lr=lr, quiet=True, device=torch.device("cpu"))
+    # the tiles go in at their own 128 px: a saved model's meta says 512, and preprocessing to it would
+    # upsample every tile 4x and train the network on objects 4x larger than it will see
+    tile_meta = {**meta, "preprocess": {**meta["preprocess"], "size": [TILE, TILE]}}
+    fit(
+        model,
+        tile_meta,
+        train,
+        None,
+        epochs=passes,
+        batch_size=16,
+        lr=lr,
+        quiet=True,
+        device=torch.device("cpu"),
+    )
     print(f"  {n} of {len(imgs)} tiles x {passes} epochs: {time.perf_counter() - t:.0f} s", file=sys.stderr)
     model.eval()
 
@@ -217,7 +230,8 @@ def build(args: argparse.Namespace) -> list[dict[str, Any]]:
                 rows.append({"name": f"fp32 w{w} r{res} argmax", "path": fp32, "int8": False})
             path, _ = quantized(d, f"int8-{tag}", mode, resolution=res, argmax=True)
             rows.append({"name": f"int8 w{w} r{res} argmax", "path": path, "int8": True})
-            if res < SIZE and args.tune_epochs > 0:  # the same network fine-tuned at that resolution
+            # the same network fine-tuned at that resolution (at 512 too: the control for the extra epochs)
+            if args.tune_epochs > 0:
                 t = tuned(d, f"w{w}", res, args.tune_epochs)
                 path, _ = quantized(t, f"int8-{tag}-tuned", mode, resolution=res, argmax=True)
                 rows.append({"name": f"int8 w{w} r{res} argmax, tuned at {res}", "path": path, "int8": True})

@@ -144,6 +144,26 @@ def test_resolution_is_a_search_variable_of_the_quantize_and_export_stages():
     assert (e.kind, e.options) == ("export", {"resolution": 384})
     assert space.stages({"student": "none", "prune_ratio": 0.0, "quant": "none"}) == []
 
+    # a distilled student learns at the size its network runs at inside the graph, which then runs it
+    # there in pixels: 0.5 of a 512 px teacher is 256, and 0.3 rounds to the 32 px step (160)
+    st = Space(
+        students={"micro": {"student": "segformer-micro"}, "none": None},
+        prune_ratios=[0.0],
+        quant_modes=["int8"],
+        resolutions=[None, 0.5, 0.3, "384x256"],
+        base_size=512,
+    )
+    p = {"student": "micro", "prune_ratio": 0.0, "quant": "int8"}
+    d, q = st.stages({**p, "resolution": 0.5})
+    assert (d.kind, d.options["image_size"], q.options["resolution"]) == ("distill", 256, 256)
+    assert st.stages({**p, "resolution": 0.3})[0].options["image_size"] == 160
+    d, q = st.stages(p)  # the model's own size: trained at the teacher's
+    assert "image_size" not in d.options and "resolution" not in q.options
+    d, q = st.stages({**p, "resolution": "384x256"})  # not square: the student keeps its size
+    assert "image_size" not in d.options and q.options["resolution"] == "384x256"
+    (q,) = st.stages({**p, "student": "none", "resolution": 0.5})  # no student: nothing retrained
+    assert q.options["resolution"] == 0.5
+
     # every (quant, resolution) pair is a candidate once; without resolutions the params are as before
     sizes = {"none": 1000}
     todo = queue(["none"], [0.0], ["int8"], {"latency_ms": 5}, 0.8, sizes, [], resolutions=[None, 0.5]).todo

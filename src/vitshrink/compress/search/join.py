@@ -97,6 +97,8 @@ def _finish_study(
         prune=dict(d["prune"]),
         quantize=dict(d["quantize"]),
         pruner=d["pruner"],
+        resolutions=d.get("resolutions", [None]),
+        base_size=d.get("base_size"),
     )
     plan = Plan.from_json(study.user_attrs["plan"])
     return study, space, _Clock(study, t_start, shared=True), plan, None, dict(config["budget"])

@@ -32,6 +32,8 @@ DEFAULT_DISTILL: dict[str, Any] = {"epochs": 2}
 # search itself, so prune's default check against widths only (a second recovery) would only halve the trials
 DEFAULT_PRUNE: dict[str, Any] = {"recover_epochs": 1, "depth_ratio": "auto"}
 DEFAULT_RATIOS = (0.0, 0.25, 0.5)
+# Pixels a fractional search resolution is rounded to for training (the segmentation families' size step).
+RESOLUTION_STEP = 32
 STUDENT_SHARE = 0.7  # an automatic student has fewer than this share of the teacher's parameters
 
 
@@ -80,13 +82,18 @@ class Space:
     # Sizes the network runs at inside the deployed graph (segmentation; `export --resolution`): None is
     # the model's own. With more than one, "resolution" is a trial parameter like "quant".
     resolutions: list[Any] = field(default_factory=lambda: [None])
+    base_size: int | None = None  # the teacher's input side: a fractional resolution is a share of it
 
     def describe(self) -> dict[str, Any]:
         return {
             "students": self.students,
             "prune_ratios": self.prune_ratios,
             "quant_modes": self.quant_modes,
-            **({"resolutions": self.resolutions} if self.resolutions != [None] else {}),
+            **(
+                {"resolutions": self.resolutions, "base_size": self.base_size}
+                if self.resolutions != [None]
+                else {}
+            ),
             "distill": self.distill,
             "prune": self.prune,
             "quantize": self.quantize,
@@ -97,17 +104,22 @@ class Space:
         out = []
         student = self.students[params["student"]]
         k = int(params.get("extend", 0))
+        res = params.get("resolution")
         if student is not None:
             d = {**self.distill, **student}
             if k:
                 d.update(self.more_training(d, k))
+            side = self.train_size(res)
+            if side is not None and "image_size" not in d:
+                # the student learns at the size its network runs at inside the graph, and the graph
+                # runs it at that size in pixels (a fraction of its own size would shrink it twice)
+                d["image_size"], res = side, side
             out.append(validate_stage({"distill": d}, "search distill"))
         if params["prune_ratio"] > 0:
             pr = {**self.prune, "ratio": params["prune_ratio"]}
             if k and student is None:  # the teacher has no distillation: extra time goes to recovery
                 pr["recover_epochs"] = min(MAX_EPOCHS, max(1, int(pr.get("recover_epochs", 0))) * k)
             out.append(validate_stage({"prune": pr}, "search prune"))
-        res = params.get("resolution")
         if params["quant"] != "none":
             q = {**self.quantize, "mode": params["quant"]}
             if params["quant"] == "int8":
@@ -118,6 +130,22 @@ class Space:
         elif res is not None:
             out.append(validate_stage({"export": {"resolution": res}}, "search export"))
         return out
+
+    def train_size(self, res: Any) -> int | None:
+        """The square side a distilled student trains at when its network runs at `res` inside the
+        graph (None: its own size). Train where it runs: on the aerial demo student at 512 px, three
+        epochs at the network's size inside took int8 mIoU at 320 from -0.018 to -0.003 and at 256 from
+        -0.034 to -0.009 against 512 (benchmarks/seg_frontier.py)."""
+        from ...options import parse_resolution
+
+        if res is None:
+            return None
+        r = parse_resolution(res)
+        if isinstance(r, float):
+            if not self.base_size:
+                return None
+            return max(RESOLUTION_STEP, round(self.base_size * r / RESOLUTION_STEP) * RESOLUTION_STEP)
+        return r[0] if r[0] == r[1] else None  # a non-square size: the student keeps its own
 
     def more_training(self, d: dict[str, Any], k: int) -> dict[str, Any]:
         """Distillation options for k x the planned images: a larger subset first (up to the whole
@@ -213,6 +241,7 @@ def build_space(
         # int8 keeps the variant that fits the budget's size / latency best, not only the fastest
         int8_targets={k: budget[k] for k in ("size_mb", "latency_ms") if k in (budget or {})},
         resolutions=resolutions,
+        base_size=int(ctx.meta["preprocess"]["size"][0]),
     )
     # Validate every option now, not an hour into the search.
     for st in students.values():
