@@ -165,39 +165,34 @@ def prune(
 ) -> tuple[Path, dict[str, Any]]:
     """Prune the model directory MODEL and save the result to OUT; returns (OUT, metrics).
 
-    Give `ratio` (fraction of every prunable width removed) or one budget: `target_params`,
-    `target_macs` or `target_latency_ms` (the exported model timed with onnxruntime on this machine, as
-    `vitshrink bench` does, or interpolated from
-    `latency_table`, a JSON {"ratio": latency_ms} measured on the target device). Pruning happens in
-    `steps` equal steps; with `recover_epochs` > 0 each step is followed by that many epochs of
-    distillation on `data` from the unpruned model (or `teacher`), with `recover_losses` at
+    Give `ratio` (fraction of every prunable width removed) or one budget: `target_params`, `target_macs`
+    or `target_latency_ms` (the exported model timed with onnxruntime here, as `vitshrink bench` does, or
+    interpolated from `latency_table`, a JSON {"ratio": latency_ms} measured on the target device).
+    Pruning happens in `steps` equal steps; with `recover_epochs` > 0 each step is followed by that many
+    epochs of distillation on `data` from the unpruned model (or `teacher`), with `recover_losses` at
     `recover_temperature` (default: 1 for segmentation, 4 otherwise). importance="taylor" needs `data`
     too. `unstructured` zeroes that fraction of the remaining weights at the very end. `depth_ratio`,
-    `granularity` and `round_to` shape the cut (see the module's docstring: depth and width are chosen
-    together by default). `teacher_cache_dir`: recovery from `teacher` with logit
-    losses reads the teacher's logits from the cache there (`distill.teacher_cache_path`, shared
-    with distillation on the same subset) instead of running the teacher every step.
-    `on_epoch_end(epoch, record)` is called after each recovery epoch (see train.fit).
-    `round_to`: widths are multiples of it; default: what `target_device`'s kernels want (a GPU's
-    tile, or on "cpu" the vector width of `target_cpu`, "auto": this CPU; `vitshrink.targets`),
-    recorded with the reason in the metrics' `round_to`.
+    `granularity` and `round_to` shape the cut (the module's docstring: depth and width are chosen
+    together by default). `teacher_cache_dir`: recovery from `teacher` with logit losses reads the
+    teacher's logits from the cache there (`distill.teacher_cache_path`, shared with distillation on
+    the same subset). `on_epoch_end(epoch, record)` is called after each recovery epoch (train.fit).
+    `round_to`: widths are multiples of it; default: what `target_device`'s kernels want (a GPU's tile,
+    or on "cpu" the vector width of `target_cpu`, "auto": this CPU; `vitshrink.targets`), recorded with
+    the reason in the metrics' `round_to`.
     """
     # ranges and choices as declared in options.PRUNE (the CLI and recipes check the same declarations)
     validate(PRUNE, locals())
     from ..models import check_finite, load_model
 
     budget = _Budget(ratio, target_params, target_macs, target_latency_ms, latency_table)
-    rounding = _rounding(round_to, target_cpu, target_device)
+    rounding = _rounding(round_to, target_cpu, target_device, quiet)
     round_to = rounding["multiple"]
-    if not quiet:
-        print(f"widths: multiples of {round_to} ({rounding['why']})")
     shape = {"importance": importance, "granularity": granularity, "depth_ratio": depth_ratio}
     req = _validate(budget, round_to=round_to, quiet=quiet, recover_epochs=recover_epochs, data=data, **shape)
     net, meta = load_model(model)
     check_finite(net, model)  # importance scores of NaN weights rank nothing; the output would be garbage
     req = _default_shape(req, family_for(net))  # refuses a model no family can prune, before any data
-    pre = meta["preprocess"]
-    x = torch.randn(1, pre["channels"], *pre["size"], generator=torch.Generator().manual_seed(seed))
+    x = torch.randn(1, meta["preprocess"]["channels"], *meta["preprocess"]["size"], generator=_rng(seed))
     metrics: dict[str, Any] = {"params_before": count_params(net), "macs_before": count_macs(net, x)}
     metrics["round_to"] = rounding
 
@@ -217,8 +212,9 @@ def prune(
         if teacher is not None and teacher_cache_dir is not None and train_ds is not None:
             kd.use_cache(teacher_cache_dir, teacher, data, limit, seed, data_options, augment, quiet)
         fit = (train_ds, val_ds, recover_epochs, batch_size, lr, seed, quiet)
-        recover = functools.partial(_recover_step, kd, fit, augment, on_epoch_end)
-        step_recover = functools.partial(_recover_step, kd, fit, augment, None)  # the race's: no callbacks
+        recover, step_recover = (
+            functools.partial(_recover_step, kd, fit, augment, hook) for hook in (on_epoch_end, None)
+        )  # the race's recovery reports no epochs: the caller's callbacks follow the kept model
 
     taylor = calib if importance == "taylor" else None
     schedule = _schedule(net, plan, steps, round_to)
@@ -229,13 +225,16 @@ def prune(
     # the options as recorded (granularity / depth_ratio: _record writes what the plan chose)
     settings = {"importance": importance, "granularity": req.granularity, "round_to": round_to}
     settings |= {"target_cpu": target_cpu, "target_device": target_device, "steps": steps}
-    settings |= {"recover_epochs": recover_epochs}
-    settings |= {"teacher": str(teacher) if teacher else None, "data": data, "unstructured": unstructured}
-    settings |= {"depth_ratio": depth_ratio, "recover_losses": recover_losses}
-    settings |= {"recover_temperature": recover_temperature}
+    settings |= {"recover_epochs": recover_epochs, "teacher": str(teacher) if teacher else None}
+    settings |= {"data": data, "unstructured": unstructured, "depth_ratio": depth_ratio}
+    settings |= {"recover_losses": recover_losses, "recover_temperature": recover_temperature}
     history = kd.history if kd is not None else []
     _record(net, meta, model, Path(out), x, plan, budget, metrics, settings, recovery, history, quiet)
     return Path(out), metrics
+
+
+def _rng(seed: int) -> torch.Generator:
+    return torch.Generator().manual_seed(seed)
 
 
 def _recover_step(
@@ -246,12 +245,18 @@ def _recover_step(
     return kd.recover(net, train_ds, val_ds, epochs, batch_size, lr, seed, quiet, desc, augment, on_epoch_end)
 
 
-def _rounding(round_to: int | None, target_cpu: str, target_device: str = "cpu") -> dict[str, Any]:
+def _rounding(
+    round_to: int | None, target_cpu: str, target_device: str = "cpu", quiet: bool = True
+) -> dict[str, Any]:
     """The width multiple and why: the user's --round-to, else what the target device wants."""
     if round_to is not None:
-        return {"multiple": round_to, "why": "set by round_to"}
-    multiple, why = width_rule(target_device, target_cpu)
-    return {"multiple": multiple, "why": why}
+        rounding = {"multiple": round_to, "why": "set by round_to"}
+    else:
+        multiple, why = width_rule(target_device, target_cpu)
+        rounding = {"multiple": multiple, "why": why}
+    if not quiet:
+        print(f"widths: multiples of {rounding['multiple']} ({rounding['why']})")
+    return rounding
 
 
 @dataclass(frozen=True)
