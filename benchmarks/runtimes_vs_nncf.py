@@ -23,6 +23,7 @@ sys.path.insert(0, str(Path(__file__).resolve().parents[1] / "src"))
 
 from vitshrink.artifacts import atomic_file  # noqa: E402
 from vitshrink.bench.timing import round_robin_ms  # noqa: E402
+from vitshrink.cpu import cpu_name  # noqa: E402
 
 
 def nncf_peer(src: Path, calib: list[np.ndarray], out: Path, meta: dict[str, Any] | None) -> Path:
@@ -173,7 +174,7 @@ def main(which: list[str], teacher: Path | None, json_out: Path | None) -> None:
     import torch
 
     torch.set_num_threads(2)
-    results = {"cpu": _cpu(), "models": []}
+    results = {"cpu": cpu_name(), "models": []}
     with tempfile.TemporaryDirectory(prefix="vitshrink-runtimes-") as tmp:
         work = Path(tmp)
         for w in which:
@@ -194,10 +195,3 @@ def main(which: list[str], teacher: Path | None, json_out: Path | None) -> None:
     if json_out:
         with atomic_file(json_out, "w") as f:
             json.dump(results, f, indent=2, default=str)
-
-
-def _cpu() -> str:
-    for line in Path("/proc/cpuinfo").read_text().splitlines():
-        if line.startswith("model name"):
-            return line.split(":", 1)[1].strip()
-    return "unknown"

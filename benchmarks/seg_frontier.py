@@ -24,7 +24,6 @@ from __future__ import annotations
 
 import argparse
 import json
-import platform
 import subprocess
 import sys
 import time
@@ -247,7 +246,9 @@ def report(rows: list[dict[str, Any]], args: argparse.Namespace) -> None:
     base = rows[0]
     ok = [r for r in rows[1:] if r["int8"] and r["miou"] >= base["miou"] - 0.01]
     chosen = min(ok, key=lambda r: r["ms"]) if ok else None
-    cpu = _cpu()
+    from vitshrink.cpu import cpu_name
+
+    cpu = cpu_name()
     commit = subprocess.run(["git", "rev-parse", "--short", "HEAD"], cwd=ROOT, capture_output=True, text=True)
     print(f"\n{time.strftime('%Y-%m-%d')}, commit {commit.stdout.strip()}, {cpu}, {args.threads} thread(s)\n")
     print("| variant | mIoU @512 | vs today | ms | speed-up vs today |\n|---|---:|---:|---:|---:|")
@@ -303,16 +304,6 @@ def _configure(work: Path, n_train: int) -> None:
     global WORK
     WORK = work
     DATA_OPTS.update(n_train=n_train, cache_dir=str(work.parent / f"data-{n_train}"))
-
-
-def _cpu() -> str:
-    try:
-        for line in Path("/proc/cpuinfo").read_text().splitlines():
-            if line.startswith("model name"):
-                return line.split(":", 1)[1].strip()
-    except OSError:
-        pass
-    return platform.processor() or "unknown"
 
 
 if __name__ == "__main__":

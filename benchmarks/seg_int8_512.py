@@ -343,18 +343,10 @@ def latency(res: dict[str, Any], peers: str | None, runs: int, budget_s: float) 
             res["variants"][n][f"ms_{threads}t"] = float(np.median(t))
             res["variants"][n][f"runs_{threads}t"] = len(t)
         del fns
-    res["latency_cpu"] = _cpu_name()
+    from vitshrink.cpu import cpu_name
+
+    res["latency_cpu"] = cpu_name()
     save_results(res)
-
-
-def _cpu_name() -> str:
-    try:
-        for line in Path("/proc/cpuinfo").read_text().splitlines():
-            if line.startswith("model name"):
-                return line.split(":", 1)[1].strip()
-    except OSError:
-        pass
-    return "unknown"
 
 
 # -------------------------------------------------------------------------------------------- table

@@ -144,3 +144,12 @@ def test_cli_names_the_target_cpu(heavy: Path, tmp_path: Path) -> None:
         [*cmd, "--mode", "int8", "--target-cpu", "avx9"], capture_output=True, text=True, env=env
     )
     assert bad.returncode == 2 and "invalid choice" in bad.stderr and "Traceback" not in bad.stderr
+
+
+def test_cpu_name_reads_the_model_name(tmp_path):
+    from vitshrink.cpu import cpu_name
+
+    info = tmp_path / "cpuinfo"
+    info.write_text("processor\t: 0\nmodel name\t: Example CPU @ 2.0GHz\nflags\t\t: avx2\n")
+    assert cpu_name(info) == "Example CPU @ 2.0GHz"
+    assert cpu_name(tmp_path / "missing")  # no cpuinfo: what platform says, or "unknown"

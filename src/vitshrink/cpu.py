@@ -37,6 +37,17 @@ def cpu_flags(cpuinfo: str | os.PathLike = "/proc/cpuinfo") -> frozenset[str]:
     return frozenset()
 
 
+def cpu_name(cpuinfo: str | os.PathLike = "/proc/cpuinfo") -> str:
+    """The CPU's model name from /proc/cpuinfo (for benchmark reports), else what `platform` says."""
+    try:
+        for line in Path(cpuinfo).read_text(errors="replace")[:1_000_000].splitlines():
+            if line.startswith("model name"):
+                return line.split(":", 1)[1].strip()
+    except OSError:
+        pass
+    return platform.processor() or "unknown"
+
+
 def detect_cpu(machine: str | None = None, flags: frozenset[str] | None = None) -> str:
     """'arm64', 'vnni' (x86 with VNNI/AMX) or 'avx2' (any other x86) for this machine.
 
