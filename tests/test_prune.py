@@ -448,6 +448,17 @@ def test_the_default_keeps_dropped_blocks_only_if_they_recover_as_well_as_widths
     assert seen == [2] and "shape_check" not in m
 
 
+def test_recovery_takes_feature_losses(vit_dir, tmp_path):
+    """Hint distillation in recovery: both models run with their hidden states, the width projections
+    train with the student (the pruned model is narrower than its teacher)."""
+    from vitshrink.prune import prune
+
+    data = _image_folder(tmp_path / "data")
+    kw = {"ratio": 0.5, "recover_epochs": 1, "data": str(data), "batch_size": 8, "depth_ratio": 0.0}
+    _, m = prune(vit_dir, tmp_path / "p", recover_losses={"kd": 1.0, "feature": 1.0}, quiet=True, **kw)
+    assert 0.0 <= m["recovery"]["accuracy"] <= 1.0 and m["params_after"] < m["params_before"]
+
+
 def test_stage_api_iterative_prune_with_recovery_and_sparsity(vit_dir, tmp_path):
     import vitshrink
     from vitshrink.models import load_model

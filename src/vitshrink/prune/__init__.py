@@ -192,7 +192,8 @@ def prune(
     net, meta = load_model(model)
     check_finite(net, model)  # importance scores of NaN weights rank nothing; the output would be garbage
     req = _default_shape(req, family_for(net))  # refuses a model no family can prune, before any data
-    x = torch.randn(1, meta["preprocess"]["channels"], *meta["preprocess"]["size"], generator=_rng(seed))
+    pre = meta["preprocess"]
+    x = torch.randn(1, pre["channels"], *pre["size"], generator=torch.Generator().manual_seed(seed))
     metrics: dict[str, Any] = {"params_before": count_params(net), "macs_before": count_macs(net, x)}
     metrics["round_to"] = rounding
 
@@ -231,10 +232,6 @@ def prune(
     history = kd.history if kd is not None else []
     _record(net, meta, model, Path(out), x, plan, budget, metrics, settings, recovery, history, quiet)
     return Path(out), metrics
-
-
-def _rng(seed: int) -> torch.Generator:
-    return torch.Generator().manual_seed(seed)
 
 
 def _recover_step(
